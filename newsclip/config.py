@@ -1,0 +1,212 @@
+"""Job configuration: frozen dataclasses loaded from YAML and validated with errors that name the key."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from newsclip.knn import KnnConfig
+
+
+class ConfigError(ValueError):
+    """A job file or override that does not fit the schema; the message names the key."""
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    articles: str = "newsclip-demo/data/articles"  # a folder or glob of Parquet shards
+    images: str = "newsclip-demo/data/images"
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    text: Literal["title_body", "title", "body"] = "title_body"  # what the text encoder reads
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    sample_size: int | None = 2000  # pairs sampled for evaluation (the paper's 2,000); null = all pairs
+    seed: int = 0
+    candidates: Literal["sample", "all"] = "sample"  # sample: rank among sampled images (paper); all: every image
+    k: int = 100
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ValueError("k: must be at least 1")
+        if self.sample_size is not None and self.sample_size < 1:
+            raise ValueError("sample_size: must be at least 1 or null")
+
+
+@dataclass(frozen=True)
+class EncodeConfig:
+    batch_size: int = 64
+    actors: int = 1  # actor pool size per backbone and side
+    num_cpus_per_actor: float = 1.0  # on a 2-CPU laptop an actor taking both CPUs starves the read tasks
+    num_gpus_per_actor: float = 0.0
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when Ray gives the actor a GPU
+    torch_threads: int = 1
+    fp16: bool = False  # half precision on CUDA only (fp16 on this CPU is ~5x slower)
+    download_root: str | None = None  # where OpenAI weights are cached (clip's default: ~/.cache/clip)
+    max_image_pixels: int = 40_000_000  # decompression-bomb bound for image decoding
+
+    def __post_init__(self) -> None:
+        for key in ("batch_size", "actors", "torch_threads", "max_image_pixels"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key}: must be at least 1")
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    address: str | None = None  # None: RAY_ADDRESS if set, else a local Ray started on demand
+    num_cpus: int | None = None  # local Ray only
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    name: str = "demo"
+    input: InputConfig = field(default_factory=InputConfig)
+    output_dir: str = "newsclip-demo/output"
+    backbones: tuple[str, ...] = ("demo-tiny",)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    encode: EncodeConfig = field(default_factory=EncodeConfig)
+    knn: KnnConfig = field(default_factory=lambda: KnnConfig(shards=2))
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    @property
+    def output(self) -> Path:
+        return Path(self.output_dir).expanduser()
+
+
+def _check_value(key: str, tp: Any, value: Any) -> Any:
+    """Convert/validate one value against its annotated type, or raise ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _check_value(key, arg, value)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, choices))}")
+        return value
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list | tuple) or not value:
+            raise ConfigError(f"{key}: expected a non-empty list, got {value!r}")
+        return tuple(_check_value(f"{key}[{i}]", typing.get_args(tp)[0], v) for i, v in enumerate(value))
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float) and isinstance(value, bool) or not isinstance(value, tp):
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r} ({type(value).__name__})")
+    if tp in (int, float) and value < 0:
+        raise ConfigError(f"{key}: must not be negative, got {value!r}")
+    return value
+
+
+def _build(cls: type, raw: Any, prefix: str = "") -> Any:
+    if raw is None:
+        raw = {}
+    where = prefix or "the job file"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping of keys, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise ConfigError(f"{key}: unknown key; known keys{' of ' + prefix if prefix else ''}: {', '.join(sorted(names))}")
+    values = {f.name: _check_value(f"{prefix}.{f.name}" if prefix else f.name, hints[f.name], raw[f.name])
+              for f in dataclasses.fields(cls) if f.name in raw}  # in declaration order: eval before knn
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as e:
+        # a section's own check says "key: why" (or "ClassName.key: why"); name the full dotted key
+        message = str(e).removeprefix(f"{cls.__name__}.")
+        raise ConfigError(f"{prefix}.{message}" if prefix else message) from e
+
+
+def _validate(cfg: JobConfig) -> None:
+    checks = [
+        (cfg.knn.k == cfg.eval.k, "knn.k", f"must equal eval.k ({cfg.eval.k}); set eval.k only"),
+        (len(set(cfg.backbones)) == len(cfg.backbones), "backbones", "lists a backbone twice"),
+    ]
+    for ok, key, message in checks:
+        if not ok:
+            raise ConfigError(f"{key}: {message}")
+
+
+def apply_override(raw: dict, assignment: str) -> None:
+    """Apply one `--set a.b=value` to the raw mapping (value parsed as YAML: numbers, booleans, lists)."""
+    key, sep, text = assignment.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {assignment!r}: expected key=value, e.g. --set input.articles=data/articles")
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: {part} is not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(text) if text else None
+
+
+def from_dict(raw: dict) -> JobConfig:
+    raw = dict(raw)
+    # eval.k is the one k of the job; the knn section follows it
+    knn = dict(raw.get("knn") or {})
+    knn.setdefault("k", (raw.get("eval") or {}).get("k", EvalConfig.k))
+    raw["knn"] = knn
+    cfg = _build(JobConfig, raw)
+    _validate(cfg)
+    return cfg
+
+
+def load(path: str | Path | None, overrides: list[str] = ()) -> JobConfig:
+    """Load a job file (or the embedded demo defaults when `path` is None) and apply `key=value` overrides."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: job file not found") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of keys at the top level")
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    try:
+        return from_dict(raw)
+    except ConfigError as e:
+        raise ConfigError(f"{path or 'config'}: {e}") from None
+
+
+def to_dict(cfg: Any) -> Any:
+    """A plain, YAML-ready view of a config (tuples as lists)."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, tuple):
+        return [to_dict(v) for v in cfg]
+    return cfg
+
+
+def dump(cfg: JobConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

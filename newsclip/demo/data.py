@@ -1,0 +1,101 @@
+"""`newsclip demo-data`: synthetic news articles and their images as Parquet shards in the input contract."""
+
+from __future__ import annotations
+
+import io
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from newsclip.demo import news
+from newsclip.demo.scenes import Scene, render
+
+# The paper's sources per 2,000 articles; RT is the German part of NewsImages 2022.
+SOURCE_SHARES = {"TW": 1512, "RSS": 134, "RT": 354}
+SOURCE_LANG = {"TW": "en", "RSS": "en", "RT": "de"}
+# Like the real data: ~3% of articles lack text or image, and some images belong to no article.
+MISSING_TEXT, MISSING_IMAGE_ID, LOST_IMAGE = 0.01, 0.01, 0.01
+ORPHAN_IMAGES = 0.05
+PNG_SHARE = 0.1
+IMAGE_SIZE = 64
+SHARD_ROWS = 500
+
+ARTICLE_SCHEMA = pa.schema([
+    ("article_id", pa.string()), ("title", pa.string()), ("text", pa.string()), ("image_id", pa.string()),
+    ("source", pa.string()), ("lang", pa.string()), ("published", pa.timestamp("s")),
+])
+IMAGE_SCHEMA = pa.schema([("image_id", pa.string()), ("image", pa.binary())])
+
+
+def _encode(image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    if fmt == "JPEG":
+        image.save(buffer, "JPEG", quality=90)
+    else:
+        image.save(buffer, "PNG", optimize=False)
+    return buffer.getvalue()
+
+
+def _source_column(n: int, rng: np.random.Generator) -> list[str]:
+    total = sum(SOURCE_SHARES.values())
+    counts = {s: round(n * share / total) for s, share in SOURCE_SHARES.items()}
+    counts["TW"] += n - sum(counts.values())  # rounding remainder
+    sources = [s for s, c in counts.items() for _ in range(c)]
+    rng.shuffle(sources)
+    return sources
+
+
+def _write_shards(rows: list[dict], schema: pa.Schema, folder: Path) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for start in range(0, len(rows), SHARD_ROWS):
+        path = folder / f"part-{start // SHARD_ROWS:05d}.parquet"
+        table = pa.Table.from_pylist(rows[start:start + SHARD_ROWS], schema=schema)
+        tmp = path.with_suffix(".tmp")
+        pq.write_table(table, tmp)
+        tmp.replace(path)
+        paths.append(path)
+    return paths
+
+
+def write_demo_data(out_dir: Path, articles: int = 2000, seed: int = 0) -> dict[str, int]:
+    """Write `out_dir/articles/` and `out_dir/images/`; the same seed gives the same bytes."""
+    if articles < 1:
+        raise ValueError(f"--articles must be at least 1, got {articles}")
+    rng = np.random.default_rng([seed, 2022])  # a stream of its own: disjoint from demo-tiny's training data
+    sources = _source_column(articles, rng)
+    start = datetime(2022, 1, 1)
+    article_rows, image_rows = [], []
+    for i, source in enumerate(sources):
+        scene = Scene.sample(rng)
+        image_id = f"img-{rng.bytes(6).hex()}"
+        image = render(scene, rng, IMAGE_SIZE)
+        fmt = "PNG" if rng.random() < PNG_SHARE else "JPEG"
+        lang = SOURCE_LANG[source]
+        texts = news.article(scene, rng)
+        which = 0 if lang == "en" else 1
+        title, text = texts["title"][which], texts["text"][which]
+        fault = rng.random()  # one draw picks at most one defect
+        if fault < MISSING_TEXT:
+            title, text = None, None
+        elif fault < MISSING_TEXT + MISSING_IMAGE_ID:
+            image_id = None
+        image_lost = MISSING_TEXT + MISSING_IMAGE_ID <= fault < MISSING_TEXT + MISSING_IMAGE_ID + LOST_IMAGE
+        if image_id and not image_lost:
+            image_rows.append({"image_id": image_id, "image": _encode(image, fmt)})
+        article_rows.append({
+            "article_id": f"art-{i:06d}", "title": title, "text": text, "image_id": image_id, "source": source,
+            "lang": lang, "published": start + timedelta(minutes=int(rng.integers(0, 365 * 24 * 60))),
+        })
+    for _ in range(round(articles * ORPHAN_IMAGES)):
+        image = render(Scene.sample(rng), rng, IMAGE_SIZE)
+        image_rows.append({"image_id": f"img-{rng.bytes(6).hex()}", "image": _encode(image, "JPEG")})
+    order = rng.permutation(len(image_rows))  # images are not stored in article order
+    image_rows = [image_rows[j] for j in order]
+
+    _write_shards(article_rows, ARTICLE_SCHEMA, out_dir / "articles")
+    _write_shards(image_rows, IMAGE_SCHEMA, out_dir / "images")
+    return {"articles": len(article_rows), "images": len(image_rows)}

@@ -1,0 +1,75 @@
+"""report stage: `report.md` with the metrics table, the paper's numbers beside ours, and what was rejected."""
+
+from __future__ import annotations
+
+import json
+
+import polars as pl
+
+from newsclip.config import JobConfig
+from newsclip.metrics import RECALL_KS
+from newsclip.paper import paper_scores
+from newsclip.store import parquet_files, record_stage, write_text
+
+METRIC_KEYS = ["mrr", *[f"recall@{k}" for k in RECALL_KS]]
+
+
+def _row(label: str, n: int | str, values: dict) -> str:
+    return "| " + " | ".join([label, str(n), *(f"{values[key]:.3f}" for key in METRIC_KEYS)]) + " |"
+
+
+def metrics_table(rows: list[dict], k: int, with_paper: bool = True) -> str:
+    header = ["backbone", "n", f"MRR@{k}", *[f"R@{c}" for c in RECALL_KS]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        lines.append(_row(row["backbone"], row["n"], row))
+        paper = paper_scores(row["backbone"]) if with_paper else None
+        if paper:
+            lines.append(_row(f"{row['backbone']} (paper)", 2000, paper))
+    return "\n".join(lines)
+
+
+def rejects_summary(out) -> pl.DataFrame:
+    """Rejected rows per stage and reason, over every file in rejects/."""
+    try:
+        files = parquet_files(out / "rejects", "rejects")
+    except FileNotFoundError:
+        return pl.DataFrame({"stage": [], "reason": [], "rows": []})
+    frame = pl.concat([pl.read_parquet(f, columns=["stage", "reason"]) for f in files])
+    # reasons carry details (a decoder's message); the part before the first colon is the kind of failure
+    frame = frame.with_columns(pl.col("reason").str.split(":").list.first())
+    return frame.group_by("stage", "reason").len("rows").sort("stage", "rows", descending=[False, True])
+
+
+def render(cfg: JobConfig) -> str:
+    out = cfg.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    stages = json.loads((out / "manifest.json").read_text())["stages"]
+    prep = stages["prepare"]
+    rows = metrics["rows"]
+    overall = [r for r in rows if r["source"] == "all"]
+    lines = [f"# newsclip report: {cfg.name}", "",
+             f"Text-to-image retrieval: {prep['queries']} article texts, each ranked against "
+             f"{prep['candidates']} candidate images (`eval.candidates: {cfg.eval.candidates}`), "
+             f"top {metrics['k']} by cosine similarity. Recall is a fraction. "
+             f"Paper rows: Zhang et al., MediaEval 2022 (2,000 sampled pairs).", ""]
+    if prep.get("sample_note"):
+        lines += [f"**Note:** {prep['sample_note']}.", ""]
+    lines += ["## All sources", "", metrics_table(overall, metrics["k"]), "", "## Per source", ""]
+    for backbone in cfg.backbones:
+        per_source = [{**r, "backbone": r["source"]} for r in rows if r["backbone"] == backbone and r["source"] != "all"]
+        lines += [f"### {backbone}", "", metrics_table(per_source, metrics["k"], with_paper=False), ""]
+    rejects = rejects_summary(out)
+    lines += ["## Rejected rows", "", f"{prep['articles_in']} articles and {prep['images_in']} images in; "
+              f"{prep['usable_pairs']} usable article-image pairs.", ""]
+    if len(rejects):
+        lines += ["| stage | reason | rows |", "|---|---|---|"]
+        lines += [f"| {s} | {r} | {n} |" for s, r, n in rejects.iter_rows()]
+    else:
+        lines.append("None.")
+    return "\n".join(lines) + "\n"
+
+
+def run(cfg: JobConfig) -> dict:
+    path = write_text(cfg.output / "report.md", render(cfg))
+    return record_stage(cfg.output, "report", [path])

@@ -1,0 +1,119 @@
+"""On-disk layout: finding input shards, atomic commits, the manifest, and embedding tables."""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+STAGING = ".staging"
+
+
+def parquet_files(spec: str | Path, what: str = "input") -> list[Path]:
+    """The Parquet shards named by a folder or a glob, sorted; a clear error when there are none."""
+    spec = str(Path(spec).expanduser())
+    if any(ch in spec for ch in "*?["):
+        files = [Path(p) for p in glob.glob(spec, recursive=True)]
+    elif Path(spec).is_dir():
+        files = list(Path(spec).rglob("*.parquet"))
+    elif Path(spec).is_file():
+        files = [Path(spec)]
+    else:
+        raise FileNotFoundError(f"{what}: {spec} does not exist (expected a folder or glob of Parquet shards)")
+    files = sorted(f for f in files if f.suffix == ".parquet" and STAGING not in f.parts)
+    if not files:
+        raise FileNotFoundError(f"{what}: no *.parquet files under {spec}")
+    return files
+
+
+def write_table(table: pa.Table, path: Path) -> Path:
+    """Write one Parquet file atomically (temporary name, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def write_text(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+@contextlib.contextmanager
+def staged_dir(output: Path, relative: str) -> Iterator[Path]:
+    """Yield an empty staging folder; on success it replaces `output/relative` whole, on error it vanishes.
+
+    Readers never see a half-written folder: the old one stays until the new one is complete."""
+    final = output / relative
+    stage = output / STAGING / f"{relative.replace('/', '__')}-{uuid.uuid4().hex[:8]}"
+    stage.mkdir(parents=True)
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    final.parent.mkdir(parents=True, exist_ok=True)
+    old = None
+    if final.exists():
+        old = stage.with_name(stage.name + ".old")
+        os.replace(final, old)
+    os.replace(stage, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def content_hash(paths: list[Path]) -> str:
+    """sha256 over the files' bytes in order: what a stage committed, for the manifest."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def record_stage(output: Path, stage: str, files: list[Path], **facts) -> dict:
+    """Add a committed stage to `manifest.json` with its files, row counts and content hash."""
+    files = sorted(files)
+    entry = {
+        "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "files": [str(f.relative_to(output)) for f in files],
+        "sha256": content_hash(files),
+        **facts,
+    }
+    path = output / "manifest.json"
+    manifest = json.loads(path.read_text()) if path.exists() else {"stages": {}}
+    manifest["stages"][stage] = entry
+    write_text(path, json.dumps(manifest, indent=2, sort_keys=True))
+    return entry
+
+
+def embedding_table(ids: np.ndarray | list, vectors: np.ndarray, id_name: str) -> pa.Table:
+    """Ids beside L2-normalised float32 vectors as a plain Arrow `fixed_size_list<float>[dim]`."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    column = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1])
+    return pa.table({id_name: pa.array(ids, pa.string()), "embedding": column})
+
+
+def read_embeddings(folder: Path, id_name: str) -> tuple[np.ndarray, np.ndarray]:
+    """All (ids, vectors) under an embeddings folder; the vectors are a zero-copy view of the Arrow buffer."""
+    table = pq.read_table(parquet_files(folder, f"embeddings {folder}"), columns=[id_name, "embedding"])
+    column = table.column("embedding").combine_chunks()
+    dim = column.type.list_size
+    vectors = column.values.to_numpy(zero_copy_only=True).reshape(-1, dim)
+    return table.column(id_name).to_numpy(zero_copy_only=False), vectors

@@ -1,0 +1,64 @@
+"""Job config: YAML into frozen dataclasses, errors that name the key, overrides, the shipped job files."""
+
+from pathlib import Path
+
+import pytest
+
+from newsclip import config
+from newsclip.config import ConfigError, JobConfig
+
+JOBS = Path(__file__).resolve().parents[1] / "jobs"
+
+
+def _write(tmp_path, text: str) -> Path:
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("text,key", [
+    ("encode:\n  batchsize: 3\n", "encode.batchsize: unknown key"),
+    ("encode:\n  batch_size: many\n", "encode.batch_size: expected int"),
+    ("encode:\n  batch_size: true\n", "encode.batch_size: expected int"),
+    ("eval:\n  candidates: some\n", "eval.candidates: 'some' is not one of"),
+    ("eval:\n  k: 0\n", "eval.k: must be at least 1"),
+    ("encode: [1, 2]\n", "encode: expected a mapping"),
+    ("backbones: []\n", "backbones: expected a non-empty list"),
+    ("knn:\n  shards: -2\n", "knn.shards: must not be negative"),
+    ("outputdir: x\n", "outputdir: unknown key"),
+])
+def test_errors_name_the_key(tmp_path, text, key):
+    with pytest.raises(ConfigError, match=key.replace("[", r"\[")) as info:
+        config.load(_write(tmp_path, text))
+    assert str(tmp_path / "job.yaml") in str(info.value)
+
+
+def test_not_yaml_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        config.load(_write(tmp_path, "a: [1,\n"))
+    with pytest.raises(ConfigError, match="job file not found"):
+        config.load(tmp_path / "nope.yaml")
+
+
+def test_overrides_and_frozen(tmp_path):
+    cfg = config.load(JOBS / "demo.yaml", ["input.articles=/data/a", "eval.sample_size=null", "knn.shards=7",
+                                           "backbones=[demo-tiny, RN50]"])
+    assert cfg.input.articles == "/data/a" and cfg.eval.sample_size is None
+    assert cfg.knn.shards == 7 and cfg.knn.k == cfg.eval.k == 100
+    assert cfg.backbones == ("demo-tiny", "RN50")
+    with pytest.raises(AttributeError):
+        cfg.name = "other"
+    with pytest.raises(ConfigError, match="expected key=value"):
+        config.load(None, ["input.articles"])
+
+
+def test_shipped_jobs_load_and_demo_matches_embedded_defaults():
+    assert config.load(JOBS / "demo.yaml") == JobConfig()  # `newsclip demo` and jobs/demo.yaml cannot drift
+    paper = config.load(JOBS / "newsimages2022.yaml")
+    assert len(paper.backbones) == 9 and paper.eval.sample_size == 2000 and paper.eval.k == 100
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = config.load(JOBS / "newsimages2022.yaml", ["eval.seed=5"])
+    path = _write(tmp_path, config.dump(cfg))
+    assert config.load(path) == cfg
