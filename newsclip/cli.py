@@ -46,9 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--articles", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
 
-    p = sub.add_parser("demo-model", help="train the demo-tiny CLIP into the cache ($NEWSCLIP_CACHE)")
-    p.add_argument("--cache", type=Path, default=None, help="cache folder (default: $NEWSCLIP_CACHE or "
-                   "~/.cache/newsclip)")
+    p = sub.add_parser("demo-model", help="train the demo-tiny CLIP into $NEWSCLIP_CACHE (default "
+                       "~/.cache/newsclip), where jobs find it")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="retrain even if the model exists")
     p.add_argument("--evaluate", action="store_true", help="then score it on 2,000 held-out pairs")
@@ -96,9 +95,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {counts['articles']} articles to {args.dir / 'articles'} and {counts['images']} images "
                   f"to {args.dir / 'images'}")
         elif args.command == "demo-model":
-            from newsclip.demo.model import ensure_demo_model, evaluate_demo_model
+            from newsclip.backbones import cache_dir
+            from newsclip.demo.model import evaluate_demo_model, train_demo_model
 
-            path = ensure_demo_model(args.cache, seed=args.seed, force=args.force, log=log)
+            path = cache_dir() / "demo-tiny.pt"
+            if args.force or not path.exists():
+                train_demo_model(path, seed=args.seed, log=log)
             print(path)
             if args.evaluate:
                 print(evaluate_demo_model(path))

@@ -19,7 +19,7 @@ def score_rankings(queries: pl.DataFrame, rankings: pl.DataFrame, k: int) -> lis
     """Rows of metrics (source `all`, then one per source); a query with no ranking scores 0."""
     joined = queries.join(rankings, on="article_id", how="left")
     width = max(k, 1)
-    ranked = np.array([(row or [])[:width] + [None] * (width - len(row or [])) for row in joined["image_ids"]],
+    ranked = np.array([(row or [])[:width] + [None] * (width - len(row or [])) for row in joined["image_ids"].to_list()],
                       dtype=object).reshape(len(joined), width)
     ranks = ranks_of_truth(ranked, joined["image_id"].to_numpy())
     sources = joined["source"].to_numpy()

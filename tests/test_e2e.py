@@ -1,0 +1,144 @@
+"""End to end through the CLI: `newsclip demo` on a small demo set with demo-tiny, bad images included."""
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from newsclip.cli import main
+from newsclip.demo.data import write_demo_data
+from newsclip.metrics import RECALL_KS
+
+ARTICLES = 400
+JOB = str(Path(__file__).resolve().parents[1] / "jobs" / "demo.yaml")
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory, demo_tiny, ray_local):
+    root = tmp_path_factory.mktemp("demo")
+    data = root / "data"
+    write_demo_data(data, articles=ARTICLES, seed=1)
+    # two articles whose images are broken: a truncated JPEG and an HTML error page saved as an image
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(buffer, "JPEG")
+    pq.write_table(pa.table({"image_id": ["img-truncated", "img-html"],
+                             "image": [buffer.getvalue()[:300], b"<html>404 Not Found</html>"]}),
+                   data / "images" / "part-broken.parquet")
+    pq.write_table(pa.table({"article_id": ["art-truncated", "art-html"], "title": ["Broken", "Broken"],
+                             "text": ["A large red circle in the centre, at night."] * 2,
+                             "image_id": ["img-truncated", "img-html"], "source": ["TW", "TW"]}),
+                   data / "articles" / "part-broken.parquet")
+    assert main(["demo", "--output", str(root)]) == 0  # finds the data and the model, runs jobs/demo.yaml
+    return root / "output", data
+
+
+def test_outputs_exist_in_the_contract(demo_run):
+    out, _ = demo_run
+    for relative in ["config.resolved.yaml", "manifest.json", "metrics.csv", "metrics.json", "report.md",
+                     "rankings/demo-tiny.tsv", "rankings/demo-tiny.parquet", "prepared/articles.parquet"]:
+        assert (out / relative).is_file(), relative
+    stages = json.loads((out / "manifest.json").read_text())["stages"]
+    assert {"prepare", "encode:demo-tiny:texts", "encode:demo-tiny:images", "knn:demo-tiny", "evaluate",
+            "report"} <= set(stages)
+    assert not list((out / ".staging").iterdir())  # nothing half-written left behind
+
+    schema = pq.read_schema(next((out / "embeddings" / "demo-tiny" / "images").glob("*.parquet")))
+    assert schema.field("embedding").type == pa.list_(pa.float32(), 64)  # plain fixed_size_list, no Ray type
+    metrics = pl.read_csv(out / "metrics.csv")
+    assert metrics.columns == ["backbone", "source", "n", "mrr", *[f"recall@{k}" for k in RECALL_KS]]
+    assert metrics["source"].to_list() == ["all", "RSS", "RT", "TW"]
+    report = (out / "report.md").read_text()
+    assert "| demo-tiny |" in report and "fewer than eval.sample_size=2000" in report
+
+
+def test_every_row_accounted_for(demo_run):
+    out, data = demo_run
+    articles = pl.read_parquet(data / "articles", columns=["article_id"])
+    images = pl.read_parquet(data / "images", columns=["image_id"])
+    kept = pl.read_parquet(out / "prepared" / "articles.parquet")
+    candidates = pl.read_parquet(out / "prepared" / "candidates.parquet")
+    rejects = pl.concat([pl.read_parquet(f, columns=["id", "reason", "stage"])
+                         for f in sorted((out / "rejects").glob("*.parquet"))])
+    prepare_rejects = rejects.filter(pl.col("stage") == "prepare")
+    assert sorted(articles["article_id"]) == sorted([*kept["article_id"], *prepare_rejects["id"].filter(
+        prepare_rejects["id"].str.starts_with("art-"))])
+    assert len(images) == len(candidates) + len(prepare_rejects.filter(pl.col("id").str.starts_with("img-")))
+
+    # every candidate image is embedded or rejected by the encoder with its reason
+    embedded = pl.read_parquet(out / "embeddings" / "demo-tiny" / "images")["image_id"]
+    encode_rejects = rejects.filter(pl.col("stage") == "encode:demo-tiny")
+    assert sorted(candidates.filter("candidate")["image_id"]) == sorted([*embedded, *encode_rejects["id"]])
+    reasons = dict(zip(encode_rejects["id"], encode_rejects["reason"]))
+    assert reasons["img-truncated"].startswith("corrupt image") and reasons["img-html"].startswith("not a decodable")
+
+    # the TSV: one line per query, the article id then k image ids
+    lines = (out / "rankings" / "demo-tiny.tsv").read_text().splitlines()
+    queries = pl.read_parquet(out / "prepared" / "queries")
+    assert sorted(line.split("\t")[0] for line in lines) == sorted(queries["article_id"])
+    assert {len(line.split("\t")) for line in lines} == {1 + 100}
+
+
+def test_retrieval_far_above_chance(demo_run):
+    out, _ = demo_run
+    metrics = pl.read_csv(out / "metrics.csv")
+    n = metrics.filter(pl.col("source") == "all")["n"][0]
+    chance = sum(1 / r for r in range(1, 101)) / n  # a random ranking's expected MRR@100
+    english = metrics.filter(pl.col("source").is_in(["TW", "RSS"]))
+    # the test variant of demo-tiny (TEST_STEPS) reaches well over 0.3 among these ~400 pairs; chance is ~0.013
+    assert (english["mrr"] > 0.2).all() and (english["mrr"] > 15 * chance).all()
+    # the two articles with broken images are scored (as misses), not dropped
+    ranked = pl.read_parquet(out / "rankings" / "demo-tiny.parquet")
+    assert {"art-truncated", "art-html"} <= set(ranked["article_id"])
+
+
+def test_embeddings_equal_a_direct_model_call(demo_run):
+    import clip
+    import torch
+
+    from newsclip.backbones import load_backbone
+    from newsclip.images import decode_image
+
+    out, data = demo_run
+    model, preprocess = load_backbone("demo-tiny", "cpu")
+    texts = pl.read_parquet(out / "prepared" / "queries").head(8)
+    stored = pl.read_parquet(out / "embeddings" / "demo-tiny" / "texts")
+    stored = dict(zip(stored["article_id"], stored["embedding"].to_list()))
+    with torch.no_grad():
+        direct = model.encode_text(clip.tokenize(texts["text"].to_list(), truncate=True)).float()
+    direct = torch.nn.functional.normalize(direct, dim=-1).numpy()
+    for article_id, vector in zip(texts["article_id"], direct):
+        assert float(np.dot(stored[article_id], vector)) > 0.999
+
+    images = pl.read_parquet(data / "images").filter(pl.col("image_id").is_in(texts["image_id"].implode()))
+    with torch.no_grad():
+        pixels = torch.stack([preprocess(decode_image(b)) for b in images["image"]])
+        direct = torch.nn.functional.normalize(model.encode_image(pixels).float(), dim=-1).numpy()
+    stored = pl.read_parquet(out / "embeddings" / "demo-tiny" / "images")
+    stored = dict(zip(stored["image_id"], stored["embedding"].to_list()))
+    for image_id, vector in zip(images["image_id"], direct):
+        assert float(np.dot(stored[image_id], vector)) > 0.999
+        assert abs(np.linalg.norm(stored[image_id]) - 1) < 1e-5
+
+
+def test_a_stage_reruns_alone(demo_run, capsys):
+    out, data = demo_run
+    before = (out / "metrics.csv").read_text()
+    job = ["--set", f"input.articles={data / 'articles'}", "--set", f"input.images={data / 'images'}",
+           "--set", f"output_dir={out}"]
+    assert main(["knn", JOB, *job, "--set", "knn.shards=5"]) == 0
+    assert main(["evaluate", JOB, *job]) == 0
+    assert (out / "metrics.csv").read_text() == before  # 5 shards rank exactly like 2
+    assert "demo-tiny" in capsys.readouterr().out
+
+
+def test_cli_config_error(tmp_path, capsys):
+    job = tmp_path / "job.yaml"
+    job.write_text("encode:\n  batch_size: lots\n")
+    assert main(["run", str(job)]) == 2
+    assert "encode.batch_size: expected int" in capsys.readouterr().err
