@@ -1,0 +1,613 @@
+"""The knn stage engine: exact (or IVF/HNSW) top-k over sharded FAISS indexes, in-process or one Ray actor per shard."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+_INDEXES = ("flat", "ivf", "hnsw")
+_BACKENDS = ("local", "ray")
+# faiss GPU k-selection handles k <= 2048 (GPU_MAX_SELECTION_K); beyond that a GPU shard searches on the CPU.
+_GPU_MAX_K = 2048
+# FAISS warns below 39 training points per k-means centroid, so an IVF shard gets at most n // 39 lists.
+_MIN_POINTS_PER_CENTROID = 39
+# and trains on at most 256 points per centroid (FAISS's own max_points_per_centroid default).
+_MAX_POINTS_PER_CENTROID = 256
+# query rows re-scored per einsum call: keeps the gathered (rows, width, d) candidate block small (~10 MB).
+_RESCORE_ROWS = 32
+_PAD_KEY = np.iinfo(np.int64).max
+
+
+@dataclass(frozen=True)
+class KnnConfig:
+    """How the knn stage searches: k, sharding, index kind and its knobs, and where shards run."""
+
+    k: int = 100
+    shards: int = 1  # number of database shards (array input); fewer if the database has fewer rows
+    max_shard_rows: int | None = None  # bound on a shard's size; more shards are made if needed
+    query_batch_size: int = 4096  # the query stream is re-batched to this many rows
+    index: str = "flat"  # "flat" (exact) | "ivf" (IVF-Flat) | "hnsw"
+    nlist: int = 1024  # ivf: clamped per shard to max(1, min(nlist, rows // 39))
+    nprobe: int = 32  # ivf: clamped to the shard's nlist
+    hnsw_m: int = 32
+    ef_search: int = 128  # hnsw: raised to the number of candidates asked for when that is larger
+    ef_construction: int = 200
+    backend: str = "local"  # "local": shards in this process; "ray": one Ray actor per shard
+    num_cpus_per_actor: float = 1.0  # on a 2-CPU machine with several shards this must be small (e.g. 0.25)
+    num_gpus_per_actor: float = 0.0  # >0 -> the shard uses faiss GPU if faiss has GPU support and sees a GPU
+    gpu_float16: bool = False
+    recall_sample: int = 1000  # approximate indexes: queries sampled to measure recall@k against exact search
+    max_inflight_batches: int = 2  # ray: query batches submitted to the actors and not yet merged (backpressure)
+    seed: int = 0  # recall sample and IVF training sample
+
+    def __post_init__(self) -> None:
+        def bad(key: str, why: str) -> None:
+            raise ValueError(f"KnnConfig.{key}: {why} (got {getattr(self, key)!r})")
+
+        for key in ("k", "shards", "query_batch_size", "nlist", "nprobe", "hnsw_m", "ef_search", "ef_construction",
+                    "max_inflight_batches"):
+            value = getattr(self, key)
+            if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < 1:
+                bad(key, "must be an integer >= 1")
+        if self.max_shard_rows is not None and (not isinstance(self.max_shard_rows, int | np.integer)
+                                                or self.max_shard_rows < 1):
+            bad("max_shard_rows", "must be None or an integer >= 1")
+        if self.index not in _INDEXES:
+            bad("index", f"must be one of {_INDEXES}")
+        if self.backend not in _BACKENDS:
+            bad("backend", f"must be one of {_BACKENDS}")
+        if not self.num_cpus_per_actor >= 0:
+            bad("num_cpus_per_actor", "must be >= 0")
+        if not self.num_gpus_per_actor >= 0:
+            bad("num_gpus_per_actor", "must be >= 0")
+        if not isinstance(self.recall_sample, int | np.integer) or self.recall_sample < 0:
+            bad("recall_sample", "must be an integer >= 0")
+
+
+@dataclass
+class KnnResult:
+    """Top-k database ids and scores per query, in query-stream order.
+
+    `ids[i, j]` is the j-th nearest database id of `query_ids[i]` (sorted by score desc, then id asc); positions an
+    approximate index could not fill hold None with score -inf. `recall_at_k` is None for the exact "flat" index.
+    """
+
+    query_ids: np.ndarray  # (n,)
+    ids: np.ndarray  # (n, k') object, k' = min(k, len(db))
+    scores: np.ndarray  # (n, k') float32
+    recall_at_k: float | None = None
+    shard_stats: list[dict[str, Any]] = field(default_factory=list)  # per shard: rows, build_s, peak RSS, ...
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def merge_topk(scores: list[np.ndarray], keys: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Merge per-shard candidates into the top-k per row, ordered by score desc then key asc.
+
+    `scores[s]` (b, w_s) and `keys[s]` (b, w_s) int64 come from shard s; a key is the tie-break rank of a database id
+    (its position in sorted id order), padding is score -inf. Returns (b, k) scores and keys, padded with -inf and
+    the int64 max key when fewer than k candidates exist.
+    """
+    s = np.concatenate([np.asarray(x, dtype=np.float32) for x in scores], axis=1)
+    kk = np.concatenate([np.asarray(x, dtype=np.int64) for x in keys], axis=1)
+    if s.shape != kk.shape:
+        raise ValueError(f"merge_topk: scores {s.shape} and keys {kk.shape} differ in shape")
+    if s.shape[1] < k:
+        fill = k - s.shape[1]
+        s = np.concatenate([s, np.full((s.shape[0], fill), -np.inf, np.float32)], axis=1)
+        kk = np.concatenate([kk, np.full((kk.shape[0], fill), _PAD_KEY, np.int64)], axis=1)
+    # lexsort: the last key is primary -> score desc, then id rank asc; -(-inf) = +inf puts padding last.
+    order = np.lexsort((kk, -s), axis=1)[:, :k]
+    return np.take_along_axis(s, order, axis=1), np.take_along_axis(kk, order, axis=1)
+
+
+class _Shard:
+    """One database shard: a FAISS index over its rows, answering with candidates re-scored exactly.
+
+    Used in-process by the local backend and wrapped by `ray.remote` (one actor per shard) by the ray backend.
+    """
+
+    def __init__(self, vectors: np.ndarray, offset: int, cfg: KnnConfig, use_gpu: bool = False, gpu_device: int = 0,
+                 omp_threads: int | None = None) -> None:
+        import faiss
+
+        t0 = time.perf_counter()
+        if omp_threads is not None:
+            faiss.omp_set_num_threads(omp_threads)
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        self.n, self.d = vectors.shape
+        self.offset = int(offset)
+        self.cfg = cfg
+        self.kind = cfg.index
+        self._gpu_res = None
+        self.on_gpu = False
+        metric = faiss.METRIC_INNER_PRODUCT
+        info: dict[str, Any] = {}
+        if self.kind == "flat":
+            index = faiss.IndexFlatIP(self.d)
+            index.add(vectors)
+            # re-score from the index's own storage: no second copy of the shard (the object-store copy is released)
+            self._vectors = faiss.rev_swig_ptr(index.get_xb(), self.n * self.d).reshape(self.n, self.d)
+        elif self.kind == "ivf":
+            nlist = max(1, min(cfg.nlist, self.n // _MIN_POINTS_PER_CENTROID))
+            self.nprobe = min(cfg.nprobe, nlist)
+            quantizer = faiss.IndexFlatIP(self.d)
+            index = faiss.IndexIVFFlat(quantizer, self.d, nlist, metric)  # faiss's wrapper keeps quantizer alive
+            n_train = min(self.n, _MAX_POINTS_PER_CENTROID * nlist)
+            rng = np.random.default_rng(cfg.seed + self.offset)
+            train = vectors if n_train == self.n else vectors[np.sort(rng.choice(self.n, n_train, replace=False))]
+            index.cp.seed = cfg.seed  # deterministic k-means
+            index.train(train)
+            index.add(vectors)
+            index.nprobe = self.nprobe
+            self._vectors = vectors  # IVF lists are not in row order: keep the rows for re-scoring and recall
+            info.update(nlist=nlist, nprobe=self.nprobe)
+        else:  # hnsw
+            index = faiss.IndexHNSWFlat(self.d, cfg.hnsw_m, metric)
+            index.hnsw.efConstruction = cfg.ef_construction
+            index.add(vectors)
+            storage = faiss.downcast_index(index.storage)
+            self._vectors = faiss.rev_swig_ptr(storage.get_xb(), self.n * self.d).reshape(self.n, self.d)
+            info.update(hnsw_m=cfg.hnsw_m, ef_search=cfg.ef_search, ef_construction=cfg.ef_construction)
+        if use_gpu and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+            if self.kind == "hnsw":
+                log.warning("knn: faiss has no GPU HNSW; shard at offset %d stays on the CPU", self.offset)
+            else:
+                self._gpu_res = faiss.StandardGpuResources()
+                co = faiss.GpuClonerOptions()
+                co.useFloat16 = cfg.gpu_float16
+                index = faiss.index_cpu_to_gpu(self._gpu_res, gpu_device, index, co)
+                if self.kind == "ivf":
+                    faiss.GpuParameterSpace().set_index_parameter(index, "nprobe", self.nprobe)
+                if self.kind == "flat":
+                    self._vectors = vectors  # the CPU index is gone; keep the rows (zero-copy from the object store)
+                self.on_gpu = True
+        self.index = index
+        # norms bound FAISS's float32 error: |score - exact| <= d * 2^-24 * |q| * |x| (worst-case dot-product bound)
+        self._max_norm = max((float(np.sqrt(np.einsum("ij,ij->i", c, c, dtype=np.float64).max()))
+                              for c in _row_blocks(self._vectors, 65536)), default=0.0)
+        self._unit_err = self.d * 2.0 ** -24
+        if self.on_gpu and cfg.gpu_float16:
+            self._unit_err += 2.0 ** -9  # both sides rounded to float16 (2^-11 each), with room for fp16 accumulation
+        self._info = dict(rows=self.n, offset=self.offset, index=self.kind, gpu=self.on_gpu,
+                          build_s=round(time.perf_counter() - t0, 3), **info)
+
+    def stats(self) -> dict[str, Any]:
+        """Rows, build time and memory of the process holding this shard (see `process_memory`)."""
+        import os
+
+        out = dict(self._info)
+        out["pid"] = os.getpid()
+        out["nice"] = os.nice(0)  # Ray starts its workers at niceness 15
+        out.update(process_memory())
+        return out
+
+    def _raw(self, q: np.ndarray, kk: int, exact: bool) -> tuple[np.ndarray, np.ndarray]:
+        import faiss
+
+        if (exact and self.kind != "flat") or (self.on_gpu and kk > _GPU_MAX_K):
+            return faiss.knn(q, self._vectors, kk, metric=faiss.METRIC_INNER_PRODUCT)
+        if self.kind == "hnsw":
+            self.index.hnsw.efSearch = max(self.cfg.ef_search, kk)
+        return self.index.search(q, kk)
+
+    def search(self, q: np.ndarray, k: int, exact: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Candidates holding this shard's top-k under score desc with any tie order: (scores f32, global rows).
+
+        FAISS returns a few more than k; a query whose last candidate scores within FAISS's float32 error of its
+        k-th is searched again with twice as many, so every row that could tie the k-th after exact re-scoring is
+        present. Candidates are re-scored in float64 from the stored float32 rows (the same pair gets the same
+        score in every shard layout and batch size, unlike BLAS vs SIMD paths), rounded to float32, and all those
+        scoring >= the shard's k-th are returned (b, w), w >= min(k, rows); padding is score -inf, row -1.
+        """
+        q = np.ascontiguousarray(q, dtype=np.float32)
+        b = q.shape[0]
+        k_eff = min(k, self.n)
+        qnorm = np.sqrt(np.einsum("ij,ij->i", q, q, dtype=np.float64))
+        # twice the error bound (both the k-th and the last candidate may be off) plus room for float32 rounding
+        tol = (2 * self._unit_err + 2.0 ** -20) * qnorm * self._max_norm
+        kk = min(self.n, k_eff + max(8, k_eff // 8))
+        pending = np.arange(b)
+        groups: list[tuple[np.ndarray, np.ndarray]] = []
+        dist, lab = self._raw(q, kk, exact)
+        while True:
+            need = (kk < self.n) & (lab[:, -1] >= 0) & (dist[:, -1] >= dist[:, k_eff - 1] - tol[pending])
+            groups.append((pending[~need], lab[~need]))
+            if not need.any():
+                break
+            pending = pending[need]
+            kk = min(self.n, 2 * kk)
+            dist, lab = self._raw(q[pending], kk, exact)
+        width = max(g[1].shape[1] for g in groups)
+        labels = np.full((b, width), -1, np.int64)
+        for rows, lab in groups:
+            labels[rows, : lab.shape[1]] = lab
+        scores = self._rescore(q, labels)
+        # keep everything >= the k-th exact score: ties at the boundary are decided by id on the driver
+        kth = -np.partition(-scores, k_eff - 1, axis=1)[:, k_eff - 1]
+        keep = scores >= kth[:, None]
+        keep &= labels >= 0
+        w = max(int(keep.sum(axis=1).max()), 1)
+        order = np.argsort(np.where(keep, -scores, np.inf), axis=1, kind="stable")[:, :w]
+        out_s = np.take_along_axis(np.where(keep, scores, -np.inf).astype(np.float32), order, axis=1)
+        out_l = np.take_along_axis(np.where(keep, labels + self.offset, -1), order, axis=1)
+        return out_s, out_l
+
+    def _rescore(self, q: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        out = np.full(labels.shape, -np.inf, np.float32)
+        for s in range(0, labels.shape[0], _RESCORE_ROWS):
+            lab = labels[s : s + _RESCORE_ROWS]
+            valid = lab >= 0
+            cand = self._vectors[np.where(valid, lab, 0)]
+            exact = np.einsum("cd,ckd->ck", q[s : s + _RESCORE_ROWS], cand, dtype=np.float64, casting="safe")
+            out[s : s + _RESCORE_ROWS] = np.where(valid, exact.astype(np.float32), -np.inf)
+        return out
+
+
+def process_memory() -> dict[str, float]:
+    """This process's memory in MiB: peak and current RSS, and current RSS split into anonymous (private heap, e.g.
+    a FAISS index) and shared-memory pages (Ray object-store objects this process wrote or read zero-copy)."""
+    import resource
+
+    out = {"peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}  # KiB on Linux
+    names = {"VmHWM": "peak_rss_mib", "VmRSS": "rss_mib", "RssAnon": "anon_mib", "RssShmem": "shmem_mib"}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in names:
+                    out[names[key]] = round(int(value.split()[0]) / 1024, 1)
+    except OSError:  # not Linux: getrusage's peak only
+        pass
+    return out
+
+
+def _row_blocks(x: np.ndarray, rows: int) -> Iterator[np.ndarray]:
+    for s in range(0, x.shape[0], rows):
+        yield x[s : s + rows]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# backends: add shards, then submit query batches and fetch per-shard candidates in order
+
+
+class _LocalBackend:
+    def __init__(self, cfg: KnnConfig) -> None:
+        self.cfg = cfg
+        self.shards: list[_Shard] = []
+        self._ngpu = 0
+        if cfg.num_gpus_per_actor > 0:
+            import faiss
+
+            self._ngpu = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+
+    def add_shard(self, offset: int, vectors: np.ndarray) -> None:
+        i = len(self.shards)
+        self.shards.append(_Shard(vectors, offset, self.cfg, use_gpu=self._ngpu > 0,
+                                  gpu_device=i % max(self._ngpu, 1)))
+
+    def ready(self) -> list[dict[str, Any]]:
+        return [s.stats() for s in self.shards]
+
+    def submit(self, q: np.ndarray, k: int, exact: bool = False) -> Any:
+        return [s.search(q, k, exact) for s in self.shards]
+
+    def fetch(self, handle: Any) -> list[tuple[np.ndarray, np.ndarray]]:
+        return handle
+
+    def stats(self) -> list[dict[str, Any]]:
+        return [s.stats() for s in self.shards]
+
+    def close(self) -> None:
+        self.shards.clear()
+
+
+class _RayBackend:
+    def __init__(self, cfg: KnnConfig) -> None:
+        import ray
+
+        if not ray.is_initialized():
+            raise RuntimeError("KnnConfig.backend='ray' needs a running Ray: call ray.init() (or connect) first")
+        self.ray = ray
+        self.cfg = cfg
+        # one actor per shard; OMP threads follow the CPUs reserved for it (at least one)
+        self._cls = ray.remote(_Shard).options(num_cpus=cfg.num_cpus_per_actor, num_gpus=cfg.num_gpus_per_actor)
+        self._omp = max(1, int(round(cfg.num_cpus_per_actor)))
+        self.actors: list[Any] = []
+        self._refs: list[Any] = []
+
+    def add_shard(self, offset: int, vectors: np.ndarray) -> None:
+        # the shard goes to the object store once; the actor gets it zero-copy and builds while the driver streams on
+        ref = self.ray.put(np.ascontiguousarray(vectors, dtype=np.float32))
+        self._refs.append(ref)
+        self.actors.append(self._cls.remote(ref, offset, self.cfg, use_gpu=self.cfg.num_gpus_per_actor > 0,
+                                            gpu_device=0, omp_threads=self._omp))
+
+    def ready(self) -> list[dict[str, Any]]:
+        stats = self.ray.get([a.stats.remote() for a in self.actors])
+        self._refs.clear()  # built: let the object store free the shard copies the actors no longer hold
+        return stats
+
+    def submit(self, q: np.ndarray, k: int, exact: bool = False) -> Any:
+        ref = self.ray.put(q)  # one copy of the batch for all actors
+        return [a.search.remote(ref, k, exact) for a in self.actors]
+
+    def fetch(self, handle: Any) -> list[tuple[np.ndarray, np.ndarray]]:
+        return self.ray.get(handle)
+
+    def stats(self) -> list[dict[str, Any]]:
+        return self.ray.get([a.stats.remote() for a in self.actors])
+
+    def close(self) -> None:
+        for a in self.actors:
+            self.ray.kill(a)
+        self.actors.clear()
+        self._refs.clear()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# input checks
+
+
+def _as_vectors(x: Any, what: str) -> np.ndarray:
+    arr = np.asarray(x)
+    if arr.ndim != 2:
+        raise ValueError(f"{what} must be a 2-D array [rows, dim], got shape {arr.shape}")
+    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+        raise ValueError(f"{what} must be numeric, got dtype {arr.dtype}")
+    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    if arr.size and not np.isfinite(arr).all():
+        raise ValueError(f"{what} contains NaN or infinite values")
+    return arr
+
+
+def _as_ids(x: Any, n: int, what: str) -> np.ndarray:
+    ids = np.asarray(x)
+    if ids.ndim != 1:
+        raise ValueError(f"{what} must be 1-D, got shape {ids.shape}")
+    if len(ids) != n:
+        raise ValueError(f"{what} has {len(ids)} ids for {n} vectors")
+    return ids
+
+
+def _db_chunks(db_ids: Any, db_vectors: Any) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    if db_ids is None:
+        if isinstance(db_vectors, np.ndarray):
+            raise ValueError("db_ids is None: db_vectors must then be an iterable of (ids, vectors) chunks")
+        for i, chunk in enumerate(db_vectors):
+            try:
+                cid, cvec = chunk
+            except (TypeError, ValueError):
+                raise ValueError(f"db chunk {i} is not an (ids, vectors) pair") from None
+            vec = _as_vectors(cvec, f"db chunk {i} vectors")
+            yield _as_ids(cid, len(vec), f"db chunk {i} ids"), vec
+    else:
+        vec = _as_vectors(db_vectors, "db_vectors")
+        yield _as_ids(db_ids, len(vec), "db_ids"), vec
+
+
+def _query_batches(queries: Iterable[tuple[Any, Any]], d: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    for i, batch in enumerate(queries):
+        try:
+            qid, qvec = batch
+        except (TypeError, ValueError):
+            raise ValueError(f"query batch {i} is not an (ids, vectors) pair") from None
+        vec = _as_vectors(qvec, f"query batch {i} vectors")
+        if vec.shape[1] != d:
+            raise ValueError(f"query batch {i} has dim {vec.shape[1]}, the database has dim {d}")
+        ids = _as_ids(qid, len(vec), f"query batch {i} ids")
+        if len(vec):
+            yield ids, vec
+
+
+def _rebatch(batches: Iterator[tuple[np.ndarray, np.ndarray]], size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    ids_buf: list[np.ndarray] = []
+    vec_buf: list[np.ndarray] = []
+    held = 0
+    for ids, vec in batches:
+        ids_buf.append(ids)
+        vec_buf.append(vec)
+        held += len(vec)
+        if held < size:
+            continue
+        all_ids = np.concatenate(ids_buf) if len(ids_buf) > 1 else ids_buf[0]
+        all_vec = np.concatenate(vec_buf) if len(vec_buf) > 1 else vec_buf[0]
+        full = (held // size) * size
+        for s in range(0, full, size):
+            yield all_ids[s : s + size], all_vec[s : s + size]
+        ids_buf, vec_buf = ([all_ids[full:]], [all_vec[full:]]) if full < held else ([], [])
+        held -= full
+    if held:
+        yield np.concatenate(ids_buf), np.concatenate(vec_buf)
+
+
+def _shard_plan(n: int, cfg: KnnConfig) -> list[int]:
+    """Shard sizes for an n-row database given as one array: `shards`, more if `max_shard_rows` needs, at most n."""
+    count = cfg.shards
+    if cfg.max_shard_rows is not None:
+        count = max(count, math.ceil(n / cfg.max_shard_rows))
+    count = min(count, n)
+    base, extra = divmod(n, count)
+    return [base + (1 if i < extra else 0) for i in range(count)]
+
+
+class _Reservoir:
+    """A seeded uniform sample of query rows over a stream of unknown length (algorithm R)."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size = size
+        self.rng = np.random.default_rng(seed)
+        self.pos: list[int] = []
+        self.vec: list[np.ndarray] = []
+        self.seen = 0
+
+    def add(self, vec: np.ndarray) -> None:
+        if self.size == 0:
+            return
+        start = self.seen
+        self.seen += len(vec)
+        take = min(len(vec), max(self.size - start, 0))
+        for j in range(take):
+            self.pos.append(start + j)
+            self.vec.append(vec[j].copy())
+        if take == len(vec):
+            return
+        idx = np.arange(start + take, self.seen)
+        slots = self.rng.integers(0, idx + 1)
+        for i in np.flatnonzero(slots < self.size):
+            self.pos[slots[i]] = int(idx[i])
+            self.vec[slots[i]] = vec[idx[i] - start].copy()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def search(db_ids: np.ndarray | None, db_vectors: np.ndarray | Iterable[tuple[np.ndarray, np.ndarray]],
+           queries: Iterable[tuple[np.ndarray, np.ndarray]], cfg: KnnConfig = KnnConfig()) -> KnnResult:
+    """Top-k database ids per query by inner product over sharded FAISS indexes, merged deterministically.
+
+    `db_ids` (n,) and `db_vectors` (n, d) float32 (converted if not); or `db_ids=None` and `db_vectors` an iterable
+    of (ids, vectors) chunks: with `max_shard_rows` set, shards of that many rows are built as the stream goes
+    (so the whole database is never in this process at once with the ray backend; `shards` is then not used),
+    without it the chunks are gathered and split into `shards`. `queries` yields (ids, vectors) batches and is
+    consumed once. Results are sorted by score desc then db id asc, and for the "flat" index are the same for any
+    shard count, batch size and backend. Database ids must be unique.
+    """
+    t_start = time.perf_counter()
+    backend: _LocalBackend | _RayBackend = _RayBackend(cfg) if cfg.backend == "ray" else _LocalBackend(cfg)
+    try:
+        # ---- shards
+        id_parts: list[np.ndarray] = []
+        d: int | None = None
+        n = 0
+        chunks = _db_chunks(db_ids, db_vectors)
+        if db_ids is None and cfg.max_shard_rows is not None:
+            # one shard's buffer at a time, filled in place (np.empty pages are only resident once written);
+            # a fresh buffer per shard, because a shard may keep its rows (ivf, GPU) and the local backend shares them
+            buf: np.ndarray | None = None
+            held = 0
+            for ids, vec in chunks:
+                d = vec.shape[1] if d is None else d
+                if vec.shape[1] != d:
+                    raise ValueError(f"db chunk dims differ: {vec.shape[1]} after {d}")
+                id_parts.append(ids)
+                s = 0
+                while s < len(vec):
+                    if buf is None:
+                        buf = np.empty((cfg.max_shard_rows, d), np.float32)
+                    take = min(cfg.max_shard_rows - held, len(vec) - s)
+                    buf[held : held + take] = vec[s : s + take]
+                    held += take
+                    s += take
+                    if held == cfg.max_shard_rows:
+                        backend.add_shard(n, buf)
+                        n += held
+                        buf, held = None, 0
+            if held:
+                backend.add_shard(n, buf[:held])
+                n += held
+            del buf
+        else:
+            parts = list(chunks)
+            for _, vec in parts:
+                if d is not None and vec.shape[1] != d:
+                    raise ValueError(f"db chunk dims differ: {vec.shape[1]} after {d}")
+                d = vec.shape[1]
+            id_parts = [p[0] for p in parts]
+            vectors = parts[0][1] if len(parts) == 1 else (np.concatenate([p[1] for p in parts]) if parts else None)
+            del parts
+            n = 0 if vectors is None else len(vectors)
+            if n:
+                offset = 0
+                for size in _shard_plan(n, cfg):
+                    backend.add_shard(offset, vectors[offset : offset + size])
+                    offset += size
+            del vectors
+        if n == 0 or d is None or d == 0:
+            raise ValueError("the database is empty: need at least one row with dim >= 1")
+        # tie-break keys: a db row's rank in sorted id order (ids compare as strings when they are strings)
+        all_ids = np.concatenate(id_parts) if len(id_parts) > 1 else id_parts[0]
+        del id_parts
+        sort_ids = all_ids.astype(str) if all_ids.dtype == object else all_ids
+        order = np.argsort(sort_ids, kind="stable")
+        sorted_ids = sort_ids[order]
+        dup = np.flatnonzero(sorted_ids[1:] == sorted_ids[:-1])
+        if len(dup):
+            raise ValueError(f"db ids must be unique: {len(dup)} duplicates, e.g. {sorted_ids[dup[0]]!r}")
+        del sort_ids, sorted_ids
+        rank_of_row = np.empty(n, np.int64)
+        rank_of_row[order] = np.arange(n)
+        id_of_rank = np.empty(n + 1, dtype=object)
+        id_of_rank[:n] = all_ids[order].tolist()  # python objects (str) for the output
+        id_of_rank[n] = None
+        del order, all_ids
+        shard_stats = backend.ready()
+        t_built = time.perf_counter()
+
+        # ---- query stream
+        k_out = min(cfg.k, n)
+        approx = cfg.index != "flat"
+        reservoir = _Reservoir(cfg.recall_sample if approx else 0, cfg.seed)
+        qid_parts: list[np.ndarray] = []
+        key_parts: list[np.ndarray] = []
+        score_parts: list[np.ndarray] = []
+        inflight: collections.deque[Any] = collections.deque()
+        limit = cfg.max_inflight_batches if cfg.backend == "ray" else 1
+
+        def merge(handle: Any) -> tuple[np.ndarray, np.ndarray]:
+            results = backend.fetch(handle)
+            keys = [np.where(rows >= 0, rank_of_row[np.maximum(rows, 0)], _PAD_KEY) for _, rows in results]
+            return merge_topk([s for s, _ in results], keys, k_out)
+
+        def drain(upto: int) -> None:
+            while len(inflight) > upto:
+                s, kk = merge(inflight.popleft())
+                score_parts.append(s)
+                key_parts.append(kk)
+
+        for qids, qvec in _rebatch(_query_batches(queries, d), cfg.query_batch_size):
+            qid_parts.append(qids)
+            reservoir.add(qvec)
+            inflight.append(backend.submit(qvec, cfg.k))
+            drain(limit - 1)
+        drain(0)
+        t_searched = time.perf_counter()
+
+        n_q = sum(len(x) for x in qid_parts)
+        keys = np.concatenate(key_parts) if key_parts else np.empty((0, k_out), np.int64)
+        scores = np.concatenate(score_parts) if score_parts else np.empty((0, k_out), np.float32)
+        query_ids = np.concatenate(qid_parts) if qid_parts else np.empty(0, dtype=object)
+        ids = id_of_rank[np.where(keys == _PAD_KEY, n, keys)]
+
+        # ---- recall of an approximate index on a seeded sample, against exact search of the same shards
+        recall = None
+        if approx and reservoir.pos:
+            pos = np.asarray(reservoir.pos)
+            sample = np.stack(reservoir.vec)
+            exact_keys = []
+            for s in range(0, len(sample), cfg.query_batch_size):
+                _, kk = merge(backend.submit(sample[s : s + cfg.query_batch_size], cfg.k, True))
+                exact_keys.append(kk)
+            ek = np.concatenate(exact_keys)
+            ak = keys[pos]
+            hits = [len(np.intersect1d(a[a != _PAD_KEY], e[e != _PAD_KEY], assume_unique=True)) for a, e in zip(ak, ek)]
+            recall = float(np.mean(hits) / k_out)
+        t_end = time.perf_counter()
+        stats = backend.stats()
+        for built, now in zip(shard_stats, stats):
+            now["build_s"] = built["build_s"]
+        timings = dict(build_s=round(t_built - t_start, 3), search_s=round(t_searched - t_built, 3),
+                       recall_s=round(t_end - t_searched, 3), total_s=round(t_end - t_start, 3), queries=n_q,
+                       shards=len(stats))
+        return KnnResult(query_ids=query_ids, ids=ids, scores=scores, recall_at_k=recall, shard_stats=stats,
+                         timings=timings)
+    finally:
+        backend.close()
