@@ -44,20 +44,8 @@ def data():
     return db_ids, db, q_ids, q
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    """A local 2-CPU Ray: reused if something already started one, shut down only if started here."""
-    ray = pytest.importorskip("ray")
-    started = False
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-        started = True
-    yield ray
-    if started:
-        ray.shutdown()
-
-
 def _cfg(backend: str, **kw) -> KnnConfig:
+    # backend "ray" tests pull in conftest's session `ray_local` (a local 2-CPU Ray, reused if already running)
     if backend == "ray":
         # 2 CPUs in tests: seven 1-CPU actors would never all be placed
         kw.setdefault("num_cpus_per_actor", 0.25)
