@@ -17,11 +17,11 @@ _install_lock = threading.Lock()
 class MissingLanguagePackageError(RuntimeError):
     """Articles need a language pair that no installed Argos package translates."""
 
-    def __init__(self, lang: str, n_articles: int, packages_dir: str | Path, target: str = "en"):
+    def __init__(self, lang: str, n_articles: int, packages_dir: str | Path, target: str = "en", where: str = ""):
         self.lang, self.n_articles, self.packages_dir, self.target = lang, n_articles, str(packages_dir), target
         super().__init__(
             f"no Argos Translate package for {lang!r} -> {target!r} in {self.packages_dir}: {n_articles} "
-            f"article(s) in language {lang!r} need it. Install one (a .argosmodel file or a folder of them) with "
+            f"article(s) in language {lang!r}{' ' + where if where else ''} need it. Install one (a .argosmodel file or a folder of them) with "
             f"`{INSTALL_COMMAND}` (e.g. `newsclip translate install translate-{lang}_{target}.argosmodel`), or set "
             f"translate.on_missing_package: skip to pass these articles through untranslated.")
 

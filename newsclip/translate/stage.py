@@ -10,6 +10,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -36,21 +37,21 @@ class TranslateConfig:
     enabled: bool = True
     packages_dir: str = "~/.cache/newsclip/argos-packages"
     target: str = "en"
-    on_missing_package: str = "error"  # "error": stop the job, naming the language; "skip": pass through
+    on_missing_package: Literal["error", "skip"] = "error"  # error: stop, naming the language; skip: pass through
     max_chars: int = 20000  # per title or body; longer ones are cut (at a space) and counted as truncated
     batch_size: int = 64  # sentences per CTranslate2 batch
     threads: int = 1  # CTranslate2 intra-op threads per actor
     cache_dir: str | None = None  # persistent sha256(package id + text) -> English cache; None: no cache
 
     def __post_init__(self) -> None:
+        # messages start with the key: the job-config loader prefixes the section ("translate.")
         if self.on_missing_package not in ON_MISSING:
-            raise ValueError(f"translate.on_missing_package must be one of {ON_MISSING}, "
-                             f"not {self.on_missing_package!r}")
+            raise ValueError(f"on_missing_package: {self.on_missing_package!r} is not one of 'error', 'skip'")
         for key in ("max_chars", "batch_size", "threads"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
-                raise ValueError(f"translate.{key} must be a positive integer, not {getattr(self, key)!r}")
+                raise ValueError(f"{key}: must be at least 1, got {getattr(self, key)!r}")
         if not self.target:
-            raise ValueError("translate.target must be a language code such as 'en'")
+            raise ValueError("target: must be a language code such as 'en'")
 
 
 class TranslationCache:
@@ -179,6 +180,7 @@ class Translator:
         self._available = {m["from_code"]: m for m in installed_packages(self.packages_dir)
                            if m.get("to_code") == cfg.target}
         self._loaded: dict[str, _LoadedPackage] = {}
+        self._package_ids: dict[str, str] = {}
         self.cache = TranslationCache(cfg.cache_dir) if cfg.cache_dir else None
         self.stats: Counter = Counter()
         self.splitters: dict[str, str] = {}  # language -> sentence splitter in use
@@ -187,6 +189,12 @@ class Translator:
 
     def has_package(self, lang: str) -> bool:
         return lang in self._available
+
+    def package_id(self, lang: str) -> str:
+        """The cache's name for the lang->target package (hashes its files; does not load the model)."""
+        if lang not in self._package_ids:
+            self._package_ids[lang] = _package_id(self._available[lang])
+        return self._package_ids[lang]
 
     def _load(self, lang: str) -> _LoadedPackage:
         if lang in self._loaded:
@@ -202,7 +210,7 @@ class Translator:
         translator = ctranslate2.Translator(str(Path(meta["path"]) / "model"), device="cuda" if cuda else "cpu",
                                             device_index=index, inter_threads=1, intra_threads=self.cfg.threads,
                                             compute_type="auto")
-        loaded = _LoadedPackage(pkg, translator, split, splitter, _package_id(meta))
+        loaded = _LoadedPackage(pkg, translator, split, splitter, self.package_id(lang))
         self._loaded[lang] = loaded
         self.splitters[lang] = splitter
         log.info("translate: loaded %s from %s on %s, splitter: %s", loaded.package_id, meta["path"], self.device,
@@ -276,8 +284,8 @@ class Translator:
         unique = list(dict.fromkeys(texts))
         found: dict[str, str] = {}
         keys: dict[str, str] = {}
-        if self.cache is not None:
-            package_id = self._load(lang).package_id
+        if self.cache is not None:  # all hits: the model is never even loaded
+            package_id = self.package_id(lang)
             keys = {t: TranslationCache.key(package_id, t) for t in unique}
             hits = self.cache.get_many(list(keys.values()))
             found = {t: hits[k] for t, k in keys.items() if k in hits}
@@ -287,7 +295,7 @@ class Translator:
             english = self.translate_texts(lang, todo)
             found.update(zip(todo, english))
             if self.cache is not None:
-                package_id = self._load(lang).package_id
+                package_id = self.package_id(lang)
                 self.cache.put_many([(keys[t], package_id, e) for t, e in zip(todo, english)])
         return [found[t] for t in texts]
 
@@ -321,7 +329,7 @@ class Translator:
         missing = {lang: rows for lang, rows in todo.items() if not self.has_package(lang)}
         for lang, rows in missing.items():
             if self.cfg.on_missing_package == "error":
-                raise MissingLanguagePackageError(lang, len(rows), self.packages_dir, target)
+                raise MissingLanguagePackageError(lang, len(rows), self.packages_dir, target, "in this batch")
             for i in rows:
                 note[i] = f"no {lang}->{target} package installed: not translated"
             self.stats[f"skipped_no_package_{lang}"] += len(rows)
