@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--articles", type=int, default=DEMO_ARTICLES, help=f"demo articles (default {DEMO_ARTICLES})")
     p.add_argument("--seed", type=int, default=0)
 
-    p = sub.add_parser("run", help="run every stage of a job: prepare, encode, knn, evaluate, report")
+    p = sub.add_parser("run", help="run every stage of a job: prepare, translate, encode, knn, evaluate, report")
     _job_args(p)
     for stage, what in [("prepare", "join, clean and sample the input into prepared/"),
                         ("encode", "encode prepared texts and images per backbone into embeddings/"),
@@ -51,6 +51,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="retrain even if the model exists")
     p.add_argument("--evaluate", action="store_true", help="then score it on 2,000 held-out pairs")
+
+    p = sub.add_parser("demo-translator", help="build the demo German->English Argos package into $NEWSCLIP_CACHE "
+                       "and install it")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--evaluate", action="store_true", help="then score it on 500 held-out sentences")
+
+    p = sub.add_parser("translate", help="offline translation: install or list Argos packages, run the translate stage")
+    tsub = p.add_subparsers(dest="translate_command", required=True, metavar="ACTION")
+    q = tsub.add_parser("install", help="install .argosmodel files (or folders of them); nothing is downloaded")
+    q.add_argument("paths", type=Path, nargs="+")
+    q.add_argument("--packages-dir", type=Path, default=None,
+                   help="target (default: translate.packages_dir's default, $NEWSCLIP_CACHE/argos-packages)")
+    q = tsub.add_parser("list", help="list installed packages")
+    q.add_argument("--packages-dir", type=Path, default=None)
+    _job_args(tsub.add_parser("run", help="the job's translate stage: non-English query texts to English into "
+                              "translated/ (one stage of `run`)"))
     return parser
 
 
@@ -76,14 +92,54 @@ def _demo(args: argparse.Namespace) -> None:
     ensure_demo_model(log=log)
     cfg = config.load(None, [f"input.articles={data / 'articles'}", f"input.images={data / 'images'}",
                              f"output_dir={args.output / 'output'}"])
+    _ensure_demo_translator(Path(cfg.translate.resolved().packages_dir))
     run_stages(cfg)
     _print_metrics(cfg.output)
     print(f"report: {cfg.output / 'report.md'}")
 
 
+def _run_job(args: argparse.Namespace, stages: tuple[str, ...]) -> None:
+    from newsclip import config
+    from newsclip.pipeline import run_stages
+
+    cfg = config.load(args.job, args.overrides)
+    run_stages(cfg, stages)
+    if "evaluate" in stages:
+        _print_metrics(cfg.output)
+
+
+def _ensure_demo_translator(packages_dir: Path, seed: int = 0) -> Path:
+    """Build (once, cached) and install the demo de->en package unless a de->en package is installed."""
+    from newsclip.backbones import cache_dir
+    from newsclip.translate import build_demo_translator, install_packages, installed_pairs
+
+    if ("de", "en") not in installed_pairs(packages_dir):
+        log(f"demo translator: building and installing into {packages_dir}")
+        install_packages([build_demo_translator(cache_dir() / f"demo-translator-{seed}", seed=seed, log=log)],
+                         packages_dir)
+    return packages_dir
+
+
+def _translate(args: argparse.Namespace) -> None:
+    if args.translate_command == "run":
+        return _run_job(args, ("translate",))
+    from newsclip.translate import install_packages
+    from newsclip.translate.packages import installed_packages
+    from newsclip.translate.stage import TranslateConfig
+
+    packages_dir = args.packages_dir or Path(TranslateConfig().resolved().packages_dir)
+    if args.translate_command == "install":
+        for name in install_packages(args.paths, packages_dir):
+            print(f"installed {name} into {packages_dir}")
+    else:
+        for meta in installed_packages(packages_dir):
+            print(f"{meta.get('from_code')}->{meta.get('to_code')}  version {meta.get('package_version')}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from newsclip.config import ConfigError
+    from newsclip.translate.packages import MissingLanguagePackageError
 
     try:
         if args.command == "demo":
@@ -94,6 +150,18 @@ def main(argv: list[str] | None = None) -> int:
             counts = write_demo_data(args.dir, args.articles, args.seed)
             print(f"wrote {counts['articles']} articles to {args.dir / 'articles'} and {counts['images']} images "
                   f"to {args.dir / 'images'}")
+        elif args.command == "translate":
+            _translate(args)
+        elif args.command == "demo-translator":
+            from newsclip.translate.stage import TranslateConfig
+
+            packages_dir = _ensure_demo_translator(Path(TranslateConfig().resolved().packages_dir), args.seed)
+            print(f"de->en installed in {packages_dir}")
+            if args.evaluate:
+                from newsclip.backbones import cache_dir
+                from newsclip.translate.demo_translator import PACKAGE_FILENAME, evaluate_package
+
+                print(evaluate_package(cache_dir() / f"demo-translator-{args.seed}" / PACKAGE_FILENAME))
         elif args.command == "demo-model":
             from newsclip.backbones import cache_dir
             from newsclip.demo.model import evaluate_demo_model, train_demo_model
@@ -105,14 +173,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.evaluate:
                 print(evaluate_demo_model(path))
         else:
-            from newsclip import config
-            from newsclip.pipeline import run_stages
-
-            cfg = config.load(args.job, args.overrides)
-            run_stages(cfg, STAGE_NAMES if args.command == "run" else (args.command,))
-            if args.command in ("run", "evaluate"):
-                _print_metrics(cfg.output)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+            _run_job(args, STAGE_NAMES if args.command == "run" else (args.command,))
+    except (ConfigError, FileNotFoundError, ValueError, MissingLanguagePackageError) as e:
         print(f"newsclip {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -12,6 +12,7 @@ from typing import Any, Literal
 import yaml
 
 from newsclip.knn import KnnConfig
+from newsclip.translate.stage import TranslateConfig
 
 
 class ConfigError(ValueError):
@@ -74,6 +75,7 @@ class JobConfig:
     output_dir: str = "newsclip-demo/output"
     backbones: tuple[str, ...] = ("demo-tiny",)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    translate: TranslateConfig = field(default_factory=TranslateConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     encode: EncodeConfig = field(default_factory=EncodeConfig)
     knn: KnnConfig = field(default_factory=lambda: KnnConfig(shards=2))

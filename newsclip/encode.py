@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 from newsclip.backbones import load_backbone, slug
 from newsclip.config import EncodeConfig, JobConfig
 from newsclip.images import ImageDecodeError, decode_image
+from newsclip.translate.job import texts_source
 from newsclip.store import embedding_table, parquet_files, record_stage, staged_dir, write_table
 
 
@@ -90,7 +91,7 @@ class TextEncoder(_Encoder):
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         import clip
 
-        texts = [str(t) for t in batch["text"]]
+        texts = [str(t) for t in batch["query_text"]]
         tokens = clip.tokenize(texts, context_length=self.model.context_length, truncate=True).to(self.device)
         with self.torch.inference_mode():
             vectors = self._normalise(self.model.encode_text(tokens))
@@ -106,7 +107,7 @@ class Side:
     columns: tuple[str, str]
 
 
-TEXTS = Side("texts", TextEncoder, ("article_id", "text"))
+TEXTS = Side("texts", TextEncoder, ("article_id", "query_text"))
 IMAGES = Side("images", ImageEncoder, ("image_id", "image"))
 
 
@@ -126,7 +127,7 @@ def encode_side(cfg: JobConfig, backbone: str, side: Side) -> dict:
     started = time.time()
     out = cfg.output
     if side is TEXTS:
-        files = [str(p) for p in parquet_files(out / "prepared" / "queries", "prepared queries")]
+        files = [str(p) for p in parquet_files(texts_source(cfg), "query texts")]
         keep = None
     else:
         files, keep = _candidate_images(cfg)

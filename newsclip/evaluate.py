@@ -11,6 +11,7 @@ from newsclip.backbones import slug
 from newsclip.config import JobConfig
 from newsclip.metrics import RECALL_KS, ranks_of_truth, scores
 from newsclip.store import parquet_files, record_stage, write_text
+from newsclip.translate.job import texts_source
 
 COLUMNS = ["backbone", "source", "n", "mrr", *[f"recall@{k}" for k in RECALL_KS]]
 
@@ -31,7 +32,7 @@ def score_rankings(queries: pl.DataFrame, rankings: pl.DataFrame, k: int) -> lis
 
 def run(cfg: JobConfig) -> dict:
     out = cfg.output
-    queries = pl.read_parquet(parquet_files(out / "prepared" / "queries", "prepared queries"),
+    queries = pl.read_parquet(parquet_files(texts_source(cfg), "query texts"),
                               columns=["article_id", "image_id", "source"])
     rows = []
     for backbone in cfg.backbones:

@@ -11,7 +11,7 @@ from newsclip import config as config_mod
 from newsclip.config import JobConfig, RayConfig
 from newsclip.store import write_text
 
-STAGE_NAMES = ("prepare", "encode", "knn", "evaluate", "report")
+STAGE_NAMES = ("prepare", "translate", "encode", "knn", "evaluate", "report")
 
 # OpenMP's default spin-wait made 2-thread torch erratic on small machines (0.2 s to 5 s a step): see MEASURED
 WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
@@ -38,6 +38,8 @@ def _stage(name: str) -> Callable[[JobConfig], object]:
     # imported per stage: the prepare stage needs no torch, the report stage no Ray
     if name == "prepare":
         from newsclip.prepare import run
+    elif name == "translate":
+        from newsclip.translate.job import run
     elif name == "encode":
         from newsclip.encode import run
     elif name == "knn":
@@ -55,7 +57,7 @@ def run_stages(cfg: JobConfig, names: tuple[str, ...] = STAGE_NAMES) -> None:
     cfg.output.mkdir(parents=True, exist_ok=True)
     write_text(cfg.output / "config.resolved.yaml", config_mod.dump(cfg))
     for name in names:
-        if name == "encode" or (name == "knn" and cfg.knn.backend == "ray"):
+        if name in ("translate", "encode") or (name == "knn" and cfg.knn.backend == "ray"):
             ensure_ray(cfg.ray)
         started = time.time()
         log(f"{name}: started")

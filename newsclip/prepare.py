@@ -59,9 +59,9 @@ def _reject(frame: pl.DataFrame, id_column: str, kind: str, reason: str) -> pl.D
                         pl.lit(reason).alias("reason"), pl.col("file"))
 
 
-def join_text(frame: pl.DataFrame, mode: str) -> pl.Expr:
+def join_text(mode: str, title: str = "title", body: str = "text") -> pl.Expr:
     """The text the encoder reads: title and body joined with a space (the paper), or one of them."""
-    title, body = pl.col("title").str.strip_chars(), pl.col("text").str.strip_chars()
+    title, body = pl.col(title).str.strip_chars(), pl.col(body).str.strip_chars()
     parts = {"title": [title], "body": [body], "title_body": [title, body]}[mode]
     return pl.concat_str(parts, separator=" ", ignore_nulls=True).str.strip_chars()
 
@@ -78,7 +78,7 @@ def select(articles: pl.DataFrame, images: pl.DataFrame, text_mode: str) -> tupl
     rejects.append(_reject(dup_images, "image_id", "image", "duplicate image_id (an earlier row was kept)"))
     images = images.filter(pl.col("image_id").is_first_distinct() & pl.col("image_id").is_not_null())
 
-    articles = articles.with_columns(join_text(articles, text_mode).alias("query_text"),
+    articles = articles.with_columns(join_text(text_mode).alias("query_text"),
                                      pl.col("source").fill_null("unknown"))
     no_text = pl.col("query_text").is_null() | (pl.col("query_text") == "")
     no_image_id = pl.col("image_id").is_null() | (pl.col("image_id") == "")
@@ -124,7 +124,7 @@ def run(cfg: JobConfig) -> dict:
     with staged_dir(out, "prepared") as stage:
         write_table(usable.select("article_id", "image_id", "source", "lang", "in_eval", "file").to_arrow(),
                     stage / "articles.parquet")
-        write_table(queries.select("article_id", pl.col("query_text").alias("text"), "title", "lang",
+        write_table(queries.select("article_id", "query_text", "title", pl.col("text").alias("body"), "lang",
                                    "image_id", "source").to_arrow(),
                     stage / "queries" / "part-00000.parquet")
         write_table(images.to_arrow(), stage / "candidates.parquet")

@@ -42,7 +42,7 @@ def test_rejects_and_sample(tmp_path):
     assert len(kept) + (rejects["kind"] == "article").sum() == len(rows)
     assert len(images) + (rejects["kind"] == "image").sum() == 8
     assert len(queries) == 3 and kept["in_eval"].sum() == 3
-    assert queries["text"][0] == f"T{queries['article_id'][0][1:]} body {queries['article_id'][0][1:]}"
+    assert queries["query_text"][0] == f"T{queries['article_id'][0][1:]} body {queries['article_id'][0][1:]}"
     # candidates: the sampled pairs' images only
     assert sorted(images.filter("candidate")["image_id"]) == sorted(queries["image_id"])
     assert entry["queries"] == 3 and entry["sample_note"] is None

@@ -19,11 +19,6 @@ from newsclip.translate.packages import (MissingLanguagePackageError, argos_env,
                                          installed_pairs)
 from newsclip.translate.stage import TranslateConfig, Translator
 
-# The test build trains 250 steps on 40,000 pairs with 2 threads instead of the real 400 on 100,000 (the suite
-# must stay short). Measured on this 2-core machine, seed 0: 499/500 held-out sentences exact (0.998) and 29/40
-# held-out 4-sentence bodies (0.725; one held-out filler the short run gets wrong recurs in many bodies); the
-# build takes ~90 s. The real build: 500/500 and 100/100 for seeds 0, 1 and 2.
-TEST_STEPS, TEST_PAIRS, TEST_THREADS = 250, 40_000, 2
 TEST_BAR = 0.9  # exact matches on held-out sentences (the real build's bar too); bodies: TEST_BAR ** 4 - 0.05
 
 
@@ -54,23 +49,6 @@ def argos_home(tmp_path_factory):
     packages = tmp_path_factory.mktemp("argos") / "packages"
     import_argos(packages)
     return packages
-
-
-@pytest.fixture(scope="session")
-def demo_package(tmp_path_factory, argos_home):
-    out = tmp_path_factory.mktemp("demo-translator")
-    reuse = os.environ.get("NEWSCLIP_TEST_DEMO_TRANSLATOR")  # a developer's shortcut: a package built before
-    if reuse:
-        shutil.copy(reuse, out / PACKAGE_FILENAME)
-    return build_demo_translator(out, seed=0, steps=TEST_STEPS, n_pairs=TEST_PAIRS, threads=TEST_THREADS,
-                                 log=print)
-
-
-@pytest.fixture(scope="session")
-def packages_dir(tmp_path_factory, demo_package):
-    target = tmp_path_factory.mktemp("installed") / "packages"
-    install_packages([demo_package.parent], target)  # a folder of .argosmodel files
-    return target
 
 
 def test_argosmodel_is_a_valid_package(demo_package):

@@ -90,7 +90,9 @@ def import_argos(packages_dir: str | Path | None = None, device: str = "cpu", th
 
 
 def _default_packages_dir() -> Path:
-    return Path("~/.cache/newsclip/argos-packages").expanduser()
+    from newsclip.backbones import cache_dir
+
+    return cache_dir() / "argos-packages"
 
 
 def _package_files(paths: Iterable[str | Path]) -> list[Path]:

@@ -8,7 +8,7 @@ import sqlite3
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -27,7 +27,8 @@ DETECT_MIN_CONFIDENCE = 0.5
 # inputs at 1,024 tokens and outputs at 256, so one huge "sentence" would lose most of its text.
 MAX_SENTENCE_CHARS = 500
 OUTPUT_COLUMNS = ("article_id", "title", "text", "title_en", "text_en", "lang", "lang_confidence", "translated",
-                  "truncated", "translate_note")
+                  "truncated", "translate_note", "splitter")
+NO_PACKAGE = "package installed: not translated"  # the end of the note on a row skipped for a missing package
 
 
 @dataclass(frozen=True)
@@ -35,19 +36,30 @@ class TranslateConfig:
     """The translate stage's settings (the job config's `translate:` section)."""
 
     enabled: bool = True
-    packages_dir: str = "~/.cache/newsclip/argos-packages"
+    packages_dir: str | None = None  # installed .argosmodel packages; None: $NEWSCLIP_CACHE/argos-packages
     target: str = "en"
-    on_missing_package: Literal["error", "skip"] = "error"  # error: stop, naming the language; skip: pass through
+    on_missing_package: Literal["error", "skip"] = "error"  # error: stop at job start; skip: rejects/ with reason
     max_chars: int = 20000  # per title or body; longer ones are cut (at a space) and counted as truncated
     batch_size: int = 64  # sentences per CTranslate2 batch
     threads: int = 1  # CTranslate2 intra-op threads per actor
-    cache_dir: str | None = None  # persistent sha256(package id + text) -> English cache; None: no cache
+    cache_dir: str | None = None  # sha256(package id + text) -> English; None: $NEWSCLIP_CACHE/translations
+    actors: int = 1  # translator actor pool size
+    num_cpus_per_actor: float = 1.0
+    num_gpus_per_actor: float = 0.0  # > 0: CTranslate2 runs on CUDA in the actor
+
+    def resolved(self) -> TranslateConfig:
+        """This config with its folders made absolute, so every actor on every node reads the same ones."""
+        from newsclip.backbones import cache_dir
+
+        packages = Path(self.packages_dir).expanduser() if self.packages_dir else cache_dir() / "argos-packages"
+        cache = Path(self.cache_dir).expanduser() if self.cache_dir else cache_dir() / "translations"
+        return replace(self, packages_dir=str(packages.absolute()), cache_dir=str(cache.absolute()))
 
     def __post_init__(self) -> None:
         # messages start with the key: the job-config loader prefixes the section ("translate.")
         if self.on_missing_package not in ON_MISSING:
             raise ValueError(f"on_missing_package: {self.on_missing_package!r} is not one of 'error', 'skip'")
-        for key in ("max_chars", "batch_size", "threads"):
+        for key in ("max_chars", "batch_size", "threads", "actors"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 raise ValueError(f"{key}: must be at least 1, got {getattr(self, key)!r}")
         if not self.target:
@@ -173,9 +185,9 @@ class Translator:
     """
 
     def __init__(self, cfg: TranslateConfig, device: str = "cpu"):
-        self.cfg = cfg
         self.device = device
-        self.packages_dir = Path(cfg.packages_dir).expanduser()
+        cfg = self.cfg = cfg.resolved()
+        self.packages_dir = Path(cfg.packages_dir)
         self._argos = import_argos(self.packages_dir, device, cfg.threads)
         self._available = {m["from_code"]: m for m in installed_packages(self.packages_dir)
                            if m.get("to_code") == cfg.target}
@@ -331,7 +343,7 @@ class Translator:
             if self.cfg.on_missing_package == "error":
                 raise MissingLanguagePackageError(lang, len(rows), self.packages_dir, target, "in this batch")
             for i in rows:
-                note[i] = f"no {lang}->{target} package installed: not translated"
+                note[i] = f"no {lang}->{target} {NO_PACKAGE}"
             self.stats[f"skipped_no_package_{lang}"] += len(rows)
             del todo[lang]
 
@@ -339,6 +351,7 @@ class Translator:
         text_en: list[str | None] = list(texts)
         translated = np.zeros(n, dtype=bool)
         truncated = np.zeros(n, dtype=bool)
+        splitter: list[str | None] = [None] * n
         for lang, rows in todo.items():
             sources: list[str] = []
             slots: list[tuple[int, str]] = []
@@ -353,6 +366,8 @@ class Translator:
             for (i, field), value in zip(slots, english):
                 (title_en if field == "title" else text_en)[i] = value
             translated[rows] = True
+            for i in rows:
+                splitter[i] = self.splitters.get(lang)
             self.stats[f"translated_{lang}"] += len(rows)
         self.stats["truncated"] += int(truncated.sum())
 
@@ -362,6 +377,7 @@ class Translator:
             "title_en": _objects(title_en), "text_en": _objects(text_en),
             "lang": _objects(langs), "lang_confidence": confidence,
             "translated": translated, "truncated": truncated, "translate_note": _objects(note),
+            "splitter": _objects(splitter),
         }
 
 
