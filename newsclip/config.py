@@ -36,6 +36,8 @@ class EvalConfig:
     seed: int = 0
     candidates: Literal["sample", "all"] = "sample"  # sample: rank among sampled images (paper); all: every image
     k: int = 100
+    # text_to_image is the task (which image belongs to this article); image_to_text asks which article an image is for
+    directions: tuple[Literal["text_to_image", "image_to_text"], ...] = ("text_to_image", "image_to_text")
 
     def __post_init__(self) -> None:
         if self.k < 1:

@@ -15,13 +15,25 @@ from newsclip.config import JobConfig
 from newsclip.store import parquet_files, read_embeddings, record_stage, write_table, write_text
 
 
-def _query_batches(folder, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Stream (ids, vectors) from the text embeddings, never all of them at once."""
-    for path in parquet_files(folder, f"text embeddings {folder}"):
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=["article_id", "embedding"]):
+# direction -> (query side, query id, database side, database id); text_to_image is the NewsImages task
+DIRECTIONS = {
+    "text_to_image": ("texts", "article_id", "images", "image_id"),
+    "image_to_text": ("images", "image_id", "texts", "article_id"),
+}
+
+
+def rankings_stem(backbone: str, direction: str) -> str:
+    """`rankings/<slug>` for the task's direction (the official file names), `<slug>.image_to_text` for the other."""
+    return slug(backbone) if direction == "text_to_image" else f"{slug(backbone)}.{direction}"
+
+
+def _query_batches(folder, id_column: str, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Stream (ids, vectors) from an embeddings folder, never all of them at once."""
+    for path in parquet_files(folder, f"embeddings {folder}"):
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=[id_column, "embedding"]):
             column = batch.column("embedding")
             vectors = column.values.to_numpy(zero_copy_only=False).reshape(-1, column.type.list_size)
-            yield batch.column("article_id").to_numpy(zero_copy_only=False), vectors
+            yield batch.column(id_column).to_numpy(zero_copy_only=False), vectors
 
 
 def tsv_lines(query_ids: np.ndarray, ranked: np.ndarray) -> str:
@@ -29,27 +41,30 @@ def tsv_lines(query_ids: np.ndarray, ranked: np.ndarray) -> str:
     return "".join("\t".join([str(q), *map(str, row)]) + "\n" for q, row in zip(query_ids, ranked))
 
 
-def rank_backbone(cfg: JobConfig, backbone: str) -> dict:
+def rank(cfg: JobConfig, backbone: str, direction: str) -> dict:
     started = time.time()
     out, name = cfg.output, slug(backbone)
-    image_ids, image_vectors = read_embeddings(out / "embeddings" / name / "images", "image_id")
-    _, first = np.unique(image_ids, return_index=True)  # an id encoded twice (duplicate input rows) counts once
-    if len(first) < len(image_ids):
+    query_side, query_id, db_side, db_id = DIRECTIONS[direction]
+    db_ids, db_vectors = read_embeddings(out / "embeddings" / name / db_side, db_id)
+    _, first = np.unique(db_ids, return_index=True)  # an id encoded twice (duplicate input rows) counts once
+    if len(first) < len(db_ids):
         keep = np.sort(first)
-        image_ids, image_vectors = image_ids[keep], image_vectors[keep]
-    result = knn.search(image_ids, image_vectors,
-                        _query_batches(out / "embeddings" / name / "texts", cfg.knn.query_batch_size), cfg.knn)
+        db_ids, db_vectors = db_ids[keep], db_vectors[keep]
+    queries = _query_batches(out / "embeddings" / name / query_side, query_id, cfg.knn.query_batch_size)
+    result = knn.search(db_ids, db_vectors, queries, cfg.knn)
     table = pa.table({
-        "article_id": pa.array(result.query_ids, pa.string()),
-        "image_ids": pa.array([list(r) for r in result.ids], pa.list_(pa.string())),
+        query_id: pa.array(result.query_ids, pa.string()),
+        f"{db_id}s": pa.array([list(r) for r in result.ids], pa.list_(pa.string())),
         "scores": pa.array([list(r) for r in result.scores], pa.list_(pa.float32())),
     })
-    files = [write_table(table, out / "rankings" / f"{name}.parquet"),
-             write_text(out / "rankings" / f"{name}.tsv", tsv_lines(result.query_ids, result.ids))]
-    return record_stage(out, f"knn:{name}", files, backbone=backbone, queries=len(result.query_ids),
-                        candidates=len(image_ids), k=int(result.ids.shape[1]), shards=cfg.knn.shards,
-                        index=cfg.knn.index, recall_at_k=result.recall_at_k, seconds=round(time.time() - started, 2))
+    stem = rankings_stem(backbone, direction)
+    files = [write_table(table, out / "rankings" / f"{stem}.parquet"),
+             write_text(out / "rankings" / f"{stem}.tsv", tsv_lines(result.query_ids, result.ids))]
+    return record_stage(out, f"knn:{name}:{direction}", files, backbone=backbone, direction=direction,
+                        queries=len(result.query_ids), candidates=len(db_ids), k=int(result.ids.shape[1]),
+                        shards=cfg.knn.shards, index=cfg.knn.index, backend=cfg.knn.backend,
+                        recall_at_k=result.recall_at_k, seconds=round(time.time() - started, 2))
 
 
 def run(cfg: JobConfig) -> list[dict]:
-    return [rank_backbone(cfg, backbone) for backbone in cfg.backbones]
+    return [rank(cfg, backbone, direction) for backbone in cfg.backbones for direction in cfg.eval.directions]

@@ -46,8 +46,9 @@ def render(cfg: JobConfig) -> str:
     metrics = json.loads((out / "metrics.json").read_text())
     stages = json.loads((out / "manifest.json").read_text())["stages"]
     prep = stages["prepare"]
-    rows = metrics["rows"]
+    rows = [r for r in metrics["rows"] if r["direction"] == "text_to_image"]
     overall = [r for r in rows if r["source"] == "all"]
+    reverse = [r for r in metrics["rows"] if r["direction"] == "image_to_text" and r["source"] == "all"]
     lines = [f"# newsclip report: {cfg.name}", "",
              f"Text-to-image retrieval: {prep['queries']} article texts, each ranked against "
              f"{prep['candidates']} candidate images (`eval.candidates: {cfg.eval.candidates}`), "
@@ -55,7 +56,15 @@ def render(cfg: JobConfig) -> str:
              f"Paper rows: Zhang et al., MediaEval 2022 (2,000 sampled pairs).", ""]
     if prep.get("sample_note"):
         lines += [f"**Note:** {prep['sample_note']}.", ""]
-    lines += ["## All sources", "", metrics_table(overall, metrics["k"]), "", "## Per source", ""]
+    lines += ["## All sources", "", metrics_table(overall, metrics["k"]), ""]
+    if reverse:
+        lines += ["## Image to text (which article is this image for)", "",
+                  metrics_table(reverse, metrics["k"], with_paper=False), ""]
+    approximate = [k for k in metrics.get("knn", []) if k["recall_at_k_vs_exact"] is not None]
+    for k in approximate:
+        lines.append(f"- `{k['index']}` index for {k['backbone']} {k['direction']}: recall@{metrics['k']} "
+                     f"{k['recall_at_k_vs_exact']:.4f} against exact search on a sample of queries")
+    lines += ["", "## Per source (text to image)", ""] if approximate else ["## Per source (text to image)", ""]
     for backbone in cfg.backbones:
         per_source = [{**r, "backbone": r["source"]} for r in rows if r["backbone"] == backbone and r["source"] != "all"]
         lines += [f"### {backbone}", "", metrics_table(per_source, metrics["k"], with_paper=False), ""]

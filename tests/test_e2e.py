@@ -44,15 +44,22 @@ def test_outputs_exist_in_the_contract(demo_run):
                      "rankings/demo-tiny.tsv", "rankings/demo-tiny.parquet", "prepared/articles.parquet"]:
         assert (out / relative).is_file(), relative
     stages = json.loads((out / "manifest.json").read_text())["stages"]
-    assert {"prepare", "encode:demo-tiny:texts", "encode:demo-tiny:images", "knn:demo-tiny", "evaluate",
-            "report"} <= set(stages)
+    assert {"prepare", "translate", "encode:demo-tiny:texts", "encode:demo-tiny:images", "knn:demo-tiny:text_to_image",
+            "knn:demo-tiny:image_to_text", "evaluate", "report"} <= set(stages)
+    translated = pl.read_parquet(out / "translated")
+    german = translated["lang"] == "de"
+    assert german.sum() > 50 and translated.filter(german)["translated"].all()
+    assert not translated.filter(~german)["translated"].any()  # English passes through untouched
+    assert stages["translate"]["translated"] == {"de": int(german.sum())}
+    assert stages["translate"]["splitters"] == ["minisbd (de.onnx from the package)"]
     assert not list((out / ".staging").iterdir())  # nothing half-written left behind
 
     schema = pq.read_schema(next((out / "embeddings" / "demo-tiny" / "images").glob("*.parquet")))
     assert schema.field("embedding").type == pa.list_(pa.float32(), 64)  # plain fixed_size_list, no Ray type
     metrics = pl.read_csv(out / "metrics.csv")
-    assert metrics.columns == ["backbone", "source", "n", "mrr", *[f"recall@{k}" for k in RECALL_KS]]
-    assert metrics["source"].to_list() == ["all", "RSS", "RT", "TW"]
+    assert metrics.columns == ["backbone", "source", "n", "mrr", *[f"recall@{k}" for k in RECALL_KS], "direction"]
+    assert metrics["source"].to_list() == ["all", "RSS", "RT", "TW"] * 2
+    assert metrics["direction"].to_list() == ["text_to_image"] * 4 + ["image_to_text"] * 4
     report = (out / "report.md").read_text()
     assert "| demo-tiny |" in report and "fewer than eval.sample_size=2000" in report
 

@@ -31,3 +31,27 @@ def test_rank_beyond_k_scores_zero():
 def test_shape_mismatch_is_an_error():
     with pytest.raises(ValueError, match="one row per truth"):
         ranks_of_truth(np.array([["a"]], dtype=object), np.array(["a", "b"], dtype=object))
+
+
+def test_image_to_text_counts_any_article_of_the_image():
+    import polars as pl
+
+    from newsclip.evaluate import score_rankings
+
+    queries = pl.DataFrame({"article_id": ["a1", "a2", "a3"], "image_id": ["i1", "i1", "i2"],
+                            "source": ["TW", "TW", "RT"]})
+    rankings = pl.DataFrame({"image_id": ["i1", "i2"], "article_ids": [["a3", "a2", "a1"], ["a1", "a2", "a3"]]})
+    rows = {r["source"]: r for r in score_rankings(queries, rankings, k=3, direction="image_to_text")}
+    # i1: a2 (rank 2) is one of its articles -> 1/2; i2: a3 at rank 3 -> 1/3
+    assert rows["all"]["n"] == 2 and rows["all"]["mrr"] == pytest.approx((1 / 2 + 1 / 3) / 2)
+    assert rows["RT"]["mrr"] == pytest.approx(1 / 3)
+
+
+def test_text_to_image_query_without_ranking_is_a_miss():
+    import polars as pl
+
+    from newsclip.evaluate import score_rankings
+
+    queries = pl.DataFrame({"article_id": ["a1", "a2"], "image_id": ["i1", "i2"], "source": ["TW", "TW"]})
+    rankings = pl.DataFrame({"article_id": ["a1"], "image_ids": [["i1", "i2"]]})
+    assert score_rankings(queries, rankings, k=2)[0]["mrr"] == pytest.approx(0.5)
