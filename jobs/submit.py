@@ -1,0 +1,59 @@
+"""Ray job entry: `newsclip run JOB.yaml`, then publish the committed output to a path or URI (s3://, gs://...).
+
+    ray job submit --address http://HEAD:8265 --working-dir . --runtime-env jobs/runtime_env.yaml -- \\
+        python jobs/submit.py jobs/newsimages2022.yaml --set output_dir=/mnt/newsclip/out/ni2022 \\
+        --publish s3://my-bucket/newsclip/ni2022
+
+The stages write `output_dir` with local paths, and Ray Data's workers write and read it too, so on a cluster
+of several nodes `output_dir` must be a shared mount (NFS, EFS, Filestore) at the same path on every node. On a
+single node any local folder works. `--publish` copies the committed files (never `.staging/`) through pyarrow's
+filesystems once the job succeeded, `manifest.json` last, so a reader that sees the manifest sees everything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def publish(output: Path, uri: str) -> list[str]:
+    """Copy every committed file under `output` to `uri` (a path or a pyarrow URI); the manifest goes last."""
+    import pyarrow.fs as pafs
+
+    if "://" not in uri:
+        uri = str(Path(uri).expanduser().absolute())
+    filesystem, root = pafs.FileSystem.from_uri(uri)
+    files = sorted(p for p in output.rglob("*") if p.is_file() and ".staging" not in p.relative_to(output).parts
+                   and not p.name.endswith(".tmp"))
+    files.sort(key=lambda p: p.relative_to(output).as_posix() == "manifest.json")
+    copied = []
+    for path in files:
+        relative = path.relative_to(output).as_posix()
+        target = f"{root.rstrip('/')}/{relative}"
+        filesystem.create_dir(target.rsplit("/", 1)[0], recursive=True)
+        pafs.copy_files(str(path), target, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=filesystem)
+        copied.append(relative)
+    return copied
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("job", type=Path)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--publish", metavar="URI", help="copy the job's output here when it succeeded")
+    args = parser.parse_args(argv)
+
+    from newsclip import config
+    from newsclip.cli import main as newsclip_main
+
+    status = newsclip_main(["run", str(args.job), *(f"--set={o}" for o in args.overrides)])
+    if status == 0 and args.publish:
+        output = config.load(args.job, args.overrides).output
+        copied = publish(output, args.publish)
+        print(f"published {len(copied)} files from {output} to {args.publish}")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
