@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--evaluate", action="store_true", help="then score it on 500 held-out sentences")
 
+    from newsclip import ingest
+
+    ingest.add_parser(sub)
+
     p = sub.add_parser("translate", help="offline translation: install or list Argos packages, run the translate stage")
     tsub = p.add_subparsers(dest="translate_command", required=True, metavar="ACTION")
     q = tsub.add_parser("install", help="install .argosmodel files (or folders of them); nothing is downloaded")
@@ -150,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
             counts = write_demo_data(args.dir, args.articles, args.seed)
             print(f"wrote {counts['articles']} articles to {args.dir / 'articles'} and {counts['images']} images "
                   f"to {args.dir / 'images'}")
+        elif args.command == "ingest":
+            from newsclip.ingest import main as ingest_main
+
+            return ingest_main(args)
         elif args.command == "translate":
             _translate(args)
         elif args.command == "demo-translator":

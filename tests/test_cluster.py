@@ -268,7 +268,7 @@ def test_runtime_env_is_valid_for_ray_and_ships_no_data():
 
 
 def test_cluster_readme_commands_name_existing_files():
-    text = (CLUSTER / "RUNNING.md").read_text() + (CLUSTER / "README.md").read_text()
+    text = (CLUSTER.parent / "README.md").read_text() + (CLUSTER / "README.md").read_text()
     for path in set(re.findall(r"(?<![\w/.-])((?:cluster|jobs)/[\w./-]+\.(?:ya?ml|py|md))", text)):
         assert (REPO / path).exists(), f"the docs name {path}, which does not exist"
 

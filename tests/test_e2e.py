@@ -136,12 +136,18 @@ def test_embeddings_equal_a_direct_model_call(demo_run):
 def test_a_stage_reruns_alone(demo_run, capsys):
     out, data = demo_run
     before = (out / "metrics.csv").read_text()
-    job = ["--set", f"input.articles={data / 'articles'}", "--set", f"input.images={data / 'images'}",
+    job = [JOB, "--set", f"input.articles={data / 'articles'}", "--set", f"input.images={data / 'images'}",
            "--set", f"output_dir={out}"]
-    assert main(["knn", JOB, *job, "--set", "knn.shards=5"]) == 0
-    assert main(["evaluate", JOB, *job]) == 0
-    assert (out / "metrics.csv").read_text() == before  # 5 shards rank exactly like 2
+    for knn in (["knn.shards=5"], ["knn.shards=3", "knn.backend=ray", "knn.num_cpus_per_actor=0.25"]):
+        assert main(["knn", *job, *[a for k in knn for a in ("--set", k)]]) == 0
+        assert main(["evaluate", *job]) == 0
+        assert (out / "metrics.csv").read_text() == before, knn  # any shard layout, in-process or on actors
     assert "demo-tiny" in capsys.readouterr().out
+
+    assert main(["knn", *job, "--set", "knn.index=hnsw"]) == 0
+    assert main(["evaluate", *job]) == 0
+    knn = json.loads((out / "metrics.json").read_text())["knn"]
+    assert {k["index"] for k in knn} == {"hnsw"} and all(k["recall_at_k_vs_exact"] > 0.9 for k in knn)
 
 
 def test_cli_config_error(tmp_path, capsys):
