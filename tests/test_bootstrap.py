@@ -1,0 +1,146 @@
+"""Bootstrap intervals and the paired comparison, against the point estimates and synthetic ranks with known effects."""
+
+import numpy as np
+import polars as pl
+import pytest
+
+from newsclip.bootstrap import (
+    bootstrap_ci,
+    ci_columns,
+    ci_rows,
+    metric_names,
+    paired_bootstrap,
+    paired_rows,
+    per_query,
+    query_ranks,
+    resampled_means,
+)
+from newsclip.evaluate import score_rankings
+from newsclip.metrics import scores
+
+
+def synthetic_ranks(n: int, p_hit: float, seed: int) -> np.ndarray:
+    """Ranks 1..100 (geometric-ish, small ranks likelier) with a share of misses (0)."""
+    rng = np.random.default_rng(seed)
+    ranks = np.minimum(rng.geometric(0.15, n), 150)
+    ranks[ranks > 100] = 0
+    ranks[rng.random(n) > p_hit] = 0
+    return ranks
+
+
+def test_per_query_means_are_the_scores():
+    ranks = np.array([1, 2, 0, 7, 100, 101, 15, 3])
+    values = per_query(ranks, k=100).mean(axis=0)
+    expected = scores(ranks, 100)
+    assert values == pytest.approx([expected[m] for m in metric_names()])
+    # k below the recall cut-offs caps them as metrics.scores does
+    assert per_query(ranks, k=10).mean(axis=0) == pytest.approx([scores(ranks, 10)[m] for m in metric_names()])
+
+
+def test_resampled_means_match_an_explicit_index_draw():
+    values = np.arange(12, dtype=float).reshape(6, 2)
+    boot = resampled_means(values, b=5, seed=3)
+    idx = np.random.default_rng(3).integers(0, 6, size=(5, 6))  # the same draws, done the obvious way
+    assert boot == pytest.approx(values[idx].mean(axis=1))
+
+
+def test_intervals_contain_the_point_estimate_and_are_deterministic():
+    ranks = synthetic_ranks(500, 0.8, seed=1)
+    ci = bootstrap_ci(ranks, b=500, seed=7)
+    point = scores(ranks)
+    for name in metric_names():
+        assert ci[name] == point[name]
+        assert ci[f"{name}_lo"] <= point[name] <= ci[f"{name}_hi"]
+        assert ci[f"{name}_lo"] < ci[f"{name}_hi"]
+    assert bootstrap_ci(ranks, b=500, seed=7) == ci
+    assert bootstrap_ci(ranks, b=500, seed=8) != ci
+
+
+def test_intervals_shrink_with_n():
+    small = bootstrap_ci(synthetic_ranks(200, 0.8, seed=2), b=400, seed=0)
+    large = bootstrap_ci(synthetic_ranks(5000, 0.8, seed=2), b=400, seed=0)
+    for name in metric_names():
+        assert large[f"{name}_hi"] - large[f"{name}_lo"] < 0.6 * (small[f"{name}_hi"] - small[f"{name}_lo"])
+    # the standard error of a mean: ~1/sqrt(n), so 25x the queries gives ~1/5 the width
+    ratio = (large["mrr_hi"] - large["mrr_lo"]) / (small["mrr_hi"] - small["mrr_lo"])
+    assert 0.12 < ratio < 0.35
+
+
+def test_degenerate_ranks_give_a_zero_width_interval():
+    ci = bootstrap_ci(np.ones(50, dtype=int), b=100)
+    assert ci["mrr"] == ci["mrr_lo"] == ci["mrr_hi"] == 1.0
+
+
+def test_paired_detects_a_real_difference_and_not_identical_ranks():
+    n = 2000
+    b_ranks = synthetic_ranks(n, 0.8, seed=4)
+    a_ranks = b_ranks.copy()
+    rng = np.random.default_rng(5)
+    better = (rng.random(n) < 0.15) & (a_ranks > 1)  # A moves the truth to rank 1 on 15% of the articles
+    a_ranks[better] = 1
+    result = paired_bootstrap(a_ranks, b_ranks, b=1000, seed=0)
+    assert result["decision"] == "A beats B"
+    assert 0 < result["lo"] <= result["difference"] <= result["hi"]
+    assert result["share_a_better"] == 1.0
+    assert paired_bootstrap(b_ranks, a_ranks, b=1000, seed=0)["decision"] == "B beats A"
+
+    same = paired_bootstrap(b_ranks, b_ranks.copy(), b=1000, seed=0)
+    assert same["decision"] == "no significant difference"
+    assert same["difference"] == same["lo"] == same["hi"] == 0 and same["share_a_better"] == 0
+
+    # independent draws of the same quality: no decision (at the 5% level this seed is not a false positive)
+    noise = paired_bootstrap(synthetic_ranks(n, 0.8, seed=6), synthetic_ranks(n, 0.8, seed=7), b=1000, seed=0)
+    assert noise["decision"] == "no significant difference"
+    assert noise["lo"] < 0 < noise["hi"]
+
+
+def test_paired_needs_aligned_ranks():
+    with pytest.raises(ValueError, match="aligned"):
+        paired_bootstrap(np.ones(3), np.ones(4))
+
+
+def test_ci_rows_long_format_per_backbone_and_source():
+    n = 300
+    ranks = {"A": synthetic_ranks(n, 0.8, seed=1), "B": synthetic_ranks(n, 0.6, seed=2)}
+    sources = np.array(["TW", "RSS", "RT"] * 100, dtype=object)
+    rows = ci_rows(ranks, sources, k=100, b=200, seed=0)
+    assert [(r["backbone"], r["source"]) for r in rows] == [(b, s) for b in "AB" for s in ("all", "RSS", "RT", "TW")]
+    assert all(list(r) == ci_columns() for r in rows)
+    for row in rows:
+        mask = np.ones(n, bool) if row["source"] == "all" else sources == row["source"]
+        point = scores(ranks[row["backbone"]][mask])
+        assert row["n"] == mask.sum() and row["mrr"] == point["mrr"]
+        assert row["mrr_lo"] <= row["mrr"] <= row["mrr_hi"]
+    # a backbone's interval does not depend on which other backbones were scored with it
+    alone = ci_rows({"B": ranks["B"]}, sources, k=100, b=200, seed=0)
+    assert alone == [r for r in rows if r["backbone"] == "B"]
+    assert pl.DataFrame(rows).select(ci_columns()).write_csv().startswith("backbone,source,n,mrr,mrr_lo,mrr_hi,")
+
+
+def test_paired_rows_equal_single_comparisons():
+    ranks = {name: synthetic_ranks(400, p, seed=i) for i, (name, p) in enumerate([("A", 0.9), ("B", 0.7), ("C", 0.5)])}
+    rows = paired_rows(ranks, b=300, seed=1)
+    assert [(r["a"], r["b"]) for r in rows] == [("A", "B"), ("A", "C"), ("B", "C")]
+    for row in rows:
+        single = paired_bootstrap(ranks[row["a"]], ranks[row["b"]], b=300, seed=1)
+        assert row["difference"] == pytest.approx(single["difference"])
+        assert (row["lo"], row["hi"]) == pytest.approx((single["lo"], single["hi"]))
+        assert row["decision"] == single["decision"]
+
+
+def test_query_ranks_match_score_rankings():
+    queries = pl.DataFrame({"article_id": ["a1", "a2", "a3", "a4"], "image_id": ["i1", "i2", "i3", "i1"],
+                            "source": ["TW", "RT", "TW", "RT"]})
+    rankings = pl.DataFrame({"article_id": ["a3", "a1", "a2"],
+                             "image_ids": [["i1", "i3"], ["i1", "i2"], ["i3", "i1"]],
+                             "scores": [[0.9, 0.8], [0.7, 0.6], [0.5, 0.4]]})
+    ranks, sources = query_ranks(queries, rankings, k=2)
+    assert ranks.tolist() == [1, 0, 2, 0] and sources.tolist() == ["TW", "RT", "TW", "RT"]
+    expected = score_rankings(queries, rankings, 2)[0]
+    assert scores(ranks, 2)["mrr"] == pytest.approx(expected["mrr"])
+
+    reverse = pl.DataFrame({"image_id": ["i1", "i2", "i3"], "article_ids": [["a4", "a2"], ["a1", "a2"], ["a3", "a1"]],
+                            "scores": [[0.9, 0.8], [0.7, 0.6], [0.5, 0.4]]})
+    ranks, _ = query_ranks(queries, reverse, k=2, direction="image_to_text")
+    assert ranks.tolist() == [1, 2, 1]  # i1: a4 is published with i1 too, so rank 1
+    assert scores(ranks, 2)["mrr"] == pytest.approx(score_rankings(queries, reverse, 2, "image_to_text")[0]["mrr"])
