@@ -11,10 +11,11 @@ z-mean: every member scores every union candidate, z-normalised per (query, memb
 population std), and the fused score is the mean of the members' z-scores. A candidate missing from one member's
 top-k needs that member's score: by default it is re-scored exactly from the stored embeddings
 (`embeddings/<slug>/{texts,images}`: one float32 matrix product per block of queries against their union candidates,
-the whole z-mean fusion of 2,000 queries x 2 backbones (768/1024-d) x k=100 took ~2 s on 2 busy CPU cores), and all union pairs are re-scored the same way so
-every score comes from one computation. Without embeddings (`embeddings=None`, or an id the member did
-not encode) the member's k-th (lowest top-k) score for that query is imputed: an upper bound on the true score,
-so it slightly favours candidates the member did not rank. The output `scores` are the fused scores, not cosines.
+the whole z-mean fusion of 2,000 queries x 2 backbones (768/1024-d) x k=100 took ~2 s on 2 busy CPU cores), and
+all union pairs are re-scored the same way so every score comes from one computation. Without embeddings
+(`embeddings=None`, or an id the member did not encode) the member's k-th (lowest top-k) score for that query is
+imputed: an upper bound on the true score, so it slightly favours candidates the member did not rank.
+The output `scores` are the fused scores, not cosines.
 
 RRF: score = sum over members of 1 / (rrf_k + rank), a member that did not rank the candidate adding 0; rrf_k = 60
 as in Cormack, Clarke & Buettcher (SIGIR 2009). Ties in either method break by candidate id, ascending.
