@@ -105,7 +105,8 @@ def metrics_table_html(rows: list[dict], k: int, with_paper: bool = True, label:
 
 def paired_table_html(paired: list[dict]) -> str:
     lines = ["<table>", ('<tr><th class="name">A</th><th class="name">B</th><th>metric</th><th>A − B</th>'
-                         '<th>95% interval</th><th>share of resamples A &gt; B</th><th class="name">decision</th></tr>')]
+                         "<th>95% interval</th><th>share of resamples A &gt; B</th>"
+                         '<th class="name">decision</th></tr>')]
     for p in paired:
         decided = p["decision"] != "no significant difference"
         lines.append(f'<tr><td class="name">{esc(p["a"])}</td><td class="name">{esc(p["b"])}</td>'
