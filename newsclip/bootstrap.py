@@ -141,9 +141,10 @@ def ci_rows(ranks_by_backbone: Mapping[str, np.ndarray], sources: np.ndarray | N
 
 
 def ci_columns(recall_ks: tuple[int, ...] = RECALL_KS) -> list[str]:
-    """The metrics.csv column order with intervals: each metric followed by its `_lo` and `_hi`."""
-    return ["backbone", "source", "n", *[f"{m}{s}" for m in metric_names(recall_ks) for s in ("", "_lo", "_hi")],
-            "direction"]
+    """metrics.csv columns: the first issue's long format unchanged (backbone, source, n, metrics, direction), then
+    the intervals as extra columns (`mrr_lo, mrr_hi, recall@5_lo, ...`), so readers of the old columns still work."""
+    return ["backbone", "source", "n", *metric_names(recall_ks), "direction",
+            *[f"{m}{s}" for m in metric_names(recall_ks) for s in ("_lo", "_hi")]]
 
 
 def paired_rows(ranks_by_backbone: Mapping[str, np.ndarray], k: int = 100, b: int = B_DEFAULT, seed: int = 0,
