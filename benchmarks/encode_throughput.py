@@ -53,6 +53,7 @@ def main() -> None:
     parser.add_argument("--backbone", default="demo-tiny", help="a registry name or checkpoint path")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--actors", type=int, default=1)
+    parser.add_argument("--cpus-per-actor", type=float, default=1.0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads, per actor and in the baseline")
     args = parser.parse_args()
 
@@ -75,7 +76,8 @@ def main() -> None:
                                  f"input.images={tmp / 'data' / 'images'}", f"output_dir={tmp / 'out'}",
                                  "eval.sample_size=null", "eval.candidates=all", f"backbones=[{args.backbone}]",
                                  f"encode.batch_size={args.batch_size}", f"encode.actors={args.actors}",
-                                 f"encode.torch_threads={args.threads}"])
+                                 f"encode.torch_threads={args.threads}",
+                                 f"encode.num_cpus_per_actor={args.cpus_per_actor}"])
         prepare(cfg)
         ensure_ray(cfg.ray)
         started = time.perf_counter()
@@ -89,7 +91,7 @@ def main() -> None:
         plain_seconds = time.perf_counter() - started
     ray.shutdown()
     result = {
-        "backbone": args.backbone, "images": entry["rows"], "batch_size": args.batch_size, "actors": args.actors,
+        "backbone": args.backbone, "images": entry["rows"], "batch_size": args.batch_size, "actors": args.actors, "cpus_per_actor": args.cpus_per_actor,
         "torch_threads": args.threads, "cpus": os.cpu_count(),
         "ray_pipeline": {"seconds": round(ray_seconds, 2), "images_per_s": round(entry["rows"] / ray_seconds, 1)},
         "plain_loop": {"seconds": round(plain_seconds, 2), "images_per_s": round(plain_rows / plain_seconds, 1)},

@@ -6,7 +6,6 @@ import zlib
 from collections.abc import Iterator, Mapping
 
 import numpy as np
-import polars as pl
 
 from newsclip.metrics import RECALL_KS, scores
 
@@ -161,24 +160,3 @@ def paired_rows(ranks_by_backbone: Mapping[str, np.ndarray], k: int = 100, b: in
     boot = resampled_means(diffs, b, seed)
     return [{"a": names[i], "b": names[j], "direction": direction,
              **_paired_summary(diffs[:, p], boot[:, p], metric, b, seed, alpha)} for p, (i, j) in enumerate(pairs)]
-
-
-def query_ranks(queries: pl.DataFrame, rankings: pl.DataFrame, k: int,
-                direction: str = "text_to_image") -> tuple[np.ndarray, np.ndarray]:
-    """Per-query 1-based ranks of the truth (0 = absent) and each query's source, in query order.
-
-    The same joins as `evaluate.score_rankings`, so `metrics.scores(ranks)` equals its `all` row; the order depends
-    only on `queries`, so the arrays of two backbones are aligned by query."""
-    from newsclip.evaluate import _padded
-    from newsclip.metrics import ranks_of_truth
-
-    image_of = dict(zip(queries["article_id"], queries["image_id"]))
-    if direction == "text_to_image":
-        joined = queries.join(rankings, on="article_id", how="left", maintain_order="left")
-        ranked = _padded(joined["image_ids"].to_list(), k)
-    else:
-        joined = (queries.group_by("image_id", maintain_order=True).agg(pl.col("source").first())
-                  .join(rankings, on="image_id", how="left", maintain_order="left"))
-        ranked = _padded([[image_of.get(a) for a in row] if row else None for row in joined["article_ids"].to_list()],
-                         k)
-    return ranks_of_truth(ranked, joined["image_id"].to_numpy()), joined["source"].to_numpy()

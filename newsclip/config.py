@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 import yaml
 
+from newsclip.fusion import parse_fusion_name
 from newsclip.knn import KnnConfig
 from newsclip.translate.stage import TranslateConfig
 
@@ -38,6 +39,7 @@ class EvalConfig:
     k: int = 100
     # text_to_image is the task (which image belongs to this article); image_to_text asks which article an image is for
     directions: tuple[Literal["text_to_image", "image_to_text"], ...] = ("text_to_image", "image_to_text")
+    bootstrap: int = 1000  # resamples (seeded by eval.seed) for the 95% intervals and paired comparisons
 
     def __post_init__(self) -> None:
         if self.k < 1:
@@ -76,6 +78,8 @@ class JobConfig:
     input: InputConfig = field(default_factory=InputConfig)
     output_dir: str = "newsclip-demo/output"
     backbones: tuple[str, ...] = ("demo-tiny",)
+    # fused rankings scored like a backbone: "fusion:A+B" (mean of z-normalised cosines), "fusion-rrf:A+B" (RRF)
+    fusion: tuple[str, ...] = ()
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     translate: TranslateConfig = field(default_factory=TranslateConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -112,8 +116,8 @@ def _check_value(key: str, tp: Any, value: Any) -> Any:
     if origin is tuple:
         if isinstance(value, str):
             value = [value]
-        if not isinstance(value, list | tuple) or not value:
-            raise ConfigError(f"{key}: expected a non-empty list, got {value!r}")
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
         return tuple(_check_value(f"{key}[{i}]", typing.get_args(tp)[0], v) for i, v in enumerate(value))
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -148,9 +152,18 @@ def _build(cls: type, raw: Any, prefix: str = "") -> Any:
 
 def _validate(cfg: JobConfig) -> None:
     checks = [
+        (len(cfg.backbones) > 0, "backbones", "expected a non-empty list of backbone names"),
+        (len(cfg.eval.directions) > 0, "eval.directions", "expected text_to_image, image_to_text or both"),
         (cfg.knn.k == cfg.eval.k, "knn.k", f"must equal eval.k ({cfg.eval.k}); set eval.k only"),
         (len(set(cfg.backbones)) == len(cfg.backbones), "backbones", "lists a backbone twice"),
     ]
+    for name in cfg.fusion:
+        try:
+            _, members = parse_fusion_name(name)
+        except ValueError as e:
+            raise ConfigError(f"fusion: {e}") from None
+        missing = [m for m in members if m not in cfg.backbones]
+        checks.append((not missing, "fusion", f"{name!r} fuses {missing} which are not in backbones"))
     for ok, key, message in checks:
         if not ok:
             raise ConfigError(f"{key}: {message}")

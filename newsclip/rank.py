@@ -67,4 +67,7 @@ def rank(cfg: JobConfig, backbone: str, direction: str) -> dict:
 
 
 def run(cfg: JobConfig) -> list[dict]:
-    return [rank(cfg, backbone, direction) for backbone in cfg.backbones for direction in cfg.eval.directions]
+    from newsclip.fusion import fuse_stage
+
+    entries = [rank(cfg, backbone, direction) for backbone in cfg.backbones for direction in cfg.eval.directions]
+    return entries + [fuse_stage(cfg, name, direction) for name in cfg.fusion for direction in cfg.eval.directions]

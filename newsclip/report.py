@@ -65,7 +65,7 @@ def render(cfg: JobConfig) -> str:
         lines.append(f"- `{k['index']}` index for {k['backbone']} {k['direction']}: recall@{metrics['k']} "
                      f"{k['recall_at_k_vs_exact']:.4f} against exact search on a sample of queries")
     lines += ["", "## Per source (text to image)", ""] if approximate else ["## Per source (text to image)", ""]
-    for backbone in cfg.backbones:
+    for backbone in [*cfg.backbones, *cfg.fusion]:
         per_source = [{**r, "backbone": r["source"]} for r in rows if r["backbone"] == backbone and r["source"] != "all"]
         lines += [f"### {backbone}", "", metrics_table(per_source, metrics["k"], with_paper=False), ""]
     rejects = rejects_summary(out)
@@ -80,5 +80,7 @@ def render(cfg: JobConfig) -> str:
 
 
 def run(cfg: JobConfig) -> dict:
+    from newsclip.report_html import write_html
+
     path = write_text(cfg.output / "report.md", render(cfg))
-    return record_stage(cfg.output, "report", [path])
+    return record_stage(cfg.output, "report", [path, write_html(cfg.output, cfg)])

@@ -12,10 +12,9 @@ from newsclip.bootstrap import (
     paired_bootstrap,
     paired_rows,
     per_query,
-    query_ranks,
     resampled_means,
 )
-from newsclip.evaluate import score_rankings
+from newsclip.evaluate import query_ranks, score_rankings
 from newsclip.metrics import scores
 
 

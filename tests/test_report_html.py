@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 from newsclip.backbones import slug
-from newsclip.bootstrap import ci_rows, paired_rows, query_ranks
+from newsclip.bootstrap import ci_rows, paired_rows
+from newsclip.evaluate import query_ranks
 from newsclip.fusion import fuse_stage, fusion_name
 from newsclip.metrics import scores
 from newsclip.report_html import render_html, write_html
