@@ -41,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
                         ("report", "write report.md from the metrics")]:
         _job_args(sub.add_parser(stage, help=f"{what} (one stage of `run`)"))
 
+    p = sub.add_parser("backbones", help="list the backbones newsclip knows and whether their weights are on disk")
+    p.add_argument("--download-root", type=Path, default=None,
+                   help="where OpenAI weights are cached (default: clip's ~/.cache/clip)")
+
     p = sub.add_parser("demo-data", help="write synthetic news articles and images as Parquet shards")
     p.add_argument("dir", type=Path, help="output folder: DIR/articles/ and DIR/images/")
     p.add_argument("--articles", type=int, default=2000)
@@ -102,6 +106,18 @@ def _demo(args: argparse.Namespace) -> None:
     print(f"report: {cfg.output / 'report.md'}")
 
 
+def _backbones(args: argparse.Namespace) -> None:
+    from newsclip.backbones import BACKBONES, resolve_weights
+
+    print(f"{'backbone':16} {'family':7} {'input':>5} {'embed':>5}  weights")
+    for name, spec in BACKBONES.items():
+        try:
+            weights = str(resolve_weights(name, args.download_root))
+        except FileNotFoundError:
+            weights = "missing (`newsclip demo-model`)" if name == "demo-tiny" else "missing"
+        print(f"{name:16} {spec.family:7} {spec.input_resolution:5} {spec.embed_dim:5}  {weights}")
+
+
 def _run_job(args: argparse.Namespace, stages: tuple[str, ...]) -> None:
     from newsclip import config
     from newsclip.pipeline import run_stages
@@ -154,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
             counts = write_demo_data(args.dir, args.articles, args.seed)
             print(f"wrote {counts['articles']} articles to {args.dir / 'articles'} and {counts['images']} images "
                   f"to {args.dir / 'images'}")
+        elif args.command == "backbones":
+            _backbones(args)
         elif args.command == "ingest":
             from newsclip.ingest import main as ingest_main
 

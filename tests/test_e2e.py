@@ -155,3 +155,13 @@ def test_cli_config_error(tmp_path, capsys):
     job.write_text("encode:\n  batch_size: lots\n")
     assert main(["run", str(job)]) == 2
     assert "encode.batch_size: expected int" in capsys.readouterr().err
+
+
+def test_backbones_lists_registry_and_missing_weights(tmp_path, capsys):
+    assert main(["backbones", "--download-root", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 + 10
+    assert lines[1].split()[:5] == ["RN50", "resnet", "224", "1024", "missing"]
+    (tmp_path / "ViT-B-32.pt").write_bytes(b"x")  # present (content is checked only when loaded)
+    assert main(["backbones", "--download-root", str(tmp_path)]) == 0
+    assert str(tmp_path / "ViT-B-32.pt") in capsys.readouterr().out
