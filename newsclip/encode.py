@@ -131,7 +131,10 @@ def encode_side(cfg: JobConfig, backbone: str, side: Side) -> dict:
         keep = None
     else:
         files, keep = _candidate_images(cfg)
-    ds = ray.data.read_parquet(files).select_columns(list(side.columns))
+    # enough blocks that reading, decoding and encoding overlap and every actor gets work (small shards would
+    # otherwise be merged into one block and run strictly one after another)
+    blocks = max(len(files), 4 * cfg.encode.actors, 8)
+    ds = ray.data.read_parquet(files, override_num_blocks=blocks).select_columns(list(side.columns))
     if keep is not None:
         # only candidate images: a shard can also hold images that are not ranked (prepare decided which)
         ds = ds.map_batches(_keep_rows, fn_kwargs={"keep": keep}, batch_format="pyarrow")
