@@ -70,6 +70,11 @@ class EncodeConfig:
 class RayConfig:
     address: str | None = None  # None: RAY_ADDRESS if set, else a local Ray started on demand
     num_cpus: int | None = None  # local Ray only
+    # An encoder or translator actor that dies (node lost, OOM kill) is restarted and its in-flight batches are
+    # retried, a bounded number of times: Ray Data's default is forever, which loops on a batch that always kills
+    # its worker. Bad rows never crash a batch (they go to rejects/), so a retry means the machine failed.
+    max_actor_restarts: int = 3
+    max_task_retries: int = 3
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,9 @@ import pyarrow.parquet as pq
 from newsclip.backbones import load_backbone, slug
 from newsclip.config import EncodeConfig, JobConfig
 from newsclip.images import ImageDecodeError, decode_image
-from newsclip.translate.job import texts_source
+from newsclip.pipeline import actor_retries
 from newsclip.store import embedding_table, parquet_files, record_stage, staged_dir, write_table
+from newsclip.translate.job import texts_source
 
 
 def resolve_device(setting: str) -> str:
@@ -147,6 +148,7 @@ def encode_side(cfg: JobConfig, backbone: str, side: Side) -> dict:
         compute=ray.data.ActorPoolStrategy(size=enc.actors),
         num_cpus=enc.num_cpus_per_actor,
         num_gpus=enc.num_gpus_per_actor,
+        **actor_retries(cfg.ray),
     )
     relative = f"embeddings/{slug(backbone)}/{side.name}"
     with staged_dir(out, relative) as stage:

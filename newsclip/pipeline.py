@@ -34,6 +34,11 @@ def ensure_ray(cfg: RayConfig) -> None:
         ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, runtime_env={"env_vars": WORKER_ENV})
 
 
+def actor_retries(cfg: RayConfig) -> dict:
+    """Ray remote args for the stages' actor pools: bounded restarts and task retries (see RayConfig)."""
+    return {"max_restarts": cfg.max_actor_restarts, "max_task_retries": cfg.max_task_retries}
+
+
 def _stage(name: str) -> Callable[[JobConfig], object]:
     # imported per stage: the prepare stage needs no torch, the report stage no Ray
     if name == "prepare":
