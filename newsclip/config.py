@@ -101,7 +101,7 @@ def _check_value(key: str, tp: Any, value: Any) -> Any:
     """Convert/validate one value against its annotated type, or raise ConfigError naming `key`."""
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key)
+        return build(tp, value, key)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -133,7 +133,7 @@ def _check_value(key: str, tp: Any, value: Any) -> Any:
     return value
 
 
-def _build(cls: type, raw: Any, prefix: str = "") -> Any:
+def build(cls: type, raw: Any, prefix: str = "") -> Any:
     if raw is None:
         raw = {}
     where = prefix or "the job file"
@@ -195,26 +195,32 @@ def from_dict(raw: dict) -> JobConfig:
     knn = dict(raw.get("knn") or {})
     knn.setdefault("k", (raw.get("eval") or {}).get("k", EvalConfig.k))
     raw["knn"] = knn
-    cfg = _build(JobConfig, raw)
+    cfg = build(JobConfig, raw)
     _validate(cfg)
     return cfg
 
 
-def load(path: str | Path | None, overrides: list[str] = ()) -> JobConfig:
-    """Load a job file (or the embedded demo defaults when `path` is None) and apply `key=value` overrides."""
+def read_yaml(path: str | Path | None, overrides: list[str] = (), what: str = "job file") -> dict:
+    """A YAML mapping (safe_load; empty when `path` is None) with `key=value` overrides applied."""
     raw: dict = {}
     if path is not None:
         path = Path(path)
         try:
             raw = yaml.safe_load(path.read_text()) or {}
         except FileNotFoundError:
-            raise ConfigError(f"{path}: job file not found") from None
+            raise ConfigError(f"{path}: {what} not found") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of keys at the top level")
     for assignment in overrides:
         apply_override(raw, assignment)
+    return raw
+
+
+def load(path: str | Path | None, overrides: list[str] = ()) -> JobConfig:
+    """Load a job file (or the embedded demo defaults when `path` is None) and apply `key=value` overrides."""
+    raw = read_yaml(path, overrides)
     try:
         return from_dict(raw)
     except ConfigError as e:

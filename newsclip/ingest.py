@@ -23,9 +23,8 @@ from typing import Literal
 
 import polars as pl
 import pyarrow as pa
-import yaml
 
-from newsclip.config import ConfigError, _build, apply_override
+from newsclip.config import ConfigError, build, read_yaml
 from newsclip.store import staged_dir, write_table, write_text
 
 # The input contract (DESIGN.md); tests keep these equal to the demo data's schemas.
@@ -160,24 +159,14 @@ class IngestConfig:
 def from_dict(raw: dict) -> IngestConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"expected a mapping of keys at the top level, got {raw!r}")
-    if "parts" not in raw:
-        raise ConfigError("parts: required: a list of {name, file, images} entries, one per CSV/TSV file")
-    return _build(IngestConfig, raw)
+    if not raw.get("parts"):
+        raise ConfigError("parts: expected a non-empty list of {name, file, images} entries, one per CSV/TSV file")
+    return build(IngestConfig, raw)
 
 
 def load(path: str | Path, overrides: list[str] = ()) -> IngestConfig:
     """Load an ingest config (YAML, safe_load) and apply `key=value` overrides; errors name the key."""
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: ingest config not found") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of keys at the top level")
-    for assignment in overrides:
-        apply_override(raw, assignment)
+    raw = read_yaml(path, overrides, "ingest config")
     try:
         return from_dict(raw)
     except ConfigError as e:
