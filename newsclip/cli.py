@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from newsclip.pipeline import STAGE_NAMES, WORKER_ENV, log
 
-for _key, _value in WORKER_ENV.items():  # before torch is imported anywhere in this process
+for _key, _value in WORKER_ENV.items():  # before torch is imported anywhere in this process (and its workers)
     os.environ.setdefault(_key, _value)
+warnings.filterwarnings("ignore", "pkg_resources is deprecated", UserWarning)
 
 DEMO_ARTICLES = 2200  # a little over the 2,000 sampled pairs, after ~3% of articles are unusable
 

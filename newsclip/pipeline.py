@@ -13,8 +13,9 @@ from newsclip.store import write_text
 
 STAGE_NAMES = ("prepare", "translate", "encode", "knn", "evaluate", "report")
 
-# OpenMP's default spin-wait made 2-thread torch erratic on small machines (0.2 s to 5 s a step): see MEASURED
-WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+# OpenMP's default spin-wait made 2-thread torch erratic on small machines (0.2 s to 5 s a step): see MEASURED.
+# openai-clip 1.0.1 imports pkg_resources, which warns on every import in every worker: noise, not news.
+WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "PYTHONWARNINGS": "ignore:pkg_resources is deprecated:UserWarning"}
 
 
 def log(message: str) -> None:
