@@ -83,9 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _print_metrics(output: Path) -> None:
     import polars as pl
 
-    frame = pl.read_csv(output / "metrics.csv")
-    with pl.Config(tbl_rows=100, tbl_cols=20, tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True,
-                   float_precision=3):
+    from newsclip.metrics import RECALL_KS
+
+    columns = ["backbone", "direction", "source", "n", "mrr", *[f"recall@{k}" for k in RECALL_KS]]
+    frame = pl.read_csv(output / "metrics.csv").select(columns)
+    with pl.Config(tbl_rows=1000, tbl_cols=len(columns), tbl_width_chars=200, tbl_hide_dataframe_shape=True,
+                   tbl_hide_column_data_types=True, float_precision=3):
         print(frame)
 
 
