@@ -109,9 +109,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--baseline-threads", type=int, default=0, help="faiss threads for the baseline (0: faiss default)")
     args = p.parse_args(argv)
 
-    import ray  # also puts ray's vendored psutil on sys.path (psutil is not installed on its own)
-
     import psutil
+    import ray  # also puts ray's vendored psutil on sys.path (psutil is not installed on its own)
 
     from newsclip.knn import KnnConfig, search
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -148,7 +149,7 @@ def encode_side(cfg: JobConfig, backbone: str, side: Side) -> dict:
         compute=ray.data.ActorPoolStrategy(size=enc.actors),
         num_cpus=enc.num_cpus_per_actor,
         num_gpus=enc.num_gpus_per_actor,
-        **actor_retries(cfg.ray),
+        ray_remote_args_fn=partial(actor_retries, cfg.ray),
     )
     relative = f"embeddings/{slug(backbone)}/{side.name}"
     with staged_dir(out, relative) as stage:

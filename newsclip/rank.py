@@ -14,7 +14,6 @@ from newsclip.backbones import slug
 from newsclip.config import JobConfig
 from newsclip.store import parquet_files, read_embeddings, record_stage, write_table, write_text
 
-
 # direction -> (query side, query id, database side, database id); text_to_image is the NewsImages task
 DIRECTIONS = {
     "text_to_image": ("texts", "article_id", "images", "image_id"),

@@ -12,11 +12,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from newsclip.translate.demo_translator import (PACKAGE_DIRNAME, PACKAGE_FILENAME, build_demo_translator,
-                                                eval_paragraphs, eval_sentences, sample_pairs,
-                                                split_of)
-from newsclip.translate.packages import (MissingLanguagePackageError, argos_env, import_argos, install_packages,
-                                         installed_pairs)
+from newsclip.translate.demo_translator import (
+    PACKAGE_DIRNAME,
+    PACKAGE_FILENAME,
+    build_demo_translator,
+    eval_paragraphs,
+    eval_sentences,
+    sample_pairs,
+    split_of,
+)
+from newsclip.translate.packages import (
+    MissingLanguagePackageError,
+    argos_env,
+    import_argos,
+    install_packages,
+    installed_pairs,
+)
 from newsclip.translate.stage import TranslateConfig, Translator
 
 TEST_BAR = 0.9  # exact matches on held-out sentences (the real build's bar too); bodies: TEST_BAR ** 4 - 0.05

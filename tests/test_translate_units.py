@@ -8,8 +8,13 @@ import numpy as np
 import pytest
 
 from newsclip.translate.detect import detect, normalize_lang, resolve_lang
-from newsclip.translate.packages import (MissingLanguagePackageError, argos_env, installed_pairs,
-                                         read_package_metadata, require_packages)
+from newsclip.translate.packages import (
+    MissingLanguagePackageError,
+    argos_env,
+    installed_pairs,
+    read_package_metadata,
+    require_packages,
+)
 from newsclip.translate.splitter import build_sbd_onnx, split_sentences
 from newsclip.translate.stage import TranslateConfig, TranslationCache, truncate
 

@@ -1,8 +1,13 @@
 """Offline translation to English with Argos Translate: packages, language detection, the stage, the demo model."""
 
 from newsclip.translate.detect import detect, resolve_lang
-from newsclip.translate.packages import (MissingLanguagePackageError, argos_env, install_packages,
-                                         installed_pairs, require_packages)
+from newsclip.translate.packages import (
+    MissingLanguagePackageError,
+    argos_env,
+    install_packages,
+    installed_pairs,
+    require_packages,
+)
 from newsclip.translate.stage import TranslateConfig, TranslationCache, Translator
 
 __all__ = [

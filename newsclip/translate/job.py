@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from functools import partial
 from pathlib import Path
 
 import polars as pl
@@ -36,7 +37,7 @@ def run(cfg) -> dict | None:
           .rename_columns({"body": "text"}))
     ds = ds.map_batches(Translator, fn_constructor_kwargs={"cfg": t, "device": "cuda" if t.num_gpus_per_actor else "cpu"},
                         batch_size=256, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=t.actors),
-                        num_cpus=t.num_cpus_per_actor, num_gpus=t.num_gpus_per_actor, **actor_retries(cfg.ray))
+                        num_cpus=t.num_cpus_per_actor, num_gpus=t.num_gpus_per_actor, ray_remote_args_fn=partial(actor_retries, cfg.ray))
     with staged_dir(out, "translated") as stage:
         ds.write_parquet(str(stage / "_raw"))
         raw = sorted((stage / "_raw").glob("*.parquet"))
