@@ -171,3 +171,14 @@ def test_backbones_lists_registry_and_missing_weights(tmp_path, capsys):
     (tmp_path / "ViT-B-32.pt").write_bytes(b"x")  # present (content is checked only when loaded)
     assert main(["backbones", "--download-root", str(tmp_path)]) == 0
     assert str(tmp_path / "ViT-B-32.pt") in capsys.readouterr().out
+
+
+def test_missing_language_package_stops_at_job_start(demo_run, tmp_path, capsys):
+    out, data = demo_run
+    job = [JOB, "--set", f"input.articles={data / 'articles'}", "--set", f"input.images={data / 'images'}",
+           "--set", f"output_dir={out}", "--set", f"translate.packages_dir={tmp_path / 'none'}"]
+    before = (out / "translated" / "part-00000.parquet").read_bytes()
+    assert main(["translate", "run", *job]) == 2
+    err = capsys.readouterr().err
+    assert "'de'" in err and "articles" in err and "newsclip translate install" in err
+    assert (out / "translated" / "part-00000.parquet").read_bytes() == before  # the committed output is untouched

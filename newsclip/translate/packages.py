@@ -23,7 +23,7 @@ class MissingLanguagePackageError(RuntimeError):
             f"no Argos Translate package for {lang!r} -> {target!r} in {self.packages_dir}: {n_articles} "
             f"article(s) in language {lang!r}{' ' + where if where else ''} need it. Install one (a .argosmodel file or a folder of them) with "
             f"`{INSTALL_COMMAND}` (e.g. `newsclip translate install translate-{lang}_{target}.argosmodel`), or set "
-            f"translate.on_missing_package: skip to pass these articles through untranslated.")
+            f"translate.on_missing_package: skip to leave these articles out (they go to rejects/ with this reason).")
 
 
 def argos_env(packages_dir: str | Path, device: str = "cpu", threads: int = 1) -> dict[str, str]:
