@@ -4,11 +4,12 @@ with seeded bootstrap 95% intervals and paired comparisons between backbones."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import polars as pl
 
-from newsclip.backbones import slug
+from newsclip.backbones import OPENAI_NAMES, slug
 from newsclip.bootstrap import ci_columns, ci_rows, paired_rows
 from newsclip.config import JobConfig
 from newsclip.metrics import ranks_of_truth, scores
@@ -45,7 +46,8 @@ def query_ranks(queries: pl.DataFrame, rankings: pl.DataFrame, k: int,
     return ranks_of_truth(ranked, joined["image_id"].to_numpy()), joined["source"].to_numpy()
 
 
-def score_rankings(queries: pl.DataFrame, rankings: pl.DataFrame, k: int, direction: str = "text_to_image") -> list[dict]:
+def score_rankings(queries: pl.DataFrame, rankings: pl.DataFrame, k: int,
+                   direction: str = "text_to_image") -> list[dict]:
     """Rows of metrics for one direction: source `all`, then one per source."""
     ranks, sources = query_ranks(queries, rankings, k, direction)
     rows = [{"source": "all", **scores(ranks, k)}]
@@ -71,7 +73,22 @@ def run(cfg: JobConfig) -> dict:
         rows += ci_rows(ranks, sources, cfg.eval.k, direction, b=cfg.eval.bootstrap, seed=cfg.eval.seed)
         paired += paired_rows(ranks, cfg.eval.k, b=cfg.eval.bootstrap, seed=cfg.eval.seed, direction=direction)
     frame = pl.DataFrame(rows).select(ci_columns())
+    results = [_clip_benchmark_result(cfg, backbone, rows) for backbone in [*cfg.backbones, *cfg.fusion]]
     csv_path = write_text(out / "metrics.csv", frame.write_csv())
     json_path = write_text(out / "metrics.json", json.dumps(
         {"k": cfg.eval.k, "bootstrap": cfg.eval.bootstrap, "rows": rows, "paired": paired, "knn": knn}, indent=2))
-    return record_stage(out, "evaluate", [csv_path, json_path], rows=len(rows))
+    return record_stage(out, "evaluate", [csv_path, json_path, *results], rows=len(rows))
+
+
+def _clip_benchmark_result(cfg: JobConfig, backbone: str, rows: list[dict]) -> Path:
+    """`results/<slug>.json` in the style of CLIP_benchmark: one file per backbone run, the overall metrics."""
+    metrics = {}
+    for row in rows:
+        if row["backbone"] == backbone and row["source"] == "all":
+            prefix = "text_retrieval" if row["direction"] == "image_to_text" else "image_retrieval"
+            metrics.update({f"{prefix}_{key.replace('@', '_at_')}": value for key, value in row.items()
+                            if key not in ("backbone", "source", "direction", "n")})
+    pretrained = "openai" if backbone in OPENAI_NAMES else "newsclip"
+    result = {"dataset": cfg.name, "model": backbone, "pretrained": pretrained, "task": "zeroshot_retrieval",
+              "language": "en", "k": cfg.eval.k, "metrics": metrics}
+    return write_text(cfg.output / "results" / f"{slug(backbone)}.json", json.dumps(result, indent=2))

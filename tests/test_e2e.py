@@ -63,6 +63,10 @@ def test_outputs_exist_in_the_contract(demo_run):
     assert (metrics["mrr_lo"] <= metrics["mrr"]).all() and (metrics["mrr"] <= metrics["mrr_hi"]).all()
     assert metrics["source"].to_list() == ["all", "RSS", "RT", "TW"] * 2
     assert metrics["direction"].to_list() == ["text_to_image"] * 4 + ["image_to_text"] * 4
+    result = json.loads((out / "results" / "demo-tiny.json").read_text())  # CLIP_benchmark style, per backbone
+    overall = metrics.filter((pl.col("source") == "all") & (pl.col("direction") == "text_to_image"))
+    assert result["model"] == "demo-tiny" and result["metrics"]["image_retrieval_mrr"] == overall["mrr"][0]
+    assert "text_retrieval_recall_at_5" in result["metrics"]
     report = (out / "report.md").read_text()
     assert "| demo-tiny |" in report and "fewer than eval.sample_size=2000" in report
 
