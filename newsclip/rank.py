@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 from newsclip import knn
 from newsclip.backbones import slug
 from newsclip.config import JobConfig
-from newsclip.store import parquet_files, read_embeddings, record_stage, write_table, write_text
+from newsclip.store import parquet_files, read_embeddings, record_stage, vectors_of, write_table, write_text
 
 # direction -> (query side, query id, database side, database id); text_to_image is the NewsImages task
 DIRECTIONS = {
@@ -30,9 +30,7 @@ def _query_batches(folder, id_column: str, batch_size: int) -> Iterator[tuple[np
     """Stream (ids, vectors) from an embeddings folder, never all of them at once."""
     for path in parquet_files(folder, f"embeddings {folder}"):
         for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=[id_column, "embedding"]):
-            column = batch.column("embedding")
-            vectors = column.values.to_numpy(zero_copy_only=False).reshape(-1, column.type.list_size)
-            yield batch.column(id_column).to_numpy(zero_copy_only=False), vectors
+            yield batch.column(id_column).to_numpy(zero_copy_only=False), vectors_of(batch.column("embedding"))
 
 
 def tsv_lines(query_ids: np.ndarray, ranked: np.ndarray) -> str:

@@ -113,7 +113,11 @@ def embedding_table(ids: np.ndarray | list, vectors: np.ndarray, id_name: str) -
 def read_embeddings(folder: Path, id_name: str) -> tuple[np.ndarray, np.ndarray]:
     """All (ids, vectors) under an embeddings folder; the vectors are a zero-copy view of the Arrow buffer."""
     table = pq.read_table(parquet_files(folder, f"embeddings {folder}"), columns=[id_name, "embedding"])
-    column = table.column("embedding").combine_chunks()
-    dim = column.type.list_size
-    vectors = column.values.to_numpy(zero_copy_only=True).reshape(-1, dim)
-    return table.column(id_name).to_numpy(zero_copy_only=False), vectors
+    return table.column(id_name).to_numpy(zero_copy_only=False), vectors_of(table.column("embedding"))
+
+
+def vectors_of(column: pa.ChunkedArray | pa.FixedSizeListArray) -> np.ndarray:
+    """A `fixed_size_list<float>[dim]` column as a (rows, dim) float32 matrix, without a copy where Arrow allows."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, column.type.list_size)
