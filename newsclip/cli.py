@@ -34,8 +34,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--articles", type=int, default=DEMO_ARTICLES, help=f"demo articles (default {DEMO_ARTICLES})")
     p.add_argument("--seed", type=int, default=0)
 
-    p = sub.add_parser("run", help="run every stage of a job: prepare, translate, encode, knn, evaluate, report")
+    p = sub.add_parser("run", help="run every stage of a job: prepare, translate, encode, knn, evaluate, report; "
+                       "stages whose inputs are unchanged since they last committed are skipped, so rerunning "
+                       "after a crash finishes the job and a nightly run does only the new work")
     _job_args(p)
+    p.add_argument("--force", action="store_true",
+                   help="rerun every stage (embeddings already in the store are still reused, not re-encoded)")
+    p = sub.add_parser("rejects", help="summarise the rows a job rejected: per stage, kind and reason, with examples")
+    _job_args(p)
+    p.add_argument("--examples", type=int, default=3, metavar="N", help="example ids per reason (default 3)")
+    p.add_argument("--csv", action="store_true", help="print every rejected row (id, kind, stage, reason) as CSV")
     for stage, what in [("prepare", "join, clean and sample the input into prepared/"),
                         ("encode", "encode prepared texts and images per backbone into embeddings/"),
                         ("knn", "rank candidate images per text into rankings/"),
@@ -51,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", type=Path, help="output folder: DIR/articles/ and DIR/images/")
     p.add_argument("--articles", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--append", action="store_true", help="add new articles (ids after the existing ones) and their "
+                   "images as new shards: the next day of an archive, for a nightly run (use another --seed)")
 
     p = sub.add_parser("demo-model", help="train the demo-tiny CLIP into $NEWSCLIP_CACHE (default "
                        "~/.cache/newsclip), where jobs find it")
@@ -128,9 +138,27 @@ def _run_job(args: argparse.Namespace, stages: tuple[str, ...]) -> None:
     from newsclip.pipeline import run_stages
 
     cfg = config.load(args.job, args.overrides)
-    run_stages(cfg, stages)
+    # a stage named on its own always runs; `run` skips what is up to date unless --force
+    run_stages(cfg, stages, force=getattr(args, "force", False) or len(stages) == 1)
     if "evaluate" in stages:
         _print_metrics(cfg.output)
+
+
+def _rejects(args: argparse.Namespace) -> None:
+    import polars as pl
+
+    from newsclip import config
+    from newsclip.rejects import read_rejects, rejects_summary
+
+    out = config.load(args.job, args.overrides).output
+    if args.csv:
+        sys.stdout.write(read_rejects(out).write_csv())
+        return
+    summary = rejects_summary(out, args.examples)
+    print(f"{summary['rows'].sum()} rejected rows in {out / 'rejects'}")
+    with pl.Config(tbl_rows=1000, tbl_width_chars=200, fmt_str_lengths=80, tbl_hide_dataframe_shape=True,
+                   tbl_hide_column_data_types=True):
+        print(summary)
 
 
 def _ensure_demo_translator(packages_dir: Path, seed: int = 0) -> Path:
@@ -164,15 +192,17 @@ def _translate(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from newsclip.config import ConfigError
+    from newsclip.pipeline import RunLockedError
     from newsclip.translate.packages import MissingLanguagePackageError
 
     try:
         if args.command == "demo":
             _demo(args)
         elif args.command == "demo-data":
-            from newsclip.demo.data import write_demo_data
+            from newsclip.demo.data import append_demo_data, write_demo_data
 
-            counts = write_demo_data(args.dir, args.articles, args.seed)
+            write = append_demo_data if args.append else write_demo_data
+            counts = write(args.dir, args.articles, args.seed)
             print(f"wrote {counts['articles']} articles to {args.dir / 'articles'} and {counts['images']} images "
                   f"to {args.dir / 'images'}")
         elif args.command == "backbones":
@@ -183,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
             return ingest_main(args)
         elif args.command == "translate":
             _translate(args)
+        elif args.command == "rejects":
+            _rejects(args)
         elif args.command == "demo-translator":
             from newsclip.translate.stage import TranslateConfig
 
@@ -205,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(evaluate_demo_model(path))
         else:
             _run_job(args, STAGE_NAMES if args.command == "run" else (args.command,))
-    except (ConfigError, FileNotFoundError, ValueError, MissingLanguagePackageError) as e:
+    except (ConfigError, FileNotFoundError, ValueError, MissingLanguagePackageError, RunLockedError) as e:
         print(f"newsclip {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -59,9 +59,10 @@ class EncodeConfig:
     fp16: bool = False  # half precision on CUDA only (fp16 on this CPU is ~5x slower)
     download_root: str | None = None  # where OpenAI weights are cached (clip's default: ~/.cache/clip)
     max_image_pixels: int = 40_000_000  # decompression-bomb bound for image decoding
+    commit_rows: int = 10_000  # new embeddings are committed to the store this often: a crash loses at most this
 
     def __post_init__(self) -> None:
-        for key in ("batch_size", "actors", "torch_threads", "max_image_pixels"):
+        for key in ("batch_size", "actors", "torch_threads", "max_image_pixels", "commit_rows"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key}: must be at least 1")
 
@@ -82,6 +83,8 @@ class JobConfig:
     name: str = "demo"
     input: InputConfig = field(default_factory=InputConfig)
     output_dir: str = "newsclip-demo/output"
+    # embeddings by content hash, reused across runs (nightly: only new content is encoded); null: output_dir/store
+    store_dir: str | None = None
     backbones: tuple[str, ...] = ("demo-tiny",)
     # fused rankings scored like a backbone: "fusion:A+B" (mean of z-normalised cosines), "fusion-rrf:A+B" (RRF)
     fusion: tuple[str, ...] = ()
@@ -95,6 +98,10 @@ class JobConfig:
     @property
     def output(self) -> Path:
         return Path(self.output_dir).expanduser()
+
+    @property
+    def store(self) -> Path:
+        return Path(self.store_dir).expanduser() if self.store_dir else self.output / "store"
 
 
 def _check_value(key: str, tp: Any, value: Any) -> Any:

@@ -5,16 +5,17 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from newsclip.backbones import load_backbone, slug
+from newsclip.backbones import checkpoint_id, load_backbone, slug
 from newsclip.config import EncodeConfig, JobConfig
+from newsclip.embedding_store import EmbeddingStore, content_hash, hash_array
 from newsclip.images import ImageDecodeError, decode_image
-from newsclip.pipeline import actor_retries
+from newsclip.pipeline import actor_retries, dataset_of, log
 from newsclip.store import embedding_table, parquet_files, record_stage, staged_dir, write_table
 from newsclip.translate.job import texts_source
 
@@ -33,9 +34,7 @@ def resolve_device(setting: str) -> str:
 
 
 class _Encoder:
-    """Loads one backbone once per actor; subclasses encode one side."""
-
-    id_column: str
+    """Loads one backbone once per actor; subclasses encode one side into (hash, embedding, error) rows."""
 
     def __init__(self, backbone: str, cfg: EncodeConfig, device: str | None = None):
         import torch
@@ -49,99 +48,120 @@ class _Encoder:
             self.model = self.model.half()
         self.cfg = cfg
 
-    def _result(self, ids: np.ndarray, vectors: np.ndarray, errors: list[str | None]) -> pa.Table:
+    def _result(self, hashes: list[str], vectors: np.ndarray, errors: list[str | None]) -> pa.Table:
         # A pyarrow table rather than a dict of numpy arrays: Ray would store a 2-D array as its own tensor
         # extension type, and the output contract is a plain fixed_size_list that any Arrow reader understands.
-        table = embedding_table(ids, vectors, self.id_column)
+        table = embedding_table(hashes, vectors, "hash")
         return table.append_column("error", pa.array(errors, pa.string()))
 
-    def _normalise(self, features) -> np.ndarray:
-        features = features.float()
-        features = features / features.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        return features.cpu().numpy()
+    def _encode(self, encode, inputs) -> np.ndarray:
+        """L2-normalised features, computed in batches of exactly `batch_size` rows (the last one zero-padded).
+
+        A row's embedding then depends on its content alone: torch's CPU kernels gave bitwise-equal results for
+        a row wherever it sat in a batch of a fixed size, but not across batch sizes (1e-6 apart). So a row
+        encoded tonight in a batch of new rows equals the same row encoded in a full run, and rankings match."""
+        size, out = self.cfg.batch_size, []
+        with self.torch.inference_mode():
+            for start in range(0, len(inputs), size):
+                chunk = inputs[start:start + size]
+                n = len(chunk)
+                if n < size:
+                    chunk = self.torch.cat([chunk, chunk.new_zeros((size - n, *chunk.shape[1:]))])
+                features = encode(chunk.to(self.device))[:n].float()
+                out.append((features / features.norm(dim=-1, keepdim=True).clamp_min(1e-12)).cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.model.visual.output_dim), np.float32)
 
 
 class ImageEncoder(_Encoder):
-    """Decode, preprocess and encode a batch of images; an undecodable image gets an error, not an exception."""
-
-    id_column = "image_id"
+    """Decode, preprocess and encode a batch of images, keyed by the hash of their bytes; an undecodable image
+    gets an error, not an exception."""
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        ids = batch["image_id"]
-        errors: list[str | None] = [None] * len(ids)
+        images = batch["image"]
+        hashes = [content_hash(data or b"") for data in images]
+        errors: list[str | None] = [None] * len(images)
         tensors, good = [], []
-        for i, data in enumerate(batch["image"]):
+        for i, data in enumerate(images):
             try:
                 tensors.append(self.preprocess(decode_image(data, self.cfg.max_image_pixels)))
                 good.append(i)
             except ImageDecodeError as e:
                 errors[i] = str(e)
-        dim = self.model.visual.output_dim
-        vectors = np.zeros((len(ids), dim), np.float32)
+        vectors = np.zeros((len(images), self.model.visual.output_dim), np.float32)
         if tensors:
-            pixels = self.torch.stack(tensors).to(self.device)
-            with self.torch.inference_mode():
-                vectors[good] = self._normalise(self.model.encode_image(pixels.half() if self.half else pixels))
-        return self._result(ids, vectors, errors)
+            pixels = self.torch.stack(tensors)
+            vectors[good] = self._encode(self.model.encode_image, pixels.half() if self.half else pixels)
+        return self._result(hashes, vectors, errors)
 
 
 class TextEncoder(_Encoder):
-    """Tokenise (cut at the model's 77 tokens) and encode a batch of texts."""
-
-    id_column = "article_id"
+    """Tokenise (cut at the model's 77 tokens) and encode a batch of (hash, query_text) rows."""
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         import clip
 
         texts = [str(t) for t in batch["query_text"]]
-        tokens = clip.tokenize(texts, context_length=self.model.context_length, truncate=True).to(self.device)
-        with self.torch.inference_mode():
-            vectors = self._normalise(self.model.encode_text(tokens))
-        return self._result(batch["article_id"], vectors, [None] * len(texts))
+        tokens = clip.tokenize(texts, context_length=self.model.context_length, truncate=True)
+        return self._result(list(batch["hash"]), self._encode(self.model.encode_text, tokens), [None] * len(texts))
 
 
 @dataclass(frozen=True)
 class Side:
-    """One side of the retrieval: which encoder, which prepared input, which columns."""
+    """One side of the retrieval: its encoder and the id column of its rows."""
 
     name: str  # "texts" | "images"
     encoder: type[_Encoder]
-    columns: tuple[str, str]
+    id_column: str
+    kind: str  # what a rejected row is, in rejects/
 
 
-TEXTS = Side("texts", TextEncoder, ("article_id", "query_text"))
-IMAGES = Side("images", ImageEncoder, ("image_id", "image"))
+TEXTS = Side("texts", TextEncoder, "article_id", "article")
+IMAGES = Side("images", ImageEncoder, "image_id", "image")
 
 
-def _candidate_images(cfg: JobConfig) -> tuple[list[str], pa.Array]:
-    """The input image shards that hold candidate images, and the candidate ids (both decided by prepare)."""
-    import pyarrow.compute as pc
-
+def wanted_rows(cfg: JobConfig, side: Side) -> pa.Table:
+    """(id, hash) of every row this run needs embedded, plus `query_text` for texts and `file` for images."""
+    if side is TEXTS:
+        table = pq.read_table(parquet_files(texts_source(cfg), "query texts"), columns=["article_id", "query_text"])
+        return table.append_column("hash", hash_array(table.column("query_text").to_pylist()))
     images = pq.read_table(cfg.output / "prepared" / "candidates.parquet")
     images = images.filter(pc.field("candidate"))
-    return sorted(set(images.column("file").to_pylist())), images.column("image_id").combine_chunks()
+    return images.select(["image_id", "file"]).append_column("hash", images.column("image_hash"))
 
 
-def encode_side(cfg: JobConfig, backbone: str, side: Side) -> dict:
-    """Run one encoder over its prepared input as a Ray Data actor pool and commit the embeddings."""
+def _new_rows(wanted: pa.Table, store: EmbeddingStore) -> pa.Table:
+    """One row per hash that the store does not hold yet."""
+    stored = store.hashes()
+    if stored:
+        wanted = wanted.filter(pc.invert(pc.is_in(wanted.column("hash"), value_set=pa.concat_arrays(stored))))
+    _, first = np.unique(wanted.column("hash").to_numpy(zero_copy_only=False), return_index=True)
+    return wanted.take(pa.array(np.sort(first), pa.int64()))
+
+
+def _dataset(cfg: JobConfig, side: Side, todo: pa.Table):
+    """Ray Data rows for the encoder: (hash, query_text) for texts, (image_id, image) read from the shards."""
     import ray
 
-    started = time.time()
-    out = cfg.output
+    # enough blocks that reading, decoding and encoding overlap and every actor gets work
+    blocks = max(4 * cfg.encode.actors, 8)
     if side is TEXTS:
-        files = [str(p) for p in parquet_files(texts_source(cfg), "query texts")]
-        keep = None
-    else:
-        files, keep = _candidate_images(cfg)
-    # enough blocks that reading, decoding and encoding overlap and every actor gets work (small shards would
-    # otherwise be merged into one block and run strictly one after another)
-    blocks = max(len(files), 4 * cfg.encode.actors, 8)
-    ds = ray.data.read_parquet(files, override_num_blocks=blocks).select_columns(list(side.columns))
-    if keep is not None:
-        # only candidate images: a shard can also hold images that are not ranked (prepare decided which)
-        ds = ds.map_batches(_keep_rows, fn_kwargs={"keep": keep}, batch_format="pyarrow")
+        return dataset_of(todo.select(["hash", "query_text"]), blocks)
+    files = sorted(set(todo.column("file").to_pylist()))
+    ds = ray.data.read_parquet(files, override_num_blocks=max(len(files), blocks)).select_columns(["image_id", "image"])
+    # only the new images: a shard also holds images already stored, or not ranked at all
+    return ds.map_batches(_keep_rows, fn_kwargs={"keep": todo.column("image_id")}, batch_format="pyarrow")
+
+
+def _keep_rows(batch: pa.Table, keep) -> pa.Table:
+    return batch.filter(pc.is_in(batch.column("image_id"), value_set=keep))
+
+
+def encode_new(cfg: JobConfig, backbone: str, side: Side, todo: pa.Table, store: EmbeddingStore) -> int:
+    """Encode `todo` on a Ray Data actor pool, committing to the store every `encode.commit_rows` rows."""
+    import ray
+
     enc = cfg.encode
-    ds = ds.map_batches(
+    ds = _dataset(cfg, side, todo).map_batches(
         side.encoder,
         fn_constructor_kwargs={"backbone": backbone, "cfg": enc},
         batch_size=enc.batch_size,
@@ -151,48 +171,61 @@ def encode_side(cfg: JobConfig, backbone: str, side: Side) -> dict:
         num_gpus=enc.num_gpus_per_actor,
         ray_remote_args_fn=partial(actor_retries, cfg.ray),
     )
-    relative = f"embeddings/{slug(backbone)}/{side.name}"
-    with staged_dir(out, relative) as stage:
-        raw = stage / "_raw"
-        ds.write_parquet(str(raw))
-        rows, rejects = _split_rejects(raw, stage, side.columns[0])
-        if rows == 0:
-            raise ValueError(f"encode {backbone} {side.name}: no row could be encoded; reasons: "
-                             f"{sorted(set(rejects.column('reason').to_pylist()))[:3]}")
-    rejects_path = out / "rejects" / f"encode-{slug(backbone)}-{side.name}.parquet"
-    write_table(rejects.append_column("stage", pa.array([f"encode:{backbone}"] * len(rejects), pa.string())),
-                rejects_path)
-    files_out = parquet_files(out / relative, relative)
-    return record_stage(out, f"encode:{slug(backbone)}:{side.name}", files_out, backbone=backbone, rows=rows,
-                        rejected=len(rejects), seconds=round(time.time() - started, 2))
+    pending, done = [], 0
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        pending.append(batch)
+        if sum(map(len, pending)) >= enc.commit_rows:
+            done += _commit(store, pending)
+            log(f"encode {backbone} {side.name}: {done}/{len(todo)} new rows stored")
+    return done + _commit(store, pending)
 
 
-def _keep_rows(batch: pa.Table, keep) -> pa.Table:
-    import pyarrow.compute as pc
+def _commit(store: EmbeddingStore, pending: list[pa.Table]) -> int:
+    if not pending:
+        return 0
+    table = pa.concat_tables(pending)
+    pending.clear()
+    store.append(table)
+    return len(table)
 
-    return batch.filter(pc.is_in(batch.column("image_id"), value_set=keep))
 
-
-def _split_rejects(raw: Path, stage: Path, id_column: str) -> tuple[int, pa.Table]:
-    """Move good rows from Ray's raw output into `stage/part-*.parquet`; return the row count and the failures."""
-    import pyarrow.compute as pc
-
+def encode_side(cfg: JobConfig, backbone: str, side: Side) -> dict:
+    """Bring the store up to date for one backbone and side, then commit this run's embeddings from it."""
+    started = time.time()
+    out, name = cfg.output, slug(backbone)
+    store = EmbeddingStore(cfg.store, name, checkpoint_id(backbone, cfg.encode.download_root), precision(cfg.encode),
+                           side.name)
+    wanted = wanted_rows(cfg, side)
+    todo = _new_rows(wanted, store)
+    encoded = encode_new(cfg, backbone, side, todo, store) if len(todo) else 0
+    relative = f"embeddings/{name}/{side.name}"
     rows, failures = 0, []
-    raw_files = sorted(raw.glob("*.parquet"))
-    for i, path in enumerate(raw_files):
-        table = pq.read_table(path)
-        failed = pc.is_valid(table.column("error"))
-        good = table.filter(pc.invert(failed)).select([id_column, "embedding"])
-        rows += len(good)
-        if len(good):
-            write_table(good, stage / f"part-{i:05d}.parquet")
-        bad = table.filter(failed)
-        failures.append(pa.table({"id": bad.column(id_column), "reason": bad.column("error")}))
-    for path in raw.iterdir():
-        path.unlink()
-    raw.rmdir()
-    empty = pa.table({"id": pa.array([], pa.string()), "reason": pa.array([], pa.string())})
-    return rows, pa.concat_tables([empty, *failures])
+    with staged_dir(out, relative) as stage:
+        for i, part in enumerate(store.lookup(wanted.column(side.id_column), wanted.column("hash"), side.id_column)):
+            failed = pc.is_valid(part.column("error"))
+            good = part.filter(pc.invert(failed)).select([side.id_column, "embedding"])
+            if len(good):
+                write_table(good, stage / f"part-{i:05d}.parquet")
+            rows += len(good)
+            bad = part.filter(failed)
+            failures.append(pa.table({"id": bad.column(side.id_column), "reason": bad.column("error")}))
+        if rows == 0:
+            reasons = sorted(set(pa.concat_tables(failures).column("reason").to_pylist()))[:3]
+            raise ValueError(f"encode {backbone} {side.name}: no row could be encoded; reasons: {reasons}")
+    rejects = pa.concat_tables(failures)
+    rejects = rejects.append_column("kind", pa.array([side.kind] * len(rejects), pa.string()))
+    write_table(rejects.append_column("stage", pa.array([f"encode:{backbone}"] * len(rejects), pa.string())),
+                out / "rejects" / f"encode-{name}-{side.name}.parquet")
+    reused = len(wanted) - int(pc.sum(pc.is_in(wanted.column("hash"), value_set=todo.column("hash"))).as_py() or 0)
+    return record_stage(out, f"encode:{name}:{side.name}", parquet_files(out / relative, relative), backbone=backbone,
+                        rows=rows, rejected=len(rejects), encoded=encoded, reused=reused, store=str(store.dir),
+                        seconds=round(time.time() - started, 2))
+
+
+def precision(enc: EncodeConfig) -> str:
+    """fp16 (on a GPU only) gives other numbers than fp32: a store of its own."""
+    on_gpu = enc.device == "cuda" or (enc.device == "auto" and enc.num_gpus_per_actor > 0)
+    return "fp16" if enc.fp16 and on_gpu else "fp32"
 
 
 def run(cfg: JobConfig) -> list[dict]:

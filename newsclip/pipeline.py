@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import sys
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 from newsclip import config as config_mod
 from newsclip.config import JobConfig, RayConfig
-from newsclip.store import write_text
+from newsclip.embedding_store import content_hash
+from newsclip.store import parquet_files, read_manifest, record_completed, record_run, write_text
 
 STAGE_NAMES = ("prepare", "translate", "encode", "knn", "evaluate", "report")
 
@@ -40,6 +45,14 @@ def actor_retries(cfg: RayConfig) -> dict:
     return {"max_restarts": cfg.max_actor_restarts, "max_task_retries": cfg.max_task_retries}
 
 
+def dataset_of(table, blocks: int):
+    """A Ray dataset of a driver-side Arrow table in `blocks` slices, so that the actors share the work."""
+    import ray
+
+    step = max(1, -(-len(table) // blocks))
+    return ray.data.from_arrow([table.slice(i, step) for i in range(0, len(table), step)])
+
+
 def _stage(name: str) -> Callable[[JobConfig], object]:
     # imported per stage: the prepare stage needs no torch, the report stage no Ray
     if name == "prepare":
@@ -59,13 +72,115 @@ def _stage(name: str) -> Callable[[JobConfig], object]:
     return run
 
 
-def run_stages(cfg: JobConfig, names: tuple[str, ...] = STAGE_NAMES) -> None:
-    cfg.output.mkdir(parents=True, exist_ok=True)
-    write_text(cfg.output / "config.resolved.yaml", config_mod.dump(cfg))
-    for name in names:
-        if name in ("translate", "encode") or (name == "knn" and cfg.knn.backend == "ray"):
-            ensure_ray(cfg.ray)
-        started = time.time()
-        log(f"{name}: started")
-        _stage(name)(cfg)
-        log(f"{name}: done in {time.time() - started:.1f}s")
+class RunLockedError(RuntimeError):
+    """Another run holds the output folder."""
+
+
+def _external_inputs(cfg: JobConfig, name: str) -> object:
+    """What a stage reads besides the config and the earlier stages' outputs (so a change there reruns it)."""
+    if name == "prepare":  # the input shards as they are on disk now
+        shards = parquet_files(cfg.input.articles, "input.articles") + parquet_files(cfg.input.images, "input.images")
+        return [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in shards]
+    if name == "translate" and cfg.translate.enabled:
+        from newsclip.translate.job import translator_key
+
+        return translator_key(cfg.translate.resolved())
+    if name == "encode":  # retrained or replaced weights under the same name
+        from newsclip.backbones import checkpoint_id
+
+        return {b: checkpoint_id(b, cfg.encode.download_root) for b in cfg.backbones}
+    return None
+
+
+def stage_key(cfg: JobConfig, name: str, completed: dict) -> str:
+    """The identity of a stage's work: config (less where Ray runs), earlier stages' outputs, external inputs."""
+    settings = config_mod.to_dict(cfg)
+    settings.pop("ray")
+    upstream = {n: completed.get(n, {}).get("digest") for n in STAGE_NAMES[: STAGE_NAMES.index(name)]}
+    return content_hash(json.dumps([name, settings, upstream, _external_inputs(cfg, name)], sort_keys=True))
+
+
+COUNTS = ("rows", "new", "encoded", "reused", "rejected", "skipped")  # summed over a stage's entries in the run log
+
+
+def _summary(entries: list[dict]) -> dict:
+    """A stage's facts for the run log: its manifest entry's, or for several (backbones, sides) the summed counts."""
+    if len(entries) == 1:
+        return {k: v for k, v in entries[0].items() if k not in ("files", "sha256", "committed_at", "seconds")}
+    return {key: sum(e[key] for e in entries if key in e) for key in COUNTS if any(key in e for e in entries)}
+
+
+@contextlib.contextmanager
+def _exclusive(output: Path) -> Iterator[None]:
+    """One run per output folder at a time; the kernel drops the lock when the process dies, however it dies."""
+    import fcntl
+
+    with open(output / ".lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunLockedError(f"{output}: another newsclip run is using this output_dir; wait for it to finish") \
+                from None
+        yield
+
+
+def run_stages(cfg: JobConfig, names: tuple[str, ...] = STAGE_NAMES, force: bool = False) -> dict:
+    """Run the stages in order, skipping any whose inputs are unchanged since it last committed (unless `force`).
+
+    After a crash, the same command redoes only what had not been committed. The run's record (per stage: done
+    or up to date, seconds, counts) goes to `runs/<run id>.json` as it goes and to `manifest.json` at the end."""
+    out = cfg.output
+    out.mkdir(parents=True, exist_ok=True)
+    with _exclusive(out):
+        _mark_interrupted(out)
+        write_text(out / "config.resolved.yaml", config_mod.dump(cfg))
+        record = {"run_id": time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6],
+                  "started_at": _now(), "status": "running", "stages": {}}
+        path = out / "runs" / f"{record['run_id']}.json"
+        try:
+            for name in names:
+                record["stages"][name] = _run_stage(cfg, name, force)
+                write_text(path, json.dumps(record, indent=2))
+            record["status"] = "finished"
+        except BaseException as e:
+            record["status"] = f"failed: {type(e).__name__}: {e}"
+            raise
+        finally:
+            record["finished_at"] = _now()
+            write_text(path, json.dumps(record, indent=2))
+            record_run(out, record)
+    return record
+
+
+def _run_stage(cfg: JobConfig, name: str, force: bool) -> dict:
+    out = cfg.output
+    completed = read_manifest(out).get("completed", {})
+    key = stage_key(cfg, name, completed)
+    previous = completed.get(name, {})
+    if not force and previous.get("key") == key and all((out / f).exists() for f in previous.get("files", [])):
+        log(f"{name}: up to date")
+        return {"status": "up to date"}
+    if name in ("translate", "encode") or (name == "knn" and cfg.knn.backend == "ray"):
+        ensure_ray(cfg.ray)
+    started = time.time()
+    log(f"{name}: started")
+    record_completed(out, name, None)
+    result = _stage(name)(cfg)
+    entries = result if isinstance(result, list) else [result] if result else []
+    record_completed(out, name, key, entries)
+    seconds = round(time.time() - started, 1)
+    log(f"{name}: done in {seconds}s")
+    return {"status": "done", "seconds": seconds, **_summary(entries)}
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _mark_interrupted(out: Path) -> None:
+    """Run records still `running` when the lock was free belong to runs that died (driver killed, machine lost)."""
+    for path in sorted((out / "runs").glob("*.json")):
+        record = json.loads(path.read_text())
+        if record.get("status") == "running":
+            record["status"] = "interrupted"
+            write_text(path, json.dumps(record, indent=2))

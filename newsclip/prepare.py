@@ -5,10 +5,14 @@ from __future__ import annotations
 import time
 
 import numpy as np
+from pathlib import Path
+
 import polars as pl
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from newsclip.config import JobConfig
+from newsclip.embedding_store import hash_array
 from newsclip.store import parquet_files, record_stage, staged_dir, write_table
 
 ARTICLE_COLUMNS = {"article_id": pl.String, "title": pl.String, "text": pl.String, "image_id": pl.String,
@@ -40,18 +44,49 @@ def _read_articles(spec: str) -> pl.DataFrame:
     return pl.concat(frames)
 
 
-def _read_image_ids(spec: str) -> pl.DataFrame:
-    """Image ids and the shard each lives in; the image bytes stay on disk for the encode stage."""
+def _read_images(spec: str, previous: Path) -> pl.DataFrame:
+    """Image ids, the shard each lives in and the hash of its bytes; the bytes stay on disk for the encode stage.
+
+    Hashing reads every image, so a shard unchanged since the last committed prepare (same path, size and
+    mtime) takes its hashes from `previous` instead: a nightly run reads only the new shards."""
+    cached = pl.read_parquet(previous) if previous.exists() else None
     frames = []
     for path in parquet_files(spec, "input.images"):
+        stat = path.stat()
+        fingerprint = {"file": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        if cached is not None:
+            hit = cached.filter(**fingerprint)
+            if len(hit):
+                frames.append(hit)
+                continue
         schema = pq.read_schema(path)
         missing = [c for c in ("image_id", "image") if c not in schema.names]
         if missing:
             raise SchemaError(f"{path}: no {missing[0]!r} column (has {', '.join(schema.names)}); "
                               "images need image_id (string) and image (binary: the encoded file)")
-        frame = pl.read_parquet(path, columns=["image_id"]).with_columns(pl.col("image_id").cast(pl.String))
-        frames.append(frame.with_columns(pl.lit(str(path)).alias("file")))
-    return pl.concat(frames)
+        table = pq.read_table(path, columns=["image_id", "image"])
+        frame = pl.DataFrame({"image_id": table.column("image_id").cast(pa.string()).to_pylist(),
+                              "image_hash": hash_array(b or b"" for b in table.column("image").to_pylist())})
+        frames.append(frame.with_columns(**{k: pl.lit(v) for k, v in fingerprint.items()}))
+    return pl.concat(frames, how="vertical_relaxed")
+
+
+def article_hashes(articles: pl.DataFrame) -> pl.Series:
+    """What makes an article the same article: its title, text and language (the translate stage's cache key)."""
+    return pl.Series("content_hash", hash_array(
+        "\x1f".join("\x00" if v is None else v for v in row)
+        for row in articles.select("title", "text", "lang").iter_rows()), pl.String)
+
+
+def changes(previous: Path, current: pl.DataFrame, id_column: str, hash_column: str) -> dict:
+    """Rows seen, new, changed and deleted since the last committed prepare (all new on a first run)."""
+    current = current.unique(id_column, keep="first").select(id_column, hash_column)
+    before = pl.read_parquet(previous, columns=[id_column, hash_column]).unique(id_column, keep="first") \
+        if previous.exists() else current.clear()
+    both = current.join(before, on=id_column, how="inner", suffix="_before")
+    return {"seen": len(current), "new": len(current) - len(both),
+            "changed": int((both[hash_column] != both[f"{hash_column}_before"]).sum()),
+            "deleted": len(before) - len(both)}
 
 
 def _reject(frame: pl.DataFrame, id_column: str, kind: str, reason: str) -> pl.DataFrame:
@@ -104,8 +139,11 @@ def run(cfg: JobConfig) -> dict:
     started = time.time()
     out = cfg.output
     articles = _read_articles(cfg.input.articles)
-    images = _read_image_ids(cfg.input.images)
-    usable, images, rejects = select(articles, images, cfg.prepare.text)
+    articles = articles.with_columns(article_hashes(articles))
+    image_rows = _read_images(cfg.input.images, out / "prepared" / "image_hashes.parquet")
+    diff = {"articles": changes(out / "prepared" / "articles_all.parquet", articles, "article_id", "content_hash"),
+            "images": changes(out / "prepared" / "image_hashes.parquet", image_rows, "image_id", "image_hash")}
+    usable, images, rejects = select(articles, image_rows.select("image_id", "image_hash", "file"), cfg.prepare.text)
     sampled = sample_pairs(usable, cfg.eval.sample_size, cfg.eval.seed)
     usable = usable.with_columns(pl.col("article_id").is_in(sampled.implode()).alias("in_eval"))
     queries = usable.filter("in_eval")
@@ -125,11 +163,14 @@ def run(cfg: JobConfig) -> dict:
         write_table(usable.select("article_id", "image_id", "source", "lang", "in_eval", "file").to_arrow(),
                     stage / "articles.parquet")
         write_table(queries.select("article_id", "query_text", "title", pl.col("text").alias("body"), "lang",
-                                   "image_id", "source").to_arrow(),
+                                   "image_id", "source", "content_hash").to_arrow(),
                     stage / "queries" / "part-00000.parquet")
         write_table(images.to_arrow(), stage / "candidates.parquet")
+        # what the next run compares against (and the image hashes it need not compute again)
+        write_table(articles.select("article_id", "content_hash").to_arrow(), stage / "articles_all.parquet")
+        write_table(image_rows.to_arrow(), stage / "image_hashes.parquet")
     write_table(rejects.with_columns(pl.lit("prepare").alias("stage")).to_arrow(), out / "rejects" / "prepare.parquet")
     facts = {"articles_in": len(articles), "images_in": len(images) + int((rejects["kind"] == "image").sum()),
              "usable_pairs": len(usable), "queries": len(queries), "candidates": int(images["candidate"].sum()),
-             "rejected": len(rejects), "sample_note": note, "seconds": round(time.time() - started, 2)}
+             "rejected": len(rejects), "sample_note": note, "changes": diff, "seconds": round(time.time() - started, 2)}
     return record_stage(out, "prepare", sorted((out / "prepared").rglob("*.parquet")), **facts)

@@ -9,7 +9,8 @@ import polars as pl
 from newsclip.config import JobConfig
 from newsclip.metrics import RECALL_KS
 from newsclip.paper import paper_scores
-from newsclip.store import parquet_files, record_stage, write_text
+from newsclip.rejects import rejects_summary
+from newsclip.store import record_stage, write_text
 
 METRIC_KEYS = ["mrr", *[f"recall@{k}" for k in RECALL_KS]]
 
@@ -27,18 +28,6 @@ def metrics_table(rows: list[dict], k: int, with_paper: bool = True) -> str:
         if paper:
             lines.append(_row(f"{row['backbone']} (paper)", 2000, paper))
     return "\n".join(lines)
-
-
-def rejects_summary(out) -> pl.DataFrame:
-    """Rejected rows per stage and reason, over every file in rejects/."""
-    try:
-        files = parquet_files(out / "rejects", "rejects")
-    except FileNotFoundError:
-        return pl.DataFrame({"stage": [], "reason": [], "rows": []})
-    frame = pl.concat([pl.read_parquet(f, columns=["stage", "reason"]) for f in files])
-    # reasons carry details (a decoder's message); the part before the first colon is the kind of failure
-    frame = frame.with_columns(pl.col("reason").str.split(":").list.first())
-    return frame.group_by("stage", "reason").len("rows").sort("stage", "rows", descending=[False, True])
 
 
 def render(cfg: JobConfig) -> str:
@@ -68,7 +57,7 @@ def render(cfg: JobConfig) -> str:
     for backbone in [*cfg.backbones, *cfg.fusion]:
         per_source = [{**r, "backbone": r["source"]} for r in rows if r["backbone"] == backbone and r["source"] != "all"]
         lines += [f"### {backbone}", "", metrics_table(per_source, metrics["k"], with_paper=False), ""]
-    rejects = rejects_summary(out)
+    rejects = rejects_summary(out).select("stage", "reason", "rows")
     lines += ["## Rejected rows", "", f"{prep['articles_in']} articles and {prep['images_in']} images in; "
               f"{prep['usable_pairs']} usable article-image pairs.", ""]
     if len(rejects):

@@ -543,9 +543,9 @@ def render_html(output_dir: Path, cfg=None, examples: int = 5, example_backbone:
 
 
 def _rejects_html(output_dir: Path, prep: dict) -> list[str]:
-    from newsclip.report import rejects_summary
+    from newsclip.rejects import rejects_summary
 
-    rejects = rejects_summary(output_dir)
+    rejects = rejects_summary(output_dir).select("stage", "reason", "rows")
     parts = ["<h2>Rejected rows</h2>"]
     if prep:
         parts.append(f'<p class="note">{esc(prep.get("articles_in"))} articles and {esc(prep.get("images_in"))} '

@@ -87,6 +87,17 @@ def content_hash(paths: list[Path]) -> str:
     return digest.hexdigest()
 
 
+def read_manifest(output: Path) -> dict:
+    path = output / "manifest.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _update_manifest(output: Path, update) -> None:
+    manifest = {"stages": {}, "completed": {}, "runs": [], **read_manifest(output)}
+    update(manifest)
+    write_text(output / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True))
+
+
 def record_stage(output: Path, stage: str, files: list[Path], **facts) -> dict:
     """Add a committed stage to `manifest.json` with its files, row counts and content hash."""
     files = sorted(files)
@@ -96,11 +107,28 @@ def record_stage(output: Path, stage: str, files: list[Path], **facts) -> dict:
         "sha256": content_hash(files),
         **facts,
     }
-    path = output / "manifest.json"
-    manifest = json.loads(path.read_text()) if path.exists() else {"stages": {}}
-    manifest["stages"][stage] = entry
-    write_text(path, json.dumps(manifest, indent=2, sort_keys=True))
+    _update_manifest(output, lambda m: m["stages"].__setitem__(stage, entry))
     return entry
+
+
+def record_completed(output: Path, stage: str, key: str | None, entries: list[dict] = ()) -> None:
+    """Mark a pipeline stage finished: the key of the work it did, and a digest of what it committed.
+
+    A key of None marks it unfinished (it is running): a crash then leaves it to be redone."""
+    if key is None:
+        _update_manifest(output, lambda m: m["completed"].pop(stage, None))
+        return
+    digest = hashlib.sha256(json.dumps(sorted(e["sha256"] for e in entries)).encode()).hexdigest()
+    files = sorted(f for e in entries for f in e["files"])
+    _update_manifest(output, lambda m: m["completed"].__setitem__(stage, {"key": key, "digest": digest,
+                                                                           "files": files}))
+
+
+RUNS_KEPT = 30  # run records in manifest.json (all of them stay in runs/)
+
+
+def record_run(output: Path, record: dict) -> None:
+    _update_manifest(output, lambda m: m.__setitem__("runs", [*m["runs"], record][-RUNS_KEPT:]))
 
 
 def embedding_table(ids: np.ndarray | list, vectors: np.ndarray, id_name: str) -> pa.Table:

@@ -39,6 +39,12 @@ def _encode(image, fmt: str) -> bytes:
     return buffer.getvalue()
 
 
+def append_demo_data(out_dir: Path, articles: int, seed: int) -> dict[str, int]:
+    """A new day of the archive: `articles` new articles and their images as new shards beside the old ones."""
+    first = sum(pq.read_metadata(p).num_rows for p in sorted((out_dir / "articles").glob("*.parquet")))
+    return write_demo_data(out_dir, articles, seed, first_id=first, prefix=f"add-{first:07d}")
+
+
 def _source_column(n: int, rng: np.random.Generator) -> list[str]:
     total = sum(SOURCE_SHARES.values())
     counts = {s: round(n * share / total) for s, share in SOURCE_SHARES.items()}
@@ -48,11 +54,11 @@ def _source_column(n: int, rng: np.random.Generator) -> list[str]:
     return sources
 
 
-def _write_shards(rows: list[dict], schema: pa.Schema, folder: Path) -> list[Path]:
+def _write_shards(rows: list[dict], schema: pa.Schema, folder: Path, prefix: str) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for start in range(0, len(rows), SHARD_ROWS):
-        path = folder / f"part-{start // SHARD_ROWS:05d}.parquet"
+        path = folder / f"{prefix}-{start // SHARD_ROWS:05d}.parquet"
         table = pa.Table.from_pylist(rows[start:start + SHARD_ROWS], schema=schema)
         tmp = path.with_suffix(".tmp")
         pq.write_table(table, tmp)
@@ -61,8 +67,10 @@ def _write_shards(rows: list[dict], schema: pa.Schema, folder: Path) -> list[Pat
     return paths
 
 
-def write_demo_data(out_dir: Path, articles: int = 2000, seed: int = 0) -> dict[str, int]:
-    """Write `out_dir/articles/` and `out_dir/images/`; the same seed gives the same bytes."""
+def write_demo_data(out_dir: Path, articles: int = 2000, seed: int = 0, first_id: int = 0,
+                    prefix: str = "part") -> dict[str, int]:
+    """Write `out_dir/articles/<prefix>-*.parquet` and `out_dir/images/<prefix>-*.parquet`; the same seed gives the
+    same bytes. Article ids start at `first_id`, so a later batch of new articles (another seed) can join an archive."""
     if articles < 1:
         raise ValueError(f"--articles must be at least 1, got {articles}")
     rng = np.random.default_rng([seed, 2022])  # a stream of its own: disjoint from demo-tiny's training data
@@ -87,7 +95,7 @@ def write_demo_data(out_dir: Path, articles: int = 2000, seed: int = 0) -> dict[
         if image_id and not image_lost:
             image_rows.append({"image_id": image_id, "image": _encode(image, fmt)})
         article_rows.append({
-            "article_id": f"art-{i:06d}", "title": title, "text": text, "image_id": image_id, "source": source,
+            "article_id": f"art-{first_id + i:06d}", "title": title, "text": text, "image_id": image_id, "source": source,
             "lang": lang, "published": start + timedelta(minutes=int(rng.integers(0, 365 * 24 * 60))),
         })
     for _ in range(round(articles * ORPHAN_IMAGES)):
@@ -96,6 +104,6 @@ def write_demo_data(out_dir: Path, articles: int = 2000, seed: int = 0) -> dict[
     order = rng.permutation(len(image_rows))  # images are not stored in article order
     image_rows = [image_rows[j] for j in order]
 
-    _write_shards(article_rows, ARTICLE_SCHEMA, out_dir / "articles")
-    _write_shards(image_rows, IMAGE_SCHEMA, out_dir / "images")
+    _write_shards(article_rows, ARTICLE_SCHEMA, out_dir / "articles", prefix)
+    _write_shards(image_rows, IMAGE_SCHEMA, out_dir / "images", prefix)
     return {"articles": len(article_rows), "images": len(image_rows)}

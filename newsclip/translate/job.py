@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import time
 from functools import partial
 from pathlib import Path
 
 import polars as pl
 
-from newsclip.pipeline import actor_retries
+from newsclip.embedding_store import content_hash
+from newsclip.pipeline import actor_retries, dataset_of, log
 from newsclip.prepare import join_text
-from newsclip.store import parquet_files, record_stage, staged_dir, write_table
-from newsclip.translate.packages import require_packages
-from newsclip.translate.stage import NO_PACKAGE, Translator
+from newsclip.store import parquet_files, read_manifest, record_stage, staged_dir, write_table
+from newsclip.translate.packages import installed_packages, require_packages
+from newsclip.translate.stage import NO_PACKAGE, OUTPUT_COLUMNS, Translator
 
 
 def texts_source(cfg) -> Path:
@@ -20,36 +22,62 @@ def texts_source(cfg) -> Path:
     return cfg.output / ("translated" if cfg.translate.enabled else "prepared/queries")
 
 
-def run(cfg) -> dict | None:
+def translator_key(t) -> str:
+    """What decides a translation besides the text: the installed packages and the settings that change output."""
+    packages = [{k: v for k, v in meta.items() if k != "path"} for meta in installed_packages(t.packages_dir)]
+    return content_hash(json.dumps([packages, t.target, t.max_chars, t.on_missing_package], sort_keys=True))
+
+
+def _previous(out: Path, key: str) -> pl.DataFrame | None:
+    """Last run's translations by article content, when the same translator made them."""
+    entry = read_manifest(out).get("stages", {}).get("translate", {})
+    if entry.get("translator_key") != key or not (out / "translated").is_dir():
+        return None
+    frame = pl.read_parquet(parquet_files(out / "translated", "translated"))
+    if "content_hash" not in frame.columns:
+        return None
+    return frame.select("content_hash", *[c for c in OUTPUT_COLUMNS if c != "article_id"]).unique("content_hash")
+
+
+def _translate(cfg, t, queries: pl.DataFrame) -> pl.DataFrame:
+    """Translate the query rows on a Ray Data actor pool."""
     import ray
 
+    ds = dataset_of(queries.select("article_id", "title", pl.col("body").alias("text"), "lang").to_arrow(),
+                    4 * t.actors)
+    ds = ds.map_batches(Translator, fn_constructor_kwargs={"cfg": t, "device": "cuda" if t.num_gpus_per_actor else "cpu"},
+                        batch_size=256, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=t.actors),
+                        num_cpus=t.num_cpus_per_actor, num_gpus=t.num_gpus_per_actor,
+                        ray_remote_args_fn=partial(actor_retries, cfg.ray))
+    # a batch whose notes are all empty has a null-typed column: relax to the common types
+    frame = pl.concat([pl.from_arrow(b) for b in ds.iter_batches(batch_size=None, batch_format="pyarrow")],
+                      how="vertical_relaxed")
+    return frame.with_columns(pl.col("translate_note", "splitter", "title_en", "text_en").cast(pl.String))
+
+
+def run(cfg) -> dict | None:
     if not cfg.translate.enabled:
         return None
     started = time.time()
     out, t = cfg.output, cfg.translate.resolved()
-    files = [str(p) for p in parquet_files(out / "prepared" / "queries", "prepared queries")]
-    queries = pl.read_parquet(files, columns=["article_id", "lang", "image_id", "source"])
+    queries = pl.read_parquet(parquet_files(out / "prepared" / "queries", "prepared queries"))
     if t.on_missing_package == "error":  # fail at job start, not in the middle of the stage
         given = queries.filter(pl.col("lang").is_not_null()).with_columns(pl.col("lang").str.to_lowercase())
         require_packages(dict(given.group_by("lang").len().iter_rows()), t.packages_dir, t.target)
 
-    ds = (ray.data.read_parquet(files).select_columns(["article_id", "title", "body", "lang"])
-          .rename_columns({"body": "text"}))
-    ds = ds.map_batches(Translator, fn_constructor_kwargs={"cfg": t, "device": "cuda" if t.num_gpus_per_actor else "cpu"},
-                        batch_size=256, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=t.actors),
-                        num_cpus=t.num_cpus_per_actor, num_gpus=t.num_gpus_per_actor, ray_remote_args_fn=partial(actor_retries, cfg.ray))
+    key = translator_key(t)
+    ids = queries.select("article_id", "image_id", "source", "content_hash")
+    previous = _previous(out, key)
+    reused = ids.join(previous, on="content_hash", how="inner") if previous is not None else None
+    todo = queries if reused is None else queries.join(reused.select("article_id"), on="article_id", how="anti")
+    parts = [] if reused is None else [reused]
+    if len(todo):
+        log(f"translate: {len(todo)} new texts, {len(queries) - len(todo)} reused from the last run")
+        parts.append(_translate(cfg, t, todo).join(ids, on="article_id", how="left"))
+    frame = pl.concat([p.select(parts[-1].columns) for p in parts], how="vertical_relaxed")
+    skipped = pl.col("translate_note").str.ends_with(NO_PACKAGE).fill_null(False)
+    kept = frame.filter(~skipped).with_columns(join_text(cfg.prepare.text, "title_en", "text_en").alias("query_text"))
     with staged_dir(out, "translated") as stage:
-        ds.write_parquet(str(stage / "_raw"))
-        raw = sorted((stage / "_raw").glob("*.parquet"))
-        # a shard whose notes are all empty has a null-typed column: relax to the common types
-        frame = pl.concat([pl.read_parquet(p) for p in raw], how="vertical_relaxed")
-        frame = frame.with_columns(pl.col("translate_note", "splitter", "title_en", "text_en").cast(pl.String))
-        frame = frame.join(queries.drop("lang"), on="article_id", how="left")
-        for path in raw:
-            path.unlink()
-        (stage / "_raw").rmdir()
-        skipped = pl.col("translate_note").str.ends_with(NO_PACKAGE).fill_null(False)
-        kept = frame.filter(~skipped).with_columns(join_text(cfg.prepare.text, "title_en", "text_en").alias("query_text"))
         write_table(kept.to_arrow(), stage / "part-00000.parquet")
     rejected = frame.filter(skipped).select(pl.col("article_id").alias("id"), pl.lit("article").alias("kind"),
                                             pl.col("translate_note").alias("reason"), pl.lit("translate").alias("stage"))
@@ -59,4 +87,5 @@ def run(cfg) -> dict | None:
     return record_stage(out, "translate", parquet_files(out / "translated"), rows=len(kept),
                         translated=dict(by_lang.iter_rows()), truncated=int(kept["truncated"].sum()),
                         skipped=len(rejected), splitters=splitters, packages_dir=t.packages_dir,
+                        translator_key=key, new=len(todo), reused=len(queries) - len(todo),
                         seconds=round(time.time() - started, 2))

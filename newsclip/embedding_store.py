@@ -1,0 +1,68 @@
+"""The embedding store: per backbone checkpoint and side, embeddings keyed by content hash, so a nightly run
+encodes only content it has never seen and reuses the rest."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from newsclip.store import write_table
+
+HASH_HEX = 32  # 128 bits of sha256: collisions are out of reach for any archive
+
+
+def content_hash(data: str | bytes) -> str:
+    """The key of a text or an image file: sha256 of its UTF-8 text or its bytes (first 128 bits, hex)."""
+    return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()[:HASH_HEX]
+
+
+def hash_array(values: Iterable[str | bytes | None]) -> pa.Array:
+    return pa.array([None if v is None else content_hash(v) for v in values], pa.string())
+
+
+class EmbeddingStore:
+    """`<root>/<backbone slug>/<checkpoint>-<precision>/<side>/part-*.parquet` with columns hash, embedding, error.
+
+    Parts are only ever added, each written atomically, so a crash loses at most the part being written and a
+    rerun finds everything committed before it. Another checkpoint or precision is another folder: nothing
+    encoded by other weights is ever reused. A failed row (an undecodable image) is stored with its error, so
+    it is reported again without being decoded again."""
+
+    def __init__(self, root: Path, backbone_slug: str, checkpoint: str, precision: str, side: str):
+        self.dir = Path(root) / backbone_slug / f"{checkpoint}-{precision}" / side
+
+    def parts(self) -> list[Path]:
+        return sorted(self.dir.glob("part-*.parquet")) if self.dir.is_dir() else []
+
+    def hashes(self) -> list[pa.Array]:
+        """The stored hashes of each part, in part order."""
+        return [pq.read_table(p, columns=["hash"]).column("hash").combine_chunks() for p in self.parts()]
+
+    def append(self, table: pa.Table) -> Path:
+        """Commit one part (hash, embedding, error)."""
+        return write_table(table.select(["hash", "embedding", "error"]), self.dir / f"part-{uuid.uuid4().hex}.parquet")
+
+    def lookup(self, ids: pa.Array, hashes: pa.Array, id_name: str) -> Iterator[pa.Table]:
+        """(id, embedding, error) for each (id, hash), part by part; a hash that is not stored raises KeyError."""
+        parts = self.parts()
+        stored = self.hashes()
+        sizes = np.cumsum([0, *map(len, stored)])
+        # a hash stored twice (two runs at once): index_in takes the first, so one row per id either way
+        position = pc.index_in(hashes, value_set=pa.concat_arrays(stored) if stored else pa.array([], pa.string()))
+        if position.null_count:
+            missing = pc.filter(hashes, pc.is_null(position))[0].as_py()
+            raise KeyError(f"hash {missing} is not in {self.dir}")
+        position = position.to_numpy()
+        part_of = np.searchsorted(sizes, position, side="right") - 1
+        for i in np.unique(part_of):
+            rows = np.flatnonzero(part_of == i)
+            table = pq.read_table(parts[i]).take(pa.array(position[rows] - sizes[i]))
+            yield pa.table({id_name: ids.take(pa.array(rows)), "embedding": table.column("embedding"),
+                            "error": table.column("error")})
