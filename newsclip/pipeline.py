@@ -115,7 +115,7 @@ def _exclusive(output: Path) -> Iterator[None]:
     """One run per output folder at a time; the kernel drops the lock when the process dies, however it dies."""
     import fcntl
 
-    with open(output / ".lock", "w") as handle:
+    with open(output / ".lock", "a") as handle:  # "a": taking the lock changes no file
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -133,7 +133,9 @@ def run_stages(cfg: JobConfig, names: tuple[str, ...] = STAGE_NAMES, force: bool
     out.mkdir(parents=True, exist_ok=True)
     with _exclusive(out):
         _mark_interrupted(out)
-        write_text(out / "config.resolved.yaml", config_mod.dump(cfg))
+        resolved = config_mod.dump(cfg)
+        if not (out / "config.resolved.yaml").exists() or (out / "config.resolved.yaml").read_text() != resolved:
+            write_text(out / "config.resolved.yaml", resolved)
         record = {"run_id": time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6],
                   "started_at": _now(), "status": "running", "stages": {}}
         path = out / "runs" / f"{record['run_id']}.json"

@@ -49,14 +49,17 @@ def rank(cfg: JobConfig, backbone: str, direction: str) -> dict:
         db_ids, db_vectors = db_ids[keep], db_vectors[keep]
     queries = _query_batches(out / "embeddings" / name / query_side, query_id, cfg.knn.query_batch_size)
     result = knn.search(db_ids, db_vectors, queries, cfg.knn)
+    # in query id order: the files then depend on the data alone, not on the order the store was filled in
+    order = np.argsort(result.query_ids, kind="stable")
+    query_ids, ranked, scores = result.query_ids[order], result.ids[order], result.scores[order]
     table = pa.table({
-        query_id: pa.array(result.query_ids, pa.string()),
-        f"{db_id}s": pa.array([list(r) for r in result.ids], pa.list_(pa.string())),
-        "scores": pa.array([list(r) for r in result.scores], pa.list_(pa.float32())),
+        query_id: pa.array(query_ids, pa.string()),
+        f"{db_id}s": pa.array([list(r) for r in ranked], pa.list_(pa.string())),
+        "scores": pa.array([list(r) for r in scores], pa.list_(pa.float32())),
     })
     stem = rankings_stem(backbone, direction)
     files = [write_table(table, out / "rankings" / f"{stem}.parquet"),
-             write_text(out / "rankings" / f"{stem}.tsv", tsv_lines(result.query_ids, result.ids))]
+             write_text(out / "rankings" / f"{stem}.tsv", tsv_lines(query_ids, ranked))]
     return record_stage(out, f"knn:{name}:{direction}", files, backbone=backbone, direction=direction,
                         queries=len(result.query_ids), candidates=len(db_ids), k=int(result.ids.shape[1]),
                         shards=cfg.knn.shards, index=cfg.knn.index, backend=cfg.knn.backend,

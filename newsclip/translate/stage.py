@@ -324,9 +324,12 @@ class Translator:
         confidence = np.zeros(n, dtype=np.float32)
         note: list[str | None] = [None] * n
         todo: dict[str, list[int]] = {}
+        detected_rows = set()
         for i in range(n):
             lang, conf = resolve_lang(given[i], titles[i], texts[i])
             detected = normalize_lang(given[i]) is None
+            if detected:
+                detected_rows.add(i)
             langs.append(lang)
             confidence[i] = conf
             if lang is None or lang == target or not (titles[i] or texts[i]):
@@ -340,8 +343,11 @@ class Translator:
 
         missing = {lang: rows for lang, rows in todo.items() if not self.has_package(lang)}
         for lang, rows in missing.items():
-            if self.cfg.on_missing_package == "error":
-                raise MissingLanguagePackageError(lang, len(rows), self.packages_dir, target, "in this batch")
+            # a language the input declared stops the job (the driver checks those at job start); one that was
+            # only detected (an unexpected script in an English feed) is skipped with a note, never a crash
+            given_rows = [i for i in rows if i not in detected_rows]
+            if self.cfg.on_missing_package == "error" and given_rows:
+                raise MissingLanguagePackageError(lang, len(given_rows), self.packages_dir, target, "in this batch")
             for i in rows:
                 note[i] = f"no {lang}->{target} {NO_PACKAGE}"
             self.stats[f"skipped_no_package_{lang}"] += len(rows)

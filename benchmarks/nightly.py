@@ -1,0 +1,80 @@
+"""A nightly run with 1% new articles against a full run over the same archive: seconds and rows encoded,
+as ratios; prints JSON.
+
+    .venv/bin/python benchmarks/nightly.py --articles 4000 [--new-share 0.01] [--workdir DIR]
+
+1. `newsclip demo-data` writes an archive of --articles articles; `jobs/nightly.yaml` runs over it once (this
+   builds the store and warms Ray; not timed).
+2. --new-share of that many new articles are appended as new shards (`demo-data --append`).
+3. nightly: the same job again (it reuses the store).
+4. full: the same job over the same grown archive into a fresh output folder and store.
+Both timed runs share one Ray session, started in step 1, so neither pays for starting Ray. demo-tiny and the demo
+translator are built first if missing (not timed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+JOB = Path(__file__).resolve().parents[1] / "jobs" / "nightly.yaml"
+
+
+def _run(data: Path, output: Path) -> tuple[float, dict]:
+    from newsclip import config
+    from newsclip.pipeline import run_stages
+
+    cfg = config.load(JOB, [f"input.articles={data / 'articles'}", f"input.images={data / 'images'}",
+                            f"output_dir={output}"])
+    started = time.perf_counter()
+    record = run_stages(cfg)
+    return time.perf_counter() - started, record
+
+
+def _facts(seconds: float, record: dict) -> dict:
+    stages = record["stages"]
+    return {"seconds": round(seconds, 2), "encoded": stages["encode"].get("encoded", 0),
+            "reused": stages["encode"].get("reused", 0), "translated": stages["translate"].get("new", 0),
+            "stage_seconds": {name: stage.get("seconds", 0.0) for name, stage in stages.items()}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--articles", type=int, default=4000)
+    parser.add_argument("--new-share", type=float, default=0.01)
+    parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary folder")
+    args = parser.parse_args()
+
+    from newsclip.cli import _ensure_demo_translator
+    from newsclip.demo.data import append_demo_data, write_demo_data
+    from newsclip.demo.model import ensure_demo_model
+    from newsclip.translate.stage import TranslateConfig
+
+    ensure_demo_model()
+    _ensure_demo_translator(Path(TranslateConfig().resolved().packages_dir))
+    root = args.workdir or Path(tempfile.mkdtemp(prefix="newsclip-nightly-bench-"))
+    data = root / "data"
+    write_demo_data(data, args.articles, seed=0)
+    _run(data, root / "nightly")  # day 0: builds the store
+    new = max(1, round(args.articles * args.new_share))
+    append_demo_data(data, new, seed=1)
+    nightly = _facts(*_run(data, root / "nightly"))
+    full = _facts(*_run(data, root / "full"))
+    print(json.dumps({
+        "archive_articles": args.articles + new, "new_articles": new,
+        "nightly": nightly, "full": full,
+        "seconds_ratio": round(nightly["seconds"] / full["seconds"], 3),
+        "encoded_ratio": round(nightly["encoded"] / max(1, full["encoded"]), 4),
+        "rankings_equal": all(
+            (root / "nightly" / "rankings" / f).read_bytes() == (root / "full" / "rankings" / f).read_bytes()
+            for f in ("demo-tiny.tsv",)),
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
