@@ -57,8 +57,9 @@ def score_rankings(queries: pl.DataFrame, rankings: pl.DataFrame, k: int,
 
 def run(cfg: JobConfig) -> dict:
     out = cfg.output
+    # sorted: the bootstrap resamples by position, so its intervals must not depend on the order of the files
     queries = pl.read_parquet(parquet_files(texts_source(cfg), "query texts"),
-                              columns=["article_id", "image_id", "source"])
+                              columns=["article_id", "image_id", "source"]).sort("article_id")
     stages = json.loads((out / "manifest.json").read_text())["stages"]
     rows, paired, knn = [], [], []
     for direction in cfg.eval.directions:

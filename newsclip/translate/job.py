@@ -74,7 +74,8 @@ def run(cfg) -> dict | None:
     if len(todo):
         log(f"translate: {len(todo)} new texts, {len(queries) - len(todo)} reused from the last run")
         parts.append(_translate(cfg, t, todo).join(ids, on="article_id", how="left"))
-    frame = pl.concat([p.select(parts[-1].columns) for p in parts], how="vertical_relaxed")
+    # in article id order: the same articles give the same file, however many were reused
+    frame = pl.concat([p.select(parts[-1].columns) for p in parts], how="vertical_relaxed").sort("article_id")
     skipped = pl.col("translate_note").str.ends_with(NO_PACKAGE).fill_null(False)
     kept = frame.filter(~skipped).with_columns(join_text(cfg.prepare.text, "title_en", "text_en").alias("query_text"))
     with staged_dir(out, "translated") as stage:
