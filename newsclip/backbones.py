@@ -63,7 +63,14 @@ _OPENAI_URLS = {
 
 
 def slug(name: str) -> str:
-    """A filesystem-safe lower-case name: "ViT-L/14@336px" -> "vit-l-14-336px"; a file path -> its stem's slug."""
+    """A filesystem-safe lower-case name: "ViT-L/14@336px" -> "vit-l-14-336px"; a file path -> its stem's slug;
+    a fusion name -> its prefix and its members' slugs ("fusion:demo-tiny+/m/x.pt" -> "fusion-demo-tiny-x")."""
+    from newsclip.fusion import is_fusion, parse_fusion_name  # fusion imports this module at load time
+
+    if is_fusion(name):
+        # slugged member by member: a checkpoint path as the last member would otherwise slug the whole name to
+        # that file's stem, and the fused rankings would overwrite the member's own
+        return "-".join([slug(name.partition(":")[0]), *(slug(m) for m in parse_fusion_name(name)[1])])
     base = name if name in BACKBONES else Path(name).stem if _looks_like_path(name) else name
     out = re.sub(r"[^a-z0-9]+", "-", base.lower()).strip("-")
     if not out:

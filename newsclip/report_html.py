@@ -22,6 +22,8 @@ METRIC_KEYS = ["mrr", *[f"recall@{k}" for k in RECALL_KS]]
 PALETTE = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f",
            "#bab0ac"]
 THUMB = 160  # thumbnail bounding box in pixels: five per row fit a 1000 px page
+PLOT_W = 510  # the plot area's width in every chart; legends and labels get room beside it
+CHAR_W = 6.5  # a generous average glyph width of the 11 px chart font, to size room for text without measuring it
 BODY_CHARS = 700  # article body shown per example; the rest is cut (the full text is in prepared/queries)
 GPU_MEMORY_KEYS = ("gpu_memory_bytes", "gpu_peak_memory_bytes", "gpu_memory_mb")  # manifest encode entry facts
 
@@ -65,6 +67,42 @@ def _color(i: int) -> str:
 
 def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
+
+
+def display_names(names: Sequence[str]) -> dict[str, str]:
+    """Short labels for tables and plots: a checkpoint path shows as its file name, also inside a fusion name
+    (`fusion:demo-tiny+/models/x.pt` -> `fusion:demo-tiny+x.pt`); names whose labels would coincide stay whole."""
+    from newsclip.backbones import BACKBONES, _looks_like_path
+    from newsclip.fusion import is_fusion, parse_fusion_name
+
+    def short(name: str) -> str:
+        if name in BACKBONES or not _looks_like_path(name) or Path(name).name in BACKBONES:
+            return name  # a file called like a published backbone must not get that backbone's paper row
+        return Path(name).name
+
+    labels = {}
+    for name in names:
+        if is_fusion(name):
+            labels[name] = f"{name.partition(':')[0]}:{'+'.join(short(m) for m in parse_fusion_name(name)[1])}"
+        else:
+            labels[name] = short(name)
+    taken = list(labels.values())
+    return {n: label if taken.count(label) == 1 else n for n, label in labels.items()}
+
+
+def _relabel(rows: list[dict], labels: dict[str, str], *keys: str) -> list[dict]:
+    return [{**row, **{key: labels.get(row[key], row[key]) for key in keys}} for row in rows]
+
+
+def checkpoints_note(labels: dict[str, str]) -> str:
+    """Which file each shortened checkpoint label stands for (the tables and plots show the short label)."""
+    from newsclip.fusion import is_fusion
+
+    paths = {label: name for name, label in labels.items() if label != name and not is_fusion(name)}
+    if not paths:
+        return ""
+    items = "; ".join(f"<code>{esc(label)}</code>: {esc(name)}" for label, name in paths.items())
+    return f'<p class="note">Checkpoint files: {items}.</p>'
 
 
 # ---------------------------------------------------------------- tables
@@ -133,6 +171,11 @@ def _tick_label(v: float) -> str:
     return f"{v:.3g}"
 
 
+def _legend_room(names: Sequence[str]) -> int:
+    """Pixels right of the plot for a legend of `names`: 200, more when a name is long (a fusion of long names)."""
+    return max(200, int(16 + 14 + CHAR_W * max((len(n) for n in names), default=0) + 8))
+
+
 def _svg_open(width: int, height: int, label: str) -> str:
     return (f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
             f'aria-label="{esc(label)}" style="font-family:inherit;font-size:11px">')
@@ -153,8 +196,8 @@ def _legend(names: Sequence[str], colors: dict[str, str], x: float, y: float, da
 
 def recall_curves_svg(rows: list[dict], colors: dict[str, str], with_paper: bool = True) -> str:
     """Recall@K against K (log axis) per backbone; the paper's curve dashed in the same colour."""
-    width, height, left, right, top, bottom = 760, 340, 50, 200, 15, 40
-    pw, ph = width - left - right, height - top - bottom
+    height, left, right, top, bottom = 340, 50, _legend_room([r["backbone"] for r in rows]), 15, 40
+    width, pw, ph = left + PLOT_W + right, PLOT_W, height - top - bottom
     lx0, lx1 = math.log(RECALL_KS[0]), math.log(RECALL_KS[-1])
 
     def px(k: int) -> float:
@@ -203,8 +246,8 @@ def mrr_by_source_svg(rows: list[dict], backbones: list[str], colors: dict[str, 
     value = {(r["backbone"], r["source"]): r for r in rows}
     yticks, ymax = _ticks(min(1.0, max([r.get("mrr_hi") or r["mrr"] for r in rows] + [0.05])))
     nb = len(backbones)
-    width, height, left, right, top, bottom = 760, 300, 50, 200, 15, 40
-    pw, ph = width - left - right, height - top - bottom
+    height, left, right, top, bottom = 300, 50, _legend_room(backbones), 15, 40
+    width, pw, ph = left + PLOT_W + right, PLOT_W, height - top - bottom
     group = pw / len(sources)
     bar = min(28.0, group * 0.8 / max(nb, 1))
 
@@ -293,8 +336,8 @@ def cost_quality_svg(costs: list[dict], quality: dict[str, dict], colors: dict[s
     """MRR (with its 95% whisker) against encode seconds (images + texts) per backbone."""
     points = [(c["backbone"], c["image_seconds"] + c["text_seconds"], quality[c["backbone"]])
               for c in costs if c["backbone"] in quality]
-    width, height, left, right, top, bottom = 760, 300, 50, 200, 15, 40
-    pw, ph = width - left - right, height - top - bottom
+    height, left, right, top, bottom = 300, 50, _legend_room([p[0] for p in points]), 15, 40
+    width, pw, ph = left + PLOT_W + right, PLOT_W, height - top - bottom
     xticks, xmax = _ticks(max([p[1] for p in points] + [0.01]) * 1.05)
     yticks, ymax = _ticks(min(1.0, max([p[2].get("mrr_hi") or p[2]["mrr"] for p in points] + [0.05])))
 
@@ -320,9 +363,12 @@ def cost_quality_svg(costs: list[dict], quality: dict[str, dict], colors: dict[s
         if q.get("mrr_lo") is not None:
             parts.append(f'<line x1="{x:.1f}" y1="{py(q["mrr_lo"]):.1f}" x2="{x:.1f}" y2="{py(q["mrr_hi"]):.1f}" '
                          f'stroke="{colors[name]}"/>')
+        # the label goes left of its point when it would run past the picture's right edge
+        fits = x + 8 + CHAR_W * len(name) <= width
+        label = (f'<text x="{x + 8:.1f}" y="{y - 6:.1f}">' if fits else
+                 f'<text x="{x - 8:.1f}" y="{y - 6:.1f}" text-anchor="end">') + f"{esc(name)}</text>"
         parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="5" fill="{colors[name]}"><title>{esc(name)}: '
-                     f'{seconds:.1f} s, MRR {q["mrr"]:.3f}</title></circle>'
-                     f'<text x="{x + 8:.1f}" y="{y - 6:.1f}">{esc(name)}</text>')
+                     f'{seconds:.1f} s, MRR {q["mrr"]:.3f}</title></circle>{label}')
     parts.append("</svg>")
     return "".join(parts)
 
@@ -471,7 +517,11 @@ def render_html(output_dir: Path, cfg=None, examples: int = 5, example_backbone:
     i2t = [r for r in all_rows if r.get("direction") == "image_to_text"]
     ordered = list(dict.fromkeys(r["backbone"] for r in all_rows))
     wanted = list(getattr(cfg, "backbones", None) or [])
-    backbones = [b for b in wanted if b in ordered] + [b for b in ordered if b not in wanted]
+    names = [b for b in wanted if b in ordered] + [b for b in ordered if b not in wanted]
+    labels = display_names(names)
+    # from here on a backbone is its label: tables, plots and colours all key on it
+    backbones = [labels[b] for b in names]
+    t2i, i2t = _relabel(t2i, labels, "backbone"), _relabel(i2t, labels, "backbone")
     colors = {b: _color(i) for i, b in enumerate(backbones)}
     overall = sorted([r for r in t2i if r["source"] == "all"], key=lambda r: backbones.index(r["backbone"]))
     quality = {r["backbone"]: r for r in overall}
@@ -492,12 +542,13 @@ def render_html(output_dir: Path, cfg=None, examples: int = 5, example_backbone:
     out.append(f'<p class="note">{summary}</p>')
     if prep.get("sample_note"):
         out.append(f'<p class="note"><b>Note:</b> {esc(prep["sample_note"])}.</p>')
+    out.append(checkpoints_note(labels))
 
     out += ["<h2>All backbones (text to image)</h2>", metrics_table_html(overall, k, colors=colors)]
     if overall:
+        paper = ", the paper's (dashed)" if any(paper_scores(r["backbone"]) for r in overall) else ""
         out += ["<h2>Recall@K</h2>", "<figure>", recall_curves_svg(overall, colors),
-                "<figcaption>Recall@K per backbone (solid; shaded: 95% interval), the paper's (dashed).</figcaption>",
-                "</figure>"]
+                f"<figcaption>Recall@K per backbone (solid; shaded: 95% interval){paper}.</figcaption>", "</figure>"]
         per_source = [r for r in t2i if r["source"] != "all"]
         out += ["<h2>MRR per source</h2>", "<figure>", mrr_by_source_svg(per_source or overall, backbones, colors),
                 "<figcaption>MRR@k per article source (whiskers: 95% interval).</figcaption></figure>"]
@@ -505,12 +556,13 @@ def render_html(output_dir: Path, cfg=None, examples: int = 5, example_backbone:
             rows = [r for r in per_source if r["backbone"] == backbone]
             if rows:
                 out += [f"<h3>{esc(backbone)}</h3>", metrics_table_html(rows, k, with_paper=False, label="source")]
-    paired = [p for p in metrics.get("paired", []) if p.get("direction", "text_to_image") == "text_to_image"]
+    paired = _relabel([p for p in metrics.get("paired", []) if p.get("direction", "text_to_image") == "text_to_image"],
+                      labels, "a", "b")
     if paired:
         out += ["<h2>Paired comparisons</h2>",
                 ('<p class="note">Paired bootstrap of the MRR difference on the same articles: A beats B when the '
                  "whole 95% interval of A − B is above 0.</p>"), paired_table_html(paired)]
-    costs = cost_rows(stages, backbones)
+    costs = _relabel(cost_rows(stages, names), labels, "backbone")
     if costs:
         out += ["<h2>Cost against quality</h2>", cost_table_html(costs, quality), "<figure>",
                 cost_quality_svg(costs, quality, colors),
@@ -526,8 +578,9 @@ def render_html(output_dir: Path, cfg=None, examples: int = 5, example_backbone:
                                     f"recall@{esc(k)} {x['recall_at_k_vs_exact']:.4f} against exact search</li>"
                                     for x in knn) + "</ul>")
     if overall and examples > 0:
-        shown = example_backbone or max(overall, key=lambda r: (r["mrr"], r["backbone"]))["backbone"]
-        out += [f"<h2>Examples ({esc(shown)})</h2>",
+        by_label = {label: name for name, label in labels.items()}
+        shown = example_backbone or by_label[max(overall, key=lambda r: (r["mrr"], r["backbone"]))["backbone"]]
+        out += [f"<h2>Examples ({esc(labels.get(shown, shown))})</h2>",
                 ('<p class="note">Each article with its top-5 images and their scores (cosine similarity; for a '
                  "fusion, the fused score); the correct one has a green frame (dashed: shown separately when it is "
                  "not in the top 5).</p>")]

@@ -22,17 +22,18 @@ from clip.model import CLIP  # noqa: E402
 VOCAB, CONTEXT = 500, 16
 
 
-def tiny_clip(family: str) -> CLIP:
+def tiny_clip(family: str, vocab: int = VOCAB) -> CLIP:
+    """A random-weight CLIP; `vocab=49408` (clip's tokenizer) makes one that can encode real text in a job."""
     torch.manual_seed(0 if family == "resnet" else 1)
     if family == "resnet":
-        model = CLIP(32, 64, (1, 1, 1, 1), 8, None, CONTEXT, VOCAB, 64, 1, 1)
+        model = CLIP(32, 64, (1, 1, 1, 1), 8, None, CONTEXT, vocab, 64, 1, 1)
         for module in model.modules():  # non-trivial BatchNorm statistics, so that buffers must load too
             if isinstance(module, torch.nn.BatchNorm2d):
                 module.running_mean.uniform_(-0.5, 0.5)
                 module.running_var.uniform_(0.5, 2.0)
                 torch.nn.init.uniform_(module.weight, 0.5, 1.5)
     else:
-        model = CLIP(32, 32, 1, 64, 16, CONTEXT, VOCAB, 64, 1, 1)
+        model = CLIP(32, 32, 1, 64, 16, CONTEXT, vocab, 64, 1, 1)
     return model.eval()
 
 

@@ -41,6 +41,9 @@ def test_names_and_slugs():
     assert parse_fusion_name("fusion-rrf:ViT-L/14@336px+RN50") == ("rrf", ["ViT-L/14@336px", "RN50"])
     assert fusion_slug("fusion:RN50x64+ViT-L/14") == slug("fusion:RN50x64+ViT-L/14") == "fusion-rn50x64-vit-l-14"
     assert fusion_slug("fusion-rrf:RN50x64+ViT-L/14") == "fusion-rrf-rn50x64-vit-l-14"
+    # a checkpoint path as a member is slugged alone, so the fusion's files never take the member's name
+    assert slug("fusion:demo-tiny+/models/random-rn.pt") == "fusion-demo-tiny-random-rn"
+    assert slug("fusion-rrf:/models/a.v2.pt+RN50") == "fusion-rrf-a-v2-rn50"
     assert is_fusion("fusion:a+b") and not is_fusion("ViT-L/14") and not is_fusion("fusion")
     for bad in ("fusion:RN50", "RN50+RN101", "fusion:RN50+", "fusion-max:a+b"):
         with pytest.raises(ValueError):

@@ -17,7 +17,7 @@ from newsclip.bootstrap import ci_rows, paired_rows
 from newsclip.evaluate import query_ranks
 from newsclip.fusion import fuse_stage, fusion_name
 from newsclip.metrics import scores
-from newsclip.report_html import render_html, write_html
+from newsclip.report_html import checkpoints_note, display_names, render_html, write_html
 from newsclip.store import write_table, write_text
 
 HOSTILE_TITLE = "<script>alert('x')</script> Flood & storm \"warning\""
@@ -154,6 +154,7 @@ def test_plots_are_inline_svg(rendered):
     assert page.count("svg") == 3  # Recall@K curves, MRR per source, cost against quality
     assert page.count("polyline") == 3 + 2  # a curve per backbone (fusion included), the paper's for RN50 and ViT-B/32
     assert any(attrs.get("stroke-dasharray") for tag, attrs in page.tags if tag == "polyline")
+    assert "the paper's (dashed)" in " ".join(page.text)  # the caption names them when they are drawn
 
 
 def test_examples_show_thumbnails_as_data_uris_with_the_correct_one_marked(rendered):
@@ -202,3 +203,16 @@ def test_renders_without_intervals_or_config(tmp_path):
     document = render_html(out, None, examples=1)
     assert "<svg" in document and "95% bootstrap" not in document
     assert f"{scores(np.array([1]), K)['mrr']:.3f}" in document  # formats render
+
+
+def test_display_names_shorten_checkpoint_paths(tmp_path):
+    named_like_rn50 = tmp_path / "RN50"
+    named_like_rn50.write_bytes(b"x")  # a path only because the file exists
+    names = ["RN50", "ViT-B/32", "/m/a/x.pt", "/m/b/x.pt", "/m/c/y.pt", "fusion-rrf:RN50+/m/c/y.pt", "ViT-H/14",
+             str(named_like_rn50)]
+    labels = display_names(names)
+    assert labels == {"RN50": "RN50", "ViT-B/32": "ViT-B/32", "/m/a/x.pt": "/m/a/x.pt", "/m/b/x.pt": "/m/b/x.pt",
+                      "/m/c/y.pt": "y.pt", "fusion-rrf:RN50+/m/c/y.pt": "fusion-rrf:RN50+y.pt", "ViT-H/14": "ViT-H/14",
+                      str(named_like_rn50): str(named_like_rn50)}  # two x.pt stay whole; RN50 keeps its paper row
+    assert checkpoints_note(labels) == '<p class="note">Checkpoint files: <code>y.pt</code>: /m/c/y.pt.</p>'
+    assert checkpoints_note(display_names(["RN50", "ViT-B/32"])) == ""
