@@ -24,24 +24,26 @@ class BackboneSpec:
     family: str  # "resnet" | "vit"
     input_resolution: int  # the square image side the preprocess produces
     embed_dim: int  # the size of the joint embedding
+    image_gflops: float  # the cost of encoding one image: sets the default batch size and GPU share
 
 
 # Shapes from openai/CLIP's model card and the configs its checkpoints build to (build_model: text_projection
-# columns = embed_dim, attnpool grid * 32 or patch * grid = input_resolution).
+# columns = embed_dim, attnpool grid * 32 or patch * grid = input_resolution). GFLOPs per image from open_clip's
+# docs/model_profile.csv (image_gflops of the same architectures).
 BACKBONES: dict[str, BackboneSpec] = {
     spec.name: spec
     for spec in (
-        BackboneSpec("RN50", "resnet", 224, 1024),
-        BackboneSpec("RN101", "resnet", 224, 512),
-        BackboneSpec("RN50x4", "resnet", 288, 640),
-        BackboneSpec("RN50x16", "resnet", 384, 768),
-        BackboneSpec("RN50x64", "resnet", 448, 1024),
-        BackboneSpec("ViT-B/32", "vit", 224, 512),
-        BackboneSpec("ViT-B/16", "vit", 224, 512),
-        BackboneSpec("ViT-L/14", "vit", 224, 768),
-        BackboneSpec("ViT-L/14@336px", "vit", 336, 768),
+        BackboneSpec("RN50", "resnet", 224, 1024, 12.22),
+        BackboneSpec("RN101", "resnet", 224, 512, 19.54),
+        BackboneSpec("RN50x4", "resnet", 288, 640, 42.56),
+        BackboneSpec("RN50x16", "resnet", 384, 768, 149.39),
+        BackboneSpec("RN50x64", "resnet", 448, 1024, 529.11),
+        BackboneSpec("ViT-B/32", "vit", 224, 512, 8.82),
+        BackboneSpec("ViT-B/16", "vit", 224, 512, 35.13),
+        BackboneSpec("ViT-L/14", "vit", 224, 768, 162.03),
+        BackboneSpec("ViT-L/14@336px", "vit", 336, 768, 381.92),
         # trained by newsclip.demo.model on the synthetic scenes: ModifiedResNet tower, 64 px, embed 64
-        BackboneSpec("demo-tiny", "resnet", 64, 64),
+        BackboneSpec("demo-tiny", "resnet", 64, 64, 0.05),
     )
 }
 DEMO_TINY = "demo-tiny"

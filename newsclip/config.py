@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -49,22 +50,73 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class BackboneEncode:
+    """One backbone's own encode settings (`encode.per_backbone.<name>`); unset keys follow `encode`."""
+
+    batch_size: int | None = None
+    actors: int | None = None
+    num_gpus_per_actor: float | None = None
+    fp16: bool | None = None
+
+    def __post_init__(self) -> None:
+        for key in ("batch_size", "actors"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ValueError(f"{key}: must be at least 1")
+
+
+CPU_BATCH = 64  # on CPUs the batch size barely matters for speed; 64 keeps memory small
+GPU_BATCH_GFLOPS = 32_768  # on a GPU, a batch of about this much work: RN50 1024, ViT-L/14 128, RN50x64 32
+
+
+@dataclass(frozen=True)
 class EncodeConfig:
-    batch_size: int = 64
+    batch_size: int | None = None  # null: 64 on CPUs; on GPUs from each backbone's cost (see for_backbone)
     actors: int = 1  # actor pool size per backbone and side
     num_cpus_per_actor: float = 1.0  # on a 2-CPU laptop an actor taking both CPUs starves the read tasks
+    # GPUs per actor for the costliest backbones; lighter ones take a half or a quarter of it (see for_backbone)
     num_gpus_per_actor: float = 0.0
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when Ray gives the actor a GPU
     torch_threads: int = 1
-    fp16: bool = False  # half precision on CUDA only (fp16 on this CPU is ~5x slower)
+    fp16: bool | None = None  # half precision on CUDA only; null: on wherever there is a GPU (fp16 on CPU is ~5x slower)
     download_root: str | None = None  # where OpenAI weights are cached (clip's default: ~/.cache/clip)
     max_image_pixels: int = 40_000_000  # decompression-bomb bound for image decoding
     commit_rows: int = 10_000  # new embeddings are committed to the store this often: a crash loses at most this
+    parallel_backbones: int = 1  # backbones encoded at once: 1 on one GPU or a laptop; more on a cluster
+    per_backbone: dict[str, BackboneEncode] = field(default_factory=dict)  # e.g. {RN50x64: {batch_size: 16}}
 
     def __post_init__(self) -> None:
-        for key in ("batch_size", "actors", "torch_threads", "max_image_pixels", "commit_rows"):
-            if getattr(self, key) < 1:
+        for key in ("batch_size", "actors", "torch_threads", "max_image_pixels", "commit_rows", "parallel_backbones"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ValueError(f"{key}: must be at least 1")
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device == "cuda" or (self.device == "auto" and self.num_gpus_per_actor > 0)
+
+    def for_backbone(self, name: str) -> EncodeConfig:
+        """The settings one backbone's encoders run with: its own keys, else defaults from its cost.
+
+        On GPUs: a batch of about GPU_BATCH_GFLOPS of work (a power of two, 32 to 1024), fp16, and a GPU share
+        by cost (under 15 GFLOPs an image: a quarter, under 50: a half), so that light backbones running side by
+        side share a GPU. On CPUs: batches of 64, fp32, no GPU."""
+        from newsclip.backbones import BACKBONES
+
+        spec = BACKBONES.get(name)
+        gflops = spec.image_gflops if spec else 50.0  # a checkpoint path: assume a mid-sized model
+        if self.on_gpu:
+            batch = int(min(1024, max(32, 2 ** math.floor(math.log2(GPU_BATCH_GFLOPS / gflops)))))
+            gpus = self.num_gpus_per_actor * (0.25 if gflops < 15 else 0.5 if gflops < 50 else 1.0)
+            fp16 = True
+        else:
+            batch, gpus, fp16 = CPU_BATCH, self.num_gpus_per_actor, False
+        own = self.per_backbone.get(name, BackboneEncode())
+        return replace(self, batch_size=_first(own.batch_size, self.batch_size, batch),
+                       fp16=_first(own.fp16, self.fp16, fp16), actors=_first(own.actors, self.actors),
+                       num_gpus_per_actor=_first(own.num_gpus_per_actor, gpus), per_backbone={})
+
+
+def _first(*values):
+    return next(v for v in values if v is not None)
 
 
 @dataclass(frozen=True)
@@ -120,6 +172,12 @@ def _check_value(key: str, tp: Any, value: Any) -> Any:
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0])
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        key_type, value_type = typing.get_args(tp)
+        return {_check_value(f"{key} (a key)", key_type, k): _check_value(f"{key}.{k}", value_type, v)
+                for k, v in value.items()}
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
@@ -176,6 +234,8 @@ def _validate(cfg: JobConfig) -> None:
             raise ConfigError(f"fusion: {e}") from None
         missing = [m for m in members if m not in cfg.backbones]
         checks.append((not missing, "fusion", f"{name!r} fuses {missing} which are not in backbones"))
+    unknown = [name for name in cfg.encode.per_backbone if name not in cfg.backbones]
+    checks.append((not unknown, "encode.per_backbone", f"names {unknown}, which are not in backbones"))
     for ok, key, message in checks:
         if not ok:
             raise ConfigError(f"{key}: {message}")
@@ -240,6 +300,8 @@ def to_dict(cfg: Any) -> Any:
         return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
     if isinstance(cfg, tuple):
         return [to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
     return cfg
 
 

@@ -138,12 +138,12 @@ def _new_rows(wanted: pa.Table, store: EmbeddingStore) -> pa.Table:
     return wanted.take(pa.array(np.sort(first), pa.int64()))
 
 
-def _dataset(cfg: JobConfig, side: Side, todo: pa.Table):
+def _dataset(side: Side, todo: pa.Table, actors: int):
     """Ray Data rows for the encoder: (hash, query_text) for texts, (image_id, image) read from the shards."""
     import ray
 
     # enough blocks that reading, decoding and encoding overlap and every actor gets work
-    blocks = max(4 * cfg.encode.actors, 8)
+    blocks = max(4 * actors, 8)
     if side is TEXTS:
         return dataset_of(todo.select(["hash", "query_text"]), blocks)
     files = sorted(set(todo.column("file").to_pylist()))
@@ -156,12 +156,12 @@ def _keep_rows(batch: pa.Table, keep) -> pa.Table:
     return batch.filter(pc.is_in(batch.column("image_id"), value_set=keep))
 
 
-def encode_new(cfg: JobConfig, backbone: str, side: Side, todo: pa.Table, store: EmbeddingStore) -> int:
+def encode_new(cfg: JobConfig, enc: EncodeConfig, backbone: str, side: Side, todo: pa.Table,
+               store: EmbeddingStore) -> int:
     """Encode `todo` on a Ray Data actor pool, committing to the store every `encode.commit_rows` rows."""
     import ray
 
-    enc = cfg.encode
-    ds = _dataset(cfg, side, todo).map_batches(
+    ds = _dataset(side, todo, enc.actors).map_batches(
         side.encoder,
         fn_constructor_kwargs={"backbone": backbone, "cfg": enc},
         batch_size=enc.batch_size,
@@ -192,12 +192,11 @@ def _commit(store: EmbeddingStore, pending: list[pa.Table]) -> int:
 def encode_side(cfg: JobConfig, backbone: str, side: Side) -> dict:
     """Bring the store up to date for one backbone and side, then commit this run's embeddings from it."""
     started = time.time()
-    out, name = cfg.output, slug(backbone)
-    store = EmbeddingStore(cfg.store, name, checkpoint_id(backbone, cfg.encode.download_root), precision(cfg.encode),
-                           side.name)
+    out, name, enc = cfg.output, slug(backbone), cfg.encode.for_backbone(backbone)
+    store = EmbeddingStore(cfg.store, name, checkpoint_id(backbone, enc.download_root), precision(enc), side.name)
     wanted = wanted_rows(cfg, side)
     todo = _new_rows(wanted, store)
-    encoded = encode_new(cfg, backbone, side, todo, store) if len(todo) else 0
+    encoded = encode_new(cfg, enc, backbone, side, todo, store) if len(todo) else 0
     relative = f"embeddings/{name}/{side.name}"
     rows, failures = 0, []
     with staged_dir(out, relative) as stage:
@@ -219,15 +218,22 @@ def encode_side(cfg: JobConfig, backbone: str, side: Side) -> dict:
     reused = len(wanted) - int(pc.sum(pc.is_in(wanted.column("hash"), value_set=todo.column("hash"))).as_py() or 0)
     return record_stage(out, f"encode:{name}:{side.name}", parquet_files(out / relative, relative), backbone=backbone,
                         rows=rows, rejected=len(rejects), encoded=encoded, reused=reused, store=str(store.dir),
+                        batch_size=enc.batch_size, fp16=enc.fp16, num_gpus_per_actor=enc.num_gpus_per_actor,
                         seconds=round(time.time() - started, 2))
 
 
 def precision(enc: EncodeConfig) -> str:
     """fp16 (on a GPU only) gives other numbers than fp32: a store of its own."""
-    on_gpu = enc.device == "cuda" or (enc.device == "auto" and enc.num_gpus_per_actor > 0)
-    return "fp16" if enc.fp16 and on_gpu else "fp32"
+    return "fp16" if enc.fp16 and enc.on_gpu else "fp32"
 
 
 def run(cfg: JobConfig) -> list[dict]:
-    """Encode both sides for every backbone of the job."""
-    return [encode_side(cfg, backbone, side) for backbone in cfg.backbones for side in (TEXTS, IMAGES)]
+    """Encode both sides for every backbone: `encode.parallel_backbones` backbones at a time, each with its own
+    actor pools (side by side on a cluster; one after another on one GPU or a laptop)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def both_sides(backbone: str) -> list[dict]:
+        return [encode_side(cfg, backbone, side) for side in (TEXTS, IMAGES)]
+
+    with ThreadPoolExecutor(max_workers=cfg.encode.parallel_backbones) as pool:
+        return [entry for entries in pool.map(both_sides, cfg.backbones) for entry in entries]

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -92,10 +93,14 @@ def read_manifest(output: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+_MANIFEST_LOCK = threading.Lock()  # backbones encoded side by side record their stages from several threads
+
+
 def _update_manifest(output: Path, update) -> None:
-    manifest = {"stages": {}, "completed": {}, "runs": [], **read_manifest(output)}
-    update(manifest)
-    write_text(output / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True))
+    with _MANIFEST_LOCK:
+        manifest = {"stages": {}, "completed": {}, "runs": [], **read_manifest(output)}
+        update(manifest)
+        write_text(output / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True))
 
 
 def record_stage(output: Path, stage: str, files: list[Path], **facts) -> dict:

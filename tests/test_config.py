@@ -1,5 +1,6 @@
 """Job config: YAML into frozen dataclasses, errors that name the key, overrides, the shipped job files."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -62,3 +63,28 @@ def test_resolved_config_round_trips(tmp_path):
     cfg = config.load(JOBS / "newsimages2022.yaml", ["eval.seed=5"])
     path = _write(tmp_path, config.dump(cfg))
     assert config.load(path) == cfg
+
+
+def test_encode_settings_per_backbone_follow_cost_on_gpus_and_stay_small_on_cpus():
+    gpu = config.load(None, ["backbones=[RN50, ViT-L/14, RN50x64]", "encode.num_gpus_per_actor=1",
+                             "encode.per_backbone={RN50x64: {batch_size: 16, fp16: false}}"]).encode
+    rn50, vit, big = (gpu.for_backbone(b) for b in ("RN50", "ViT-L/14", "RN50x64"))
+    assert (rn50.batch_size, rn50.num_gpus_per_actor, rn50.fp16) == (1024, 0.25, True)  # light: a quarter GPU
+    assert (vit.batch_size, vit.num_gpus_per_actor, vit.fp16) == (128, 1.0, True)
+    assert (big.batch_size, big.num_gpus_per_actor, big.fp16) == (16, 1.0, False)  # its own keys win
+    assert gpu.for_backbone("/models/finetuned.pt").batch_size == 512  # unknown cost: a mid-sized model
+    cpu = config.load(None).encode.for_backbone("demo-tiny")
+    assert (cpu.batch_size, cpu.num_gpus_per_actor, cpu.fp16) == (64, 0.0, False)
+    fixed = config.load(None, ["encode.batch_size=8", "encode.num_gpus_per_actor=1"]).encode
+    assert fixed.for_backbone("RN50").batch_size == 8  # an explicit batch size holds for every backbone
+
+
+@pytest.mark.parametrize("override, message", [
+    ("encode.per_backbone={RN50: {batch_size: 4}}", "encode.per_backbone: names ['RN50'], which are not in backbones"),
+    ("encode.per_backbone={demo-tiny: {batch_size: 0}}", "encode.per_backbone.demo-tiny.batch_size: must be at least 1"),
+    ("encode.per_backbone={demo-tiny: {gpus: 1}}", "encode.per_backbone.demo-tiny.gpus: unknown key"),
+    ("encode.per_backbone=[demo-tiny]", "encode.per_backbone: expected a mapping"),
+])
+def test_per_backbone_errors_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        config.load(None, [override])
