@@ -138,18 +138,26 @@ def _new_rows(wanted: pa.Table, store: EmbeddingStore) -> pa.Table:
     return wanted.take(pa.array(np.sort(first), pa.int64()))
 
 
-def _dataset(side: Side, todo: pa.Table, actors: int):
+def rows_per_block(rows: int, enc: EncodeConfig) -> int:
+    """Rows per block fed to the encoders. An actor hands back its output when it has finished an input block, so
+    blocks set both how the actors share the work (4 blocks each at least) and how often the store can commit
+    (every `commit_rows`); at most 1,024 (about 100 MB of news photos), at least one batch."""
+    return max(enc.batch_size, min(enc.commit_rows, 1024, -(-rows // (4 * enc.actors))))
+
+
+def _dataset(side: Side, todo: pa.Table, enc: EncodeConfig):
     """Ray Data rows for the encoder: (hash, query_text) for texts, (image_id, image) read from the shards."""
     import ray
 
-    # enough blocks that reading, decoding and encoding overlap and every actor gets work
-    blocks = max(4 * actors, 8)
+    rows = rows_per_block(len(todo), enc)
     if side is TEXTS:
-        return dataset_of(todo.select(["hash", "query_text"]), blocks)
+        return dataset_of(todo.select(["hash", "query_text"]), -(-len(todo) // rows))
     files = sorted(set(todo.column("file").to_pylist()))
-    ds = ray.data.read_parquet(files, override_num_blocks=max(len(files), blocks)).select_columns(["image_id", "image"])
-    # only the new images: a shard also holds images already stored, or not ranked at all
-    return ds.map_batches(_keep_rows, fn_kwargs={"keep": todo.column("image_id")}, batch_format="pyarrow")
+    ds = ray.data.read_parquet(files).select_columns(["image_id", "image"])
+    # only the new images: a shard also holds images already stored, or not ranked at all; then blocks of `rows`
+    # (a shard is one block per row group, often the whole file), cut as they stream by
+    return (ds.map_batches(_keep_rows, fn_kwargs={"keep": todo.column("image_id")}, batch_format="pyarrow")
+            .repartition(target_num_rows_per_block=rows))
 
 
 def _keep_rows(batch: pa.Table, keep) -> pa.Table:
@@ -161,7 +169,7 @@ def encode_new(cfg: JobConfig, enc: EncodeConfig, backbone: str, side: Side, tod
     """Encode `todo` on a Ray Data actor pool, committing to the store every `encode.commit_rows` rows."""
     import ray
 
-    ds = _dataset(side, todo, enc.actors).map_batches(
+    ds = _dataset(side, todo, enc).map_batches(
         side.encoder,
         fn_constructor_kwargs={"backbone": backbone, "cfg": enc},
         batch_size=enc.batch_size,
