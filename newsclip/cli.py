@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                         ("encode", "encode prepared texts and images per backbone into embeddings/"),
                         ("knn", "rank candidate images per text into rankings/"),
                         ("evaluate", "score rankings into metrics.csv and metrics.json"),
-                        ("report", "write report.md from the metrics")]:
+                        ("report", "write report.md and report.html from the metrics")]:
         _job_args(sub.add_parser(stage, help=f"{what} (one stage of `run`)"))
 
     p = sub.add_parser("backbones", help="list the backbones newsclip knows and whether their weights are on disk")

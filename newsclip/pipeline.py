@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import sys
 import time
 import uuid
@@ -14,7 +15,7 @@ from pathlib import Path
 from newsclip import config as config_mod
 from newsclip.config import JobConfig, RayConfig
 from newsclip.embedding_store import content_hash
-from newsclip.store import parquet_files, read_manifest, record_completed, record_run, write_text
+from newsclip.store import STAGING, parquet_files, read_manifest, record_completed, record_run, write_text
 
 STAGE_NAMES = ("prepare", "translate", "encode", "knn", "evaluate", "report")
 
@@ -133,6 +134,7 @@ def run_stages(cfg: JobConfig, names: tuple[str, ...] = STAGE_NAMES, force: bool
     out.mkdir(parents=True, exist_ok=True)
     with _exclusive(out):
         _mark_interrupted(out)
+        shutil.rmtree(out / STAGING, ignore_errors=True)  # what a dead run left half-written: never committed
         resolved = config_mod.dump(cfg)
         if not (out / "config.resolved.yaml").exists() or (out / "config.resolved.yaml").read_text() != resolved:
             write_text(out / "config.resolved.yaml", resolved)

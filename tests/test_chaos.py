@@ -126,3 +126,4 @@ def test_killed_driver_then_rerun_finishes_the_job(chaos_root):
     assert images["reused"] >= stored_before * 48 > 0 and 0 < images["encoded"] < images["rows"]
     _assert_same(output, reference)
     assert (output / "metrics.csv").read_text() == (root / "reference" / "metrics.csv").read_text()
+    assert not list((output / ".staging").glob("*"))  # the dead run's half-written stage was cleared
