@@ -77,7 +77,7 @@ class EncodeConfig:
     num_gpus_per_actor: float = 0.0
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when Ray gives the actor a GPU
     torch_threads: int = 1
-    fp16: bool | None = None  # half precision on CUDA only; null: on wherever there is a GPU (fp16 on CPU is ~5x slower)
+    fp16: bool | None = None  # half precision on CUDA only; null: on GPUs (fp16 on this CPU was ~5x slower)
     download_root: str | None = None  # where OpenAI weights are cached (clip's default: ~/.cache/clip)
     max_image_pixels: int = 40_000_000  # decompression-bomb bound for image decoding
     commit_rows: int = 10_000  # new embeddings are committed to the store this often: a crash loses at most this

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import time
-
-import numpy as np
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq

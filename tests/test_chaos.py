@@ -25,7 +25,8 @@ SIDES = {"texts": "article_id", "images": "image_id"}
 
 
 def _job(root: Path, name: str) -> Path:
-    job = {"name": name, "input": {"articles": str(root / "data" / "articles"), "images": str(root / "data" / "images")},
+    data = root / "data"
+    job = {"name": name, "input": {"articles": str(data / "articles"), "images": str(data / "images")},
            "output_dir": str(root / name), "translate": {"enabled": False},
            "eval": {"sample_size": None, "candidates": "all", "bootstrap": 20},
            # small batches and commits: many tasks in flight and several store parts before the kill

@@ -95,7 +95,8 @@ def write_demo_data(out_dir: Path, articles: int = 2000, seed: int = 0, first_id
         if image_id and not image_lost:
             image_rows.append({"image_id": image_id, "image": _encode(image, fmt)})
         article_rows.append({
-            "article_id": f"art-{first_id + i:06d}", "title": title, "text": text, "image_id": image_id, "source": source,
+            "article_id": f"art-{first_id + i:06d}", "title": title, "text": text, "image_id": image_id,
+            "source": source,
             "lang": lang, "published": start + timedelta(minutes=int(rng.integers(0, 365 * 24 * 60))),
         })
     for _ in range(round(articles * ORPHAN_IMAGES)):

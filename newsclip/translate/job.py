@@ -45,7 +45,8 @@ def _translate(cfg, t, queries: pl.DataFrame) -> pl.DataFrame:
 
     ds = dataset_of(queries.select("article_id", "title", pl.col("body").alias("text"), "lang").to_arrow(),
                     4 * t.actors)
-    ds = ds.map_batches(Translator, fn_constructor_kwargs={"cfg": t, "device": "cuda" if t.num_gpus_per_actor else "cpu"},
+    device = "cuda" if t.num_gpus_per_actor else "cpu"
+    ds = ds.map_batches(Translator, fn_constructor_kwargs={"cfg": t, "device": device},
                         batch_size=256, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=t.actors),
                         num_cpus=t.num_cpus_per_actor, num_gpus=t.num_gpus_per_actor,
                         ray_remote_args_fn=partial(actor_retries, cfg.ray))
@@ -81,7 +82,8 @@ def run(cfg) -> dict | None:
     with staged_dir(out, "translated") as stage:
         write_table(kept.to_arrow(), stage / "part-00000.parquet")
     rejected = frame.filter(skipped).select(pl.col("article_id").alias("id"), pl.lit("article").alias("kind"),
-                                            pl.col("translate_note").alias("reason"), pl.lit("translate").alias("stage"))
+                                            pl.col("translate_note").alias("reason"),
+                                            pl.lit("translate").alias("stage"))
     write_table(rejected.to_arrow(), out / "rejects" / "translate.parquet")
     by_lang = kept.filter("translated").group_by("lang").len().sort("lang")
     splitters = sorted(set(kept["splitter"].drop_nulls()))
