@@ -13,8 +13,6 @@ from newsclip.pipeline import STAGE_NAMES, WORKER_ENV, log
 for _key, _value in WORKER_ENV.items():  # before torch is imported anywhere in this process (and its workers)
     os.environ.setdefault(_key, _value)
 warnings.filterwarnings("ignore", "pkg_resources is deprecated", UserWarning)
-# the actor-retry limits need it (README: retries); Ray is pinned to 2.60, so the notice is known and not news
-warnings.filterwarnings("ignore", "`ray_remote_args_fn` is deprecated")
 
 DEMO_ARTICLES = 2200  # a little over the 2,000 sampled pairs, after ~3% of articles are unusable
 
