@@ -50,7 +50,7 @@ class EmbeddingStore:
         return write_table(table.select(["hash", "embedding", "error"]), self.dir / f"part-{uuid.uuid4().hex}.parquet")
 
     def lookup(self, ids: pa.Array, hashes: pa.Array, id_name: str) -> Iterator[pa.Table]:
-        """(id, embedding, error) for each (id, hash), part by part; a hash that is not stored raises KeyError."""
+        """(id, embedding, hash, error) for each (id, hash), part by part; a hash not stored raises KeyError."""
         parts = self.parts()
         stored = self.hashes()
         sizes = np.cumsum([0, *map(len, stored)])
@@ -64,5 +64,6 @@ class EmbeddingStore:
         for i in np.unique(part_of):
             rows = np.flatnonzero(part_of == i)
             table = pq.read_table(parts[i]).take(pa.array(position[rows] - sizes[i]))
-            yield pa.table({id_name: ids.take(pa.array(rows)), "embedding": table.column("embedding"),
-                            "error": table.column("error")})
+            rows = pa.array(rows)
+            yield pa.table({id_name: ids.take(rows), "embedding": table.column("embedding"),
+                            "hash": hashes.take(rows), "error": table.column("error")})

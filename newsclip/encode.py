@@ -210,7 +210,8 @@ def encode_side(cfg: JobConfig, backbone: str, side: Side) -> dict:
     with staged_dir(out, relative) as stage:
         for i, part in enumerate(store.lookup(wanted.column(side.id_column), wanted.column("hash"), side.id_column)):
             failed = pc.is_valid(part.column("error"))
-            good = part.filter(pc.invert(failed)).select([side.id_column, "embedding"])
+            # the hash beside the embedding: the knn stage tells from it which rows are new since its last run
+            good = part.filter(pc.invert(failed)).select([side.id_column, "embedding", "hash"])
             if len(good):
                 write_table(good, stage / f"part-{i:05d}.parquet")
             rows += len(good)

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from functools import partial
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from newsclip import knn
 from newsclip.backbones import slug
 from newsclip.config import JobConfig
-from newsclip.store import parquet_files, read_embeddings, record_stage, vectors_of, write_table, write_text
+from newsclip.store import (parquet_files, read_embeddings, read_manifest, record_stage, vectors_of, write_table,
+                            write_text)
 
 # direction -> (query side, query id, database side, database id); text_to_image is the NewsImages task
 DIRECTIONS = {
@@ -26,11 +29,49 @@ def rankings_stem(backbone: str, direction: str) -> str:
     return slug(backbone) if direction == "text_to_image" else f"{slug(backbone)}.{direction}"
 
 
-def _query_batches(folder, id_column: str, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Stream (ids, vectors) from an embeddings folder, never all of them at once."""
+def _query_batches(folder, id_column: str, batch_size: int, keep: pa.Array | None = None
+                   ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Stream (ids, vectors) from an embeddings folder, never all of them at once; only ids in `keep` if given."""
     for path in parquet_files(folder, f"embeddings {folder}"):
         for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=[id_column, "embedding"]):
-            yield batch.column(id_column).to_numpy(zero_copy_only=False), vectors_of(batch.column("embedding"))
+            if keep is not None:
+                keep = keep.combine_chunks() if isinstance(keep, pa.ChunkedArray) else keep
+                batch = batch.filter(pc.is_in(batch.column(id_column), value_set=keep))
+            if batch.num_rows:
+                yield batch.column(id_column).to_numpy(zero_copy_only=False), vectors_of(batch.column("embedding"))
+
+
+def _ids_and_hashes(folder, id_column: str) -> pa.Table:
+    return pq.read_table(parquet_files(folder, f"embeddings {folder}"), columns=[id_column, "hash"])
+
+
+def _previous(cfg: JobConfig, stem: str, entry_name: str, stores: list[str]) -> tuple[pa.Table, pa.Table] | None:
+    """Last run's rankings and the database they were computed against, when this run can build on them: the same
+    embeddings store (checkpoint), the same k and an exact index."""
+    out = cfg.output
+    entry = read_manifest(out).get("stages", {}).get(entry_name, {})
+    paths = out / "rankings" / f"{stem}.parquet", out / "rankings" / f"{stem}.database.parquet"
+    if (cfg.knn.index != "flat" or entry.get("stores") != stores or entry.get("k") != cfg.knn.k
+            or not all(p.exists() for p in paths)):
+        return None
+    rankings, database = (pq.read_table(p) for p in paths)
+    return (rankings, database) if "query_hash" in rankings.column_names else None
+
+
+def _merge(previous: pa.Table, added: knn.KnnResult, query_id: str, db_list: str, k: int
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each query's last top-k (none of it deleted or changed) with its top-k among the added rows: its top-k now,
+    ordered by score desc, then id asc, exactly as a full search orders it (scores are re-scored exactly)."""
+    new = {q: (ids, scores) for q, ids, scores in zip(added.query_ids, added.ids, added.scores)}
+    query_ids = previous.column(query_id).to_numpy(zero_copy_only=False)
+    ranked, scored = [], []
+    for q, ids, scores in zip(query_ids, previous.column(db_list).to_pylist(), previous.column("scores").to_pylist()):
+        more_ids, more_scores = new.get(q, ((), ()))
+        ids, scores = [*ids, *more_ids], np.asarray([*scores, *more_scores], np.float32)
+        order = sorted(range(len(ids)), key=lambda i: (-scores[i], ids[i]))[:k]
+        ranked.append([ids[i] for i in order])
+        scored.append(scores[order])
+    return query_ids, np.array(ranked, dtype=object), np.array(scored, dtype=np.float32)
 
 
 def tsv_lines(query_ids: np.ndarray, ranked: np.ndarray) -> str:
@@ -39,31 +80,78 @@ def tsv_lines(query_ids: np.ndarray, ranked: np.ndarray) -> str:
 
 
 def rank(cfg: JobConfig, backbone: str, direction: str) -> dict:
+    """Top-k database rows per query. After a nightly run's encode, a query whose text (or image) is unchanged and
+    none of whose last top-k rows was deleted or changed is searched against the added rows only and merged with
+    its last top-k; every other query is searched in full. Both give what a full search gives, bit for bit."""
     started = time.time()
-    out, name = cfg.output, slug(backbone)
+    out, name, stem = cfg.output, slug(backbone), rankings_stem(backbone, direction)
     query_side, query_id, db_side, db_id = DIRECTIONS[direction]
-    db_ids, db_vectors = read_embeddings(out / "embeddings" / name / db_side, db_id)
+    folders = {side: out / "embeddings" / name / side for side in (query_side, db_side)}
+    db_ids, db_vectors = read_embeddings(folders[db_side], db_id)
+    db_hashes = _ids_and_hashes(folders[db_side], db_id).column("hash").to_numpy(zero_copy_only=False)
     _, first = np.unique(db_ids, return_index=True)  # an id encoded twice (duplicate input rows) counts once
     if len(first) < len(db_ids):
         keep = np.sort(first)
-        db_ids, db_vectors = db_ids[keep], db_vectors[keep]
-    queries = _query_batches(out / "embeddings" / name / query_side, query_id, cfg.knn.query_batch_size)
-    result = knn.search(db_ids, db_vectors, queries, cfg.knn)
+        db_ids, db_vectors, db_hashes = db_ids[keep], db_vectors[keep], db_hashes[keep]
+    database = pa.table({"id": pa.array(db_ids, pa.string()), "hash": pa.array(db_hashes, pa.string())})
+    queries = _ids_and_hashes(folders[query_side], query_id)
+    stores = [read_manifest(out)["stages"][f"encode:{name}:{side}"]["store"] for side in ("texts", "images")]
+    previous = _previous(cfg, stem, f"knn:{name}:{direction}", stores)
+    stream = partial(_query_batches, folders[query_side], query_id, cfg.knn.query_batch_size)
+    parts, reused = [], 0
+    if previous is None:
+        full = queries.column(query_id)
+    else:
+        last, last_db = previous
+        gone = _changed(last_db, database)  # last run's rows that are deleted or hold other content now
+        added = _changed(database, last_db)
+        # a query still there with the same content, none of whose last top-k is gone
+        now = pc.index_in(last.column(query_id), value_set=queries.column(query_id).combine_chunks())
+        intact = pc.fill_null(pc.equal(last.column("query_hash"), queries.column("hash").take(now)), False)
+        lists = last.column(f"{db_id}s").combine_chunks()
+        hit = pc.list_parent_indices(lists).filter(pc.is_in(pc.list_flatten(lists), value_set=gone))
+        intact = pc.and_(intact, pc.invert(pc.is_in(pa.array(np.arange(len(last))), value_set=hit.unique())))
+        last = last.filter(intact)
+        reused = len(last)
+        full = pc.filter(queries.column(query_id), pc.invert(pc.is_in(queries.column(query_id),
+                                                                       value_set=last.column(query_id))))
+        if len(last):
+            rows = pc.is_in(database.column("id"), value_set=added).to_numpy(zero_copy_only=False)
+            more = knn.search(db_ids[rows], db_vectors[rows], stream(last.column(query_id)), cfg.knn) \
+                if rows.any() else knn.KnnResult(np.empty(0, object), np.empty((0, 0), object), np.empty((0, 0)))
+            parts.append(_merge(last, more, query_id, f"{db_id}s", cfg.knn.k))
+    recall = None
+    if len(full):
+        result = knn.search(db_ids, db_vectors, stream(full if previous is not None else None), cfg.knn)
+        parts.append((result.query_ids, result.ids, result.scores))
+        recall = result.recall_at_k
+    query_ids = np.concatenate([p[0] for p in parts])
+    ranked = np.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
+    scores = np.concatenate([p[2] for p in parts]) if len(parts) > 1 else parts[0][2]
     # in query id order: the files then depend on the data alone, not on the order the store was filled in
-    order = np.argsort(result.query_ids, kind="stable")
-    query_ids, ranked, scores = result.query_ids[order], result.ids[order], result.scores[order]
+    order = np.argsort(query_ids, kind="stable")
+    query_ids, ranked, scores = query_ids[order], ranked[order], scores[order]
+    hashes = dict(zip(queries.column(query_id).to_pylist(), queries.column("hash").to_pylist()))
     table = pa.table({
         query_id: pa.array(query_ids, pa.string()),
         f"{db_id}s": pa.array([list(r) for r in ranked], pa.list_(pa.string())),
         "scores": pa.array([list(r) for r in scores], pa.list_(pa.float32())),
+        "query_hash": pa.array([hashes[q] for q in query_ids], pa.string()),
     })
-    stem = rankings_stem(backbone, direction)
     files = [write_table(table, out / "rankings" / f"{stem}.parquet"),
-             write_text(out / "rankings" / f"{stem}.tsv", tsv_lines(query_ids, ranked))]
+             write_text(out / "rankings" / f"{stem}.tsv", tsv_lines(query_ids, ranked)),
+             write_table(database, out / "rankings" / f"{stem}.database.parquet")]
     return record_stage(out, f"knn:{name}:{direction}", files, backbone=backbone, direction=direction,
-                        queries=len(result.query_ids), candidates=len(db_ids), k=int(result.ids.shape[1]),
-                        shards=cfg.knn.shards, index=cfg.knn.index, backend=cfg.knn.backend,
-                        recall_at_k=result.recall_at_k, seconds=round(time.time() - started, 2))
+                        queries=len(query_ids), candidates=len(db_ids), k=cfg.knn.k, shards=cfg.knn.shards,
+                        index=cfg.knn.index, backend=cfg.knn.backend, recall_at_k=recall, stores=stores,
+                        searched_in_full=len(full), merged=reused, seconds=round(time.time() - started, 2))
+
+
+def _changed(table: pa.Table, other: pa.Table) -> pa.Array:
+    """Ids of `table` whose (id, hash) is not in `other`: new or changed rows."""
+    key = pc.binary_join_element_wise(table.column("id"), table.column("hash"), "\x00")
+    other_key = pc.binary_join_element_wise(other.column("id"), other.column("hash"), "\x00")
+    return table.column("id").filter(pc.invert(pc.is_in(key, value_set=other_key)))
 
 
 def run(cfg: JobConfig) -> list[dict]:

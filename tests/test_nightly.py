@@ -103,6 +103,12 @@ def test_nightly_encodes_and_translates_only_new_and_changed_rows(nightly):
 
 def test_nightly_rankings_equal_a_full_run(nightly):
     root = nightly[0]
+    # text to image: most articles merge their last top-k with the new images; new and changed ones are searched.
+    # Image to text: an image whose top-100 (of ~400 articles) held a deleted or changed article is searched again.
+    for direction, share in (("text_to_image", 0.8), ("image_to_text", 0.05)):
+        entry = _entry(root / "out", f"knn:tiny:{direction}")
+        assert entry["merged"] > share * entry["queries"] and entry["searched_in_full"] > 0
+        assert _entry(root / "full", f"knn:tiny:{direction}")["merged"] == 0
     for name in ("tiny.parquet", "tiny.image_to_text.parquet"):
         nightly_ranks = pq.read_table(root / "out" / "rankings" / name)
         full_ranks = pq.read_table(root / "full" / "rankings" / name)
@@ -139,3 +145,4 @@ def test_new_weights_reencode_everything(nightly):
     assert run["stages"]["prepare"]["status"] == "up to date" and run["stages"]["encode"]["status"] == "done"
     assert run["stages"]["encode"]["reused"] == 0 and run["stages"]["encode"]["encoded"] > ARTICLES
     assert _entry(out, "encode:tiny:images")["store"] != _entry(root / "full", "encode:tiny:images")["store"]
+    assert _entry(out, "knn:tiny:text_to_image")["merged"] == 0  # other embeddings: every query searched again
