@@ -55,23 +55,32 @@ def _previous(cfg: JobConfig, stem: str, entry_name: str, stores: list[str]) -> 
             or not all(p.exists() for p in paths)):
         return None
     rankings, database = (pq.read_table(p) for p in paths)
-    return (rankings, database) if "query_hash" in rankings.column_names else None
+    lengths = pc.list_value_length(rankings.column(rankings.column_names[1])).combine_chunks()
+    if "query_hash" not in rankings.column_names or len(pc.unique(lengths)) > 1:
+        return None  # an older layout, or rankings of uneven depth: search in full
+    return rankings, database
 
 
-def _merge(previous: pa.Table, added: knn.KnnResult, query_id: str, db_list: str, k: int
+def _matrix(column: pa.ChunkedArray, dtype) -> np.ndarray:
+    """A list column whose lists all have one length as a (rows, length) matrix."""
+    column = column.combine_chunks()
+    return pc.list_flatten(column).to_numpy(zero_copy_only=False).astype(dtype).reshape(len(column), -1)
+
+
+def _merge(previous: pa.Table, added: knn.KnnResult, query_id: str, db_list: str, db_ids: np.ndarray, k: int
            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Each query's last top-k (none of it deleted or changed) with its top-k among the added rows: its top-k now,
-    ordered by score desc, then id asc, exactly as a full search orders it (scores are re-scored exactly)."""
-    new = {q: (ids, scores) for q, ids, scores in zip(added.query_ids, added.ids, added.scores)}
-    query_ids = previous.column(query_id).to_numpy(zero_copy_only=False)
-    ranked, scored = [], []
-    for q, ids, scores in zip(query_ids, previous.column(db_list).to_pylist(), previous.column("scores").to_pylist()):
-        more_ids, more_scores = new.get(q, ((), ()))
-        ids, scores = [*ids, *more_ids], np.asarray([*scores, *more_scores], np.float32)
-        order = sorted(range(len(ids)), key=lambda i: (-scores[i], ids[i]))[:k]
-        ranked.append([ids[i] for i in order])
-        scored.append(scores[order])
-    return query_ids, np.array(ranked, dtype=object), np.array(scored, dtype=np.float32)
+    ordered by score desc, then id asc, exactly as a full search orders it (both are re-scored exactly)."""
+    ids, scores = _matrix(previous.column(db_list), object), _matrix(previous.column("scores"), np.float32)
+    if len(added.query_ids):
+        row = pc.index_in(previous.column(query_id), value_set=pa.array(added.query_ids, pa.string())).to_numpy()
+        ids = np.concatenate([ids, added.ids[row]], axis=1)
+        scores = np.concatenate([scores, added.scores[row]], axis=1)
+    # the tie-break: an id's place in sorted id order
+    order_of = pc.index_in(pa.array(ids.ravel(), pa.string()), value_set=pa.array(np.sort(db_ids), pa.string()))
+    order = np.lexsort((order_of.to_numpy(zero_copy_only=False).reshape(ids.shape), -scores), axis=1)[:, :k]
+    return (previous.column(query_id).to_numpy(zero_copy_only=False), np.take_along_axis(ids, order, axis=1),
+            np.take_along_axis(scores, order, axis=1))
 
 
 def tsv_lines(query_ids: np.ndarray, ranked: np.ndarray) -> str:
@@ -119,7 +128,7 @@ def rank(cfg: JobConfig, backbone: str, direction: str) -> dict:
             rows = pc.is_in(database.column("id"), value_set=added).to_numpy(zero_copy_only=False)
             more = knn.search(db_ids[rows], db_vectors[rows], stream(last.column(query_id)), cfg.knn) \
                 if rows.any() else knn.KnnResult(np.empty(0, object), np.empty((0, 0), object), np.empty((0, 0)))
-            parts.append(_merge(last, more, query_id, f"{db_id}s", cfg.knn.k))
+            parts.append(_merge(last, more, query_id, f"{db_id}s", db_ids, cfg.knn.k))
     recall = None
     if len(full):
         result = knn.search(db_ids, db_vectors, stream(full if previous is not None else None), cfg.knn)
