@@ -14,8 +14,15 @@ import pyarrow.parquet as pq
 from newsclip import knn
 from newsclip.backbones import slug
 from newsclip.config import JobConfig
-from newsclip.store import (parquet_files, read_embeddings, read_manifest, record_stage, vectors_of, write_table,
-                            write_text)
+from newsclip.store import (
+    parquet_files,
+    read_embeddings,
+    read_manifest,
+    record_stage,
+    vectors_of,
+    write_table,
+    write_text,
+)
 
 # direction -> (query side, query id, database side, database id); text_to_image is the NewsImages task
 DIRECTIONS = {
@@ -32,10 +39,10 @@ def rankings_stem(backbone: str, direction: str) -> str:
 def _query_batches(folder, id_column: str, batch_size: int, keep: pa.Array | None = None
                    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Stream (ids, vectors) from an embeddings folder, never all of them at once; only ids in `keep` if given."""
+    keep = keep.combine_chunks() if isinstance(keep, pa.ChunkedArray) else keep
     for path in parquet_files(folder, f"embeddings {folder}"):
         for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=[id_column, "embedding"]):
             if keep is not None:
-                keep = keep.combine_chunks() if isinstance(keep, pa.ChunkedArray) else keep
                 batch = batch.filter(pc.is_in(batch.column(id_column), value_set=keep))
             if batch.num_rows:
                 yield batch.column(id_column).to_numpy(zero_copy_only=False), vectors_of(batch.column("embedding"))
@@ -112,20 +119,12 @@ def rank(cfg: JobConfig, backbone: str, direction: str) -> dict:
         full = queries.column(query_id)
     else:
         last, last_db = previous
-        gone = _changed(last_db, database)  # last run's rows that are deleted or hold other content now
-        added = _changed(database, last_db)
-        # a query still there with the same content, none of whose last top-k is gone
-        now = pc.index_in(last.column(query_id), value_set=queries.column(query_id).combine_chunks())
-        intact = pc.fill_null(pc.equal(last.column("query_hash"), queries.column("hash").take(now)), False)
-        lists = last.column(f"{db_id}s").combine_chunks()
-        hit = pc.list_parent_indices(lists).filter(pc.is_in(pc.list_flatten(lists), value_set=gone))
-        intact = pc.and_(intact, pc.invert(pc.is_in(pa.array(np.arange(len(last))), value_set=hit.unique())))
-        last = last.filter(intact)
+        last = _intact(last, queries, gone=_changed(last_db, database), query_id=query_id, db_list=f"{db_id}s")
         reused = len(last)
         full = pc.filter(queries.column(query_id), pc.invert(pc.is_in(queries.column(query_id),
                                                                        value_set=last.column(query_id))))
         if len(last):
-            rows = pc.is_in(database.column("id"), value_set=added).to_numpy(zero_copy_only=False)
+            rows = pc.is_in(database.column("id"), value_set=_changed(database, last_db)).to_numpy(zero_copy_only=False)
             more = knn.search(db_ids[rows], db_vectors[rows], stream(last.column(query_id)), cfg.knn) \
                 if rows.any() else knn.KnnResult(np.empty(0, object), np.empty((0, 0), object), np.empty((0, 0)))
             parts.append(_merge(last, more, query_id, f"{db_id}s", db_ids, cfg.knn.k))
@@ -157,10 +156,19 @@ def rank(cfg: JobConfig, backbone: str, direction: str) -> dict:
 
 
 def _changed(table: pa.Table, other: pa.Table) -> pa.Array:
-    """Ids of `table` whose (id, hash) is not in `other`: new or changed rows."""
+    """Ids of `table` whose (id, hash) is not in `other`: its new or changed rows (or, the other way, the deleted)."""
     key = pc.binary_join_element_wise(table.column("id"), table.column("hash"), "\x00")
-    other_key = pc.binary_join_element_wise(other.column("id"), other.column("hash"), "\x00")
-    return table.column("id").filter(pc.invert(pc.is_in(key, value_set=other_key)))
+    other_key = pc.binary_join_element_wise(other.column("id"), other.column("hash"), "\x00").combine_chunks()
+    return table.column("id").filter(pc.invert(pc.is_in(key, value_set=other_key))).combine_chunks()
+
+
+def _intact(last: pa.Table, queries: pa.Table, gone: pa.Array, query_id: str, db_list: str) -> pa.Table:
+    """Last run's rankings of the queries still there with the same content, none of whose top-k is gone."""
+    now = pc.index_in(last.column(query_id), value_set=queries.column(query_id).combine_chunks())
+    same = pc.fill_null(pc.equal(last.column("query_hash"), queries.column("hash").take(now)), False)
+    lists = last.column(db_list).combine_chunks()
+    hit = pc.list_parent_indices(lists).filter(pc.is_in(pc.list_flatten(lists), value_set=gone))
+    return last.filter(pc.and_(same, pc.invert(pc.is_in(pa.array(np.arange(len(last))), value_set=hit.unique()))))
 
 
 def run(cfg: JobConfig) -> list[dict]:
