@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--articles", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--append", action="store_true", help="add new articles (ids after the existing ones) and their "
-                   "images as new shards: the next day of an archive, for a nightly run (use another --seed)")
+                   "images as new shards: the next day of an archive, for a nightly run")
 
     p = sub.add_parser("demo-model", help="train the demo-tiny CLIP into $NEWSCLIP_CACHE (default "
                        "~/.cache/newsclip), where jobs find it")

@@ -2,7 +2,7 @@
 
 import polars as pl
 
-from newsclip.demo.data import write_demo_data
+from newsclip.demo.data import append_demo_data, write_demo_data
 from newsclip.demo.scenes import N_SCENES, Scene
 
 
@@ -44,3 +44,13 @@ def test_scene_space_and_german_captions():
     scene = Scene(count=0, shape=5, colour=0, size=1, position=4, background=0)  # diamond is feminine
     assert scene.caption("de") == "Eine große rote Raute in der Mitte, auf einer Wiese."
     assert scene.caption("en") == "A large red diamond in the centre, in a meadow."
+
+
+def test_append_adds_a_new_day_with_new_ids_even_with_the_same_seed(tmp_path):
+    write_demo_data(tmp_path, articles=40, seed=0)
+    append_demo_data(tmp_path, articles=10, seed=0)
+    articles = pl.read_parquet(tmp_path / "articles")
+    images = pl.read_parquet(tmp_path / "images")
+    assert len(articles) == 50 and articles["article_id"].n_unique() == 50
+    assert images["image_id"].n_unique() == len(images)
+    assert sorted(p.name for p in (tmp_path / "articles").iterdir())[0] == "add-0000040-00000.parquet"

@@ -73,7 +73,8 @@ def write_demo_data(out_dir: Path, articles: int = 2000, seed: int = 0, first_id
     same bytes. Article ids start at `first_id`, so a later batch of new articles (another seed) can join an archive."""
     if articles < 1:
         raise ValueError(f"--articles must be at least 1, got {articles}")
-    rng = np.random.default_rng([seed, 2022])  # a stream of its own: disjoint from demo-tiny's training data
+    # a stream of its own, disjoint from demo-tiny's training data (and, for an appended day, from earlier days')
+    rng = np.random.default_rng([seed, 2022] if first_id == 0 else [seed, 2022, first_id])
     sources = _source_column(articles, rng)
     start = datetime(2022, 1, 1)
     article_rows, image_rows = [], []
