@@ -11,25 +11,21 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-import yaml
 
 from newsclip.cli import main
 from newsclip.demo.data import append_demo_data, write_demo_data
 from newsclip.embedding_store import hash_array
 
+NIGHTLY = Path(__file__).resolve().parents[1] / "jobs" / "nightly.yaml"
 ARTICLES, NEW, CHANGED = 400, 20, 4  # 5% new, 1% changed
 DELETED = ["art-000010", "art-000011"]
 
 
-def _job(root: Path, output: str, weights: Path) -> Path:
-    job = {"name": "nightly-test", "input": {"articles": str(root / "data" / "articles"),
-                                             "images": str(root / "data" / "images")},
-           "output_dir": str(root / output), "backbones": [str(weights)],
-           "eval": {"sample_size": None, "candidates": "all", "bootstrap": 50},
-           "encode": {"batch_size": 32, "commit_rows": 100}}
-    path = root / f"{output}.yaml"
-    path.write_text(yaml.safe_dump(job))
-    return path
+def _job(root: Path, output: str, weights: Path) -> list[str]:
+    """`newsclip run jobs/nightly.yaml` pointed at the test's archive, output folder and checkpoint."""
+    settings = {"input.articles": root / "data" / "articles", "input.images": root / "data" / "images",
+                "output_dir": root / output, "backbones": f"[{weights}]", "eval.bootstrap": 50}
+    return ["run", str(NIGHTLY), *(a for key, value in settings.items() for a in ("--set", f"{key}={value}"))]
 
 
 def _last_run(output: Path) -> dict:
@@ -66,13 +62,13 @@ def nightly(tmp_path_factory, demo_tiny, packages_dir, ray_local):
     shutil.copy(demo_tiny, weights)
     write_demo_data(root / "data", ARTICLES, seed=3)
     job = _job(root, "out", weights)
-    assert main(["run", str(job)]) == 0
+    assert main(job) == 0
     first = {"texts": _query_hashes(root / "out"), "run": _last_run(root / "out")}
     append_demo_data(root / "data", NEW, seed=4)
     changed = _change_and_delete(root / "data" / "articles")
-    assert main(["run", str(job)]) == 0
+    assert main(job) == 0
     full = _job(root, "full", weights)
-    assert main(["run", str(full)]) == 0
+    assert main(full) == 0
     return root, job, first, changed
 
 
@@ -124,7 +120,7 @@ def test_rerun_changes_nothing(nightly):
     out = root / "out"
     before = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in out.rglob("*")
               if p.is_file() and p.name != "manifest.json" and "runs" not in p.parts}
-    assert main(["run", str(job)]) == 0
+    assert main(job) == 0
     assert {s["status"] for s in _last_run(out)["stages"].values()} == {"up to date"}
     after = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in before}
     assert after == before and before.keys() == {p for p in out.rglob("*") if p.is_file() and p.name !=
@@ -140,7 +136,7 @@ def test_new_weights_reencode_everything(nightly):
     state = torch.load(weights, weights_only=True)
     state["logit_scale"] = state["logit_scale"] + 0.5  # retrained: another file, another checkpoint id
     torch.save(state, weights)
-    assert main(["run", str(job)]) == 0
+    assert main(job) == 0
     run = _last_run(out)
     assert run["stages"]["prepare"]["status"] == "up to date" and run["stages"]["encode"]["status"] == "done"
     assert run["stages"]["encode"]["reused"] == 0 and run["stages"]["encode"]["encoded"] > ARTICLES
