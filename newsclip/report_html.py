@@ -181,6 +181,13 @@ def _svg_open(width: int, height: int, label: str) -> str:
             f'aria-label="{esc(label)}" style="font-family:inherit;font-size:11px">')
 
 
+def _y_grid(values, py, left: float, pw: float, label=None) -> list[str]:
+    """Horizontal grid lines across the plot, each labelled on the left (by `_tick_label` unless `label`)."""
+    label = label or _tick_label
+    return [f'<line x1="{left}" y1="{py(v):.1f}" x2="{left + pw}" y2="{py(v):.1f}" stroke="#eee"/>'
+            f'<text x="{left - 6}" y="{py(v) + 4:.1f}" text-anchor="end">{label(v)}</text>' for v in values]
+
+
 def _legend(names: Sequence[str], colors: dict[str, str], x: float, y: float, dashed_note: bool = False) -> str:
     parts = []
     for i, name in enumerate(names):
@@ -207,9 +214,7 @@ def recall_curves_svg(rows: list[dict], colors: dict[str, str], with_paper: bool
         return top + (1 - v) * ph
 
     parts = [_svg_open(width, height, "Recall at K curves")]
-    for v in np.linspace(0, 1, 6):
-        parts.append(f'<line x1="{left}" y1="{py(v):.1f}" x2="{left + pw}" y2="{py(v):.1f}" stroke="#eee"/>'
-                     f'<text x="{left - 6}" y="{py(v) + 4:.1f}" text-anchor="end">{v:.1f}</text>')
+    parts += _y_grid(np.linspace(0, 1, 6), py, left, pw, label=lambda v: f"{v:.1f}")
     for k in RECALL_KS:
         parts.append(f'<line x1="{px(k):.1f}" y1="{top}" x2="{px(k):.1f}" y2="{top + ph}" stroke="#eee"/>'
                      f'<text x="{px(k):.1f}" y="{top + ph + 16}" text-anchor="middle">{k}</text>')
@@ -255,9 +260,7 @@ def mrr_by_source_svg(rows: list[dict], backbones: list[str], colors: dict[str, 
         return top + (1 - v / ymax) * ph
 
     parts = [_svg_open(width, height, "MRR per source")]
-    for v in yticks:
-        parts.append(f'<line x1="{left}" y1="{py(v):.1f}" x2="{left + pw}" y2="{py(v):.1f}" stroke="#eee"/>'
-                     f'<text x="{left - 6}" y="{py(v) + 4:.1f}" text-anchor="end">{_tick_label(v)}</text>')
+    parts += _y_grid(yticks, py, left, pw)
     for g, source in enumerate(sources):
         x0 = left + g * group + (group - bar * nb) / 2
         n = next((value[b, source]["n"] for b in backbones if (b, source) in value), "")
@@ -348,9 +351,7 @@ def cost_quality_svg(costs: list[dict], quality: dict[str, dict], colors: dict[s
         return top + (1 - v / ymax) * ph
 
     parts = [_svg_open(width, height, "Cost against quality")]
-    for v in yticks:
-        parts.append(f'<line x1="{left}" y1="{py(v):.1f}" x2="{left + pw}" y2="{py(v):.1f}" stroke="#eee"/>'
-                     f'<text x="{left - 6}" y="{py(v) + 4:.1f}" text-anchor="end">{_tick_label(v)}</text>')
+    parts += _y_grid(yticks, py, left, pw)
     for v in xticks:
         parts.append(f'<line x1="{px(v):.1f}" y1="{top}" x2="{px(v):.1f}" y2="{top + ph}" stroke="#eee"/>'
                      f'<text x="{px(v):.1f}" y="{top + ph + 16}" text-anchor="middle">{_tick_label(v)}</text>')
