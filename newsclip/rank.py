@@ -16,7 +16,6 @@ from newsclip.backbones import slug
 from newsclip.config import JobConfig
 from newsclip.store import (
     parquet_files,
-    read_embeddings,
     read_manifest,
     record_stage,
     vectors_of,
@@ -103,8 +102,10 @@ def rank(cfg: JobConfig, backbone: str, direction: str) -> dict:
     out, name, stem = cfg.output, slug(backbone), rankings_stem(backbone, direction)
     query_side, query_id, db_side, db_id = DIRECTIONS[direction]
     folders = {side: out / "embeddings" / name / side for side in (query_side, db_side)}
-    db_ids, db_vectors = read_embeddings(folders[db_side], db_id)
-    db_hashes = _ids_and_hashes(folders[db_side], db_id).column("hash").to_numpy(zero_copy_only=False)
+    db = pq.read_table(parquet_files(folders[db_side], f"embeddings {folders[db_side]}"),
+                       columns=[db_id, "embedding", "hash"])  # one read: ids, vectors and their content hashes
+    db_ids, db_vectors = db.column(db_id).to_numpy(zero_copy_only=False), vectors_of(db.column("embedding"))
+    db_hashes = db.column("hash").to_numpy(zero_copy_only=False)
     _, first = np.unique(db_ids, return_index=True)  # an id encoded twice (duplicate input rows) counts once
     if len(first) < len(db_ids):
         keep = np.sort(first)
