@@ -49,6 +49,13 @@ class EvalConfig:
             raise ValueError("sample_size: must be at least 1 or null")
 
 
+def _at_least_one(section, keys: tuple[str, ...]) -> None:
+    """Each of `keys` that is set must be 1 or more (the config loader prefixes the section to the message)."""
+    for key in keys:
+        if getattr(section, key) is not None and getattr(section, key) < 1:
+            raise ValueError(f"{key}: must be at least 1")
+
+
 @dataclass(frozen=True)
 class BackboneEncode:
     """One backbone's own encode settings (`encode.per_backbone.<name>`); unset keys follow `encode`."""
@@ -59,9 +66,7 @@ class BackboneEncode:
     fp16: bool | None = None
 
     def __post_init__(self) -> None:
-        for key in ("batch_size", "actors"):
-            if getattr(self, key) is not None and getattr(self, key) < 1:
-                raise ValueError(f"{key}: must be at least 1")
+        _at_least_one(self, ("batch_size", "actors"))
 
 
 CPU_BATCH = 64  # on CPUs the batch size barely matters for speed; 64 keeps memory small
@@ -85,9 +90,8 @@ class EncodeConfig:
     per_backbone: dict[str, BackboneEncode] = field(default_factory=dict)  # e.g. {RN50x64: {batch_size: 16}}
 
     def __post_init__(self) -> None:
-        for key in ("batch_size", "actors", "torch_threads", "max_image_pixels", "commit_rows", "parallel_backbones"):
-            if getattr(self, key) is not None and getattr(self, key) < 1:
-                raise ValueError(f"{key}: must be at least 1")
+        _at_least_one(self, ("batch_size", "actors", "torch_threads", "max_image_pixels", "commit_rows",
+                             "parallel_backbones"))
 
     @property
     def on_gpu(self) -> bool:
