@@ -47,6 +47,7 @@ BACKBONES: dict[str, BackboneSpec] = {
     )
 }
 DEMO_TINY = "demo-tiny"
+CONTEXT_LENGTH = 77  # the text context of every registry backbone (clip.tokenize's default)
 OPENAI_NAMES = tuple(name for name in BACKBONES if name != DEMO_TINY)
 
 # The clip package's download URLs (clip.clip._MODELS), copied so that resolving a name needs no torch import.
@@ -204,6 +205,26 @@ def _load_state_dict(path: Path) -> dict:
     if missing or not any(k.startswith("visual.") for k in obj):
         raise ValueError(f"{path} is not an OpenAI-CLIP state dict: missing {missing or ['visual.*']}")
     return obj
+
+
+def input_sizes(name_or_path: str, download_root: str | Path | None = None) -> tuple[int, int]:
+    """(image side, text context length) of a backbone's inputs: from the registry, or read off a checkpoint's
+    weights the way `clip.model.build_model` infers them (without building the model)."""
+    if name_or_path in BACKBONES:
+        return BACKBONES[name_or_path].input_resolution, CONTEXT_LENGTH
+    import torch
+
+    path = resolve_weights(name_or_path, download_root)
+    if _is_torchscript(path):
+        state = torch.jit.load(str(path), map_location="cpu").state_dict()
+    else:
+        state = _load_state_dict(path)
+    context = state["positional_embedding"].shape[0]
+    if "visual.proj" in state:  # ViT: patch size x grid
+        grid = round((state["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+        return state["visual.conv1.weight"].shape[-1] * grid, context
+    grid = round((state["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5)
+    return grid * 32, context  # ModifiedResNet: the attention pool sees the image at 1/32
 
 
 def load_backbone(

@@ -12,7 +12,6 @@ from typing import Any, Literal
 
 import yaml
 
-from newsclip.fusion import parse_fusion_name
 from newsclip.knn import KnnConfig
 from newsclip.translate.stage import TranslateConfig
 
@@ -56,6 +55,11 @@ def _at_least_one(section, keys: tuple[str, ...]) -> None:
             raise ValueError(f"{key}: must be at least 1")
 
 
+# fp32: model.float(); fp16: clip's own mixed precision (what clip.load gives on CUDA: LayerNorms stay fp32);
+# bf16: the fp32 model under bf16 autocast; auto: fp16 on GPUs, fp32 on CPUs (fp16 on this CPU was ~5x slower)
+Precision = Literal["auto", "fp32", "fp16", "bf16"]
+
+
 @dataclass(frozen=True)
 class BackboneEncode:
     """One backbone's own encode settings (`encode.per_backbone.<name>`); unset keys follow `encode`."""
@@ -63,7 +67,7 @@ class BackboneEncode:
     batch_size: int | None = None
     actors: int | None = None
     num_gpus_per_actor: float | None = None
-    fp16: bool | None = None
+    precision: Precision | None = None
 
     def __post_init__(self) -> None:
         _at_least_one(self, ("batch_size", "actors"))
@@ -76,13 +80,17 @@ GPU_BATCH_GFLOPS = 32_768  # on a GPU, a batch of about this much work: RN50 102
 @dataclass(frozen=True)
 class EncodeConfig:
     batch_size: int | None = None  # null: 64 on CPUs; on GPUs from each backbone's cost (see for_backbone)
-    actors: int = 1  # actor pool size per backbone and side
-    num_cpus_per_actor: float = 1.0  # on a 2-CPU laptop an actor taking both CPUs starves the read tasks
+    actors: int = 1  # most model actors per backbone and side (the pool starts at one and grows with the work)
+    num_cpus_per_actor: float = 1.0  # a model actor's CPUs; decoding and tokenising run as tasks on the others
     # GPUs per actor for the costliest backbones; lighter ones take a half or a quarter of it (see for_backbone)
     num_gpus_per_actor: float = 0.0
-    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when Ray gives the actor a GPU
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when the actors ask Ray for GPUs
     torch_threads: int = 1
-    fp16: bool | None = None  # half precision on CUDA only; null: on GPUs (fp16 on this CPU was ~5x slower)
+    precision: Precision = "auto"
+    # where images are decoded: cpu (CPU tasks, PIL: the paper's exact preprocess) | gpu (JPEGs with nvjpeg in the
+    # model actor, resize and crop there; other formats on the CPU) | auto (gpu on GPUs, cpu on CPUs)
+    decode: Literal["auto", "cpu", "gpu"] = "cpu"
+    jpeg_draft: bool = False  # CPU decoding of JPEGs at a reduced DCT scale (2x faster on photos; other pixels)
     download_root: str | None = None  # where OpenAI weights are cached (clip's default: ~/.cache/clip)
     max_image_pixels: int = 40_000_000  # decompression-bomb bound for image decoding
     commit_rows: int = 10_000  # new embeddings are committed to the store this often: a crash loses at most this
@@ -92,17 +100,21 @@ class EncodeConfig:
     def __post_init__(self) -> None:
         _at_least_one(self, ("batch_size", "actors", "torch_threads", "max_image_pixels", "commit_rows",
                              "parallel_backbones"))
+        if self.device == "cuda" and self.num_gpus_per_actor == 0:
+            raise ValueError("device: cuda needs num_gpus_per_actor above 0 (Ray gives GPUs only to actors that "
+                             "ask for them)")
 
     @property
     def on_gpu(self) -> bool:
         return self.device == "cuda" or (self.device == "auto" and self.num_gpus_per_actor > 0)
 
     def for_backbone(self, name: str) -> EncodeConfig:
-        """The settings one backbone's encoders run with: its own keys, else defaults from its cost.
+        """The settings one backbone's encoders run with, every `auto` resolved: its own keys, else defaults from
+        its cost.
 
-        On GPUs: a batch of about GPU_BATCH_GFLOPS of work (a power of two, 32 to 1024), fp16, and a GPU share
-        by cost (under 15 GFLOPs an image: a quarter, under 50: a half), so that light backbones running side by
-        side share a GPU. On CPUs: batches of 64, fp32, no GPU."""
+        On GPUs: device cuda, a batch of about GPU_BATCH_GFLOPS of work (a power of two, 32 to 1024), fp16, and a
+        GPU share by cost (under 15 GFLOPs an image: a quarter, under 50: a half), so that light backbones running
+        side by side share a GPU. On CPUs: device cpu, batches of 64, fp32, no GPU."""
         from newsclip.backbones import BACKBONES
 
         spec = BACKBONES.get(name)
@@ -110,12 +122,14 @@ class EncodeConfig:
         if self.on_gpu:
             batch = int(min(1024, max(32, 2 ** math.floor(math.log2(GPU_BATCH_GFLOPS / gflops)))))
             gpus = self.num_gpus_per_actor * (0.25 if gflops < 15 else 0.5 if gflops < 50 else 1.0)
-            fp16 = True
+            device, precision, decode = "cuda", "fp16", "gpu"
         else:
-            batch, gpus, fp16 = CPU_BATCH, self.num_gpus_per_actor, False
+            batch, gpus, device, precision, decode = CPU_BATCH, self.num_gpus_per_actor, "cpu", "fp32", "cpu"
         own = self.per_backbone.get(name, BackboneEncode())
-        return replace(self, batch_size=_first(own.batch_size, self.batch_size, batch),
-                       fp16=_first(own.fp16, self.fp16, fp16), actors=_first(own.actors, self.actors),
+        return replace(self, batch_size=_first(own.batch_size, self.batch_size, batch), device=device,
+                       precision=_first(*(p for p in (own.precision, self.precision) if p != "auto"), precision),
+                       decode=decode if self.decode == "auto" else self.decode,
+                       actors=_first(own.actors, self.actors),
                        num_gpus_per_actor=_first(own.num_gpus_per_actor, gpus), per_backbone={})
 
 
@@ -158,6 +172,11 @@ class JobConfig:
     @property
     def store(self) -> Path:
         return Path(self.store_dir).expanduser() if self.store_dir else self.output / "store"
+
+    @property
+    def query_texts(self) -> Path:
+        """Where the encode and evaluate stages read the query texts (`query_text`, in English when translated)."""
+        return self.output / ("translated" if self.translate.enabled else "prepared/queries")
 
 
 def _check_value(key: str, tp: Any, value: Any) -> Any:
@@ -225,6 +244,8 @@ def build(cls: type, raw: Any, prefix: str = "") -> Any:
 
 
 def _validate(cfg: JobConfig) -> None:
+    from newsclip.fusion import parse_fusion_name  # fusion's polars stays out of the encode workers' imports
+
     checks = [
         (len(cfg.backbones) > 0, "backbones", "expected a non-empty list of backbone names"),
         (len(cfg.eval.directions) > 0, "eval.directions", "expected text_to_image, image_to_text or both"),

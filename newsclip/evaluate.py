@@ -15,7 +15,6 @@ from newsclip.config import JobConfig
 from newsclip.metrics import ranks_of_truth, scores
 from newsclip.rank import rankings_stem
 from newsclip.store import parquet_files, record_stage, write_text
-from newsclip.translate.job import texts_source
 
 
 def _padded(rows: list[list[str] | None], width: int) -> np.ndarray:
@@ -58,7 +57,7 @@ def score_rankings(queries: pl.DataFrame, rankings: pl.DataFrame, k: int,
 def run(cfg: JobConfig) -> dict:
     out = cfg.output
     # sorted: the bootstrap resamples by position, so its intervals must not depend on the order of the files
-    queries = pl.read_parquet(parquet_files(texts_source(cfg), "query texts"),
+    queries = pl.read_parquet(parquet_files(cfg.query_texts, "query texts"),
                               columns=["article_id", "image_id", "source"]).sort("article_id")
     stages = json.loads((out / "manifest.json").read_text())["stages"]
     rows, paired, knn = [], [], []

@@ -67,14 +67,15 @@ def test_resolved_config_round_trips(tmp_path):
 
 def test_encode_settings_per_backbone_follow_cost_on_gpus_and_stay_small_on_cpus():
     gpu = config.load(None, ["backbones=[RN50, ViT-L/14, RN50x64]", "encode.num_gpus_per_actor=1",
-                             "encode.per_backbone={RN50x64: {batch_size: 16, fp16: false}}"]).encode
+                             "encode.per_backbone={RN50x64: {batch_size: 16, precision: fp32}}"]).encode
     rn50, vit, big = (gpu.for_backbone(b) for b in ("RN50", "ViT-L/14", "RN50x64"))
-    assert (rn50.batch_size, rn50.num_gpus_per_actor, rn50.fp16) == (1024, 0.25, True)  # light: a quarter GPU
-    assert (vit.batch_size, vit.num_gpus_per_actor, vit.fp16) == (128, 1.0, True)
-    assert (big.batch_size, big.num_gpus_per_actor, big.fp16) == (16, 1.0, False)  # its own keys win
+    assert (rn50.batch_size, rn50.num_gpus_per_actor, rn50.precision) == (1024, 0.25, "fp16")  # light: a quarter GPU
+    assert (vit.batch_size, vit.num_gpus_per_actor, vit.precision, vit.device) == (128, 1.0, "fp16", "cuda")
+    assert (big.batch_size, big.num_gpus_per_actor, big.precision) == (16, 1.0, "fp32")  # its own keys win
     assert gpu.for_backbone("/models/finetuned.pt").batch_size == 512  # unknown cost: a mid-sized model
     cpu = config.load(None).encode.for_backbone("demo-tiny")
-    assert (cpu.batch_size, cpu.num_gpus_per_actor, cpu.fp16) == (64, 0.0, False)
+    assert (cpu.batch_size, cpu.num_gpus_per_actor, cpu.precision, cpu.device, cpu.decode) == (64, 0.0, "fp32", "cpu",
+                                                                                                 "cpu")
     fixed = config.load(None, ["encode.batch_size=8", "encode.num_gpus_per_actor=1"]).encode
     assert fixed.for_backbone("RN50").batch_size == 8  # an explicit batch size holds for every backbone
 

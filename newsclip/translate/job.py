@@ -17,11 +17,6 @@ from newsclip.translate.packages import installed_packages, require_packages
 from newsclip.translate.stage import NO_PACKAGE, OUTPUT_COLUMNS, Translator
 
 
-def texts_source(cfg) -> Path:
-    """Where the encode and evaluate stages read the query texts (`query_text`, in English when translated)."""
-    return cfg.output / ("translated" if cfg.translate.enabled else "prepared/queries")
-
-
 def translator_key(t) -> str:
     """What decides a translation besides the text: the installed packages and the settings that change output."""
     packages = [{k: v for k, v in meta.items() if k != "path"} for meta in installed_packages(t.packages_dir)]

@@ -1,0 +1,274 @@
+"""What an encode worker runs: CPU tasks that decode images and tokenise texts, and model actors that only encode.
+
+This is the code Ray's GPU workers import, so it imports neither polars nor faiss (a test checks), and torch and
+clip only inside the functions that run on a worker.
+
+The split (Ray's batch-inference shape): decoding one news photo costs a CPU process ~8 ms, so an actor that
+decoded its own images fed an H200 ~1/40 of what it can take. Here CPU tasks, as many as the cluster has CPUs,
+turn image bytes into uint8 pixels (clip's resize and crop) and texts into tokens; the model actors copy them to
+their device, normalise there (uint8 is a quarter of float32's bytes through the object store and over PCIe) and
+run the model. With `encode.decode: gpu`, JPEGs travel as their bytes and the actor decodes them with nvjpeg.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from newsclip.backbones import load_backbone
+from newsclip.embedding_store import content_hash
+from newsclip.images import ImageDecodeError, decode_image, open_image
+from newsclip.store import embedding_table, vectors_of
+
+if TYPE_CHECKING:
+    import torch
+
+    from newsclip.config import EncodeConfig
+
+PIXELS_TYPE = pa.large_binary()  # one row's uint8 CHW pixels; large: a batch of 336 px images passes 2 GB offsets
+# rows the decode and tokenise tasks take at a time: ~2 s of decoding news photos, small enough that every CPU of
+# a GPU node gets work and the model actors get their first batch early
+TASK_ROWS = 256
+
+
+@functools.lru_cache(maxsize=8)
+def _geometry(resolution: int):
+    """clip's own resize and crop (the first steps of `clip.clip._transform`): bicubic on the short side, centre."""
+    from clip.clip import _transform
+
+    return _transform(resolution).transforms[:3]  # Resize, CenterCrop, convert to RGB
+
+
+def clip_pixels(image, resolution: int) -> np.ndarray:
+    """A decoded image as clip's preprocess sees it before ToTensor: uint8, channels first (3, res, res)."""
+    for step in _geometry(resolution):
+        image = step(image)
+    return np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1))
+
+
+def decode_images(batch: pa.Table, resolution: int, max_pixels: int, draft: bool, jpeg_to_actor: bool) -> pa.Table:
+    """CPU task: image bytes -> (hash, pixels, jpeg, error). An undecodable image gets its reason, never raises.
+
+    `jpeg_to_actor`: JPEGs that nvjpeg can take (RGB or grey) keep their bytes for the actor to decode on its GPU;
+    only their header is read here, for the size bound."""
+    hashes, pixels, jpegs, errors = [], [], [], []
+    for data in batch.column("image").to_pylist():
+        hashes.append(content_hash(data or b""))
+        pixel, jpeg, error = None, None, None
+        try:
+            if jpeg_to_actor and is_gpu_jpeg(open_image(data, max_pixels)):
+                jpeg = data
+            else:
+                pixel = clip_pixels(decode_image(data, max_pixels, resolution if draft else None), resolution).data
+        except ImageDecodeError as e:
+            error = str(e)
+        pixels.append(pixel)
+        jpegs.append(jpeg)
+        errors.append(error)
+    return pa.table({"hash": pa.array(hashes, pa.string()), "pixels": pa.array(pixels, PIXELS_TYPE),
+                     "jpeg": pa.array(jpegs, pa.large_binary()), "error": pa.array(errors, pa.string())})
+
+
+def is_gpu_jpeg(image) -> bool:
+    # nvjpeg decodes baseline and progressive YCbCr/grey JPEGs; CMYK and the rest stay on the CPU path
+    return image.format == "JPEG" and image.mode in ("RGB", "L")
+
+
+def tokenize_texts(batch: pa.Table, context_length: int) -> pa.Table:
+    """CPU task: (hash, query_text) -> (hash, tokens): clip's tokeniser, cut at the model's 77 tokens."""
+    import clip
+
+    texts = [str(t) for t in batch.column("query_text").to_pylist()]
+    tokens = clip.tokenize(texts, context_length=context_length, truncate=True).numpy().astype(np.int32)
+    column = pa.FixedSizeListArray.from_arrays(pa.array(tokens.reshape(-1)), context_length)
+    return pa.table({"hash": batch.column("hash"), "tokens": column})
+
+
+def apply_precision(model: torch.nn.Module, precision: str, device: str) -> torch.nn.Module:
+    """fp32: `model.float()`. fp16: clip's own mixed precision, exactly what `clip.load` gives on CUDA (conv,
+    linear and attention weights fp16, LayerNorms fp32: clip's LayerNorm computes in fp32, so `model.half()`
+    crashed on the first batch). bf16: the fp32 model under bf16 autocast (see `_Encoder._encode`)."""
+    from clip.model import convert_weights
+
+    model.float()
+    if precision == "fp16":
+        convert_weights(model)
+    return model.to(device).eval()
+
+
+def measured_precision(model: torch.nn.Module, autocast: bool) -> str:
+    """The precision a model really computes in, read from its weights (the store's label comes from this)."""
+    import torch
+
+    dtype = model.visual.conv1.weight.dtype  # clip's own `model.dtype`: the dtype its inputs are cast to
+    layer_norms = {m.weight.dtype for m in model.modules() if isinstance(m, torch.nn.LayerNorm)}
+    if layer_norms - {torch.float32}:
+        raise RuntimeError(f"LayerNorm weights in {sorted(map(str, layer_norms))}: clip's LayerNorm computes in "
+                           f"fp32 and fails on other weights")
+    if dtype == torch.float16 and not autocast:
+        return "fp16"
+    if dtype == torch.float32:
+        return "bf16" if autocast else "fp32"
+    raise RuntimeError(f"unexpected weight dtype {dtype} (autocast: {autocast})")
+
+
+def _require_device(device: str) -> None:
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        import os
+
+        raise RuntimeError(
+            f"encode: this actor was asked to run on a GPU (encode.device / encode.num_gpus_per_actor) but torch sees "
+            f"none (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}, torch {torch.__version__} built "
+            f"for CUDA {torch.version.cuda}). It will not fall back to the CPU: set encode.num_gpus_per_actor: 0 to "
+            f"encode on CPUs, or give the cluster GPU nodes.")
+
+
+class _Encoder:
+    """Loads one backbone once per actor on its device and precision; subclasses encode one side's batches."""
+
+    def __init__(self, backbone: str, cfg: EncodeConfig):
+        import torch
+
+        torch.set_num_threads(cfg.torch_threads)
+        self.torch, self.cfg, self.device = torch, cfg, cfg.device
+        _require_device(self.device)
+        model, _ = load_backbone(backbone, "cpu", cfg.download_root)
+        self.model = apply_precision(model, cfg.precision, self.device)
+        self.autocast = cfg.precision == "bf16"
+        self.precision = measured_precision(self.model, self.autocast)
+        runs_on = next(self.model.parameters()).device.type
+        if (self.precision, runs_on) != (cfg.precision, self.device):
+            raise RuntimeError(f"encode {backbone}: asked for {cfg.precision} on {self.device}, the model runs in "
+                               f"{self.precision} on {runs_on}: its embeddings would be stored under the wrong label")
+        self.dim = self.model.text_projection.shape[1]
+
+    def _result(self, hashes: pa.Array, vectors: np.ndarray, errors: pa.Array) -> pa.Table:
+        # A pyarrow table rather than a dict of numpy arrays: Ray would store a 2-D array as its own tensor
+        # extension type, and the output contract is a plain fixed_size_list that any Arrow reader understands.
+        table = embedding_table(hashes.to_pylist(), vectors, "hash")
+        return table.append_column("error", errors)
+
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Pinned and non-blocking on CUDA: the copy overlaps the work already queued on the GPU."""
+        if self.device == "cuda" and tensor.device.type == "cpu":
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor
+
+    def _encode(self, encode, inputs: torch.Tensor, prepare=lambda x: x) -> np.ndarray:
+        """L2-normalised features, computed in batches of exactly `batch_size` rows (the last one zero-padded).
+
+        A row's embedding then depends on its content alone: torch's CPU kernels gave bitwise-equal results for
+        a row wherever it sat in a batch of a fixed size, but not across batch sizes (1e-6 apart). So a row
+        encoded tonight in a batch of new rows equals the same row encoded in a full run, and rankings match.
+        `prepare` runs on the device (uint8 pixels -> normalised floats)."""
+        torch, size, out = self.torch, self.cfg.batch_size, []
+        autocast = torch.autocast(self.torch.device(self.device).type, torch.bfloat16, enabled=self.autocast)
+        with torch.inference_mode(), autocast:
+            for start in range(0, len(inputs), size):
+                chunk = inputs[start:start + size]
+                n = len(chunk)
+                if n < size:
+                    chunk = torch.cat([chunk, chunk.new_zeros((size - n, *chunk.shape[1:]))])
+                features = encode(prepare(self._to_device(chunk)))[:n].float()
+                out.append((features / features.norm(dim=-1, keepdim=True).clamp_min(1e-12)).cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
+
+
+class ImageEncoder(_Encoder):
+    """(hash, pixels | jpeg, error) -> (hash, embedding, error): normalises uint8 pixels on the device, decodes
+    JPEG bytes there (nvjpeg on CUDA), and runs the image tower. A row with an error keeps it and a zero vector."""
+
+    def __init__(self, backbone: str, cfg: EncodeConfig):
+        super().__init__(backbone, cfg)
+        from clip.clip import _transform
+
+        self.resolution = self.model.visual.input_resolution
+        self.normalize = _transform(self.resolution).transforms[-1]  # clip's Normalize: the same ops, on the device
+
+    def _prepare(self, pixels: torch.Tensor) -> torch.Tensor:
+        # ToTensor's `float().div(255)` then clip's Normalize: on CPU bit-for-bit what clip's preprocess computes
+        return self.normalize(pixels.float().div(255)).to(self.model.dtype)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        errors = batch.column("error").combine_chunks()
+        images = dict(_pixel_rows(batch.column("pixels"), self.resolution))  # row -> uint8 (3, res, res)
+        jpeg = batch.column("jpeg").combine_chunks()
+        if jpeg.null_count < len(jpeg):
+            errors = self._decode_jpegs(jpeg, images, errors)
+        good = sorted(images)
+        vectors = np.zeros((len(batch), self.dim), np.float32)
+        if good:
+            vectors[good] = self._encode(self.model.encode_image, self._stack([images[i] for i in good]),
+                                         self._prepare)
+        return self._result(batch.column("hash"), vectors, errors)
+
+    def _stack(self, images: list) -> torch.Tensor:
+        """One uint8 batch: on the host (copied to the device chunk by chunk), or on the device when some images
+        were decoded there."""
+        if all(isinstance(image, np.ndarray) for image in images):
+            return self.torch.from_numpy(np.stack(images))
+        return self.torch.stack([self.torch.as_tensor(image).to(self.device) for image in images])
+
+    def _decode_jpegs(self, jpeg: pa.Array, images: dict, errors: pa.Array) -> pa.Array:
+        """Decode the rows' JPEG bytes on the actor's device (nvjpeg on CUDA) with clip's resize and crop done
+        there; a JPEG nvjpeg refuses falls back to the CPU path, and one that fails there too gets its error."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms.v2.functional import center_crop, resize
+
+        torch, rows = self.torch, np.flatnonzero(jpeg.is_valid().to_numpy(zero_copy_only=False))
+        datas = [torch.frombuffer(bytearray(jpeg[i].as_py()), dtype=torch.uint8) for i in rows]
+        try:
+            decoded = decode_jpeg(datas, mode=ImageReadMode.RGB, device=self.device)
+        except RuntimeError:  # one bad file fails the batched call: decode one by one to find it
+            decoded = [_or_none(decode_jpeg, data, mode=ImageReadMode.RGB, device=self.device) for data in datas]
+        reasons = errors.to_pylist()
+        for i, image in zip(rows, decoded):
+            if image is not None:
+                images[i] = center_crop(resize(image, [self.resolution], InterpolationMode.BICUBIC, antialias=True),
+                                        [self.resolution])
+                continue
+            try:
+                images[i] = clip_pixels(decode_image(jpeg[i].as_py(), self.cfg.max_image_pixels), self.resolution)
+            except ImageDecodeError as e:
+                reasons[i] = str(e)
+        return pa.array(reasons, pa.string())
+
+
+def _or_none(fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except RuntimeError:
+        return None
+
+
+def _pixel_rows(column: pa.ChunkedArray, resolution: int):
+    """(row, uint8 array (3, res, res)) for each row with pixels: views of the Arrow buffer, no copy."""
+    size, row = 3 * resolution * resolution, 0
+    for chunk in column.chunks:
+        offsets = np.frombuffer(chunk.buffers()[1], np.int64)[chunk.offset:chunk.offset + len(chunk) + 1]
+        data = chunk.buffers()[2]
+        flat = np.frombuffer(data, np.uint8) if data is not None else np.zeros(0, np.uint8)
+        for i in np.flatnonzero(chunk.is_valid().to_numpy(zero_copy_only=False)):
+            start, end = offsets[i], offsets[i + 1]
+            if end - start != size:
+                raise ValueError(f"pixels of {end - start} bytes, expected {size} (3 x {resolution} x {resolution})")
+            yield row + int(i), flat[start:end].reshape(3, resolution, resolution)
+        row += len(chunk)
+
+
+class TextEncoder(_Encoder):
+    """(hash, tokens) -> (hash, embedding, error): the text tower on large batches of ready tokens."""
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        tokens = self.torch.from_numpy(np.ascontiguousarray(vectors_of(batch.column("tokens"))))
+        if tokens.shape[1] != self.model.context_length:
+            raise ValueError(f"tokens of length {tokens.shape[1]}; this text tower takes {self.model.context_length}")
+        vectors = self._encode(self.model.encode_text, tokens)
+        return self._result(batch.column("hash"), vectors, pa.nulls(len(batch), pa.string()))
