@@ -55,7 +55,9 @@ def _reasons() -> Iterator[None]:
             yield
     except ImageDecodeError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except UnidentifiedImageError:  # its message holds the address of a BytesIO: noise in rejects/
+        raise ImageDecodeError("not a decodable image: no known image format") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageDecodeError(f"not a decodable image: {e}") from None
     except (OSError, ValueError, SyntaxError, EOFError) as e:  # truncated or corrupt files
         raise ImageDecodeError(f"corrupt image: {e}") from None

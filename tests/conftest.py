@@ -13,6 +13,18 @@ os.environ["NEWSCLIP_CACHE"] = tempfile.mkdtemp(prefix="newsclip-test-cache-")
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` skip cleanly on a machine without a GPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One local Ray with 2 CPUs for the whole session (the size of the CI machine)."""
