@@ -1,103 +1,301 @@
-"""Images per second of the encode stage inside Ray against a plain single-process loop; prints JSON.
+"""Images (and texts) per second of newsclip's encode stage against a plain PyTorch loop and the model alone, on the
+same news-photo-like JPEGs in one run; prints JSON (and writes it with --out).
 
-    .venv/bin/python benchmarks/encode_throughput.py --images 4000 [--backbone demo-tiny] [--actors 1]
+    .venv/bin/python benchmarks/encode_throughput.py --images 8000                       # demo-tiny on this CPU
+    python3 benchmarks/encode_throughput.py --backbone ViT-B/32 --random-weights --device cuda --images 8192
 
-Both read the same Parquet shards, decode, preprocess, encode with the same model and batch size, and write
-Parquet. The Ray figure includes starting the actor pool (a real cost of every run); Ray itself is started
-before the clock.
+What is timed, each over the same Parquet shards of JPEGs (800x533, quality 85 by default):
+  newsclip_stage   the encode stage's own path (encode.encode_new: CPU decode tasks -> model actors -> the store)
+                   on Ray; start-up (actors, model loads, first inputs) is its first_batch_seconds, and the steady
+                   rate counts the rows after the first batch. Ray itself is started before the clock.
+  plain_loop       one process: read, PIL decode, clip's preprocess, model, in batches (only with --device cpu: on a
+                   GPU machine it measures one core's decoding)
+  dataloader_loop  torch DataLoader with CPUs - 1 workers (PIL decode + clip's preprocess), pinned memory on a GPU:
+                   the clip-retrieval style baseline
+  model_only       the model on already-preprocessed pixels: the ceiling
+Nothing here needs polars or faiss, so it runs on the GPU machine's package set.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from random_clip import random_checkpoint  # noqa: E402
+
+SHARD_ROWS = 512
+BASE_PHOTOS = 64  # distinct photos; every row gets its own bytes (a tail after the JPEG's end marker)
 
 
-def plain_loop(files: list[Path], backbone: str, batch_size: int, threads: int, out: Path) -> int:
-    """The baseline: one process, no Ray; read, decode, preprocess, encode, write."""
+def photo(seed: int, width: int, height: int, quality: int) -> bytes:
+    """A news-photo-like JPEG: smooth shapes of colour plus grain; at 800x533 q85 about as large as a real one."""
+    import numpy as np
+    from PIL import Image, ImageFilter
+
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, (height // 40 + 2, width // 40 + 2, 3), dtype=np.uint8)
+    image = Image.fromarray(coarse).resize((width, height), Image.BICUBIC).filter(ImageFilter.GaussianBlur(3))
+    pixels = np.asarray(image, np.float32) + rng.normal(0, 9, (height, width, 3))
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def write_photos(folder: Path, n: int, width: int, height: int, quality: int) -> list[Path]:
+    """`n` unique JPEGs (content hashes differ, so the stage encodes every one) in shards of SHARD_ROWS."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with ProcessPoolExecutor() as pool:
+        bases = list(pool.map(photo, range(BASE_PHOTOS), [width] * BASE_PHOTOS, [height] * BASE_PHOTOS,
+                              [quality] * BASE_PHOTOS))
+    folder.mkdir(parents=True)
+    files = []
+    for start in range(0, n, SHARD_ROWS):
+        rows = range(start, min(n, start + SHARD_ROWS))
+        table = pa.table({"image_id": [f"img-{i:07d}" for i in rows],
+                          "image": pa.array([bases[i % BASE_PHOTOS] + f"row {i}".encode() for i in rows],
+                                            pa.binary())})
+        files.append(folder / f"part-{start // SHARD_ROWS:05d}.parquet")
+        pq.write_table(table, files[-1])
+    return files
+
+
+def texts(n: int) -> list[str]:
+    """`n` distinct English title+body texts of the demo's kind (~70 words: cut at 77 tokens, as news is)."""
+    import numpy as np
+
+    from newsclip.demo.news import article
+    from newsclip.demo.scenes import Scene
+
+    rng = np.random.default_rng(0)
+    parts = (article(Scene.sample(rng), rng) for _ in range(n))
+    return [f"{p['title'][0]} {p['text'][0]} ({i})" for i, p in enumerate(parts)]
+
+
+def sync(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def load_model(checkpoint: str, device: str):
+    """The model as the stage's actors run it: clip's mixed fp16 on a GPU, fp32 on a CPU."""
+    from newsclip.backbones import load_backbone
+    from newsclip.encoders import apply_precision
+
+    model, preprocess = load_backbone(checkpoint, "cpu")
+    return apply_precision(model, "fp16" if device == "cuda" else "fp32", device), preprocess
+
+
+class _Photos:
+    """A map-style dataset of (decoded, preprocessed) photos, for the DataLoader baseline."""
+
+    def __init__(self, files: list[Path], preprocess):
+        import pyarrow.parquet as pq
+
+        self.images = [b for f in files for b in pq.read_table(f, columns=["image"]).column("image").to_pylist()]
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        from newsclip.images import decode_image
+
+        return self.preprocess(decode_image(self.images[i]))
+
+
+def dataloader_loop(files: list[Path], checkpoint: str, batch: int, device: str, workers: int) -> dict:
+    import torch
+
+    model, preprocess = load_model(checkpoint, device)
+    loader = torch.utils.data.DataLoader(_Photos(files, preprocess), batch_size=batch, num_workers=workers,
+                                         pin_memory=device == "cuda", persistent_workers=False)
+    started, done = time.perf_counter(), 0
+    with torch.inference_mode():
+        for pixels in loader:
+            features = model.encode_image(pixels.to(device, non_blocking=True).to(model.dtype))
+            torch.nn.functional.normalize(features.float(), dim=-1).cpu()
+            done += len(pixels)
+    seconds = time.perf_counter() - started
+    return {"workers": workers, "seconds": round(seconds, 2), "images_per_s": round(done / seconds, 1)}
+
+
+def plain_loop(files: list[Path], checkpoint: str, batch: int) -> dict:
+    """One process, no Ray: read, decode, preprocess, encode."""
     import pyarrow.parquet as pq
     import torch
 
-    from newsclip.backbones import load_backbone
     from newsclip.images import ImageDecodeError, decode_image
-    from newsclip.store import embedding_table, write_table
 
-    torch.set_num_threads(threads)
-    model, preprocess = load_backbone(backbone, "cpu")
-    done = 0
-    for i, path in enumerate(files):
-        for j, batch in enumerate(pq.ParquetFile(path).iter_batches(batch_size=batch_size)):
-            ids, tensors = [], []
-            for image_id, data in zip(batch.column("image_id").to_pylist(), batch.column("image").to_pylist()):
+    model, preprocess = load_model(checkpoint, "cpu")
+    started, done = time.perf_counter(), 0
+    for path in files:
+        for part in pq.ParquetFile(path).iter_batches(batch_size=batch, columns=["image"]):
+            tensors = []
+            for data in part.column("image").to_pylist():
                 try:
                     tensors.append(preprocess(decode_image(data)))
-                    ids.append(image_id)
                 except ImageDecodeError:
                     pass
             with torch.inference_mode():
-                features = torch.nn.functional.normalize(model.encode_image(torch.stack(tensors)).float(), dim=-1)
-            write_table(embedding_table(ids, features.numpy(), "image_id"), out / f"part-{i:04d}-{j:04d}.parquet")
-            done += len(ids)
-    return done
+                torch.nn.functional.normalize(model.encode_image(torch.stack(tensors)).float(), dim=-1)
+            done += len(tensors)
+    seconds = time.perf_counter() - started
+    return {"seconds": round(seconds, 2), "images_per_s": round(done / seconds, 1)}
 
 
-def main() -> None:
+def model_only(checkpoint: str, batch: int, device: str, images: int, text_batch: int, n_texts: int) -> dict:
+    """The model on ready inputs: images/s and texts/s, after a warm-up batch."""
+    import clip
+    import torch
+
+    model, _ = load_model(checkpoint, device)
+    res = model.visual.input_resolution
+    pixels = torch.rand(batch, 3, res, res, device=device).to(model.dtype)
+    tokens = clip.tokenize(texts(text_batch), context_length=model.context_length, truncate=True).to(device)
+    out = {}
+    with torch.inference_mode():
+        for name, fn, inputs, total in (("images_per_s", model.encode_image, pixels, images),
+                                        ("texts_per_s", model.encode_text, tokens, n_texts)):
+            steps = max(1, total // len(inputs))
+            fn(inputs)
+            sync(device)
+            started = time.perf_counter()
+            for _ in range(steps):
+                fn(inputs)
+            sync(device)
+            out[name] = round(steps * len(inputs) / (time.perf_counter() - started), 1)
+    return out
+
+
+def newsclip_stage(cfg, enc, checkpoint: str, side, todo, store_root: Path) -> dict:
+    from newsclip.embedding_store import EmbeddingStore
+    from newsclip.encode import encode_new
+
+    store = EmbeddingStore(store_root, "bench", "random", enc.precision, side.name)
+    started = time.perf_counter()
+    stats = encode_new(cfg, enc, checkpoint, side, todo, store)
+    seconds = time.perf_counter() - started
+    steady = seconds - stats["first_batch_seconds"]
+    first_rows = min(enc.batch_size, stats["encoded"])  # the rows of the first batch, not counted as steady
+    return {"seconds": round(seconds, 2), "rows_per_s": round(stats["encoded"] / seconds, 1),
+            "startup_seconds": stats["first_batch_seconds"],
+            "steady_rows_per_s": round((stats["encoded"] - first_rows) / steady, 1) if steady > 0 else None,
+            "encoded": stats["encoded"]}
+
+
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=4000)
-    parser.add_argument("--backbone", default="demo-tiny", help="a registry name or checkpoint path")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--actors", type=int, default=1)
-    parser.add_argument("--cpus-per-actor", type=float, default=1.0)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads, per actor and in the baseline")
-    args = parser.parse_args()
+    parser.add_argument("--images", type=int, default=8000)
+    parser.add_argument("--texts", type=int, default=0, help="also time the text side on this many texts")
+    parser.add_argument("--backbone", default="demo-tiny", help="a registry name or a checkpoint path")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="build the backbone's architecture with random weights (no download)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when torch sees one")
+    parser.add_argument("--photo-size", default="800x533", help="WIDTHxHEIGHT of the JPEGs")
+    parser.add_argument("--quality", type=int, default=85)
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the stage's own for the backbone")
+    parser.add_argument("--actors", type=int, default=1, help="model actors (one GPU each on cuda)")
+    parser.add_argument("--cpus-per-actor", type=float, default=None, help="default: the stage's (0 on CPUs, 1 on GPUs)")
+    parser.add_argument("--decode", choices=["cpu", "gpu"], default="cpu")
+    parser.add_argument("--jpeg-draft", action="store_true")
+    parser.add_argument("--skip", default="", help="comma-separated: plain_loop,dataloader_loop,model_only")
+    parser.add_argument("--out", type=Path, help="also write the JSON here")
+    args = parser.parse_args(argv)
 
+    import pyarrow as pa
     import ray
+    import torch
 
     from newsclip import config
-    from newsclip.demo.data import write_demo_data
-    from newsclip.demo.model import ensure_demo_model
-    from newsclip.encode import IMAGES, encode_side
+    from newsclip.embedding_store import hash_array
+    from newsclip.encode import IMAGES, TEXTS
     from newsclip.pipeline import ensure_ray
-    from newsclip.prepare import run as prepare
-    from newsclip.store import parquet_files
 
-    if args.backbone == "demo-tiny":
-        ensure_demo_model()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    width, height = map(int, args.photo_size.lower().split("x"))
+    skip = set(filter(None, args.skip.split(",")))
+    gpus = args.actors if device == "cuda" else 0
+    settings = [f"backbones=[{args.backbone}]", f"encode.actors={args.actors}", f"encode.decode={args.decode}",
+                f"encode.num_gpus_per_actor={1 if gpus else 0}", f"encode.jpeg_draft={str(args.jpeg_draft).lower()}",
+                "encode.commit_rows=1000000"]
+    if args.batch_size:
+        settings.append(f"encode.batch_size={args.batch_size}")
+    if args.cpus_per_actor is not None:
+        settings.append(f"encode.num_cpus_per_actor={args.cpus_per_actor}")
+    enc = config.load(None, settings).encode.for_backbone(args.backbone)
+    result = {"backbone": args.backbone, "random_weights": args.random_weights, "device": device,
+              "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None, "cpus": os.cpu_count(),
+              "torch": torch.__version__, "images": args.images, "photo": f"{width}x{height} q{args.quality}",
+              "batch_size": enc.batch_size, "precision": enc.precision, "decode": enc.decode,
+              "jpeg_draft": enc.jpeg_draft, "actors": args.actors,
+              "cpus_per_actor": enc.num_cpus_per_actor}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        write_demo_data(tmp / "data", articles=round(args.images / 1.05), seed=7)  # + 5% orphan images
-        cfg = config.load(None, [f"input.articles={tmp / 'data' / 'articles'}",
-                                 f"input.images={tmp / 'data' / 'images'}", f"output_dir={tmp / 'out'}",
-                                 "eval.sample_size=null", "eval.candidates=all", f"backbones=[{args.backbone}]",
-                                 f"encode.batch_size={args.batch_size}", f"encode.actors={args.actors}",
-                                 f"encode.torch_threads={args.threads}",
-                                 f"encode.num_cpus_per_actor={args.cpus_per_actor}"])
-        prepare(cfg)
-        ensure_ray(cfg.ray)
-        started = time.perf_counter()
-        entry = encode_side(cfg, args.backbone, IMAGES)
-        ray_seconds = time.perf_counter() - started
+        if args.random_weights:
+            checkpoint = str(random_checkpoint(args.backbone, tmp / "random.pt"))
+        else:
+            checkpoint = args.backbone
+            if checkpoint == "demo-tiny":
+                from newsclip.demo.model import ensure_demo_model
 
-        (tmp / "plain").mkdir()
+                ensure_demo_model()
         started = time.perf_counter()
-        plain_rows = plain_loop(parquet_files(cfg.input.images), args.backbone, args.batch_size, args.threads,
-                                tmp / "plain")
-        plain_seconds = time.perf_counter() - started
-    ray.shutdown()
-    result = {
-        "backbone": args.backbone, "images": entry["rows"], "batch_size": args.batch_size, "actors": args.actors, "cpus_per_actor": args.cpus_per_actor,
-        "torch_threads": args.threads, "cpus": os.cpu_count(),
-        "ray_pipeline": {"seconds": round(ray_seconds, 2), "images_per_s": round(entry["rows"] / ray_seconds, 1)},
-        "plain_loop": {"seconds": round(plain_seconds, 2), "images_per_s": round(plain_rows / plain_seconds, 1)},
-        "ratio_pipeline_over_plain": round((entry["rows"] / ray_seconds) / (plain_rows / plain_seconds), 3),
-    }
-    print(json.dumps(result, indent=2))
+        files = write_photos(tmp / "images", args.images, width, height, args.quality)
+        result["photo_kb"] = round(sum(f.stat().st_size for f in files) / args.images / 1024, 1)
+        result["data_seconds"] = round(time.perf_counter() - started, 1)
+
+        cfg = config.load(None, [*settings, f"output_dir={tmp / 'out'}"])
+        ensure_ray(cfg.ray)
+        ids = [f"img-{i:07d}" for i in range(args.images)]
+        import pyarrow.parquet as pq
+
+        hashes = pa.concat_arrays([hash_array(pq.read_table(f, columns=["image"]).column("image").to_pylist())
+                                   for f in files])
+        per_file = [str(f) for f in files for _ in range(pq.read_metadata(f).num_rows)]
+        todo = pa.table({"image_id": ids, "file": per_file, "hash": hashes})
+        stage = result["newsclip_stage"] = newsclip_stage(cfg, enc, checkpoint, IMAGES, todo, tmp / "store")
+        if args.texts:
+            queries = texts(args.texts)
+            todo = pa.table({"article_id": [str(i) for i in range(args.texts)], "query_text": queries,
+                             "hash": hash_array(queries)})
+            result["newsclip_stage_texts"] = newsclip_stage(cfg, enc, checkpoint, TEXTS, todo, tmp / "store")
+        ray.shutdown()
+
+        if device == "cpu" and "plain_loop" not in skip:
+            result["plain_loop"] = plain_loop(files, checkpoint, enc.batch_size)
+        if "dataloader_loop" not in skip:
+            workers = max(1, (os.cpu_count() or 2) - 1)
+            result["dataloader_loop"] = dataloader_loop(files, checkpoint, enc.batch_size, device, workers)
+        if "model_only" not in skip:
+            result["model_only"] = model_only(checkpoint, enc.batch_size, device, args.images, 1024,
+                                              max(args.texts, 4096))
+    rate = stage["rows_per_s"]
+    result["ratios"] = {f"stage_over_{name}": round(rate / result[name]["images_per_s"], 3)
+                        for name in ("plain_loop", "dataloader_loop", "model_only") if name in result}
+    if "model_only" in result and "newsclip_stage_texts" in result:
+        result["ratios"]["texts_stage_over_model_only"] = round(
+            result["newsclip_stage_texts"]["rows_per_s"] / result["model_only"]["texts_per_s"], 3)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    return result
 
 
 if __name__ == "__main__":

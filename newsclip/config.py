@@ -81,7 +81,10 @@ GPU_BATCH_GFLOPS = 32_768  # on a GPU, a batch of about this much work: RN50 102
 class EncodeConfig:
     batch_size: int | None = None  # null: 64 on CPUs; on GPUs from each backbone's cost (see for_backbone)
     actors: int = 1  # most model actors per backbone and side (the pool starts at one and grows with the work)
-    num_cpus_per_actor: float = 1.0  # a model actor's CPUs; decoding and tokenising run as tasks on the others
+    # a model actor's CPUs (decoding and tokenising run as tasks on the others); null: 1 on GPUs (the core that
+    # feeds its GPU), 0 on CPUs (Ray's own default for a running actor: decode tasks take every core and the model
+    # shares them; with 1, a 2-core laptop decoded on one core and ran 2x slower)
+    num_cpus_per_actor: float | None = None
     # GPUs per actor for the costliest backbones; lighter ones take a half or a quarter of it (see for_backbone)
     num_gpus_per_actor: float = 0.0
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when the actors ask Ray for GPUs
@@ -127,6 +130,7 @@ class EncodeConfig:
             batch, gpus, device, precision, decode = CPU_BATCH, self.num_gpus_per_actor, "cpu", "fp32", "cpu"
         own = self.per_backbone.get(name, BackboneEncode())
         return replace(self, batch_size=_first(own.batch_size, self.batch_size, batch), device=device,
+                       num_cpus_per_actor=_first(self.num_cpus_per_actor, 1.0 if self.on_gpu else 0.0),
                        precision=_first(*(p for p in (own.precision, self.precision) if p != "auto"), precision),
                        decode=decode if self.decode == "auto" else self.decode,
                        actors=_first(own.actors, self.actors),

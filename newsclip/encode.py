@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 from newsclip.backbones import checkpoint_id, input_sizes, slug
 from newsclip.config import EncodeConfig, JobConfig
 from newsclip.embedding_store import EmbeddingStore, hash_array
-from newsclip.encoders import TASK_ROWS, ImageEncoder, TextEncoder, decode_images, tokenize_texts
+from newsclip.encoders import TASK_ROWS, ImageEncoder, TextEncoder, read_and_decode_images, tokenize_texts
 from newsclip.pipeline import actor_retries, dataset_of, log
 from newsclip.store import parquet_files, record_stage, staged_dir, write_table
 
@@ -56,33 +56,36 @@ def _new_rows(wanted: pa.Table, store: EmbeddingStore) -> pa.Table:
 
 def prepared_rows(side: Side, todo: pa.Table, backbone: str, enc: EncodeConfig):
     """Ray Data rows ready for the model actors, made by CPU tasks: (hash, tokens) for texts; for images
-    (hash, uint8 pixels or JPEG bytes, error), read from the input shards."""
-    import ray
-
+    (hash, uint8 pixels or JPEG bytes, error), each task reading its TASK_ROWS images from their shard."""
     resolution, context_length = input_sizes(backbone, enc.download_root)
     if side is TEXTS:
         return dataset_of(todo.select(["hash", "query_text"]), -(-len(todo) // TASK_ROWS)).map_batches(
             tokenize_texts, fn_kwargs={"context_length": context_length}, batch_format="pyarrow")
-    files = sorted(set(todo.column("file").to_pylist()))
-    ds = ray.data.read_parquet(files).select_columns(["image_id", "image"])
-    # only the new images: a shard also holds images already stored, or not ranked at all; then blocks of TASK_ROWS
-    # (a shard is one block per row group, often the whole file), so that every CPU gets decoding to do
-    return (ds.map_batches(_keep_rows, fn_kwargs={"keep": todo.column("image_id")}, batch_format="pyarrow")
-            .repartition(target_num_rows_per_block=TASK_ROWS)
-            .map_batches(decode_images, batch_format="pyarrow", fn_kwargs={
-                "resolution": resolution, "max_pixels": enc.max_image_pixels,
-                "draft": enc.jpeg_draft, "jpeg_to_actor": enc.decode == "gpu"}))
+    units = image_units(todo)
+    return dataset_of(units, len(units)).map_batches(read_and_decode_images, batch_format="pyarrow", fn_kwargs={
+        "resolution": resolution, "max_pixels": enc.max_image_pixels, "draft": enc.jpeg_draft,
+        "jpeg_to_actor": enc.decode == "gpu"})
 
 
-def _keep_rows(batch: pa.Table, keep) -> pa.Table:
-    return batch.filter(pc.is_in(batch.column("image_id"), value_set=keep))
+def image_units(todo: pa.Table) -> pa.Table:
+    """The images to encode as units of work: (file, image_ids), at most TASK_ROWS ids of one shard each."""
+    files, ids = [], []
+    by_file = todo.select(["file", "image_id"]).group_by("file", use_threads=False).aggregate([("image_id", "list")])
+    for file, wanted in zip(by_file.column("file").to_pylist(), by_file.column("image_id_list").to_pylist()):
+        for start in range(0, len(wanted), TASK_ROWS):
+            files.append(file)
+            ids.append(wanted[start:start + TASK_ROWS])
+    return pa.table({"file": pa.array(files, pa.string()), "image_ids": pa.array(ids, pa.list_(pa.string()))})
 
 
 def encode_new(cfg: JobConfig, enc: EncodeConfig, backbone: str, side: Side, todo: pa.Table,
-               store: EmbeddingStore) -> int:
-    """Encode `todo` on a Ray Data actor pool, committing to the store every `encode.commit_rows` rows."""
+               store: EmbeddingStore) -> dict:
+    """Encode `todo` on a Ray Data actor pool, committing to the store every `encode.commit_rows` rows.
+
+    Returns the rows encoded and the seconds to the first encoded batch (start-up: actors, models, first inputs)."""
     import ray
 
+    started = time.perf_counter()
     ds = prepared_rows(side, todo, backbone, enc).map_batches(
         side.encoder,
         fn_constructor_kwargs={"backbone": backbone, "cfg": enc},
@@ -94,13 +97,14 @@ def encode_new(cfg: JobConfig, enc: EncodeConfig, backbone: str, side: Side, tod
         num_gpus=enc.num_gpus_per_actor,
         ray_remote_args_fn=partial(actor_retries, cfg.ray),
     )
-    pending, done = [], 0
+    pending, done, first = [], 0, None
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        first = first or round(time.perf_counter() - started, 2)
         pending.append(batch)
         if sum(map(len, pending)) >= enc.commit_rows:
             done += _commit(store, pending)
             log(f"encode {backbone} {side.name}: {done}/{len(todo)} new rows stored")
-    return done + _commit(store, pending)
+    return {"encoded": done + _commit(store, pending), "first_batch_seconds": first}
 
 
 def _commit(store: EmbeddingStore, pending: list[pa.Table]) -> int:
@@ -119,7 +123,7 @@ def encode_side(cfg: JobConfig, backbone: str, side: Side) -> dict:
     store = EmbeddingStore(cfg.store, name, checkpoint_id(backbone, enc.download_root), store_label(enc), side.name)
     wanted = wanted_rows(cfg, side)
     todo = _new_rows(wanted, store)
-    encoded = encode_new(cfg, enc, backbone, side, todo, store) if len(todo) else 0
+    stats = encode_new(cfg, enc, backbone, side, todo, store) if len(todo) else {"encoded": 0}
     relative = f"embeddings/{name}/{side.name}"
     rows, failures = 0, []
     with staged_dir(out, relative) as stage:
@@ -141,7 +145,7 @@ def encode_side(cfg: JobConfig, backbone: str, side: Side) -> dict:
                 out / "rejects" / f"encode-{name}-{side.name}.parquet")
     reused = len(wanted) - int(pc.sum(pc.is_in(wanted.column("hash"), value_set=todo.column("hash"))).as_py() or 0)
     return record_stage(out, f"encode:{name}:{side.name}", parquet_files(out / relative, relative), backbone=backbone,
-                        rows=rows, rejected=len(rejects), encoded=encoded, reused=reused, store=str(store.dir),
+                        rows=rows, rejected=len(rejects), **stats, reused=reused, store=str(store.dir),
                         batch_size=enc.batch_size, device=enc.device, precision=enc.precision, decode=enc.decode,
                         jpeg_draft=enc.jpeg_draft, num_gpus_per_actor=enc.num_gpus_per_actor,
                         seconds=round(time.time() - started, 2))

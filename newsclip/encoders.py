@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from newsclip.backbones import load_backbone
 from newsclip.embedding_store import content_hash
@@ -48,6 +49,32 @@ def clip_pixels(image, resolution: int) -> np.ndarray:
     for step in _geometry(resolution):
         image = step(image)
     return np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1))
+
+
+def read_images(units: pa.Table) -> pa.Table:
+    """(file, image_ids) units -> the (image_id, image) rows they name, read straight from their shard (only the
+    row groups that hold them): the encoded bytes never pass through Ray's object store, only the pixels do."""
+    parts = []
+    for file, ids in zip(units.column("file").to_pylist(), units.column("image_ids").to_pylist()):
+        shard = pq.ParquetFile(file)
+        in_file = shard.read(columns=["image_id"]).column("image_id")
+        position = pc.index_in(pa.array(ids, pa.string()), value_set=in_file)  # the first row of each id
+        if position.null_count:
+            missing = pc.filter(pa.array(ids, pa.string()), pc.is_null(position))[0].as_py()
+            raise ValueError(f"{file}: image_id {missing!r} is not in this shard any more; it changed after the "
+                             f"prepare stage: run the job again (prepare sees the change)")
+        position = position.to_numpy()
+        starts = np.cumsum([0] + [shard.metadata.row_group(g).num_rows for g in range(shard.num_row_groups)])
+        groups = np.unique(np.searchsorted(starts, position, side="right") - 1)
+        local = np.concatenate([np.arange(starts[g], starts[g + 1]) for g in groups])  # file rows of the read
+        table = shard.read_row_groups(groups.tolist(), columns=["image_id", "image"])
+        parts.append(table.take(pa.array(np.searchsorted(local, position))))
+    return pa.concat_tables(parts)
+
+
+def read_and_decode_images(units: pa.Table, **options) -> pa.Table:
+    """CPU task: the images of some (file, image_ids) units, read and decoded (see `decode_images`)."""
+    return decode_images(read_images(units), **options)
 
 
 def decode_images(batch: pa.Table, resolution: int, max_pixels: int, draft: bool, jpeg_to_actor: bool) -> pa.Table:
@@ -267,7 +294,7 @@ class TextEncoder(_Encoder):
     """(hash, tokens) -> (hash, embedding, error): the text tower on large batches of ready tokens."""
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        tokens = self.torch.from_numpy(np.ascontiguousarray(vectors_of(batch.column("tokens"))))
+        tokens = self.torch.tensor(vectors_of(batch.column("tokens")))  # a copy: Arrow's buffers are read-only
         if tokens.shape[1] != self.model.context_length:
             raise ValueError(f"tokens of length {tokens.shape[1]}; this text tower takes {self.model.context_length}")
         vectors = self._encode(self.model.encode_text, tokens)

@@ -1,0 +1,36 @@
+"""Any of the nine OpenAI CLIP architectures with random weights, saved as the fp16 state dict a released checkpoint
+holds: speed does not depend on the weights, so benchmarks need no download."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# clip.model.CLIP arguments: (embed_dim, image_resolution, vision_layers, vision_width, vision_patch_size,
+# context_length, vocab_size, transformer_width, transformer_heads, transformer_layers), as clip.model.build_model
+# infers them from the published checkpoints (and as open_clip's model configs list them).
+ARCHITECTURES = {
+    "RN50": (1024, 224, (3, 4, 6, 3), 64, None, 77, 49408, 512, 8, 12),
+    "RN101": (512, 224, (3, 4, 23, 3), 64, None, 77, 49408, 512, 8, 12),
+    "RN50x4": (640, 288, (4, 6, 10, 6), 80, None, 77, 49408, 640, 10, 12),
+    "RN50x16": (768, 384, (6, 8, 18, 8), 96, None, 77, 49408, 768, 12, 12),
+    "RN50x64": (1024, 448, (3, 15, 36, 10), 128, None, 77, 49408, 1024, 16, 12),
+    "ViT-B/32": (512, 224, 12, 768, 32, 77, 49408, 512, 8, 12),
+    "ViT-B/16": (512, 224, 12, 768, 16, 77, 49408, 512, 8, 12),
+    "ViT-L/14": (768, 224, 24, 1024, 14, 77, 49408, 768, 12, 12),
+    "ViT-L/14@336px": (768, 336, 24, 1024, 14, 77, 49408, 768, 12, 12),
+}
+
+
+def random_checkpoint(name: str, path: Path, seed: int = 0) -> Path:
+    """Save `name`'s architecture with random weights (fp16 like the released files) as a state dict at `path`."""
+    import torch
+    from clip.model import CLIP, convert_weights
+
+    if name not in ARCHITECTURES:
+        raise SystemExit(f"--random-weights: {name!r} is not one of {', '.join(ARCHITECTURES)}")
+    torch.manual_seed(seed)
+    model = CLIP(*ARCHITECTURES[name])
+    convert_weights(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), path)
+    return path
