@@ -21,6 +21,11 @@ from newsclip.pipeline import actor_retries, dataset_of, log
 from newsclip.store import parquet_files, record_stage, staged_dir, write_table
 
 
+# batches queued on each model actor, their inputs already local: the next batch is there when one ends (Ray's
+# default, 2, keeps one waiting; a slow decode task or a large batch then leaves a GPU idle)
+BATCHES_IN_FLIGHT = 4
+
+
 @dataclass(frozen=True)
 class Side:
     """One side of the retrieval: its encoder and the id column of its rows."""
@@ -56,25 +61,29 @@ def _new_rows(wanted: pa.Table, store: EmbeddingStore) -> pa.Table:
 
 def prepared_rows(side: Side, todo: pa.Table, backbone: str, enc: EncodeConfig):
     """Ray Data rows ready for the model actors, made by CPU tasks: (hash, tokens) for texts; for images
-    (hash, uint8 pixels or JPEG bytes, error), each task reading its TASK_ROWS images from their shard."""
+    (hash, uint8 pixels or JPEG bytes, error), each task reading its images from their shard.
+
+    A task takes TASK_ROWS rows, or `commit_rows` if fewer: an actor hands back a task's rows together, so this also
+    sets how often the store can commit."""
     resolution, context_length = input_sizes(backbone, enc.download_root)
+    rows = min(TASK_ROWS, enc.commit_rows)
     if side is TEXTS:
-        return dataset_of(todo.select(["hash", "query_text"]), -(-len(todo) // TASK_ROWS)).map_batches(
+        return dataset_of(todo.select(["hash", "query_text"]), -(-len(todo) // rows)).map_batches(
             tokenize_texts, fn_kwargs={"context_length": context_length}, batch_format="pyarrow")
-    units = image_units(todo)
+    units = image_units(todo, rows)
     return dataset_of(units, len(units)).map_batches(read_and_decode_images, batch_format="pyarrow", fn_kwargs={
         "resolution": resolution, "max_pixels": enc.max_image_pixels, "draft": enc.jpeg_draft,
         "jpeg_to_actor": enc.decode == "gpu"})
 
 
-def image_units(todo: pa.Table) -> pa.Table:
-    """The images to encode as units of work: (file, image_ids), at most TASK_ROWS ids of one shard each."""
+def image_units(todo: pa.Table, rows: int) -> pa.Table:
+    """The images to encode as units of work: (file, image_ids), at most `rows` ids of one shard each."""
     files, ids = [], []
     by_file = todo.select(["file", "image_id"]).group_by("file", use_threads=False).aggregate([("image_id", "list")])
     for file, wanted in zip(by_file.column("file").to_pylist(), by_file.column("image_id_list").to_pylist()):
-        for start in range(0, len(wanted), TASK_ROWS):
+        for start in range(0, len(wanted), rows):
             files.append(file)
-            ids.append(wanted[start:start + TASK_ROWS])
+            ids.append(wanted[start:start + rows])
     return pa.table({"file": pa.array(files, pa.string()), "image_ids": pa.array(ids, pa.list_(pa.string()))})
 
 
@@ -92,7 +101,8 @@ def encode_new(cfg: JobConfig, enc: EncodeConfig, backbone: str, side: Side, tod
         batch_size=enc.batch_size,
         batch_format="pyarrow",
         # one actor at least, so that backbones side by side on a cluster never starve one another of GPUs
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=enc.actors),
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=enc.actors,
+                                           max_tasks_in_flight_per_actor=BATCHES_IN_FLIGHT),
         num_cpus=enc.num_cpus_per_actor,
         num_gpus=enc.num_gpus_per_actor,
         ray_remote_args_fn=partial(actor_retries, cfg.ray),

@@ -243,29 +243,38 @@ class ImageEncoder(_Encoder):
         return self.torch.stack([self.torch.as_tensor(image).to(self.device) for image in images])
 
     def _decode_jpegs(self, jpeg: pa.Array, images: dict, errors: pa.Array) -> pa.Array:
-        """Decode the rows' JPEG bytes on the actor's device (nvjpeg on CUDA) with clip's resize and crop done
-        there; a JPEG nvjpeg refuses falls back to the CPU path, and one that fails there too gets its error."""
-        from torchvision.io import ImageReadMode, decode_jpeg
-        from torchvision.transforms import InterpolationMode
-        from torchvision.transforms.v2.functional import center_crop, resize
-
-        torch, rows = self.torch, np.flatnonzero(jpeg.is_valid().to_numpy(zero_copy_only=False))
-        datas = [torch.frombuffer(bytearray(jpeg[i].as_py()), dtype=torch.uint8) for i in rows]
-        try:
-            decoded = decode_jpeg(datas, mode=ImageReadMode.RGB, device=self.device)
-        except RuntimeError:  # one bad file fails the batched call: decode one by one to find it
-            decoded = [_or_none(decode_jpeg, data, mode=ImageReadMode.RGB, device=self.device) for data in datas]
+        """Decode the rows' JPEG bytes on the actor's device; a JPEG nvjpeg refuses falls back to the CPU path, and
+        one that fails there too gets its error."""
+        rows = np.flatnonzero(jpeg.is_valid().to_numpy(zero_copy_only=False))
         reasons = errors.to_pylist()
+        decoded = decode_jpegs([jpeg[i].as_py() for i in rows], self.resolution, self.device)
         for i, image in zip(rows, decoded):
             if image is not None:
-                images[i] = center_crop(resize(image, [self.resolution], InterpolationMode.BICUBIC, antialias=True),
-                                        [self.resolution])
+                images[i] = image
                 continue
             try:
                 images[i] = clip_pixels(decode_image(jpeg[i].as_py(), self.cfg.max_image_pixels), self.resolution)
             except ImageDecodeError as e:
                 reasons[i] = str(e)
         return pa.array(reasons, pa.string())
+
+
+def decode_jpegs(datas: list[bytes], resolution: int, device: str) -> list:
+    """JPEG bytes -> uint8 (3, res, res) tensors on `device` (nvjpeg on CUDA, libjpeg on a CPU), with clip's resize
+    (bicubic, antialiased: torch's, close to PIL's) and centre crop done there; None where the decoder refuses."""
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2.functional import center_crop, resize
+
+    datas = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in datas]
+    try:
+        decoded = decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:  # one bad file fails the batched call: decode one by one to find it
+        decoded = [_or_none(decode_jpeg, data, mode=ImageReadMode.RGB, device=device) for data in datas]
+    return [None if image is None else
+            center_crop(resize(image, [resolution], InterpolationMode.BICUBIC, antialias=True), [resolution])
+            for image in decoded]
 
 
 def _or_none(fn, *args, **kwargs):

@@ -68,9 +68,10 @@ def _write_shards(rows: list[dict], schema: pa.Schema, folder: Path, prefix: str
 
 
 def write_demo_data(out_dir: Path, articles: int = 2000, seed: int = 0, first_id: int = 0,
-                    prefix: str = "part") -> dict[str, int]:
+                    prefix: str = "part", image_size: int = IMAGE_SIZE) -> dict[str, int]:
     """Write `out_dir/articles/<prefix>-*.parquet` and `out_dir/images/<prefix>-*.parquet`; the same seed gives the
-    same bytes. Article ids start at `first_id`, so a later batch of new articles (another seed) can join an archive."""
+    same bytes. Article ids start at `first_id`, so a later batch of new articles (another seed) can join an archive.
+    `image_size`: the side of the rendered scenes (larger than demo-tiny's 64 px: photo-sized files to decode)."""
     if articles < 1:
         raise ValueError(f"--articles must be at least 1, got {articles}")
     # a stream of its own, disjoint from demo-tiny's training data (and, for an appended day, from earlier days')
@@ -81,7 +82,7 @@ def write_demo_data(out_dir: Path, articles: int = 2000, seed: int = 0, first_id
     for i, source in enumerate(sources):
         scene = Scene.sample(rng)
         image_id = f"img-{rng.bytes(6).hex()}"
-        image = render(scene, rng, IMAGE_SIZE)
+        image = render(scene, rng, image_size)
         fmt = "PNG" if rng.random() < PNG_SHARE else "JPEG"
         lang = SOURCE_LANG[source]
         texts = news.article(scene, rng)
@@ -101,7 +102,7 @@ def write_demo_data(out_dir: Path, articles: int = 2000, seed: int = 0, first_id
             "lang": lang, "published": start + timedelta(minutes=int(rng.integers(0, 365 * 24 * 60))),
         })
     for _ in range(round(articles * ORPHAN_IMAGES)):
-        image = render(Scene.sample(rng), rng, IMAGE_SIZE)
+        image = render(Scene.sample(rng), rng, image_size)
         image_rows.append({"image_id": f"img-{rng.bytes(6).hex()}", "image": _encode(image, "JPEG")})
     order = rng.permutation(len(image_rows))  # images are not stored in article order
     image_rows = [image_rows[j] for j in order]
