@@ -190,11 +190,10 @@ def newsclip_stage(cfg, enc, checkpoint: str, side, todo, store_root: Path) -> d
     started = time.perf_counter()
     stats = encode_new(cfg, enc, checkpoint, side, todo, store)
     seconds = time.perf_counter() - started
-    steady = seconds - stats["first_batch_seconds"]
-    first_rows = min(enc.batch_size, stats["encoded"])  # the rows of the first batch, not counted as steady
+    steady, rest = seconds - stats["first_batch_seconds"], stats["encoded"] - stats["first_batch_rows"]
     return {"seconds": round(seconds, 2), "rows_per_s": round(stats["encoded"] / seconds, 1),
             "startup_seconds": stats["first_batch_seconds"],
-            "steady_rows_per_s": round((stats["encoded"] - first_rows) / steady, 1) if steady > 0 else None,
+            "steady_rows_per_s": round(rest / steady, 1) if steady > 0 else None,
             "encoded": stats["encoded"]}
 
 
@@ -210,7 +209,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quality", type=int, default=85)
     parser.add_argument("--batch-size", type=int, default=None, help="default: the stage's own for the backbone")
     parser.add_argument("--actors", type=int, default=1, help="model actors (one GPU each on cuda)")
-    parser.add_argument("--cpus-per-actor", type=float, default=None, help="default: the stage's (0 on CPUs, 1 on GPUs)")
+    parser.add_argument("--cpus-per-actor", type=float, default=None,
+                        help="default: the stage's (0 on CPUs, 1 on GPUs)")
     parser.add_argument("--decode", choices=["cpu", "gpu"], default="cpu")
     parser.add_argument("--jpeg-draft", action="store_true")
     parser.add_argument("--skip", default="", help="comma-separated: plain_loop,dataloader_loop,model_only")
@@ -282,8 +282,9 @@ def main(argv: list[str] | None = None) -> dict:
             workers = max(1, (os.cpu_count() or 2) - 1)
             result["dataloader_loop"] = dataloader_loop(files, checkpoint, enc.batch_size, device, workers)
         if "model_only" not in skip:
-            result["model_only"] = model_only(checkpoint, enc.batch_size, device, args.images, 1024,
-                                              max(args.texts, 4096))
+            text_batch = min(1024, args.texts or 1024)
+            result["model_only"] = model_only(checkpoint, enc.batch_size, device, args.images, text_batch,
+                                              max(args.texts, text_batch))
     rate = stage["rows_per_s"]
     result["ratios"] = {f"stage_over_{name}": round(rate / result[name]["images_per_s"], 3)
                         for name in ("plain_loop", "dataloader_loop", "model_only") if name in result}

@@ -20,7 +20,6 @@ from newsclip.encoders import TASK_ROWS, ImageEncoder, TextEncoder, read_and_dec
 from newsclip.pipeline import actor_retries, dataset_of, log
 from newsclip.store import parquet_files, record_stage, staged_dir, write_table
 
-
 # batches queued on each model actor, their inputs already local: the next batch is there when one ends (Ray's
 # default, 2, keeps one waiting; a slow decode task or a large batch then leaves a GPU idle)
 BATCHES_IN_FLIGHT = 4
@@ -91,7 +90,8 @@ def encode_new(cfg: JobConfig, enc: EncodeConfig, backbone: str, side: Side, tod
                store: EmbeddingStore) -> dict:
     """Encode `todo` on a Ray Data actor pool, committing to the store every `encode.commit_rows` rows.
 
-    Returns the rows encoded and the seconds to the first encoded batch (start-up: actors, models, first inputs)."""
+    Returns the rows encoded, and the seconds to the first encoded batch (start-up: actors, models, first inputs)
+    and its rows."""
     import ray
 
     started = time.perf_counter()
@@ -107,14 +107,15 @@ def encode_new(cfg: JobConfig, enc: EncodeConfig, backbone: str, side: Side, tod
         num_gpus=enc.num_gpus_per_actor,
         ray_remote_args_fn=partial(actor_retries, cfg.ray),
     )
-    pending, done, first = [], 0, None
+    pending, done, first = [], 0, {}
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        first = first or round(time.perf_counter() - started, 2)
+        first = first or {"first_batch_seconds": round(time.perf_counter() - started, 2),
+                          "first_batch_rows": len(batch)}
         pending.append(batch)
         if sum(map(len, pending)) >= enc.commit_rows:
             done += _commit(store, pending)
             log(f"encode {backbone} {side.name}: {done}/{len(todo)} new rows stored")
-    return {"encoded": done + _commit(store, pending), "first_batch_seconds": first}
+    return {"encoded": done + _commit(store, pending), **first}
 
 
 def _commit(store: EmbeddingStore, pending: list[pa.Table]) -> int:

@@ -52,7 +52,8 @@ def _images() -> dict[str, bytes]:
     photos = {f"photo-{i}": _jpeg(_photo(i)) for i in range(9)}
     return {**photos, "grey": _jpeg(_photo(20).convert("L")), "cmyk": _jpeg(_photo(21).convert("CMYK")),
             "png-alpha": png.getvalue(), "progressive": _jpeg(_photo(22), progressive=True),
-            "truncated": photos["photo-0"][:400], "truncated-late": photos["photo-1"][:5000], "empty": b"", "html": b"<html>not found</html>",
+            "truncated": photos["photo-0"][:400], "truncated-late": photos["photo-1"][:5000], "empty": b"",
+            "html": b"<html>not found</html>",
             "too-large": _jpeg(Image.new("RGB", (800, 600)))}
 
 
