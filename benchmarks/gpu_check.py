@@ -25,7 +25,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 # (backbone, extra benchmark flags): decode on CPU tasks as the paper does, then the faster options for the light
-# backbone, which is decode-bound on 16 CPUs (MEASURED.md: 2,337/s with a DataLoader against 21,520/s model only)
+# backbone, which is decode-bound on 16 CPUs (one H200, 2026-11-28: 2,337/s with a DataLoader, 21,520/s model only)
 THROUGHPUT = [("ViT-B/32", []), ("ViT-B/32", ["--jpeg-draft"]), ("ViT-B/32", ["--decode", "gpu"]), ("ViT-L/14", [])]
 DRY_RUN = ["--images", "32", "--texts", "32", "--batch-size", "16", "--photo-size", "320x213"]  # ViT-L/14 left out:
 # on two CPU cores its three model loads alone take minutes
