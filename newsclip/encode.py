@@ -58,21 +58,24 @@ def _new_rows(wanted: pa.Table, store: EmbeddingStore) -> pa.Table:
     return wanted.take(pa.array(np.sort(first), pa.int64()))
 
 
-def prepared_rows(side: Side, todo: pa.Table, backbone: str, enc: EncodeConfig):
+def prepared_rows(side: Side, todo: pa.Table, backbone: str, enc: EncodeConfig, max_retries: int):
     """Ray Data rows ready for the model actors, made by CPU tasks: (hash, tokens) for texts; for images
     (hash, uint8 pixels or JPEG bytes, error), each task reading its images from their shard.
 
     A task takes TASK_ROWS rows, or `commit_rows` if fewer: an actor hands back a task's rows together, so this also
-    sets how often the store can commit."""
+    sets how often the store can commit. The tasks' own retry bound (`max_retries`, which actors do not take) also
+    keeps Ray from fusing them into the model actors, where they would decode on the GPU worker again."""
     resolution, context_length = input_sizes(backbone, enc.download_root)
     rows = min(TASK_ROWS, enc.commit_rows)
     if side is TEXTS:
-        return dataset_of(todo.select(["hash", "query_text"]), -(-len(todo) // rows)).map_batches(
-            tokenize_texts, fn_kwargs={"context_length": context_length}, batch_format="pyarrow")
-    units = image_units(todo, rows)
-    return dataset_of(units, len(units)).map_batches(read_and_decode_images, batch_format="pyarrow", fn_kwargs={
-        "resolution": resolution, "max_pixels": enc.max_image_pixels, "draft": enc.jpeg_draft,
-        "jpeg_to_actor": enc.decode == "gpu"})
+        ds = dataset_of(todo.select(["hash", "query_text"]), -(-len(todo) // rows))
+        fn, kwargs = tokenize_texts, {"context_length": context_length}
+    else:
+        units = image_units(todo, rows)
+        ds, fn = dataset_of(units, len(units)), read_and_decode_images
+        kwargs = {"resolution": resolution, "max_pixels": enc.max_image_pixels, "draft": enc.jpeg_draft,
+                  "jpeg_to_actor": enc.decode == "gpu"}
+    return ds.map_batches(fn, fn_kwargs=kwargs, batch_format="pyarrow", num_cpus=1, max_retries=max_retries)
 
 
 def image_units(todo: pa.Table, rows: int) -> pa.Table:
@@ -86,16 +89,11 @@ def image_units(todo: pa.Table, rows: int) -> pa.Table:
     return pa.table({"file": pa.array(files, pa.string()), "image_ids": pa.array(ids, pa.list_(pa.string()))})
 
 
-def encode_new(cfg: JobConfig, enc: EncodeConfig, backbone: str, side: Side, todo: pa.Table,
-               store: EmbeddingStore) -> dict:
-    """Encode `todo` on a Ray Data actor pool, committing to the store every `encode.commit_rows` rows.
-
-    Returns the rows encoded, and the seconds to the first encoded batch (start-up: actors, models, first inputs)
-    and its rows."""
+def model_rows(cfg: JobConfig, enc: EncodeConfig, backbone: str, side: Side, todo: pa.Table):
+    """The Ray dataset of `todo`'s (hash, embedding, error) rows: CPU tasks, then the model actor pool."""
     import ray
 
-    started = time.perf_counter()
-    ds = prepared_rows(side, todo, backbone, enc).map_batches(
+    return prepared_rows(side, todo, backbone, enc, cfg.ray.max_task_retries).map_batches(
         side.encoder,
         fn_constructor_kwargs={"backbone": backbone, "cfg": enc},
         batch_size=enc.batch_size,
@@ -107,6 +105,16 @@ def encode_new(cfg: JobConfig, enc: EncodeConfig, backbone: str, side: Side, tod
         num_gpus=enc.num_gpus_per_actor,
         ray_remote_args_fn=partial(actor_retries, cfg.ray),
     )
+
+
+def encode_new(cfg: JobConfig, enc: EncodeConfig, backbone: str, side: Side, todo: pa.Table,
+               store: EmbeddingStore) -> dict:
+    """Encode `todo` on a Ray Data actor pool, committing to the store every `encode.commit_rows` rows.
+
+    Returns the rows encoded, and the seconds to the first encoded batch (start-up: actors, models, first inputs)
+    and its rows."""
+    started = time.perf_counter()
+    ds = model_rows(cfg, enc, backbone, side, todo)
     pending, done, first = [], 0, {}
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         first = first or {"first_batch_seconds": round(time.perf_counter() - started, 2),

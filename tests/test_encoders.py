@@ -275,3 +275,21 @@ def test_nvjpeg_decoding_matches_the_cpu_path(checkpoint):
     reference = _embeddings(ImageEncoder(checkpoint, _cfg())(_decoded(datas, encoder.resolution)))
     assert result.column("error").null_count == len(datas)
     assert np.min(np.sum(_embeddings(result) * reference, axis=1)) > 0.98
+
+
+@pytest.mark.parametrize("cpus_per_actor", [0, 1])
+def test_decode_tasks_stay_out_of_the_model_actors(ray_local, checkpoint, tmp_path, capsys, cpus_per_actor):
+    """Ray fuses a task map into the actor map after it when their remote args agree: the decoding would then run
+    on the GPU worker again, one image at a time. The optimized plan keeps them apart."""
+    import pyarrow.parquet as pq
+
+    from newsclip import config
+    from newsclip.encode import IMAGES, model_rows
+
+    pq.write_table(pa.table({"image_id": ["a", "b"], "image": list(_images().values())[:2]}), tmp_path / "s.parquet")
+    cfg = config.load(None, [f"backbones=[{checkpoint}]", f"encode.num_cpus_per_actor={cpus_per_actor}"])
+    todo = pa.table({"image_id": ["a", "b"], "file": [str(tmp_path / "s.parquet")] * 2, "hash": ["1", "2"]})
+    model_rows(cfg, cfg.encode.for_backbone(checkpoint), checkpoint, IMAGES, todo).explain()
+    optimized = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
+    assert "TaskPoolMapOperator[MapBatches(read_and_decode_images)]" in optimized
+    assert "ActorPoolMapOperator[MapBatches(ImageEncoder)]" in optimized
