@@ -104,13 +104,19 @@ def select(articles: pl.DataFrame, images: pl.DataFrame, text_mode: str) -> tupl
                                                                                    pl.DataFrame]:
     """Split input rows into usable articles, usable images, and rejects with a reason each."""
     rejects = []
-    dup_articles = articles.filter(pl.col("article_id").is_duplicated() & ~pl.col("article_id").is_first_distinct())
+    # rows without an id first: polars counts nulls as one value, so the first would pass as distinct (and then
+    # vanish with no reject) and the others would be called duplicates
+    rejects.append(_reject(articles.filter(pl.col("article_id").is_null()), "article_id", "article", "no article_id"))
+    articles = articles.filter(pl.col("article_id").is_not_null())
+    dup_articles = articles.filter(~pl.col("article_id").is_first_distinct())
     rejects.append(_reject(dup_articles, "article_id", "article", "duplicate article_id (an earlier row was kept)"))
-    articles = articles.filter(pl.col("article_id").is_first_distinct() & pl.col("article_id").is_not_null())
+    articles = articles.filter(pl.col("article_id").is_first_distinct())
 
+    rejects.append(_reject(images.filter(pl.col("image_id").is_null()), "image_id", "image", "no image_id"))
+    images = images.filter(pl.col("image_id").is_not_null())
     dup_images = images.filter(~pl.col("image_id").is_first_distinct())
     rejects.append(_reject(dup_images, "image_id", "image", "duplicate image_id (an earlier row was kept)"))
-    images = images.filter(pl.col("image_id").is_first_distinct() & pl.col("image_id").is_not_null())
+    images = images.filter(pl.col("image_id").is_first_distinct())
 
     articles = articles.with_columns(join_text(text_mode).alias("query_text"),
                                      pl.col("source").fill_null("unknown"))

@@ -51,6 +51,17 @@ def test_rejects_and_sample(tmp_path):
     assert sorted(again) == sorted(queries["article_id"])  # seeded: the same sample every run
 
 
+def test_rows_without_ids_are_rejected_as_such_not_as_duplicates(tmp_path):
+    rows = [{"article_id": None, "title": "T", "text": "b", "image_id": "i0"} for _ in range(2)]
+    rows += [{"article_id": "a", "title": "T", "text": "b", "image_id": "i0"}]
+    cfg = _inputs(tmp_path, rows, [None, "i0", None])
+    prepare.run(cfg)
+    rejects = pl.read_parquet(cfg.output / "rejects" / "prepare.parquet")
+    assert sorted(zip(rejects["kind"], rejects["reason"])) == [
+        ("article", "no article_id"), ("article", "no article_id"), ("image", "no image_id"), ("image", "no image_id")]
+    assert pl.read_parquet(cfg.output / "prepared" / "articles.parquet")["article_id"].to_list() == ["a"]
+
+
 def test_small_data_used_whole(tmp_path):
     rows = [{"article_id": "a", "title": "t", "text": "b", "image_id": "i"}]
     cfg = _inputs(tmp_path, rows, ["i"])
