@@ -69,7 +69,8 @@ def run(cfg: JobConfig) -> dict:
             entry = stages.get(f"knn:{slug(backbone)}:{direction}", {})
             # an approximate index reports its recall against exact search, so nobody trusts it blindly
             knn.append({"backbone": backbone, "direction": direction, "index": entry.get("index"),
-                        "recall_at_k_vs_exact": entry.get("recall_at_k")})
+                        "recall_at_k_vs_exact": entry.get("recall_at_k"),
+                        "short_lines": entry.get("short_lines", 0), "short_reason": entry.get("short_reason")})
         rows += ci_rows(ranks, sources, cfg.eval.k, direction, b=cfg.eval.bootstrap, seed=cfg.eval.seed)
         paired += paired_rows(ranks, cfg.eval.k, b=cfg.eval.bootstrap, seed=cfg.eval.seed, direction=direction)
     frame = pl.DataFrame(rows).select(ci_columns())

@@ -244,7 +244,7 @@ def fuse_stage(cfg, name: str, direction: str = "text_to_image", rescore: bool =
     """Fuse the members' committed rankings into `rankings/<slug(name)>` (+ `.tsv`) and a `knn:<slug>:<dir>` entry.
 
     z-mean re-scores from `embeddings/<member>/` when `rescore` and the folders exist, else imputes (see module)."""
-    from newsclip.rank import DIRECTIONS, rankings_stem, tsv_lines
+    from newsclip.rank import DIRECTIONS, rankings_stem, short_lines, tsv_lines
     from newsclip.store import read_embeddings, record_stage, write_table, write_text
 
     started = time.time()
@@ -274,4 +274,6 @@ def fuse_stage(cfg, name: str, direction: str = "text_to_image", rescore: bool =
                         members=members, method=method, rrf_k=rrf_k if method == "rrf" else None,
                         rescored=[e is not None for e in embeddings] if method == "zmean" else None,
                         queries=len(fused), k=cfg.eval.k, index="fusion", recall_at_k=None,
-                        seconds=round(time.time() - started, 2))
+                        seconds=round(time.time() - started, 2),
+                        **short_lines(ids, cfg.eval.k, len(set(c for r in rankings for c in r[list_col].explode())),
+                                      f"knn {name} {direction}"))

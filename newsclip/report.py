@@ -10,6 +10,7 @@ from newsclip.config import JobConfig
 from newsclip.metrics import RECALL_KS
 from newsclip.paper import paper_scores
 from newsclip.rejects import rejects_summary
+from newsclip.report_html import short_line_warnings
 from newsclip.store import record_stage, write_text
 
 METRIC_KEYS = ["mrr", *[f"recall@{k}" for k in RECALL_KS]]
@@ -45,6 +46,7 @@ def render(cfg: JobConfig) -> str:
              f"Paper rows: Zhang et al., MediaEval 2022 (2,000 sampled pairs).", ""]
     if prep.get("sample_note"):
         lines += [f"**Note:** {prep['sample_note']}.", ""]
+    lines += [f"**Warning:** {w}.\n" for w in short_line_warnings(metrics)]
     lines += ["## All sources", "", metrics_table(overall, metrics["k"]), ""]
     if reverse:
         lines += ["## Image to text (which article is this image for)", "",

@@ -543,6 +543,7 @@ def render_html(output_dir: Path, cfg=None, examples: int = 5, example_backbone:
     out.append(f'<p class="note">{summary}</p>')
     if prep.get("sample_note"):
         out.append(f'<p class="note"><b>Note:</b> {esc(prep["sample_note"])}.</p>')
+    out += [f'<p class="note"><b>Warning:</b> {esc(w)}.</p>' for w in short_line_warnings(metrics)]
     out.append(checkpoints_note(labels))
 
     out += ["<h2>All backbones (text to image)</h2>", metrics_table_html(overall, k, colors=colors)]
@@ -611,6 +612,13 @@ def _rejects_html(output_dir: Path, prep: dict) -> list[str]:
     else:
         parts.append("<p>None.</p>")
     return parts
+
+
+def short_line_warnings(metrics: dict) -> list[str]:
+    """One sentence per ranking whose TSV lines hold fewer than k ids (the official evaluator expects k)."""
+    return [f"{x['short_lines']} lines of the {x['backbone']} {x['direction']} rankings hold fewer than "
+            f"{metrics['k']} image ids ({x['short_reason']}); the organisers' evaluator expects exactly {metrics['k']}"
+            for x in metrics.get("knn", []) if x.get("short_lines")]
 
 
 def write_html(output_dir: Path, cfg=None, **kwargs) -> Path:

@@ -186,3 +186,53 @@ def test_missing_language_package_stops_at_job_start(demo_run, tmp_path, capsys)
     err = capsys.readouterr().err
     assert "'de'" in err and "articles" in err and "newsclip translate install" in err
     assert (out / "translated" / "part-00000.parquet").read_bytes() == before  # the committed output is untouched
+
+
+def _organisers_scores(tsv: str, truth: dict[str, str], k: int) -> dict[str, float]:
+    """The 2021 evaluator's rules, written apart from newsclip: a line is an article id and exactly k image ids; an
+    article scores 1/rank of its image, 0 when the image is not in its line (or the article has no line); the
+    means are over every test article."""
+    lines = [line.split("\t") for line in tsv.splitlines()]
+    assert all(len(line) == k + 1 for line in lines), "every line: an article id and exactly k image ids"
+    ranked = {line[0]: line[1:] for line in lines}
+    ranks = [ranked[a].index(i) + 1 if i in ranked.get(a, []) else None for a, i in truth.items()]
+    scores = {"mrr": sum(1 / r for r in ranks if r) / len(truth)}
+    scores.update({f"recall@{c}": sum(1 for r in ranks if r and r <= c) / len(truth) for c in RECALL_KS})
+    return scores
+
+
+def test_submission_tsv_scores_as_the_organisers_evaluator_would(demo_run):
+    out, _ = demo_run
+    queries = pl.read_parquet(out / "translated")
+    truth = dict(zip(queries["article_id"], queries["image_id"]))
+    metrics = json.loads((out / "metrics.json").read_text())
+    tsv = (out / "rankings" / "demo-tiny.tsv").read_text()
+    assert "None" not in tsv
+    ours = next(r for r in metrics["rows"] if (r["backbone"], r["direction"], r["source"]) ==
+                ("demo-tiny", "text_to_image", "all"))
+    assert ours["n"] == len(truth)
+    for key, value in _organisers_scores(tsv, truth, metrics["k"]).items():
+        assert ours[key] == pytest.approx(value, abs=1e-9), key
+
+
+def test_short_ranking_lines_are_never_padded_with_none_and_are_reported(demo_run, tmp_path):
+    import shutil
+
+    from newsclip import config, report
+    from newsclip.rank import short_lines, tsv_lines
+
+    assert tsv_lines(["a", "b"], [["x", None, None], ["y", "z", "w"]]) == "a\tx\nb\ty\tz\tw\n"
+    assert short_lines([["x", "y"], ["x", None]], k=2, pool=5, what="t") == {
+        "short_lines": 1, "short_reason": "the approximate index found fewer than k=2 candidates for these queries"}
+    assert short_lines([["x"]], k=2, pool=1, what="t")["short_reason"] == "there are only 1 candidates, fewer than k=2"
+    assert short_lines([["x", "y"]], k=2, pool=5, what="t") == {"short_lines": 0}
+
+    out, _ = demo_run
+    copy = shutil.copytree(out, tmp_path / "out")
+    metrics = json.loads((copy / "metrics.json").read_text())
+    assert all(x["short_lines"] == 0 for x in metrics["knn"])  # the demo's pool is larger than k
+    metrics["knn"][0].update(short_lines=7, short_reason="there are only 60 candidates, fewer than k=100")
+    (copy / "metrics.json").write_text(json.dumps(metrics))
+    text = report.render(config.load(JOB, [f"output_dir={copy}"]))
+    assert ("**Warning:** 7 lines of the demo-tiny text_to_image rankings hold fewer than 100 image ids (there are "
+            "only 60 candidates, fewer than k=100)") in text
