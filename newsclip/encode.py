@@ -74,7 +74,7 @@ def prepared_rows(side: Side, todo: pa.Table, backbone: str, enc: EncodeConfig, 
         units = image_units(todo, rows)
         ds, fn = dataset_of(units, len(units)), read_and_decode_images
         kwargs = {"resolution": resolution, "max_pixels": enc.max_image_pixels, "draft": enc.jpeg_draft,
-                  "jpeg_to_actor": enc.decode == "gpu"}
+                  "jpeg_to_actor": enc.decode == "gpu", "alpha": enc.alpha}
     return ds.map_batches(fn, fn_kwargs=kwargs, batch_format="pyarrow", num_cpus=1, max_retries=max_retries)
 
 
@@ -173,7 +173,8 @@ def encode_side(cfg: JobConfig, backbone: str, side: Side) -> dict:
 def store_label(enc: EncodeConfig) -> str:
     """What besides the weights decides an embedding: the precision the actors run in (they check it), and any
     preprocess other than clip's own. Embeddings that differ there never share a store folder."""
-    variants = (["nvjpeg"] if enc.decode == "gpu" else []) + (["draft"] if enc.jpeg_draft else [])
+    variants = ((["nvjpeg"] if enc.decode == "gpu" else []) + (["draft"] if enc.jpeg_draft else [])
+                + (["white"] if enc.alpha == "white" else []))
     return "-".join([enc.precision, *variants])
 
 

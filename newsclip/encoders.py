@@ -77,7 +77,8 @@ def read_and_decode_images(units: pa.Table, **options) -> pa.Table:
     return decode_images(read_images(units), **options)
 
 
-def decode_images(batch: pa.Table, resolution: int, max_pixels: int, draft: bool, jpeg_to_actor: bool) -> pa.Table:
+def decode_images(batch: pa.Table, resolution: int, max_pixels: int, draft: bool, jpeg_to_actor: bool,
+                  alpha: str = "drop") -> pa.Table:
     """CPU task: image bytes -> (hash, pixels, jpeg, error). An undecodable image gets its reason, never raises.
 
     `jpeg_to_actor`: JPEGs that nvjpeg can take (RGB or grey) keep their bytes for the actor to decode on its GPU;
@@ -90,7 +91,8 @@ def decode_images(batch: pa.Table, resolution: int, max_pixels: int, draft: bool
             if jpeg_to_actor and is_gpu_jpeg(open_image(data, max_pixels)):
                 jpeg = data
             else:
-                pixel = clip_pixels(decode_image(data, max_pixels, resolution if draft else None), resolution).data
+                image = decode_image(data, max_pixels, resolution if draft else None, alpha)
+                pixel = clip_pixels(image, resolution).data
         except ImageDecodeError as e:
             error = str(e)
         pixels.append(pixel)
@@ -253,7 +255,8 @@ class ImageEncoder(_Encoder):
                 images[i] = image
                 continue
             try:
-                images[i] = clip_pixels(decode_image(jpeg[i].as_py(), self.cfg.max_image_pixels), self.resolution)
+                image = decode_image(jpeg[i].as_py(), self.cfg.max_image_pixels, alpha=self.cfg.alpha)
+                images[i] = clip_pixels(image, self.resolution)
             except ImageDecodeError as e:
                 reasons[i] = str(e)
         return pa.array(reasons, pa.string())

@@ -26,18 +26,22 @@ def open_image(data: bytes | None, max_pixels: int = 40_000_000) -> Image.Image:
         return image
 
 
-def decode_image(data: bytes | None, max_pixels: int = 40_000_000, draft_size: int | None = None) -> Image.Image:
+def decode_image(data: bytes | None, max_pixels: int = 40_000_000, draft_size: int | None = None,
+                 alpha: str = "drop") -> Image.Image:
     """Decode encoded image bytes to an RGB image, refusing anything larger than `max_pixels`.
 
     `draft_size`: a JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8) that still covers a square of this
-    side, which skips most of the decoding work before a downscale to that size."""
+    side, which skips most of the decoding work before a downscale to that size.
+    `alpha`: "drop" converts a transparent image with `convert("RGB")`, as clip's preprocess does (the colours
+    under transparent pixels show); "white" composites it onto white, as a viewer shows it."""
     image = open_image(data, max_pixels)
     with _reasons():
         if draft_size and image.format == "JPEG":
             image.draft("RGB", (draft_size, draft_size))
         image.seek(0)  # animated images: the first frame
         image.load()
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+    transparent = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
+    if alpha == "white" and transparent:
         background = Image.new("RGB", image.size, (255, 255, 255))
         background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
         return background

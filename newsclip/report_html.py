@@ -381,7 +381,7 @@ def _thumbnail_uri(data: bytes | None) -> str | None:
     from newsclip.images import ImageDecodeError, decode_image
 
     try:
-        image = decode_image(data)
+        image = decode_image(data, alpha="white")  # a thumbnail: as a viewer shows it
     except ImageDecodeError:
         return None
     image.thumbnail((THUMB, THUMB))

@@ -24,9 +24,13 @@ def test_modes_become_rgb(mode, fmt):
     assert decoded.mode == "RGB" and decoded.size == (20, 10)
 
 
-def test_transparent_pixels_become_white():
+def test_transparent_pixels_as_clip_converts_them_or_on_white():
     image = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
-    assert decode_image(_bytes(image, "PNG")).getpixel((0, 0)) == (255, 255, 255)
+    assert decode_image(_bytes(image, "PNG")).getpixel((0, 0)) == (255, 0, 0)  # clip's convert("RGB")
+    assert decode_image(_bytes(image, "PNG"), alpha="white").getpixel((0, 0)) == (255, 255, 255)
+    palette = image.convert("P")
+    palette.info["transparency"] = 0
+    assert decode_image(_bytes(palette, "PNG"), alpha="white").getpixel((0, 0)) == (255, 255, 255)
 
 
 def test_16_bit_is_scaled_not_clipped():
