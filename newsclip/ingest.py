@@ -446,23 +446,42 @@ def _load(task: ImageTask, folders: dict[str, tuple[Path, dict[str, str]]], cfg:
 def _image_tasks(articles: pl.DataFrame, cfg: IngestConfig, folders: dict) -> list[ImageTask]:
     """One task per distinct image id (its first row wins), plus unreferenced folder images when asked."""
     tasks: dict[str, ImageTask] = {}
+    elsewhere: dict[str, list[ImageTask]] = {}  # the same id in another part (possible without id_prefix)
     parts = {p.name: p for p in cfg.parts}
+
+    def add(task: ImageTask) -> None:
+        first = tasks.setdefault(task.image_id, task)
+        if first.part.name != task.part.name:
+            elsewhere.setdefault(task.image_id, []).append(task)
+
     for row in articles.filter(pl.col("image_id").is_not_null()).select(
             "image_id", "raw_image_id", "source", "image_file", "image_url", "row").iter_rows(named=True):
-        if row["image_id"] not in tasks:
-            tasks[row["image_id"]] = ImageTask(row["image_id"], parts[row["source"]], row["raw_image_id"],
-                                               row["image_file"], row["image_url"], row["row"])
+        add(ImageTask(row["image_id"], parts[row["source"]], row["raw_image_id"], row["image_file"],
+                      row["image_url"], row["row"]))
     if cfg.include_unreferenced_images:
         referenced_files = {(t.part.name, t.file) for t in tasks.values() if t.file}
         for part in cfg.parts:
             if part.name not in folders:
                 continue
             for stem, name in sorted(folders[part.name][1].items()):
-                image_id = f"{part.name}:{stem}" if cfg.id_prefix else stem
-                if image_id in tasks or (part.name, name) in referenced_files:
-                    continue
-                tasks[image_id] = ImageTask(image_id, part, stem)
+                if (part.name, name) not in referenced_files:
+                    add(ImageTask(f"{part.name}:{stem}" if cfg.id_prefix else stem, part, stem))
+    _check_reused_ids(tasks, elsewhere, folders, cfg)
     return list(tasks.values())
+
+
+def _check_reused_ids(tasks: dict[str, ImageTask], elsewhere: dict[str, list[ImageTask]], folders: dict,
+                      cfg: IngestConfig) -> None:
+    """An image id that two parts use must name the same bytes in both; otherwise every article would silently
+    get the first part's image, so stop and say which id and parts."""
+    for image_id, others in elsewhere.items():
+        first = tasks[image_id]
+        data = _load(first, folders, cfg).data
+        for other in others:
+            if _load(other, folders, cfg).data != data:
+                raise IngestError(
+                    f"image id {image_id!r} names different images in parts {first.part.name!r} and "
+                    f"{other.part.name!r}: set id_prefix: true (ids become '<part>:<id>'), or give them distinct ids")
 
 
 def _chunks(items: list, size: int) -> Iterator[list]:

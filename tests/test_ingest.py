@@ -447,3 +447,22 @@ def test_decompression_bomb_header_is_refused_without_decoding(tmp_path):
                                              "images": str(tmp_path / "img")}]})
     assert rejects(out)["image:1"].startswith("unreadable: too many pixels")
     assert summary["reasons"] == {"unreadable: too many pixels": 1}
+
+
+def test_an_image_id_reused_across_parts_must_be_one_image(tmp_path, capsys):
+    from newsclip.cli import main
+
+    for part, seed in (("RT", 1), ("TW", 1)):
+        (tmp_path / part).mkdir()
+        (tmp_path / part / "7.jpg").write_bytes(jpeg(seed))
+        (tmp_path / f"{part}.csv").write_text(f"aid,iid,title,text\n{part.lower()}1,7,t,x\n")
+    parts = [{"name": p, "file": str(tmp_path / f"{p}.csv"), "images": str(tmp_path / p)} for p in ("RT", "TW")]
+    summary, out = run(tmp_path, {"layout": "newsimages2022", "parts": parts})  # the same bytes: one image
+    assert articles(out)["image_id"].to_list() == ["7", "7"] and list(images(out)) == ["7"]
+
+    (tmp_path / "TW" / "7.jpg").write_bytes(jpeg(2))  # now another photo under the same id
+    job = write_yaml(tmp_path / "ingest.yaml", json.dumps({"layout": "newsimages2022", "parts": parts,
+                                                           "output_dir": str(tmp_path / "out")}))
+    assert main(["ingest", str(job)]) == 2
+    assert "image id '7' names different images in parts 'RT' and 'TW'" in capsys.readouterr().err
+    assert list(images(out)) == ["7"]  # nothing was replaced
