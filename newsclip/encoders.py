@@ -167,7 +167,7 @@ class _Encoder:
         torch.set_num_threads(cfg.torch_threads)
         self.torch, self.cfg, self.device = torch, cfg, cfg.device
         _require_device(self.device)
-        model, _ = load_backbone(backbone, "cpu", cfg.download_root)
+        model, self.preprocess = load_backbone(backbone, "cpu", cfg.download_root)
         self.model = apply_precision(model, cfg.precision, self.device)
         self.autocast = cfg.precision == "bf16"
         self.precision = measured_precision(self.model, self.autocast)
@@ -215,10 +215,8 @@ class ImageEncoder(_Encoder):
 
     def __init__(self, backbone: str, cfg: EncodeConfig):
         super().__init__(backbone, cfg)
-        from clip.clip import _transform
-
         self.resolution = self.model.visual.input_resolution
-        self.normalize = _transform(self.resolution).transforms[-1]  # clip's Normalize: the same ops, on the device
+        self.normalize = self.preprocess.transforms[-1]  # clip's Normalize: the same ops, on the device
 
     def _prepare(self, pixels: torch.Tensor) -> torch.Tensor:
         # ToTensor's `float().div(255)` then clip's Normalize: on CPU bit-for-bit what clip's preprocess computes

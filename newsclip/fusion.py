@@ -275,5 +275,6 @@ def fuse_stage(cfg, name: str, direction: str = "text_to_image", rescore: bool =
                         rescored=[e is not None for e in embeddings] if method == "zmean" else None,
                         queries=len(fused), k=cfg.eval.k, index="fusion", recall_at_k=None,
                         seconds=round(time.time() - started, 2),
-                        **short_lines(ids, cfg.eval.k, len(set(c for r in rankings for c in r[list_col].explode())),
+                        **short_lines(fused[list_col].list.len().to_numpy(), cfg.eval.k,
+                                      pl.concat([r[list_col].explode() for r in rankings]).n_unique(),
                                       f"knn {name} {direction}"))

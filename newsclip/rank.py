@@ -97,15 +97,15 @@ def tsv_lines(query_ids: np.ndarray, ranked: np.ndarray) -> str:
                    for q, row in zip(query_ids, ranked))
 
 
-def short_lines(ranked, k: int, pool: int, what: str) -> dict:
-    """How many ranking lines hold fewer than k ids, and why, logged: the organisers' evaluator reads exactly k
-    image ids per line."""
-    short = sum(sum(i is not None for i in row) < k for row in ranked)
+def short_lines(filled: np.ndarray, k: int, pool: int, what: str) -> dict:
+    """How many ranking lines hold fewer than k ids (`filled`: the ids of each line), and why, logged: the
+    organisers' evaluator reads exactly k image ids per line."""
+    short = int(np.count_nonzero(filled < k))
     if not short:
         return {"short_lines": 0}
     why = (f"there are only {pool} candidates, fewer than k={k}" if pool < k else
            f"the approximate index found fewer than k={k} candidates for these queries")
-    log(f"{what}: {short} of {len(ranked)} ranking lines hold fewer than k={k} ids: {why}")
+    log(f"{what}: {short} of {len(filled)} ranking lines hold fewer than k={k} ids: {why}")
     return {"short_lines": short, "short_reason": why}
 
 
@@ -169,7 +169,8 @@ def rank(cfg: JobConfig, backbone: str, direction: str) -> dict:
                         queries=len(query_ids), candidates=len(db_ids), k=cfg.knn.k, shards=cfg.knn.shards,
                         index=cfg.knn.index, backend=cfg.knn.backend, recall_at_k=recall, stores=stores,
                         searched_in_full=len(full), merged=reused, seconds=round(time.time() - started, 2),
-                        **short_lines(ranked, cfg.knn.k, len(db_ids), f"knn {backbone} {direction}"))
+                        **short_lines(np.not_equal(ranked, None).sum(axis=1), cfg.knn.k, len(db_ids),
+                                      f"knn {backbone} {direction}"))
 
 
 def _changed(table: pa.Table, other: pa.Table) -> pa.Array:

@@ -222,10 +222,13 @@ def test_short_ranking_lines_are_never_padded_with_none_and_are_reported(demo_ru
     from newsclip.rank import short_lines, tsv_lines
 
     assert tsv_lines(["a", "b"], [["x", None, None], ["y", "z", "w"]]) == "a\tx\nb\ty\tz\tw\n"
-    assert short_lines([["x", "y"], ["x", None]], k=2, pool=5, what="t") == {
+    assert short_lines(np.array([2, 1]), k=2, pool=5, what="t") == {
         "short_lines": 1, "short_reason": "the approximate index found fewer than k=2 candidates for these queries"}
-    assert short_lines([["x"]], k=2, pool=1, what="t")["short_reason"] == "there are only 1 candidates, fewer than k=2"
-    assert short_lines([["x", "y"]], k=2, pool=5, what="t") == {"short_lines": 0}
+    assert short_lines(np.array([1]), k=2, pool=1, what="t")["short_reason"] == \
+        "there are only 1 candidates, fewer than k=2"
+    assert short_lines(np.array([2]), k=2, pool=5, what="t") == {"short_lines": 0}
+    ranked = np.array([["x", None], ["y", "z"]], dtype=object)  # what the knn stage counts with
+    assert short_lines(np.not_equal(ranked, None).sum(axis=1), k=2, pool=5, what="t")["short_lines"] == 1
 
     out, _ = demo_run
     copy = shutil.copytree(out, tmp_path / "out")
