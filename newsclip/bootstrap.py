@@ -2,30 +2,18 @@
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Iterator, Mapping
 
 import numpy as np
 
-from newsclip.metrics import RECALL_KS, scores
+from newsclip.metrics import csv_metric_groups, metric_names, per_query, scores
 
 B_DEFAULT = 1000  # resamples: enough for stable 2.5/97.5 percentiles (Efron & Tibshirani suggest >= 1000 for CIs)
 ALPHA = 0.05  # 95% intervals
 # resampled query indexes held at once (rows x queries): bounds memory to ~32 MB of int64 whatever n and B are
 _MAX_CELLS = 4_000_000
-
-
-def metric_names(recall_ks: tuple[int, ...] = RECALL_KS) -> list[str]:
-    return ["mrr", *[f"recall@{c}" for c in recall_ks]]
-
-
-def per_query(ranks: np.ndarray, k: int = 100, recall_ks: tuple[int, ...] = RECALL_KS) -> np.ndarray:
-    """(n, 1 + len(recall_ks)) per-query values whose column means are `metrics.scores`: 1/rank, then hit@K."""
-    ranks = np.asarray(ranks)
-    within = (ranks > 0) & (ranks <= k)
-    columns = [np.where(within, 1.0 / np.maximum(ranks, 1), 0.0)]
-    columns += [((ranks > 0) & (ranks <= min(cut, k))).astype(np.float64) for cut in recall_ks]
-    return np.stack(columns, axis=1)
 
 
 def _resample_counts(n: int, b: int, seed: int) -> Iterator[np.ndarray]:
@@ -54,50 +42,68 @@ def resampled_means(values: np.ndarray, b: int = B_DEFAULT, seed: int = 0) -> np
 
 
 def _intervals(point: dict[str, float], boot: np.ndarray, names: list[str], alpha: float) -> dict[str, float]:
+    """The point estimates and their percentile intervals, as they come: a freak draw may put a point estimate
+    outside its interval, and the table then shows that rather than hiding it."""
     lo, hi = np.quantile(boot, [alpha / 2, 1 - alpha / 2], axis=0)
     result: dict[str, float] = {"n": point["n"]}
     for j, name in enumerate(names):
-        # the percentile interval of a mean contains it except in freak draws; clamp so a table never shows it outside
         result[name] = point[name]
-        result[f"{name}_lo"] = float(min(lo[j], point[name]))
-        result[f"{name}_hi"] = float(max(hi[j], point[name]))
+        result[f"{name}_lo"] = float(lo[j])
+        result[f"{name}_hi"] = float(hi[j])
     return result
 
 
-def bootstrap_ci(ranks: np.ndarray, k: int = 100, recall_ks: tuple[int, ...] = RECALL_KS, b: int = B_DEFAULT,
-                 seed: int = 0, alpha: float = ALPHA) -> dict[str, float]:
+def bootstrap_ci(ranks: np.ndarray, k: int = 100, b: int = B_DEFAULT, seed: int = 0,
+                 alpha: float = ALPHA) -> dict[str, float]:
     """Point estimates (`metrics.scores`) and percentile-bootstrap `<metric>_lo`/`_hi` over resampled queries."""
     ranks = np.asarray(ranks)
-    boot = resampled_means(per_query(ranks, k, recall_ks), b, seed)
-    return _intervals(scores(ranks, k, recall_ks), boot, metric_names(recall_ks), alpha)
+    boot = resampled_means(per_query(ranks, k), b, seed)
+    return _intervals(scores(ranks, k), boot, metric_names(k), alpha)
 
 
 def paired_bootstrap(ranks_a: np.ndarray, ranks_b: np.ndarray, k: int = 100, b: int = B_DEFAULT, seed: int = 0,
-                     alpha: float = ALPHA, metric: str = "mrr", recall_ks: tuple[int, ...] = RECALL_KS) -> dict:
+                     alpha: float = ALPHA, metric: str = "mrr") -> dict:
     """Paired bootstrap of `metric`(A) - `metric`(B) on the same queries (both rank arrays aligned by query).
 
     Each resample draws queries once and scores both backbones on them, so the per-query correlation between A and B
-    cancels and the interval is much narrower than two separate intervals would suggest. A beats B when the whole
-    interval of the difference is above 0 (B beats A when below)."""
+    cancels and the interval is much narrower than two separate intervals would suggest. On its own (one decision),
+    A beats B when the two-sided bootstrap p-value is below alpha; `paired_rows` corrects many comparisons."""
     ranks_a, ranks_b = np.asarray(ranks_a), np.asarray(ranks_b)
     if ranks_a.shape != ranks_b.shape:
         raise ValueError(f"paired ranks must be aligned by query; got {ranks_a.shape} and {ranks_b.shape}")
-    column = metric_names(recall_ks).index(metric)
-    diff = per_query(ranks_a, k, recall_ks)[:, column] - per_query(ranks_b, k, recall_ks)[:, column]
-    return _paired_summary(diff, resampled_means(diff, b, seed)[:, 0], metric, b, seed, alpha)
+    column = metric_names(k).index(metric)
+    diff = per_query(ranks_a, k)[:, column] - per_query(ranks_b, k)[:, column]
+    summary = _paired_summary(diff, resampled_means(diff, b, seed)[:, 0], metric, b, seed, alpha)
+    return {**summary, "decision": _decision(summary["difference"], summary["p_value"], alpha)}
 
 
 def _paired_summary(diff: np.ndarray, boot: np.ndarray, metric: str, b: int, seed: int, alpha: float) -> dict:
     lo, hi = np.quantile(boot, [alpha / 2, 1 - alpha / 2])
-    if lo > 0:
-        decision = "A beats B"
-    elif hi < 0:
-        decision = "B beats A"
-    else:
-        decision = "no significant difference"
-    return {"metric": metric, "n": len(diff), "difference": float(diff.mean()), "lo": float(lo), "hi": float(hi),
+    # two-sided p-value of "no difference" from the bootstrap standard error (normal approximation). Counting
+    # resamples below 0 cannot give less than 2/(B+1), and Holm over 36 pairs needs p < 0.05/36 = 0.0014.
+    se = float(boot.std(ddof=1)) if len(boot) > 1 else 0.0
+    mean = float(diff.mean())
+    p_value = 1.0 if mean == 0 else math.erfc(abs(mean) / se / math.sqrt(2)) if se > 0 else 0.0
+    return {"metric": metric, "n": len(diff), "difference": mean, "lo": float(lo), "hi": float(hi),
             "share_a_better": float((boot > 0).mean()), "share_b_better": float((boot < 0).mean()),
-            "decision": decision, "resamples": b, "seed": seed, "confidence": 1 - alpha}
+            "p_value": p_value, "resamples": b, "seed": seed, "confidence": 1 - alpha}
+
+
+def _decision(difference: float, p_value: float, alpha: float) -> str:
+    if p_value >= alpha:
+        return "no significant difference"
+    return "A beats B" if difference > 0 else "B beats A"
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjusted p-values: rejecting where adjusted p < alpha keeps the chance of any false
+    "beats" among all the comparisons below alpha (Holm 1979)."""
+    m = len(p_values)
+    adjusted, running = [0.0] * m, 0.0
+    for step, i in enumerate(sorted(range(m), key=lambda i: p_values[i])):
+        running = max(running, min(1.0, (m - step) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
 
 
 def _source_seed(seed: int, source: str) -> int:
@@ -106,14 +112,13 @@ def _source_seed(seed: int, source: str) -> int:
 
 
 def ci_rows(ranks_by_backbone: Mapping[str, np.ndarray], sources: np.ndarray | None, k: int = 100,
-            direction: str = "text_to_image", b: int = B_DEFAULT, seed: int = 0, alpha: float = ALPHA,
-            recall_ks: tuple[int, ...] = RECALL_KS) -> list[dict]:
-    """Long-format rows (backbone, source `all` then each source, n, mrr, mrr_lo, mrr_hi, recall@5, ..., direction).
+            direction: str = "text_to_image", b: int = B_DEFAULT, seed: int = 0, alpha: float = ALPHA) -> list[dict]:
+    """Long-format rows (backbone, source `all` then each source, n, mrr, mrr_lo, mrr_hi, recall@1, ..., direction).
 
     Rank arrays are aligned by query (the same query order for every backbone, `sources` beside them). Every backbone
     is resampled with the same draws (seeded per source), so a backbone's interval does not depend on which others
     ran, and equals `bootstrap_ci` of its ranks alone with that source's seed."""
-    names = metric_names(recall_ks)
+    names = metric_names(k)
     backbones = list(ranks_by_backbone)
     if not backbones:
         return []
@@ -130,33 +135,39 @@ def ci_rows(ranks_by_backbone: Mapping[str, np.ndarray], sources: np.ndarray | N
     results: dict[tuple[str, str], dict] = {}
     for source, mask in groups:
         # all backbones in one pass: one set of resampled counts, one matrix product
-        values = np.concatenate([per_query(r[mask], k, recall_ks) for r in ranks], axis=1)
+        values = np.concatenate([per_query(r[mask], k) for r in ranks], axis=1)
         boot = resampled_means(values, b, _source_seed(seed, source))
         for i, backbone in enumerate(backbones):
             part = boot[:, i * len(names):(i + 1) * len(names)]
-            results[backbone, source] = _intervals(scores(ranks[i][mask], k, recall_ks), part, names, alpha)
+            results[backbone, source] = _intervals(scores(ranks[i][mask], k), part, names, alpha)
     return [{"backbone": backbone, "source": source, **results[backbone, source], "direction": direction}
             for backbone in backbones for source, _ in groups]
 
 
-def ci_columns(recall_ks: tuple[int, ...] = RECALL_KS) -> list[str]:
-    """metrics.csv columns: the first issue's long format unchanged (backbone, source, n, metrics, direction), then
-    the intervals as extra columns (`mrr_lo, mrr_hi, recall@5_lo, ...`), so readers of the old columns still work."""
-    return ["backbone", "source", "n", *metric_names(recall_ks), "direction",
-            *[f"{m}{s}" for m in metric_names(recall_ks) for s in ("_lo", "_hi")]]
+def ci_columns(k: int = 100) -> list[str]:
+    """The columns of `ci_rows` as metrics.csv orders them: the first contract's long format unchanged (backbone,
+    source, n, its metrics, direction), then their intervals (`mrr_lo, mrr_hi, recall@5_lo, ...`), then each metric
+    added since (recall@1) with its interval, so readers of the earlier columns still find them in place."""
+    contract, added = csv_metric_groups(k)
+    return ["backbone", "source", "n", *contract, "direction", *[f"{m}{s}" for m in contract for s in ("_lo", "_hi")],
+            *[f"{m}{s}" for m in added for s in ("", "_lo", "_hi")]]
 
 
 def paired_rows(ranks_by_backbone: Mapping[str, np.ndarray], k: int = 100, b: int = B_DEFAULT, seed: int = 0,
-                alpha: float = ALPHA, metric: str = "mrr", direction: str = "text_to_image",
-                recall_ks: tuple[int, ...] = RECALL_KS) -> list[dict]:
-    """`paired_bootstrap` for every unordered pair of backbones (A is the one listed first), all pairs in one pass."""
+                alpha: float = ALPHA, metric: str = "mrr", direction: str = "text_to_image") -> list[dict]:
+    """`paired_bootstrap` for every unordered pair of backbones (A is the one listed first), all pairs in one pass,
+    decided as one family: Holm-adjusted p-values (`p_holm`) below alpha, so that among 36 pairs of nine backbones
+    the chance of any false "beats" stays at alpha. The intervals stay the unadjusted 1 - alpha intervals."""
     names = list(ranks_by_backbone)
     pairs = [(i, j) for i in range(len(names)) for j in range(i + 1, len(names))]
     if not pairs:
         return []
-    column = metric_names(recall_ks).index(metric)
-    values = np.stack([per_query(np.asarray(ranks_by_backbone[name]), k, recall_ks)[:, column] for name in names], 1)
+    column = metric_names(k).index(metric)
+    values = np.stack([per_query(np.asarray(ranks_by_backbone[name]), k)[:, column] for name in names], 1)
     diffs = np.stack([values[:, i] - values[:, j] for i, j in pairs], axis=1)
     boot = resampled_means(diffs, b, seed)
-    return [{"a": names[i], "b": names[j], "direction": direction,
+    rows = [{"a": names[i], "b": names[j], "direction": direction,
              **_paired_summary(diffs[:, p], boot[:, p], metric, b, seed, alpha)} for p, (i, j) in enumerate(pairs)]
+    for row, adjusted in zip(rows, holm([r["p_value"] for r in rows])):
+        row.update(p_holm=adjusted, comparisons=len(rows), decision=_decision(row["difference"], adjusted, alpha))
+    return rows

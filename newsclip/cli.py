@@ -91,11 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _print_metrics(output: Path) -> None:
+    import json
+
     import polars as pl
 
-    from newsclip.metrics import RECALL_KS
-
-    columns = ["backbone", "direction", "source", "n", "mrr", *[f"recall@{k}" for k in RECALL_KS]]
+    metrics = json.loads((output / "metrics.json").read_text())["metrics"]
+    columns = ["backbone", "direction", "source", "n", *metrics]
     frame = pl.read_csv(output / "metrics.csv").select(columns)
     with pl.Config(tbl_rows=1000, tbl_cols=len(columns), tbl_width_chars=200, tbl_hide_dataframe_shape=True,
                    tbl_hide_column_data_types=True, float_precision=3):

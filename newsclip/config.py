@@ -40,6 +40,9 @@ class EvalConfig:
     # text_to_image is the task (which image belongs to this article); image_to_text asks which article an image is for
     directions: tuple[Literal["text_to_image", "image_to_text"], ...] = ("text_to_image", "image_to_text")
     bootstrap: int = 1000  # resamples (seeded by eval.seed) for the 95% intervals and paired comparisons
+    # byte-identical images under other ids tie exactly with the true image: id (the lower id first, as the
+    # rankings list them), optimistic (the truth first among its duplicates) or pessimistic (last)
+    ties: Literal["id", "optimistic", "pessimistic"] = "id"
 
     def __post_init__(self) -> None:
         if self.k < 1:

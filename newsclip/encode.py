@@ -46,6 +46,11 @@ def wanted_rows(cfg: JobConfig, side: Side) -> pa.Table:
         return table.append_column("hash", hash_array(table.column("query_text").to_pylist()))
     images = pq.read_table(cfg.output / "prepared" / "candidates.parquet")
     images = images.filter(pc.field("candidate"))
+    if cfg.eval.candidates == "sample":
+        # the images of the queries that reach evaluation: a sampled article that translate left out takes its
+        # image out of the pool with it, as if it had not been sampled
+        queries = pq.read_table(parquet_files(cfg.query_texts, "query texts"), columns=["image_id"])
+        images = images.filter(pc.is_in(images.column("image_id"), value_set=queries.column("image_id").unique()))
     return images.select(["image_id", "file"]).append_column("hash", images.column("image_hash"))
 
 

@@ -4,30 +4,35 @@ from __future__ import annotations
 
 import json
 
-import polars as pl
-
 from newsclip.config import JobConfig
-from newsclip.metrics import RECALL_KS
+from newsclip.metrics import metric_label
 from newsclip.paper import paper_scores
 from newsclip.rejects import rejects_summary
-from newsclip.report_html import short_line_warnings
+from newsclip.report_html import INTERVALS, evaluation_notes, metric_keys, paired_note, scope_sentence
 from newsclip.store import record_stage, write_text
 
-METRIC_KEYS = ["mrr", *[f"recall@{k}" for k in RECALL_KS]]
 
-
-def _row(label: str, n: int | str, values: dict) -> str:
-    return "| " + " | ".join([label, str(n), *(f"{values[key]:.3f}" for key in METRIC_KEYS)]) + " |"
+def _row(label: str, n: int | str, values: dict, keys: list[str]) -> str:
+    cells = (f"{values[key]:.3f}" if key in values else "–" for key in keys)
+    return "| " + " | ".join([label, str(n), *cells]) + " |"
 
 
 def metrics_table(rows: list[dict], k: int, with_paper: bool = True) -> str:
-    header = ["backbone", "n", f"MRR@{k}", *[f"R@{c}" for c in RECALL_KS]]
+    keys = metric_keys(rows, k)
+    header = ["backbone", "n", *[metric_label(key, k) for key in keys]]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        lines.append(_row(row["backbone"], row["n"], row))
+        lines.append(_row(row["backbone"], row["n"], row, keys))
         paper = paper_scores(row["backbone"]) if with_paper else None
         if paper:
-            lines.append(_row(f"{row['backbone']} (paper)", 2000, paper))
+            lines.append(_row(f"{row['backbone']} (paper)", 2000, paper, keys))
+    return "\n".join(lines)
+
+
+def paired_table(paired: list[dict]) -> str:
+    lines = ["| A | B | A − B | 95% interval | p (Holm) | decision |", "|---|---|---|---|---|---|"]
+    lines += [f"| {p['a']} | {p['b']} | {p['difference']:+.4f} | [{p['lo']:+.4f}, {p['hi']:+.4f}] | "
+              f"{p['p_holm']:.3f} | {p['decision']} |" for p in paired]
     return "\n".join(lines)
 
 
@@ -40,13 +45,9 @@ def render(cfg: JobConfig) -> str:
     overall = [r for r in rows if r["source"] == "all"]
     reverse = [r for r in metrics["rows"] if r["direction"] == "image_to_text" and r["source"] == "all"]
     lines = [f"# newsclip report: {cfg.name}", "",
-             f"Text-to-image retrieval: {prep['queries']} article texts, each ranked against "
-             f"{prep['candidates']} candidate images (`eval.candidates: {cfg.eval.candidates}`), "
-             f"top {metrics['k']} by cosine similarity. Recall is a fraction. "
-             f"Paper rows: Zhang et al., MediaEval 2022 (2,000 sampled pairs).", ""]
-    if prep.get("sample_note"):
-        lines += [f"**Note:** {prep['sample_note']}.", ""]
-    lines += [f"**Warning:** {w}.\n" for w in short_line_warnings(metrics)]
+             f"{scope_sentence(metrics, stages)} Paper rows: Zhang et al., MediaEval 2022 (2,000 sampled pairs). "
+             f"Intervals (in metrics.csv and report.html): {INTERVALS}.", ""]
+    lines += [f"**{kind}:** {text}.\n" for kind, text in evaluation_notes(metrics, prep)]
     lines += ["## All sources", "", metrics_table(overall, metrics["k"]), ""]
     if reverse:
         lines += ["## Image to text (which article is this image for)", "",
@@ -55,9 +56,13 @@ def render(cfg: JobConfig) -> str:
     for k in approximate:
         lines.append(f"- `{k['index']}` index for {k['backbone']} {k['direction']}: recall@{metrics['k']} "
                      f"{k['recall_at_k_vs_exact']:.4f} against exact search on a sample of queries")
-    lines += ["", "## Per source (text to image)", ""] if approximate else ["## Per source (text to image)", ""]
+    paired = [p for p in metrics.get("paired", []) if p["direction"] == "text_to_image"]
+    if paired:
+        lines += ["", "## Paired comparisons (text to image)", "", paired_note(paired), "", paired_table(paired)]
+    lines += ["", "## Per source (text to image)", ""]
     for backbone in [*cfg.backbones, *cfg.fusion]:
-        per_source = [{**r, "backbone": r["source"]} for r in rows if r["backbone"] == backbone and r["source"] != "all"]
+        per_source = [{**r, "backbone": r["source"]} for r in rows
+                      if r["backbone"] == backbone and r["source"] != "all"]
         lines += [f"### {backbone}", "", metrics_table(per_source, metrics["k"], with_paper=False), ""]
     rejects = rejects_summary(out).select("stage", "reason", "rows")
     lines += ["## Rejected rows", "", f"{prep['articles_in']} articles and {prep['images_in']} images in; "

@@ -14,10 +14,9 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 
-from newsclip.metrics import RECALL_KS
+from newsclip.metrics import CUTOFFS, metric_label, metric_names
 from newsclip.paper import paper_scores
 
-METRIC_KEYS = ["mrr", *[f"recall@{k}" for k in RECALL_KS]]
 # Tableau 10: distinguishable for up to ten lines, and a colour-blind-friendlier order than matplotlib's default
 PALETTE = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f",
            "#bab0ac"]
@@ -120,36 +119,43 @@ def metrics_table_html(rows: list[dict], k: int, with_paper: bool = True, label:
 
     `label` names the row column (`backbone`, or `source` for one backbone's rows per source); the best value of
     each column is bold when rows are backbones."""
-    header = [label, "n", f"MRR@{k}", *[f"R@{c}" for c in RECALL_KS]]
+    keys = metric_keys(rows, k)
+    header = [label, "n", *[metric_label(key, k) for key in keys]]
     best = {key: max((r[key] for r in rows if r.get(key) is not None), default=None) if label == "backbone" else None
-            for key in METRIC_KEYS}
+            for key in keys}
     heads = [f'<th class="name">{esc(header[0])}</th>', *(f"<th>{esc(h)}</th>" for h in header[1:])]
     lines = ["<table>", "<tr>" + "".join(heads) + "</tr>"]
     for row in rows:
         name = row[label]
         swatch = f'<span class="swatch" style="background:{colors[name]}"></span>' if colors and name in colors else ""
-        cells = "".join(_value_cell(row, key, len(rows) > 1 and row.get(key) == best[key]) for key in METRIC_KEYS)
+        cells = "".join(_value_cell(row, key, len(rows) > 1 and row.get(key) == best[key]) for key in keys)
         lines.append(f'<tr><td class="name">{swatch}{esc(name)}</td><td>{esc(row["n"])}</td>{cells}</tr>')
         paper = paper_scores(name) if with_paper else None
         if paper:
-            inside = [key for key in METRIC_KEYS if row.get(f"{key}_lo") is not None
+            inside = [key for key in keys if key in paper and row.get(f"{key}_lo") is not None
                       and row[f"{key}_lo"] <= paper[key] <= row[f"{key}_hi"]]
             cells = "".join(f'<td title="{"inside" if key in inside else "outside"} our 95% interval">'
-                            f'{_fmt(paper[key])}</td>' for key in METRIC_KEYS)
+                            f'{_fmt(paper[key])}</td>' if key in paper else "<td>–</td>" for key in keys)
             lines.append(f'<tr class="paper"><td class="name">{esc(name)} (paper)</td><td>2000</td>{cells}</tr>')
     lines.append("</table>")
     return "\n".join(lines)
 
 
+def metric_keys(rows: list[dict], k: int) -> list[str]:
+    """The metrics these rows hold, in table order (rows of an older run may lack the newer ones)."""
+    return [m for m in metric_names(k) if any(m in r for r in rows)]
+
+
 def paired_table_html(paired: list[dict]) -> str:
     lines = ["<table>", ('<tr><th class="name">A</th><th class="name">B</th><th>metric</th><th>A − B</th>'
-                         "<th>95% interval</th><th>share of resamples A &gt; B</th>"
+                         "<th>95% interval</th><th>share of resamples A &gt; B</th><th>p (Holm)</th>"
                          '<th class="name">decision</th></tr>')]
     for p in paired:
         decided = p["decision"] != "no significant difference"
         lines.append(f'<tr><td class="name">{esc(p["a"])}</td><td class="name">{esc(p["b"])}</td>'
                      f'<td>{esc(p.get("metric", "mrr"))}</td><td>{p["difference"]:+.4f}</td>'
                      f'<td>[{p["lo"]:+.4f}, {p["hi"]:+.4f}]</td><td>{p["share_a_better"]:.3f}</td>'
+                     f'<td>{_fmt(p.get("p_holm"))}</td>'
                      f'<td class="name{" decision-yes" if decided else ""}">{esc(p["decision"])}</td></tr>')
     lines.append("</table>")
     return "\n".join(lines)
@@ -205,7 +211,8 @@ def recall_curves_svg(rows: list[dict], colors: dict[str, str], with_paper: bool
     """Recall@K against K (log axis) per backbone; the paper's curve dashed in the same colour."""
     height, left, right, top, bottom = 340, 50, _legend_room([r["backbone"] for r in rows]), 15, 40
     width, pw, ph = left + PLOT_W + right, PLOT_W, height - top - bottom
-    lx0, lx1 = math.log(RECALL_KS[0]), math.log(RECALL_KS[-1])
+    cutoffs = [c for c in CUTOFFS if all(f"recall@{c}" in r for r in rows)]
+    lx0, lx1 = math.log(cutoffs[0]), math.log(cutoffs[-1]) if len(cutoffs) > 1 else math.log(cutoffs[0]) + 1
 
     def px(k: int) -> float:
         return left + (math.log(k) - lx0) / (lx1 - lx0) * pw
@@ -215,7 +222,7 @@ def recall_curves_svg(rows: list[dict], colors: dict[str, str], with_paper: bool
 
     parts = [_svg_open(width, height, "Recall at K curves")]
     parts += _y_grid(np.linspace(0, 1, 6), py, left, pw, label=lambda v: f"{v:.1f}")
-    for k in RECALL_KS:
+    for k in cutoffs:
         parts.append(f'<line x1="{px(k):.1f}" y1="{top}" x2="{px(k):.1f}" y2="{top + ph}" stroke="#eee"/>'
                      f'<text x="{px(k):.1f}" y="{top + ph + 16}" text-anchor="middle">{k}</text>')
     parts.append(f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>'
@@ -228,16 +235,16 @@ def recall_curves_svg(rows: list[dict], colors: dict[str, str], with_paper: bool
         paper = paper_scores(name) if with_paper else None
         if paper:
             any_paper = True
-            pts = " ".join(f"{px(k):.1f},{py(paper[f'recall@{k}']):.1f}" for k in RECALL_KS)
+            pts = " ".join(f"{px(k):.1f},{py(paper[f'recall@{k}']):.1f}" for k in cutoffs if f"recall@{k}" in paper)
             parts.append(f'<polyline points="{pts}" fill="none" stroke="{color}" stroke-width="1.2" '
                          f'stroke-dasharray="4,3" opacity="0.8"/>')
-        if all(row.get(f"recall@{k}_lo") is not None for k in RECALL_KS):  # the 95% band
-            upper = [f"{px(k):.1f},{py(row[f'recall@{k}_hi']):.1f}" for k in RECALL_KS]
-            lower = [f"{px(k):.1f},{py(row[f'recall@{k}_lo']):.1f}" for k in reversed(RECALL_KS)]
+        if all(row.get(f"recall@{k}_lo") is not None for k in cutoffs):  # the 95% band
+            upper = [f"{px(k):.1f},{py(row[f'recall@{k}_hi']):.1f}" for k in cutoffs]
+            lower = [f"{px(k):.1f},{py(row[f'recall@{k}_lo']):.1f}" for k in reversed(cutoffs)]
             parts.append(f'<polygon points="{" ".join(upper + lower)}" fill="{color}" opacity="0.12"/>')
-        pts = " ".join(f"{px(k):.1f},{py(row[f'recall@{k}']):.1f}" for k in RECALL_KS)
+        pts = " ".join(f"{px(k):.1f},{py(row[f'recall@{k}']):.1f}" for k in cutoffs)
         parts.append(f'<polyline points="{pts}" fill="none" stroke="{color}" stroke-width="2"/>')
-        for k in RECALL_KS:
+        for k in cutoffs:
             parts.append(f'<circle cx="{px(k):.1f}" cy="{py(row[f"recall@{k}"]):.1f}" r="3" fill="{color}">'
                          f'<title>{esc(name)} R@{k} = {row[f"recall@{k}"]:.3f}</title></circle>')
     parts.append(_legend([r["backbone"] for r in rows], colors, left + pw + 16, top + 10, any_paper))
@@ -535,15 +542,12 @@ def render_html(output_dir: Path, cfg=None, examples: int = 5, example_backbone:
            '<meta name="viewport" content="width=device-width, initial-scale=1">',
            f"<title>newsclip report: {esc(name)}</title><style>{CSS}</style></head><body>",
            f"<h1>newsclip report: {esc(name)}</h1>"]
-    summary = (f"Text-to-image retrieval: {esc(prep.get('queries', '?'))} article texts, each ranked against "
-               f"{esc(prep.get('candidates', '?'))} candidate images; top {esc(k)} by cosine similarity. "
-               "Recall is a fraction. Paper rows (grey): Zhang et al., MediaEval 2022, 2,000 sampled pairs.")
+    summary = esc(scope_sentence(metrics, stages)) + " Paper rows (grey): Zhang et al., MediaEval 2022."
     if has_ci:
-        summary += " Brackets: 95% bootstrap intervals over resampled articles."
+        summary += f" Brackets: {esc(INTERVALS)}."
     out.append(f'<p class="note">{summary}</p>')
-    if prep.get("sample_note"):
-        out.append(f'<p class="note"><b>Note:</b> {esc(prep["sample_note"])}.</p>')
-    out += [f'<p class="note"><b>Warning:</b> {esc(w)}.</p>' for w in short_line_warnings(metrics)]
+    notes = evaluation_notes(metrics, prep)
+    out += [f'<p class="note"><b>{kind}:</b> {esc(text)}.</p>' for kind, text in notes]
     out.append(checkpoints_note(labels))
 
     out += ["<h2>All backbones (text to image)</h2>", metrics_table_html(overall, k, colors=colors)]
@@ -562,8 +566,7 @@ def render_html(output_dir: Path, cfg=None, examples: int = 5, example_backbone:
                       labels, "a", "b")
     if paired:
         out += ["<h2>Paired comparisons</h2>",
-                ('<p class="note">Paired bootstrap of the MRR difference on the same articles: A beats B when the '
-                 "whole 95% interval of A − B is above 0.</p>"), paired_table_html(paired)]
+                f'<p class="note">{esc(paired_note(paired))}</p>', paired_table_html(paired)]
     costs = _relabel(cost_rows(stages, names), labels, "backbone")
     if costs:
         out += ["<h2>Cost against quality</h2>", cost_table_html(costs, quality), "<figure>",
@@ -614,11 +617,55 @@ def _rejects_html(output_dir: Path, prep: dict) -> list[str]:
     return parts
 
 
-def short_line_warnings(metrics: dict) -> list[str]:
-    """One sentence per ranking whose TSV lines hold fewer than k ids (the official evaluator expects k)."""
-    return [f"{x['short_lines']} lines of the {x['backbone']} {x['direction']} rankings hold fewer than "
-            f"{metrics['k']} image ids ({x['short_reason']}); the organisers' evaluator expects exactly {metrics['k']}"
-            for x in metrics.get("knn", []) if x.get("short_lines")]
+# what the intervals are, and what they are not: the images ranked against are held fixed
+INTERVALS = ("95% percentile bootstrap intervals over resampled articles, conditional on the gallery: the candidate "
+             "images stay fixed, so the intervals leave out how the scores would vary with another set of images")
+
+
+def scope_sentence(metrics: dict, stages: dict) -> str:
+    """What was scored: queries scored of those sampled, against how many candidates, top k."""
+    k = metrics.get("k", 100)
+    row = next((r for r in metrics.get("rows", []) if r["source"] == "all"
+                and r.get("direction", "text_to_image") == "text_to_image"), {})
+    entry = next((e for name, e in stages.items() if name.startswith("knn:") and name.endswith(":text_to_image")), {})
+    sampled = f" (of {row['n_sampled']} sampled)" if "n_sampled" in row else ""
+    return (f"Text-to-image retrieval: {row.get('n', '?')} article texts{sampled}, each ranked against "
+            f"{entry.get('candidates', '?')} candidate images; top {k} by cosine similarity. Recall is a fraction.")
+
+
+def evaluation_notes(metrics: dict, prep: dict) -> list[tuple[str, str]]:
+    """(Note | Warning, sentence) for everything that qualifies the numbers: fewer usable pairs than asked for,
+    sampled articles left unscored, true images that failed to encode, exact ties, short ranking lines."""
+    notes = [("Note", prep["sample_note"])] if prep.get("sample_note") else []
+    for row in metrics.get("rows", []):
+        if row["source"] != "all" or row["backbone"] != metrics["rows"][0]["backbone"]:
+            continue  # the counts are the same for every backbone
+        direction = row["direction"].replace("_", " ")
+        if row.get("n_sampled", row["n"]) > row["n"]:
+            notes.append(("Warning", f"{direction}: {row['n_sampled'] - row['n']} of the {row['n_sampled']} sampled "
+                          "queries were left out after sampling (see the rejected rows, translate stage)"))
+        if row.get("n_unscoreable"):
+            notes.append(("Warning", f"{direction}: {row['n_unscoreable']} of the {row['n']} scored queries cannot be "
+                          "found because their image failed to encode; they are scored as misses"))
+    ties = metrics.get("ties", {})
+    if ties.get("duplicate_truths"):
+        how = {"id": "the lower id first", "optimistic": "the true image first",
+               "pessimistic": "the true image last"}[ties["policy"]]
+        notes.append(("Note", f"{ties['duplicate_truths']} queries have a byte-identical copy of their true image "
+                      f"among the candidates under another id; these exact ties are ranked {how} "
+                      f"(eval.ties: {ties['policy']})"))
+    notes += [("Warning", f"{x['short_lines']} lines of the {x['backbone']} {x['direction']} rankings hold fewer "
+               f"than {metrics['k']} image ids ({x['short_reason']}); the organisers' evaluator expects exactly "
+               f"{metrics['k']}") for x in metrics.get("knn", []) if x.get("short_lines")]
+    return notes
+
+
+def paired_note(paired: list[dict]) -> str:
+    """How the paired comparisons (at least one) decide, and that they are corrected as one family."""
+    return (f"Paired bootstrap of the {paired[0].get('metric', 'mrr')} difference on the same articles. A decision is "
+            f"made when the Holm-adjusted p-value is below 0.05: Holm's correction over the "
+            f"{paired[0].get('comparisons', len(paired))} comparisons of this direction keeps the chance of any false "
+            "decision under 5%. The intervals shown are the uncorrected 95% intervals of A − B.")
 
 
 def write_html(output_dir: Path, cfg=None, **kwargs) -> Path:

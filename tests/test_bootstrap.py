@@ -1,21 +1,23 @@
 """Bootstrap intervals and the paired comparison, against the point estimates and synthetic ranks with known effects."""
 
+import math
+
 import numpy as np
 import polars as pl
 import pytest
 
 from newsclip.bootstrap import (
+    _source_seed,
     bootstrap_ci,
     ci_columns,
     ci_rows,
-    metric_names,
+    holm,
     paired_bootstrap,
     paired_rows,
-    per_query,
     resampled_means,
 )
 from newsclip.evaluate import query_ranks, score_rankings
-from newsclip.metrics import scores
+from newsclip.metrics import metric_names, per_query, scores
 
 
 def synthetic_ranks(n: int, p_hit: float, seed: int) -> np.ndarray:
@@ -32,8 +34,7 @@ def test_per_query_means_are_the_scores():
     values = per_query(ranks, k=100).mean(axis=0)
     expected = scores(ranks, 100)
     assert values == pytest.approx([expected[m] for m in metric_names()])
-    # k below the recall cut-offs caps them as metrics.scores does
-    assert per_query(ranks, k=10).mean(axis=0) == pytest.approx([scores(ranks, 10)[m] for m in metric_names()])
+    assert per_query(ranks, k=10).mean(axis=0) == pytest.approx([scores(ranks, 10)[m] for m in metric_names(10)])
 
 
 def test_resampled_means_match_an_explicit_index_draw():
@@ -43,16 +44,33 @@ def test_resampled_means_match_an_explicit_index_draw():
     assert boot == pytest.approx(values[idx].mean(axis=1))
 
 
-def test_intervals_contain_the_point_estimate_and_are_deterministic():
-    ranks = synthetic_ranks(500, 0.8, seed=1)
-    ci = bootstrap_ci(ranks, b=500, seed=7)
-    point = scores(ranks)
-    for name in metric_names():
-        assert ci[name] == point[name]
-        assert ci[f"{name}_lo"] <= point[name] <= ci[f"{name}_hi"]
-        assert ci[f"{name}_lo"] < ci[f"{name}_hi"]
-    assert bootstrap_ci(ranks, b=500, seed=7) == ci
-    assert bootstrap_ci(ranks, b=500, seed=8) != ci
+def _explicit_intervals(ranks: np.ndarray, b: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The percentile interval done the obvious way: draw index rows with the same generator, score each resample."""
+    idx = np.random.default_rng(seed).integers(0, len(ranks), size=(b, len(ranks)))
+    boot = np.array([per_query(ranks[row]).mean(axis=0) for row in idx])
+    return np.quantile(boot, 0.025, axis=0), np.quantile(boot, 0.975, axis=0)
+
+
+def test_intervals_are_the_percentiles_of_known_resamples():
+    ranks = synthetic_ranks(300, 0.8, seed=1)
+    ci = bootstrap_ci(ranks, b=200, seed=7)
+    lo, hi = _explicit_intervals(ranks, b=200, seed=7)
+    assert [ci[f"{m}_lo"] for m in metric_names()] == pytest.approx(lo)
+    assert [ci[f"{m}_hi"] for m in metric_names()] == pytest.approx(hi)
+    assert all(ci[m] == scores(ranks)[m] for m in metric_names())
+    assert bootstrap_ci(ranks, b=200, seed=8) != ci
+
+
+def test_an_interval_that_misses_its_point_estimate_is_shown_as_it_is():
+    # few, skewed queries and few resamples: some seeds give a percentile interval beside the mean; it is not widened
+    ranks = np.array([1] + [0] * 19)  # a resample misses the one hit with chance 0.95^20 = 0.36
+    outside = 0
+    for seed in range(200):
+        ci = bootstrap_ci(ranks, b=3, seed=seed)
+        lo, hi = _explicit_intervals(ranks, b=3, seed=seed)
+        assert (ci["mrr_lo"], ci["mrr_hi"]) == pytest.approx((lo[0], hi[0]))
+        outside += not lo[0] <= ci["mrr"] <= hi[0]
+    assert outside > 0
 
 
 def test_intervals_shrink_with_n():
@@ -109,24 +127,57 @@ def test_ci_rows_long_format_per_backbone_and_source():
         mask = np.ones(n, bool) if row["source"] == "all" else sources == row["source"]
         point = scores(ranks[row["backbone"]][mask])
         assert row["n"] == mask.sum() and row["mrr"] == point["mrr"]
-        assert row["mrr_lo"] <= row["mrr"] <= row["mrr_hi"]
+    # the "all" rows are bootstrap_ci of each backbone alone with the per-source seed
+    seed_all = _source_seed(0, "all")
+    assert rows[0] == {"backbone": "A", "source": "all", **bootstrap_ci(ranks["A"], b=200, seed=seed_all),
+                       "direction": "text_to_image"}
     # a backbone's interval does not depend on which other backbones were scored with it
     alone = ci_rows({"B": ranks["B"]}, sources, k=100, b=200, seed=0)
     assert alone == [r for r in rows if r["backbone"] == "B"]
     header = pl.DataFrame(rows).select(ci_columns()).write_csv().splitlines()[0]
     assert header.startswith("backbone,source,n,mrr,recall@5,recall@10,recall@20,recall@50,recall@100,direction,"
                              "mrr_lo,mrr_hi,recall@5_lo,recall@5_hi,")
+    assert header.endswith(",recall@100_lo,recall@100_hi,recall@1,recall@1_lo,recall@1_hi")  # added: at the end
 
 
-def test_paired_rows_equal_single_comparisons():
+def test_paired_rows_equal_single_comparisons_then_holm_corrects_them():
     ranks = {name: synthetic_ranks(400, p, seed=i) for i, (name, p) in enumerate([("A", 0.9), ("B", 0.7), ("C", 0.5)])}
     rows = paired_rows(ranks, b=300, seed=1)
     assert [(r["a"], r["b"]) for r in rows] == [("A", "B"), ("A", "C"), ("B", "C")]
     for row in rows:
         single = paired_bootstrap(ranks[row["a"]], ranks[row["b"]], b=300, seed=1)
         assert row["difference"] == pytest.approx(single["difference"])
-        assert (row["lo"], row["hi"]) == pytest.approx((single["lo"], single["hi"]))
-        assert row["decision"] == single["decision"]
+        assert (row["lo"], row["hi"], row["p_value"]) == pytest.approx((single["lo"], single["hi"], single["p_value"]))
+    assert [r["p_holm"] for r in rows] == holm([r["p_value"] for r in rows])
+    assert all(r["comparisons"] == 3 for r in rows)
+
+
+def test_holm_by_hand():
+    # sorted: 0.005 x4 = 0.02, 0.01 x3 = 0.03, 0.03 x2 = 0.06, 0.04 x1 = 0.04 -> 0.06 (monotone)
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.5]) == [0.5] and holm([0.4, 0.9]) == [0.8, 0.9]
+
+
+def test_many_comparisons_of_equals_make_no_decision_after_holm():
+    # nine backbones of the same quality: 36 pairs, where uncorrected 5% tests would call some of them different
+    ranks = {f"m{i}": synthetic_ranks(1000, 0.7, seed=100 + i) for i in range(9)}
+    rows = paired_rows(ranks, b=1000, seed=0)
+    assert len(rows) == 36
+    assert any(r["p_value"] < 0.05 for r in rows)  # what the correction is for
+    assert all(r["decision"] == "no significant difference" for r in rows)
+    # a real difference still stands out from the family
+    ranks["best"] = np.where(ranks["m0"] > 1, 1, ranks["m0"])
+    rows = paired_rows(ranks, b=1000, seed=0)
+    assert {r["decision"] for r in rows if r["b"] == "best"} == {"B beats A"}
+
+
+def test_the_p_value_is_the_normal_tail_at_the_bootstrap_standard_error():
+    a, b = synthetic_ranks(200, 0.8, seed=3), synthetic_ranks(200, 0.8, seed=4)
+    diff = per_query(a)[:, 0] - per_query(b)[:, 0]
+    se = resampled_means(diff, b=500, seed=2)[:, 0].std(ddof=1)
+    result = paired_bootstrap(a, b, b=500, seed=2)
+    assert result["p_value"] == pytest.approx(math.erfc(abs(diff.mean()) / se / math.sqrt(2)))
+    assert paired_bootstrap(a, a.copy(), b=500)["p_value"] == 1.0
 
 
 def test_query_ranks_match_score_rankings():

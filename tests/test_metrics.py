@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from newsclip.metrics import ranks_of_truth, scores
+from newsclip.metrics import csv_metric_groups, metric_names, ranks_of_truth, scores
 
 
 def test_hand_computed_case():
@@ -11,21 +11,35 @@ def test_hand_computed_case():
     truth = np.array(["a", "a", "a", "a"], dtype=object)
     ranks = ranks_of_truth(ranked, truth)
     assert ranks.tolist() == [1, 2, 0, 3]
-    result = scores(ranks, k=3, recall_ks=(1, 2, 3))
+    result = scores(ranks, k=3)
     # reciprocal ranks 1, 1/2, 0 (absent), 1/3 over all four queries
     assert result["mrr"] == pytest.approx((1 + 0.5 + 0 + 1 / 3) / 4)
-    assert result["recall@1"] == pytest.approx(0.25)
-    assert result["recall@2"] == pytest.approx(0.5)
-    assert result["recall@3"] == pytest.approx(0.75)
+    assert result["recall@1"] == pytest.approx(0.25)  # the 2022 task's P@1: one true image per article
     assert result["n"] == 4
+    assert set(result) == {"n", "mrr", "recall@1"}  # k=3: no cut-off above k
+
+
+def test_recall_at_each_cutoff_and_none_above_k():
+    ranks = np.array([1, 3, 5, 7, 12, 25, 60, 100, 0, 2])
+    result = scores(ranks, k=100)
+    for cut, hits in {1: 1, 5: 4, 10: 5, 20: 6, 50: 7, 100: 9}.items():
+        assert result[f"recall@{cut}"] == pytest.approx(hits / 10), cut
+    # with k=30 a "recall@50" or "recall@100" would really be recall@30: they are not emitted
+    assert metric_names(30) == ["mrr", "recall@1", "recall@5", "recall@10", "recall@20"]
+    assert set(scores(ranks, k=30)) == {"n", *metric_names(30)}
+
+
+def test_recall_at_1_goes_after_the_contract_columns():
+    assert csv_metric_groups(100) == (["mrr", "recall@5", "recall@10", "recall@20", "recall@50", "recall@100"],
+                                      ["recall@1"])
+    assert csv_metric_groups(10) == (["mrr", "recall@5", "recall@10"], ["recall@1"])
 
 
 def test_rank_beyond_k_scores_zero():
     # rank 5 with k=4: out of the top k, so it counts for neither MRR nor recall
-    result = scores(np.array([5, 1]), k=4, recall_ks=(4, 10))
+    result = scores(np.array([5, 1]), k=4)
     assert result["mrr"] == pytest.approx(0.5)
-    assert result["recall@4"] == pytest.approx(0.5)
-    assert result["recall@10"] == pytest.approx(0.5)
+    assert result["recall@1"] == pytest.approx(0.5)
 
 
 def test_shape_mismatch_is_an_error():
@@ -55,3 +69,35 @@ def test_text_to_image_query_without_ranking_is_a_miss():
     queries = pl.DataFrame({"article_id": ["a1", "a2"], "image_id": ["i1", "i2"], "source": ["TW", "TW"]})
     rankings = pl.DataFrame({"article_id": ["a1"], "image_ids": [["i1", "i2"]]})
     assert score_rankings(queries, rankings, k=2)[0]["mrr"] == pytest.approx(0.5)
+
+
+def test_exact_duplicates_of_the_truth_rank_as_eval_ties_says():
+    import polars as pl
+
+    from newsclip.evaluate import duplicate_truths, query_ranks
+
+    # i2, i3, i4 are byte-identical (hash D), so are i5 and i6 (hash E): rankings list them side by side, in id order
+    hashes = {"i1": "A", "i2": "D", "i3": "D", "i4": "D", "i5": "E", "i6": "E", "i7": "F", "i8": "G", "i9": "H"}
+    image_hashes = pl.DataFrame({"image_id": list(hashes), "image_hash": list(hashes.values())})
+    queries = pl.DataFrame({"article_id": ["a1", "a2", "a3"], "image_id": ["i3", "i6", "i9"], "source": ["TW"] * 3})
+    lists = [["i1", "i2", "i3", "i4"], ["i7", "i8", "i9", "i5"], ["i9", "i1", "i2", "i3"]]
+    rankings = pl.DataFrame({"article_id": ["a1", "a2", "a3"], "image_ids": lists})
+    expected = {"id": [3, 0, 1],  # a2's truth i6 follows its copy i5 past the last slot
+                "optimistic": [2, 4, 1],  # the first of the truth's copies
+                "pessimistic": [4, 0, 1]}  # the last: a2's group runs past k, so the truth may be after it
+    for ties, ranks in expected.items():
+        got, _ = query_ranks(queries, rankings, k=4, ties=ties, image_hashes=image_hashes)
+        assert got.tolist() == ranks, ties
+    assert duplicate_truths(queries, image_hashes) == 2
+
+
+def test_sampled_and_unscoreable_counts_per_source():
+    import polars as pl
+
+    from newsclip.evaluate import counts
+
+    queries = pl.DataFrame({"article_id": ["a1", "a2", "a3", "a4"], "image_id": ["i1", "i1", "i2", "i3"],
+                            "source": ["TW", "TW", "RT", "RT"]})
+    assert counts(queries, "text_to_image") == {"all": 4, "TW": 2, "RT": 2}
+    assert counts(queries, "image_to_text") == {"all": 3, "TW": 1, "RT": 2}  # one query per image
+    assert counts(queries, "text_to_image", pl.Series(["i1"])) == {"all": 2, "TW": 2}

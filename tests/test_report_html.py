@@ -142,7 +142,8 @@ def test_tables_numbers_and_paper_rows(rendered):
     for name in cfg.backbones:
         assert name in text
     assert "RN50 (paper)" in text and "0.388" in text and "ViT-B/32 (paper)" in text and "0.384" in text
-    assert f"MRR@{K}" in text and "R@100" in text
+    assert f"backbone n MRR@{K} R@1 R@5 R@10 " in text
+    assert "R@20" not in text and "R@100" not in text  # with k=10 a recall@100 would really be recall@10
     assert page.count("table") >= 5  # overall, per source x3, paired, cost, rejects
     assert "A beats B" in text or "no significant difference" in text
     assert "no text" in text  # the rejects summary
@@ -216,3 +217,25 @@ def test_display_names_shorten_checkpoint_paths(tmp_path):
                       str(named_like_rn50): str(named_like_rn50)}  # two x.pt stay whole; RN50 keeps its paper row
     assert checkpoints_note(labels) == '<p class="note">Checkpoint files: <code>y.pt</code>: /m/c/y.pt.</p>'
     assert checkpoints_note(display_names(["RN50", "ViT-B/32"])) == ""
+
+
+def test_notes_say_what_qualifies_the_numbers(rendered):
+    from newsclip.report_html import evaluation_notes
+
+    _, _, document, _ = rendered
+    assert "conditional on the gallery" in document and "Holm" in document
+    row = {"backbone": "RN50", "source": "all", "direction": "text_to_image", "n": 1990, "n_sampled": 2000,
+           "n_unscoreable": 3}
+    metrics = {"k": 100, "rows": [row, {**row, "backbone": "ViT-B/32"}], "knn": [],
+               "ties": {"policy": "pessimistic", "duplicate_truths": 4}}
+    notes = evaluation_notes(metrics, {"sample_note": None})
+    assert notes == [
+        ("Warning", "text to image: 10 of the 2000 sampled queries were left out after sampling (see the rejected "
+                    "rows, translate stage)"),
+        ("Warning", "text to image: 3 of the 1990 scored queries cannot be found because their image failed to "
+                    "encode; they are scored as misses"),
+        ("Note", "4 queries have a byte-identical copy of their true image among the candidates under another id; "
+                 "these exact ties are ranked the true image last (eval.ties: pessimistic)")]
+    clean = {**metrics, "rows": [{**row, "n": 2000, "n_unscoreable": 0}], "ties": {"policy": "id",
+                                                                                  "duplicate_truths": 0}}
+    assert evaluation_notes(clean, {}) == []

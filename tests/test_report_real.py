@@ -135,7 +135,8 @@ def test_report_md_rows_equal_metrics_csv(real_run):
     lines = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| backbone")]
     assert [line.split(" | ")[0].removeprefix("| ") for line in lines] == names  # markdown keeps full names
     for line, row in zip(lines, overall.iter_rows(named=True)):
-        assert line.startswith(f"| {row['backbone']} | {row['n']} | {row['mrr']:.3f} | {row['recall@5']:.3f} |")
+        assert line.startswith(f"| {row['backbone']} | {row['n']} | {row['mrr']:.3f} | {row['recall@1']:.3f} | "
+                               f"{row['recall@5']:.3f} |")
     for name in names:
         assert f"### {name}\n" in report
 
