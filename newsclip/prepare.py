@@ -1,7 +1,8 @@
-"""Prepare stage: join articles to images, reject what cannot be matched, sample the evaluation set."""
+"""Prepare stage: join articles to images, reject what cannot be matched or decoded, sample the evaluation set."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pyarrow.parquet as pq
 
 from newsclip.config import JobConfig
 from newsclip.embedding_store import hash_array
+from newsclip.pipeline import ensure_ray, log
 from newsclip.store import parquet_files, record_stage, staged_dir, write_table
 
 ARTICLE_COLUMNS = {"article_id": pl.String, "title": pl.String, "text": pl.String, "image_id": pl.String,
@@ -38,36 +40,99 @@ def _read_articles(spec: str) -> pl.DataFrame:
                 try:
                     frame = frame.with_columns(pl.col(column).cast(dtype, strict=True))
                 except pl.exceptions.PolarsError:
-                    raise SchemaError(f"{path}: column {column!r} is {frame.schema[column]}, expected a string") from None
+                    raise SchemaError(f"{path}: column {column!r} is {frame.schema[column]}, expected a string") \
+                        from None
         frames.append(frame.select(list(ARTICLE_COLUMNS)).with_columns(pl.lit(str(path)).alias("file")))
     return pl.concat(frames)
 
 
-def _read_images(spec: str, previous: Path) -> pl.DataFrame:
-    """Image ids, the shard each lives in and the hash of its bytes; the bytes stay on disk for the encode stage.
+IMAGE_ROWS = {"image_id": pl.String, "image_hash": pl.String, "error": pl.String, "file": pl.String,
+              "size": pl.Int64, "mtime_ns": pl.Int64}  # prepared/image_hashes.parquet
+CHECK_KEY = b"newsclip.image_check"  # image_hashes.parquet's metadata: the bound its `error` column was checked with
+# rows per check task at least (whole row groups): checking a 1200x800 JPEG took ~3.5 ms on one core, so a task
+# works for seconds, far above Ray's per-task overhead
+CHECK_ROWS = 2048
 
-    Hashing reads every image, so a shard unchanged since the last committed prepare (same path, size and
-    mtime) takes its hashes from `previous` instead: a nightly run reads only the new shards."""
-    cached = pl.read_parquet(previous) if previous.exists() else None
-    frames = []
-    for path in parquet_files(spec, "input.images"):
+
+def _read_images(cfg: JobConfig, previous: Path) -> pl.DataFrame:
+    """Per image row: its id, the shard it lives in, the hash of its bytes and why it cannot be decoded (null when it
+    can); the bytes stay on disk for the encode stage. `checked` marks the rows decoded by this run.
+
+    Ray tasks read, hash and check the shards. A shard unchanged since the last committed prepare (same path, size
+    and mtime) is not read at all: its rows come from `previous`. In the others, an image whose hash `previous`
+    holds keeps its result, so a nightly run decodes only images it has never seen."""
+    cached = _cached_checks(previous, cfg.encode.max_image_pixels)
+    shards, unchanged = {}, {}
+    for path in parquet_files(cfg.input.images, "input.images"):
         stat = path.stat()
-        fingerprint = {"file": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-        if cached is not None:
-            hit = cached.filter(**fingerprint)
-            if len(hit):
-                frames.append(hit)
-                continue
-        schema = pq.read_schema(path)
-        missing = [c for c in ("image_id", "image") if c not in schema.names]
-        if missing:
-            raise SchemaError(f"{path}: no {missing[0]!r} column (has {', '.join(schema.names)}); "
-                              "images need image_id (string) and image (binary: the encoded file)")
-        table = pq.read_table(path, columns=["image_id", "image"])
-        frame = pl.DataFrame({"image_id": table.column("image_id").cast(pa.string()).to_pylist(),
-                              "image_hash": hash_array(b or b"" for b in table.column("image").to_pylist())})
-        frames.append(frame.with_columns(**{k: pl.lit(v) for k, v in fingerprint.items()}))
-    return pl.concat(frames, how="vertical_relaxed")
+        shards[str(path)] = {"file": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        hit = cached.filter(**shards[str(path)])
+        if len(hit):
+            unchanged[str(path)] = hit.with_columns(pl.lit(False).alias("checked"))
+    read = _check_shards(cfg, [f for f in shards if f not in unchanged], cached)
+    frames = [unchanged[f] if f in unchanged else
+              pl.from_arrow(read[f]).with_columns(**{k: pl.lit(v) for k, v in fingerprint.items()})
+              for f, fingerprint in shards.items()]
+    return pl.concat([frame.select(*IMAGE_ROWS, "checked").cast(IMAGE_ROWS) for frame in frames])
+
+
+def _cached_checks(previous: Path, max_pixels: int) -> pl.DataFrame:
+    """The last committed prepare's image rows, if they were checked with the same bound; else none (a file from
+    before the check, without `error`, or another encode.max_image_pixels: nothing is reused)."""
+    metadata = (pq.read_schema(previous).metadata or {}) if previous.exists() else {}
+    if metadata.get(CHECK_KEY) != _check_settings(max_pixels):
+        return pl.DataFrame(schema=IMAGE_ROWS)
+    return pl.read_parquet(previous).select(*IMAGE_ROWS).cast(IMAGE_ROWS)
+
+
+def _check_settings(max_pixels: int) -> bytes:
+    return json.dumps({"max_image_pixels": max_pixels}).encode()
+
+
+def _row_group_units(path: Path) -> list[list[int]]:
+    """A shard's row groups in runs of at least CHECK_ROWS rows, each the work of one check task."""
+    shard = pq.ParquetFile(path)
+    names = shard.schema_arrow.names
+    missing = [c for c in ("image_id", "image") if c not in names]
+    if missing:
+        raise SchemaError(f"{path}: no {missing[0]!r} column (has {', '.join(names)}); "
+                          "images need image_id (string) and image (binary: the encoded file)")
+    image_type = shard.schema_arrow.field("image").type
+    if not (pa.types.is_binary(image_type) or pa.types.is_large_binary(image_type)):
+        raise SchemaError(f"{path}: column 'image' is {image_type}, expected binary (the encoded file)")
+    units, unit, rows = [], [], 0
+    for group in range(shard.num_row_groups):
+        unit.append(group)
+        rows += shard.metadata.row_group(group).num_rows
+        if rows >= CHECK_ROWS:
+            units.append(unit)
+            unit, rows = [], 0
+    return units + [unit] if unit or not units else units
+
+
+def _check_shards(cfg: JobConfig, files: list[str], cached: pl.DataFrame) -> dict[str, pa.Table]:
+    """Each shard's (image_id, image_hash, error, checked) rows, from `check_images` run as Ray tasks over runs of
+    its row groups (one task per shard unless it is large)."""
+    if not files:
+        return {}
+    import ray
+
+    from newsclip.image_check import check_images
+
+    units = [(file, groups) for file in files for groups in _row_group_units(Path(file))]
+    ensure_ray(cfg.ray)
+    known = cached.select("image_hash", "error").unique("image_hash", keep="first").to_arrow()
+    known = ray.put(known.cast(pa.schema([("image_hash", pa.string()), ("error", pa.string())])))  # once, for all
+    task = ray.remote(num_cpus=1, max_retries=cfg.ray.max_task_retries)(check_images)
+    refs = [task.remote(file, groups, known, cfg.encode.max_image_pixels) for file, groups in units]
+    pending = refs
+    while pending:
+        _, pending = ray.wait(pending, num_returns=len(pending), timeout=30)
+        log(f"prepare: {len(refs) - len(pending)}/{len(refs)} image shard parts hashed and checked")
+    parts = {file: [] for file in files}
+    for (file, _), table in zip(units, ray.get(refs)):
+        parts[file].append(table)
+    return {file: pa.concat_tables(tables) for file, tables in parts.items()}
 
 
 def article_hashes(articles: pl.DataFrame) -> pl.Series:
@@ -88,9 +153,10 @@ def changes(previous: Path, current: pl.DataFrame, id_column: str, hash_column: 
             "deleted": len(before) - len(both)}
 
 
-def _reject(frame: pl.DataFrame, id_column: str, kind: str, reason: str) -> pl.DataFrame:
+def _reject(frame: pl.DataFrame, id_column: str, kind: str, reason: str | pl.Expr) -> pl.DataFrame:
+    reason = pl.lit(reason) if isinstance(reason, str) else reason
     return frame.select(pl.col(id_column).cast(pl.String).alias("id"), pl.lit(kind).alias("kind"),
-                        pl.lit(reason).alias("reason"), pl.col("file"))
+                        reason.cast(pl.String).alias("reason"), pl.col("file"))
 
 
 def join_text(mode: str, title: str = "title", body: str = "text") -> pl.Expr:
@@ -102,7 +168,10 @@ def join_text(mode: str, title: str = "title", body: str = "text") -> pl.Expr:
 
 def select(articles: pl.DataFrame, images: pl.DataFrame, text_mode: str) -> tuple[pl.DataFrame, pl.DataFrame,
                                                                                    pl.DataFrame]:
-    """Split input rows into usable articles, usable images, and rejects with a reason each."""
+    """Split input rows into usable articles, usable images, and rejects with a reason each.
+
+    `images` holds each image row's decode `error` (null when it decodes): an image that cannot be decoded is
+    rejected here, and so is every article whose image it is, before sampling, so that it is never a query."""
     rejects = []
     # rows without an id first: polars counts nulls as one value, so the first would pass as distinct (and then
     # vanish with no reject) and the others would be called duplicates
@@ -117,16 +186,24 @@ def select(articles: pl.DataFrame, images: pl.DataFrame, text_mode: str) -> tupl
     dup_images = images.filter(~pl.col("image_id").is_first_distinct())
     rejects.append(_reject(dup_images, "image_id", "image", "duplicate image_id (an earlier row was kept)"))
     images = images.filter(pl.col("image_id").is_first_distinct())
+    broken = images.filter(pl.col("error").is_not_null())
+    rejects.append(_reject(broken, "image_id", "image", pl.col("error")))
+    images = images.filter(pl.col("error").is_null()).drop("error")
 
     articles = articles.with_columns(join_text(text_mode).alias("query_text"),
                                      pl.col("source").fill_null("unknown"))
     no_text = pl.col("query_text").is_null() | (pl.col("query_text") == "")
     no_image_id = pl.col("image_id").is_null() | (pl.col("image_id") == "")
     known = pl.col("image_id").is_in(images["image_id"].implode())
+    image_error = pl.col("image_id").replace_strict(broken["image_id"], broken["error"], default=None,
+                                                    return_dtype=pl.String)
+    bad_image = image_error.is_not_null()
     rejects.append(_reject(articles.filter(no_text), "article_id", "article", f"no text ({text_mode} is empty)"))
     rejects.append(_reject(articles.filter(~no_text & no_image_id), "article_id", "article", "no image_id"))
-    rejects.append(_reject(articles.filter(~no_text & ~no_image_id & ~known), "article_id", "article",
+    rejects.append(_reject(articles.filter(~no_text & ~no_image_id & ~known & ~bad_image), "article_id", "article",
                            "image_id not found in input.images"))
+    rejects.append(_reject(articles.filter(~no_text & ~no_image_id & bad_image), "article_id", "article",
+                           pl.format("image {} cannot be decoded: {}", pl.col("image_id"), image_error)))
     usable = articles.filter(~no_text & ~no_image_id & known)
     return usable, images, pl.concat(rejects)
 
@@ -141,14 +218,16 @@ def sample_pairs(usable: pl.DataFrame, size: int | None, seed: int) -> pl.Series
 
 
 def run(cfg: JobConfig) -> dict:
+    """Read, check and join the inputs; commit prepared/ and rejects/prepare.parquet; return the manifest entry."""
     started = time.time()
     out = cfg.output
     articles = _read_articles(cfg.input.articles)
     articles = articles.with_columns(article_hashes(articles))
-    image_rows = _read_images(cfg.input.images, out / "prepared" / "image_hashes.parquet")
+    image_rows = _read_images(cfg, out / "prepared" / "image_hashes.parquet")
     diff = {"articles": changes(out / "prepared" / "articles_all.parquet", articles, "article_id", "content_hash"),
             "images": changes(out / "prepared" / "image_hashes.parquet", image_rows, "image_id", "image_hash")}
-    usable, images, rejects = select(articles, image_rows.select("image_id", "image_hash", "file"), cfg.prepare.text)
+    usable, images, rejects = select(articles, image_rows.select("image_id", "image_hash", "error", "file"),
+                                     cfg.prepare.text)
     sampled = sample_pairs(usable, cfg.eval.sample_size, cfg.eval.seed)
     usable = usable.with_columns(pl.col("article_id").is_in(sampled.implode()).alias("in_eval"))
     queries = usable.filter("in_eval")
@@ -158,7 +237,7 @@ def run(cfg: JobConfig) -> dict:
         candidate = pl.lit(True)
     images = images.with_columns(candidate.alias("candidate"))
     if len(queries) == 0:
-        raise ValueError(f"prepare: no article has both text and a known image (of {len(articles)} articles, "
+        raise ValueError(f"prepare: no article has both text and a decodable image (of {len(articles)} articles, "
                          f"{len(images)} images); see {out / 'rejects' / 'prepare.parquet'}")
 
     note = None
@@ -171,11 +250,18 @@ def run(cfg: JobConfig) -> dict:
                                    "image_id", "source", "content_hash").to_arrow(),
                     stage / "queries" / "part-00000.parquet")
         write_table(images.to_arrow(), stage / "candidates.parquet")
-        # what the next run compares against (and the image hashes it need not compute again)
+        # what the next run compares against (and the image hashes and checks it need not compute again)
         write_table(articles.select("article_id", "content_hash").to_arrow(), stage / "articles_all.parquet")
-        write_table(image_rows.to_arrow(), stage / "image_hashes.parquet")
+        checks = image_rows.select(*IMAGE_ROWS).to_arrow()
+        write_table(checks.replace_schema_metadata({CHECK_KEY: _check_settings(cfg.encode.max_image_pixels)}),
+                    stage / "image_hashes.parquet")
     write_table(rejects.with_columns(pl.lit("prepare").alias("stage")).to_arrow(), out / "rejects" / "prepare.parquet")
     facts = {"articles_in": len(articles), "images_in": len(images) + int((rejects["kind"] == "image").sum()),
              "usable_pairs": len(usable), "queries": len(queries), "candidates": int(images["candidate"].sum()),
-             "rejected": len(rejects), "sample_note": note, "changes": diff, "seconds": round(time.time() - started, 2)}
+             "rejected": len(rejects), "sample_note": note,
+             # images decoded by this run; the others kept a result (last run's, or that of the same bytes in this task)
+             "images_checked": int(image_rows["checked"].sum()),
+             "images_reused": int((~image_rows["checked"]).sum()),
+             "images_broken": int(image_rows["error"].is_not_null().sum()),
+             "changes": diff, "seconds": round(time.time() - started, 2)}
     return record_stage(out, "prepare", sorted((out / "prepared").rglob("*.parquet")), **facts)

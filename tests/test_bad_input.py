@@ -1,6 +1,6 @@
 """Hostile input through the CLI: broken, odd and oversized images, missing and huge texts, an unexpected script,
-duplicate ids, a missing image and a wrong schema. The job finishes, every input row is either in the outputs or
-in rejects/ with its stage and reason, and `newsclip rejects` summarises them."""
+duplicate ids, a missing image, true images truncated and a wrong schema. The job finishes, every input row is
+either in the outputs or in rejects/ with its stage and reason, and `newsclip rejects` summarises them."""
 
 import io
 from pathlib import Path
@@ -63,15 +63,38 @@ BAD_ARTICLES = [
      "package installed: not translated"),  # an unexpected script, no language given, no package for it
     (("art-missing-image", "Lost", GOOD_TEXT, "img-never-stored", "en"), "image_id not found"),
     (("art-no-image-id", "None", GOOD_TEXT, None, "en"), "no image_id"),
-    (("art-broken-image", "Broken", GOOD_TEXT, "img-html", "en"), None),  # its text is fine; its image is not
+    # its text is fine, its image is not: rejected by prepare, never a query
+    (("art-broken-image", "Broken", GOOD_TEXT, "img-html", "en"), "image img-html cannot be decoded"),
     (("art-broken-image", "Again", GOOD_TEXT, "img-1x1", "en"), "duplicate article_id"),
 ]
+
+
+TRUNCATED = 20  # demo articles whose true image is cut to its first 200 bytes
+
+
+def _truncate_true_images(data: Path, n: int) -> list[str]:
+    """Cut the JPEG of the first `n` demo articles with text and an image to 200 bytes, in place; their ids."""
+    articles = pq.read_table(data / "articles").to_pylist()
+    shards = sorted((data / "images").glob("part-*.parquet"))
+    images = {r["image_id"]: r["image"] for shard in shards for r in pq.read_table(shard).to_pylist()}
+    chosen = [a for a in articles if a["title"] and a["image_id"] in images
+              and images[a["image_id"]].startswith(b"\xff\xd8")][:n]
+    cut = {a["image_id"] for a in chosen}
+    for shard in shards:
+        table = pq.read_table(shard)
+        datas = [d[:200] if i in cut else d for i, d in zip(table.column("image_id").to_pylist(),
+                                                            table.column("image").to_pylist())]
+        column = table.schema.get_field_index("image")
+        pq.write_table(table.set_column(column, "image", pa.array(datas, table.schema.field("image").type)), shard)
+    assert len(chosen) == n
+    return [a["article_id"] for a in chosen]
 
 
 @pytest.fixture(scope="module")
 def bad_run(tmp_path_factory, demo_tiny, packages_dir, ray_local):
     root = tmp_path_factory.mktemp("bad")
     write_demo_data(root / "data", 60, seed=6)
+    (root / "truncated.txt").write_text("\n".join(_truncate_true_images(root / "data", TRUNCATED)))
     images = pa.table({"image_id": [*BAD_IMAGES, "img-cmyk"],  # the last: a duplicate image id
                        "image": [b for b, _ in BAD_IMAGES.values()] + [_jpeg(RED)]})
     pq.write_table(images, root / "data" / "images" / "part-bad.parquet")
@@ -113,7 +136,9 @@ def test_every_input_row_is_in_the_outputs_or_rejected(bad_run):
 def test_each_bad_row_has_the_right_fate(bad_run):
     out = bad_run / "out"
     rejects = _rejects(out)
-    reasons = {(k, i): r for k, i, r in rejects.select("kind", "id", "reason").iter_rows()}
+    reasons = {}  # (kind, id) -> its reasons: a duplicate id has two rows
+    for kind, row_id, reason in rejects.select("kind", "id", "reason").iter_rows():
+        reasons[(kind, row_id)] = f"{reasons.get((kind, row_id), '')}|{reason}"
     encoded = {"image": set(_rows(out / "embeddings" / "demo-tiny" / "images", "image_id")),
                "article": set(_rows(out / "embeddings" / "demo-tiny" / "texts", "article_id"))}
     cases = [("image", i, expected) for i, (_, expected) in BAD_IMAGES.items()]
@@ -124,6 +149,23 @@ def test_each_bad_row_has_the_right_fate(bad_run):
         else:
             assert expected in reasons.get((kind, row_id), ""), f"{row_id}: {reasons.get((kind, row_id))}"
     assert "duplicate image_id" in reasons[("image", "img-cmyk")]  # the second row; the first was encoded
+
+
+def test_articles_with_a_truncated_image_are_never_queries(bad_run):
+    out = bad_run / "out"
+    truncated = (bad_run / "truncated.txt").read_text().split()
+    articles = pq.read_table(bad_run / "data" / "articles").to_pylist()
+    image_of = {a["article_id"]: a["image_id"] for a in articles if a["article_id"] in truncated}
+    queries = set(_rows(out / "prepared" / "queries", "article_id"))
+    encoded = set(_rows(out / "embeddings" / "demo-tiny" / "texts", "article_id"))
+    assert len(image_of) == TRUNCATED and not (queries | encoded) & set(truncated)
+    prepare = _rejects(out).filter(pl.col("stage") == "prepare")
+    reasons = {(k, i): r for k, i, r in prepare.select("kind", "id", "reason").iter_rows()}
+    for article_id, image_id in image_of.items():
+        assert reasons[("image", image_id)].startswith("corrupt image"), image_id
+        assert reasons[("article", article_id)].startswith(f"image {image_id} cannot be decoded: corrupt image")
+    candidates = set(_rows(out / "prepared" / "candidates.parquet", "image_id"))
+    assert not candidates & set(image_of.values())  # never ranked, never rejected a second time by encode
 
 
 def test_rejects_command_summarises_and_lists(bad_run, capsys):

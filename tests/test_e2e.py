@@ -13,7 +13,7 @@ from PIL import Image
 
 from newsclip.cli import main
 from newsclip.demo.data import write_demo_data
-from newsclip.metrics import RECALL_KS
+from newsclip.metrics import recall_cutoffs
 
 ARTICLES = 400
 JOB = str(Path(__file__).resolve().parents[1] / "jobs" / "demo.yaml")
@@ -57,10 +57,13 @@ def test_outputs_exist_in_the_contract(demo_run):
     schema = pq.read_schema(next((out / "embeddings" / "demo-tiny" / "images").glob("*.parquet")))
     assert schema.field("embedding").type == pa.list_(pa.float32(), 64)  # plain fixed_size_list, no Ray type
     metrics = pl.read_csv(out / "metrics.csv")
-    core = ["backbone", "source", "n", "mrr", *[f"recall@{k}" for k in RECALL_KS], "direction"]
+    core = ["backbone", "source", "n", "mrr", "recall@5", "recall@10", "recall@20", "recall@50", "recall@100",
+            "direction"]
     assert metrics.columns[: len(core)] == core  # the long format, then the bootstrap intervals
     assert {"mrr_lo", "mrr_hi", "recall@100_lo"} <= set(metrics.columns)
-    assert (metrics["mrr_lo"] <= metrics["mrr"]).all() and (metrics["mrr"] <= metrics["mrr_hi"]).all()
+    assert metrics.columns[-5:] == ["recall@1", "recall@1_lo", "recall@1_hi", "n_sampled", "n_unscoreable"]
+    # the two articles with broken images were dropped before sampling: every sampled query is scored
+    assert (metrics["n_sampled"] == metrics["n"]).all() and (metrics["n_unscoreable"] == 0).all()
     assert metrics["source"].to_list() == ["all", "RSS", "RT", "TW"] * 2
     assert metrics["direction"].to_list() == ["text_to_image"] * 4 + ["image_to_text"] * 4
     result = json.loads((out / "results" / "demo-tiny.json").read_text())  # CLIP_benchmark style, per backbone
@@ -84,12 +87,13 @@ def test_every_row_accounted_for(demo_run):
         prepare_rejects["id"].str.starts_with("art-"))])
     assert len(images) == len(candidates) + len(prepare_rejects.filter(pl.col("id").str.starts_with("img-")))
 
-    # every candidate image is embedded or rejected by the encoder with its reason
-    embedded = pl.read_parquet(out / "embeddings" / "demo-tiny" / "images")["image_id"]
-    encode_rejects = rejects.filter(pl.col("stage") == "encode:demo-tiny")
-    assert sorted(candidates.filter("candidate")["image_id"]) == sorted([*embedded, *encode_rejects["id"]])
-    reasons = dict(zip(encode_rejects["id"], encode_rejects["reason"]))
+    # broken images are found by prepare, before sampling: neither they nor their articles reach the evaluation
+    reasons = dict(zip(prepare_rejects["id"], prepare_rejects["reason"]))
     assert reasons["img-truncated"].startswith("corrupt image") and reasons["img-html"].startswith("not a decodable")
+    assert {"art-truncated", "art-html"} <= set(reasons)
+    # every candidate image is embedded
+    embedded = pl.read_parquet(out / "embeddings" / "demo-tiny" / "images")["image_id"]
+    assert sorted(candidates.filter("candidate")["image_id"]) == sorted(embedded)
 
     # the TSV: one line per query, the article id then k image ids
     lines = (out / "rankings" / "demo-tiny.tsv").read_text().splitlines()
@@ -108,9 +112,9 @@ def test_retrieval_far_above_chance(demo_run):
     assert (english["mrr"] > 0.3).all() and (english["mrr"] > 20 * chance).all()
     german = metrics.filter((pl.col("source") == "RT") & (pl.col("direction") == "text_to_image"))["mrr"][0]
     assert german > 0.8 * metrics.filter(pl.col("source") == "TW")["mrr"][0]  # translated, RT matches English
-    # the two articles with broken images are scored (as misses), not dropped
+    # the two articles with broken images were rejected before sampling: they are not queries, not misses
     ranked = pl.read_parquet(out / "rankings" / "demo-tiny.parquet")
-    assert {"art-truncated", "art-html"} <= set(ranked["article_id"])
+    assert not {"art-truncated", "art-html"} & set(ranked["article_id"])
 
 
 def test_embeddings_equal_a_direct_model_call(demo_run):
@@ -197,7 +201,7 @@ def _organisers_scores(tsv: str, truth: dict[str, str], k: int) -> dict[str, flo
     ranked = {line[0]: line[1:] for line in lines}
     ranks = [ranked[a].index(i) + 1 if i in ranked.get(a, []) else None for a, i in truth.items()]
     scores = {"mrr": sum(1 / r for r in ranks if r) / len(truth)}
-    scores.update({f"recall@{c}": sum(1 for r in ranks if r and r <= c) / len(truth) for c in RECALL_KS})
+    scores.update({f"recall@{c}": sum(1 for r in ranks if r and r <= c) / len(truth) for c in recall_cutoffs(k)})
     return scores
 
 

@@ -203,7 +203,7 @@ def test_shard_sizes_and_rerun_replaces_shards(tmp_path):
     assert not list((out / ".staging").glob("*"))
 
 
-def test_output_feeds_the_prepare_stage(tmp_path, release_2021):
+def test_output_feeds_the_prepare_stage(tmp_path, release_2021, ray_local):
     """What ingest writes is what a job reads: prepare accepts it and accounts for every article."""
     from newsclip import config
     from newsclip.prepare import run as prepare

@@ -117,7 +117,8 @@ def test_html_table_equals_metrics_csv_with_intervals(real_run, page):
     assert [r[0] for r in rows] == LABELS  # the checkpoint by its file name, also inside the fusion's name
     for row, expected in zip(rows, overall.iter_rows(named=True)):
         assert row[1] == str(expected["n"])
-        for cell, key in zip(row[2:], ["mrr", "recall@5", "recall@10", "recall@20", "recall@50", "recall@100"]):
+        for cell, key in zip(row[2:], ["mrr", "recall@1", "recall@5", "recall@10", "recall@20", "recall@50",
+                                       "recall@100"], strict=True):
             assert cell == f"{expected[key]:.3f} [{expected[f'{key}_lo']:.3f}, {expected[f'{key}_hi']:.3f}]", key
     # the full path is on the page, once, beside its short name
     assert re.sub(r"<[^>]+>", "", page[0]).count(f"Checkpoint files: random-rn.pt: {names[1]}.") == 1
@@ -216,7 +217,7 @@ def test_plots_inline_and_page_self_contained(real_run, page):
     assert sum(1 for tag, _ in tables.tags if tag == "polyline") == 3  # a curve each; no paper curve for these
     assert "(paper)" not in document and "dashed)" not in document.split("<h2>Examples")[0]  # nor paper rows
     circles = sum(1 for tag, _ in tables.tags if tag == "circle")
-    assert circles == 3 * 5 + 3  # a point per backbone and K, then a point per backbone in the cost plot
+    assert circles == 3 * 6 + 3  # a point per backbone and K (1 to 100), then a point per backbone in the cost plot
     svgs = re.findall(r"<svg.*?</svg>", document, flags=re.S)
     for label in LABELS:  # each plot names every backbone (legend or point label)
         assert all(f">{label}</text>" in svg for svg in svgs), label
