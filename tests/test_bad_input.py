@@ -166,6 +166,14 @@ def test_articles_with_a_truncated_image_are_never_queries(bad_run):
         assert reasons[("article", article_id)].startswith(f"image {image_id} cannot be decoded: corrupt image")
     candidates = set(_rows(out / "prepared" / "candidates.parquet", "image_id"))
     assert not candidates & set(image_of.values())  # never ranked, never rejected a second time by encode
+    # every sampled article is scored, none as an unfindable miss; the one left out is the Thai article that
+    # translate skipped after sampling, and the report says so
+    metrics = pl.read_csv(out / "metrics.csv").filter(pl.col("source") == "all")
+    assert (metrics["n_unscoreable"] == 0).all()
+    t2i = metrics.filter(pl.col("direction") == "text_to_image")
+    assert t2i["n_sampled"][0] - t2i["n"][0] == 1
+    assert ("text to image: 1 of the " f"{t2i['n_sampled'][0]} sampled queries were left out after sampling") in \
+        (out / "report.md").read_text()
 
 
 def test_rejects_command_summarises_and_lists(bad_run, capsys):

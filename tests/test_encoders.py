@@ -293,3 +293,25 @@ def test_decode_tasks_stay_out_of_the_model_actors(ray_local, checkpoint, tmp_pa
     optimized = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
     assert "TaskPoolMapOperator[MapBatches(read_and_decode_images)]" in optimized
     assert "ActorPoolMapOperator[MapBatches(ImageEncoder)]" in optimized
+
+
+def test_a_sample_pool_holds_only_the_images_of_the_queries_that_reach_evaluation(tmp_path):
+    import pyarrow.parquet as pq
+
+    from newsclip import config
+    from newsclip.encode import IMAGES, wanted_rows
+
+    def write(table: pa.Table, path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, path)
+
+    candidates = pa.table({"image_id": ["i1", "i2", "i3"], "image_hash": ["h1", "h2", "h3"],
+                           "file": ["f"] * 3, "candidate": [True, True, False]})
+    write(candidates, tmp_path / "prepared" / "candidates.parquet")
+    # a1 (image i2) was sampled but translate left it out: only a0's image is ranked in sample mode
+    write(pa.table({"article_id": ["a0"], "image_id": ["i1"], "query_text": ["t"]}),
+          tmp_path / "translated" / "part-00000.parquet")
+    sample = config.load(None, [f"output_dir={tmp_path}"])
+    assert wanted_rows(sample, IMAGES).column("image_id").to_pylist() == ["i1"]
+    every = config.load(None, [f"output_dir={tmp_path}", "eval.candidates=all"])
+    assert wanted_rows(every, IMAGES).column("image_id").to_pylist() == ["i1", "i2"]
