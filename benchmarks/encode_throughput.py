@@ -93,8 +93,8 @@ def sync(device: str) -> None:
 
 def load_model(checkpoint: str, device: str):
     """The model as the stage's actors run it: clip's mixed fp16 on a GPU, fp32 on a CPU."""
-    from newsclip.backbones import load_backbone
-    from newsclip.encoders import apply_precision
+    from newsclip.retrieval.backbones import load_backbone
+    from newsclip.workers.encoders import apply_precision
 
     model, preprocess = load_backbone(checkpoint, "cpu")
     return apply_precision(model, "fp16" if device == "cuda" else "fp32", device), preprocess
@@ -113,7 +113,7 @@ class _Photos:
         return len(self.images)
 
     def __getitem__(self, i: int):
-        from newsclip.images import decode_image
+        from newsclip.workers.images import decode_image
 
         return self.preprocess(decode_image(self.images[i]))
 
@@ -139,7 +139,7 @@ def plain_loop(files: list[Path], checkpoint: str, batch: int) -> dict:
     import pyarrow.parquet as pq
     import torch
 
-    from newsclip.images import ImageDecodeError, decode_image
+    from newsclip.workers.images import ImageDecodeError, decode_image
 
     model, preprocess = load_model(checkpoint, "cpu")
     started, done = time.perf_counter(), 0
@@ -183,8 +183,8 @@ def model_only(checkpoint: str, batch: int, device: str, images: int, text_batch
 
 
 def newsclip_stage(cfg, enc, checkpoint: str, side, todo, store_root: Path) -> dict:
-    from newsclip.embedding_store import EmbeddingStore
-    from newsclip.encode import encode_new
+    from newsclip.runtime.embedding_store import EmbeddingStore
+    from newsclip.stages.encode import encode_new
 
     store = EmbeddingStore(store_root, "bench", "random", enc.precision, side.name)
     started = time.perf_counter()
@@ -222,9 +222,9 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from newsclip import config
-    from newsclip.embedding_store import hash_array
-    from newsclip.encode import IMAGES, TEXTS
-    from newsclip.pipeline import ensure_ray
+    from newsclip.runtime.embedding_store import hash_array
+    from newsclip.runtime.ray_setup import ensure_ray
+    from newsclip.stages.encode import IMAGES, TEXTS
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     width, height = map(int, args.photo_size.lower().split("x"))

@@ -39,7 +39,7 @@ def correctness(device: str) -> dict:
     from random_clip import random_checkpoint
 
     from newsclip.config import EncodeConfig
-    from newsclip.encoders import ImageEncoder, TextEncoder, decode_images, tokenize_texts
+    from newsclip.workers.encoders import ImageEncoder, TextEncoder, decode_images, tokenize_texts
 
     out: dict = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -57,7 +57,7 @@ class PeakSampler:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        from newsclip.knn import process_memory
+        from newsclip.retrieval.search import process_memory
 
         while not self._stop.is_set():
             mem = process_memory()
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
     import psutil
     import ray  # also puts ray's vendored psutil on sys.path (psutil is not installed on its own)
 
-    from newsclip.knn import KnnConfig, search
+    from newsclip.retrieval.search import KnnConfig, search
 
     ncpu = os.cpu_count() or 1
     avail = psutil.virtual_memory().available

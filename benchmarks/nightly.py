@@ -27,7 +27,7 @@ JOB = Path(__file__).resolve().parents[1] / "jobs" / "nightly.yaml"
 
 def _run(data: Path, output: Path) -> tuple[float, dict]:
     from newsclip import config
-    from newsclip.pipeline import run_stages
+    from newsclip.runtime.runner import run_stages
 
     # a translation cache per output folder: the full run must not find the nightly run's translations
     cfg = config.load(JOB, [f"input.articles={data / 'articles'}", f"input.images={data / 'images'}",
@@ -54,7 +54,7 @@ def main() -> None:
     from newsclip.cli import _ensure_demo_translator
     from newsclip.demo.data import append_demo_data, write_demo_data
     from newsclip.demo.model import ensure_demo_model
-    from newsclip.translate.stage import TranslateConfig
+    from newsclip.translate.translator import TranslateConfig
 
     ensure_demo_model()
     _ensure_demo_translator(Path(TranslateConfig().resolved().packages_dir))

@@ -44,7 +44,7 @@ def pixels(datas: list[bytes], option: str, resolution: int):
     import numpy as np
     import pyarrow as pa
 
-    from newsclip.encoders import decode_images, decode_jpegs
+    from newsclip.workers.encoders import decode_images, decode_jpegs
 
     if option == "actor_decode":
         return np.stack([t.numpy() for t in decode_jpegs(datas, resolution, "cpu")])
@@ -69,7 +69,7 @@ def main() -> None:
     from newsclip.cli import main as newsclip
     from newsclip.demo.data import write_demo_data
     from newsclip.demo.model import ensure_demo_model
-    from newsclip.store import read_embeddings
+    from newsclip.runtime.store import read_embeddings
 
     ensure_demo_model()
     result: dict = {"articles": args.articles, "image_size": args.image_size, "options": {}}

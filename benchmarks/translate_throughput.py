@@ -49,7 +49,7 @@ def main() -> None:
 
     from newsclip.translate.demo_translator import build_demo_translator
     from newsclip.translate.packages import import_argos, install_packages
-    from newsclip.translate.stage import TranslateConfig, Translator
+    from newsclip.translate.translator import TranslateConfig, Translator
 
     work = Path(tempfile.mkdtemp(prefix="newsclip-translate-bench-"))
     packages_dir = work / "packages"

@@ -41,7 +41,7 @@ def parse_pairs(pairs: list[str]) -> list[tuple[str, str]]:
 
 
 def fetch_clip(names: list[str], root: Path | None) -> list[Path]:
-    from newsclip.backbones import prefetch, resolve_weights
+    from newsclip.retrieval.backbones import prefetch, resolve_weights
 
     paths = []
     for name in names:
@@ -70,7 +70,7 @@ def fetch_argos(pairs: list[tuple[str, str]], packages_dir: Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from newsclip.backbones import BACKBONES, cache_dir, default_clip_root
+    from newsclip.retrieval.backbones import BACKBONES, cache_dir, default_clip_root
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--clip", nargs="*", default=[], metavar="NAME", help="OpenAI CLIP backbones to fetch")

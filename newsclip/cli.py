@@ -8,7 +8,9 @@ import sys
 import warnings
 from pathlib import Path
 
-from newsclip.pipeline import STAGE_NAMES, WORKER_ENV, log
+from newsclip.runtime.console import log
+from newsclip.runtime.ray_setup import WORKER_ENV
+from newsclip.runtime.runner import STAGE_NAMES
 
 for _key, _value in WORKER_ENV.items():  # before torch is imported anywhere in this process (and its workers)
     os.environ.setdefault(_key, _value)
@@ -107,7 +109,7 @@ def _demo(args: argparse.Namespace) -> None:
     from newsclip import config
     from newsclip.demo.data import write_demo_data
     from newsclip.demo.model import ensure_demo_model
-    from newsclip.pipeline import run_stages
+    from newsclip.runtime.runner import run_stages
 
     data = args.output / "data"
     if not (data / "articles").exists():
@@ -123,7 +125,7 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def _backbones(args: argparse.Namespace) -> None:
-    from newsclip.backbones import BACKBONES, resolve_weights
+    from newsclip.retrieval.backbones import BACKBONES, resolve_weights
 
     print(f"{'backbone':16} {'family':7} {'input':>5} {'embed':>5}  weights")
     for name, spec in BACKBONES.items():
@@ -136,7 +138,7 @@ def _backbones(args: argparse.Namespace) -> None:
 
 def _run_job(args: argparse.Namespace, stages: tuple[str, ...]) -> None:
     from newsclip import config
-    from newsclip.pipeline import run_stages
+    from newsclip.runtime.runner import run_stages
 
     cfg = config.load(args.job, args.overrides)
     # a stage named on its own always runs; `run` skips what is up to date unless --force
@@ -149,7 +151,7 @@ def _rejects(args: argparse.Namespace) -> None:
     import polars as pl
 
     from newsclip import config
-    from newsclip.rejects import read_rejects, rejects_summary
+    from newsclip.runtime.rejects import read_rejects, rejects_summary
 
     out = config.load(args.job, args.overrides).output
     if args.csv:
@@ -164,7 +166,7 @@ def _rejects(args: argparse.Namespace) -> None:
 
 def _ensure_demo_translator(packages_dir: Path, seed: int = 0) -> Path:
     """Build (once, cached) and install the demo de->en package unless a de->en package is installed."""
-    from newsclip.backbones import cache_dir
+    from newsclip.retrieval.backbones import cache_dir
     from newsclip.translate import build_demo_translator, install_packages, installed_pairs
 
     if ("de", "en") not in installed_pairs(packages_dir):
@@ -179,7 +181,7 @@ def _translate(args: argparse.Namespace) -> None:
         return _run_job(args, ("translate",))
     from newsclip.translate import install_packages
     from newsclip.translate.packages import installed_packages
-    from newsclip.translate.stage import TranslateConfig
+    from newsclip.translate.translator import TranslateConfig
 
     packages_dir = args.packages_dir or Path(TranslateConfig().resolved().packages_dir)
     if args.translate_command == "install":
@@ -193,7 +195,7 @@ def _translate(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from newsclip.config import ConfigError
-    from newsclip.pipeline import RunLockedError
+    from newsclip.runtime.runner import RunLockedError
     from newsclip.translate.packages import MissingLanguagePackageError
 
     try:
@@ -217,18 +219,18 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "rejects":
             _rejects(args)
         elif args.command == "demo-translator":
-            from newsclip.translate.stage import TranslateConfig
+            from newsclip.translate.translator import TranslateConfig
 
             packages_dir = _ensure_demo_translator(Path(TranslateConfig().resolved().packages_dir), args.seed)
             print(f"de->en installed in {packages_dir}")
             if args.evaluate:
-                from newsclip.backbones import cache_dir
+                from newsclip.retrieval.backbones import cache_dir
                 from newsclip.translate.demo_translator import PACKAGE_FILENAME, evaluate_package
 
                 print(evaluate_package(cache_dir() / f"demo-translator-{args.seed}" / PACKAGE_FILENAME))
         elif args.command == "demo-model":
-            from newsclip.backbones import cache_dir
             from newsclip.demo.model import evaluate_demo_model, train_demo_model
+            from newsclip.retrieval.backbones import cache_dir
 
             path = cache_dir() / "demo-tiny.pt"
             if args.force or not path.exists():

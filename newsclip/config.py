@@ -12,8 +12,9 @@ from typing import Any, Literal
 
 import yaml
 
-from newsclip.knn import KnnConfig
-from newsclip.translate.stage import TranslateConfig
+from newsclip.names import parse_fusion_name
+from newsclip.retrieval.search import KnnConfig
+from newsclip.translate.translator import TranslateConfig
 
 
 class ConfigError(ValueError):
@@ -123,7 +124,7 @@ class EncodeConfig:
         On GPUs: device cuda, a batch of about GPU_BATCH_GFLOPS of work (a power of two, 32 to 1024), fp16, and a
         GPU share by cost (under 15 GFLOPs an image: a quarter, under 50: a half), so that light backbones running
         side by side share a GPU. On CPUs: device cpu, batches of 64, fp32, no GPU."""
-        from newsclip.backbones import BACKBONES
+        from newsclip.retrieval.backbones import BACKBONES
 
         spec = BACKBONES.get(name)
         gflops = spec.image_gflops if spec else 50.0  # a checkpoint path: assume a mid-sized model
@@ -241,7 +242,8 @@ def build(cls: type, raw: Any, prefix: str = "") -> Any:
     unknown = sorted(set(raw) - names)
     if unknown:
         key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
-        raise ConfigError(f"{key}: unknown key; known keys{' of ' + prefix if prefix else ''}: {', '.join(sorted(names))}")
+        known = f"known keys{' of ' + prefix if prefix else ''}"
+        raise ConfigError(f"{key}: unknown key; {known}: {', '.join(sorted(names))}")
     values = {f.name: _check_value(f"{prefix}.{f.name}" if prefix else f.name, hints[f.name], raw[f.name])
               for f in dataclasses.fields(cls) if f.name in raw}  # in declaration order: eval before knn
     try:
@@ -253,8 +255,6 @@ def build(cls: type, raw: Any, prefix: str = "") -> Any:
 
 
 def _validate(cfg: JobConfig) -> None:
-    from newsclip.fusion import parse_fusion_name  # fusion's polars stays out of the encode workers' imports
-
     checks = [
         (len(cfg.backbones) > 0, "backbones", "expected a non-empty list of backbone names"),
         (len(cfg.eval.directions) > 0, "eval.directions", "expected text_to_image, image_to_text or both"),

@@ -25,7 +25,7 @@ import polars as pl
 import pyarrow as pa
 
 from newsclip.config import ConfigError, build, read_yaml
-from newsclip.store import staged_dir, write_table, write_text
+from newsclip.runtime.store import staged_dir, write_table, write_text
 
 # The input contract (DESIGN.md); tests keep these equal to the demo data's schemas.
 ARTICLE_SCHEMA = pa.schema([

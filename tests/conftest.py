@@ -31,7 +31,7 @@ def ray_local():
     import ray
 
     from newsclip.config import RayConfig
-    from newsclip.pipeline import ensure_ray
+    from newsclip.runtime.ray_setup import ensure_ray
 
     started = not ray.is_initialized()
     ensure_ray(RayConfig(num_cpus=2))
@@ -43,8 +43,8 @@ def ray_local():
 @pytest.fixture(scope="session")
 def demo_tiny() -> Path:
     """The test variant of demo-tiny (TEST_STEPS of training), where `load_backbone("demo-tiny")` finds it."""
-    from newsclip.backbones import cache_dir
     from newsclip.demo.model import TEST_STEPS, train_demo_model
+    from newsclip.retrieval.backbones import cache_dir
 
     path = cache_dir() / "demo-tiny.pt"
     if not path.exists():
@@ -70,7 +70,7 @@ def demo_package(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def packages_dir(demo_package) -> Path:
     """The demo package installed where jobs look by default ($NEWSCLIP_CACHE/argos-packages)."""
-    from newsclip.backbones import cache_dir
+    from newsclip.retrieval.backbones import cache_dir
     from newsclip.translate.packages import install_packages
 
     target = cache_dir() / "argos-packages"

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from newsclip import backbones
-from newsclip.backbones import BACKBONES, checkpoint_id, load_backbone, slug
+from newsclip.names import slug
+from newsclip.retrieval import backbones
+from newsclip.retrieval.backbones import BACKBONES, checkpoint_id, load_backbone
 
 clip = pytest.importorskip("clip")
 from clip.model import CLIP  # noqa: E402

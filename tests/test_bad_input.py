@@ -116,7 +116,7 @@ def _rows(folder: Path, column: str) -> list[str]:
 
 
 def _rejects(out: Path) -> pl.DataFrame:
-    from newsclip.rejects import read_rejects
+    from newsclip.runtime.rejects import read_rejects
 
     return read_rejects(out)
 

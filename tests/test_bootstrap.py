@@ -6,7 +6,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from newsclip.bootstrap import (
+from newsclip.retrieval.bootstrap import (
     _source_seed,
     bootstrap_ci,
     ci_columns,
@@ -16,8 +16,8 @@ from newsclip.bootstrap import (
     paired_rows,
     resampled_means,
 )
-from newsclip.evaluate import query_ranks, score_rankings
-from newsclip.metrics import metric_names, per_query, scores
+from newsclip.retrieval.metrics import metric_names, per_query, scores
+from newsclip.stages.evaluate import query_ranks, score_rankings
 
 
 def synthetic_ranks(n: int, p_hit: float, seed: int) -> np.ndarray:

@@ -18,7 +18,7 @@ import yaml
 
 from newsclip.cli import main
 from newsclip.demo.data import write_demo_data
-from newsclip.store import read_embeddings
+from newsclip.runtime.store import read_embeddings
 
 ARTICLES = 500
 SIDES = {"texts": "article_id", "images": "image_id"}

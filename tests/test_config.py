@@ -85,7 +85,8 @@ def test_encode_settings_per_backbone_follow_cost_on_gpus_and_stay_small_on_cpus
 
 @pytest.mark.parametrize("override, message", [
     ("encode.per_backbone={RN50: {batch_size: 4}}", "encode.per_backbone: names ['RN50'], which are not in backbones"),
-    ("encode.per_backbone={demo-tiny: {batch_size: 0}}", "encode.per_backbone.demo-tiny.batch_size: must be at least 1"),
+    ("encode.per_backbone={demo-tiny: {batch_size: 0}}",
+     "encode.per_backbone.demo-tiny.batch_size: must be at least 1"),
     ("encode.per_backbone={demo-tiny: {gpus: 1}}", "encode.per_backbone.demo-tiny.gpus: unknown key"),
     ("encode.per_backbone=[demo-tiny]", "encode.per_backbone: expected a mapping"),
 ])

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from newsclip.backbones import BACKBONES, load_backbone
 from newsclip.demo import model as dm
+from newsclip.retrieval.backbones import BACKBONES, load_backbone
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ from PIL import Image
 
 from newsclip.cli import main
 from newsclip.demo.data import write_demo_data
-from newsclip.metrics import recall_cutoffs
+from newsclip.retrieval.metrics import recall_cutoffs
 
 ARTICLES = 400
 JOB = str(Path(__file__).resolve().parents[1] / "jobs" / "demo.yaml")
@@ -121,8 +121,8 @@ def test_embeddings_equal_a_direct_model_call(demo_run):
     import clip
     import torch
 
-    from newsclip.backbones import load_backbone
-    from newsclip.images import decode_image
+    from newsclip.retrieval.backbones import load_backbone
+    from newsclip.workers.images import decode_image
 
     out, data = demo_run
     model, preprocess = load_backbone("demo-tiny", "cpu")
@@ -222,8 +222,9 @@ def test_submission_tsv_scores_as_the_organisers_evaluator_would(demo_run):
 def test_short_ranking_lines_are_never_padded_with_none_and_are_reported(demo_run, tmp_path):
     import shutil
 
-    from newsclip import config, report
-    from newsclip.rank import short_lines, tsv_lines
+    from newsclip import config
+    from newsclip.stages import report
+    from newsclip.stages.knn import short_lines, tsv_lines
 
     assert tsv_lines(["a", "b"], [["x", None, None], ["y", "z", "w"]]) == "a\tx\nb\ty\tz\tw\n"
     assert short_lines(np.array([2, 1]), k=2, pool=5, what="t") == {

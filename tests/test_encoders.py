@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 
 from newsclip.config import EncodeConfig
-from newsclip.encode import store_label
-from newsclip.encoders import (
+from newsclip.stages.encode import store_label
+from newsclip.workers.encoders import (
     ImageEncoder,
     TextEncoder,
     apply_precision,
@@ -23,7 +23,7 @@ from newsclip.encoders import (
     measured_precision,
     tokenize_texts,
 )
-from newsclip.images import ImageDecodeError, decode_image
+from newsclip.workers.images import ImageDecodeError, decode_image
 
 clip = pytest.importorskip("clip")
 from test_backbones import tiny_clip  # noqa: E402
@@ -101,7 +101,7 @@ def _embeddings(table: pa.Table) -> np.ndarray:
 
 
 def test_split_images_equal_todays_path_bit_for_bit(checkpoint):
-    from newsclip.backbones import load_backbone
+    from newsclip.retrieval.backbones import load_backbone
 
     model, preprocess = load_backbone(checkpoint)
     datas = list(_images().values())
@@ -120,13 +120,13 @@ def test_split_images_equal_todays_path_bit_for_bit(checkpoint):
 
 
 def _hash(data: bytes) -> str:
-    from newsclip.embedding_store import content_hash
+    from newsclip.runtime.embedding_store import content_hash
 
     return content_hash(data)
 
 
 def test_split_texts_equal_a_direct_call_bit_for_bit(checkpoint):
-    from newsclip.backbones import input_sizes, load_backbone
+    from newsclip.retrieval.backbones import input_sizes, load_backbone
 
     model, _ = load_backbone(checkpoint)
     texts = [f"A {c} {s} in the top left, seen from afar on a long day of news" for c in ("red", "blue", "green")
@@ -145,7 +145,7 @@ def test_split_texts_equal_a_direct_call_bit_for_bit(checkpoint):
 
 
 def test_input_sizes_of_a_checkpoint_are_what_the_model_builds_to(checkpoint):
-    from newsclip.backbones import input_sizes, load_backbone
+    from newsclip.retrieval.backbones import input_sizes, load_backbone
 
     model, _ = load_backbone(checkpoint)
     assert input_sizes(checkpoint) == (model.visual.input_resolution, model.context_length)
@@ -188,7 +188,7 @@ def test_the_actor_runs_in_the_precision_it_reports(checkpoint, precision):
 
 
 def test_an_actor_that_would_run_in_another_precision_fails(checkpoint, monkeypatch):
-    import newsclip.encoders as encoders
+    import newsclip.workers.encoders as encoders
 
     monkeypatch.setattr(encoders, "apply_precision", lambda model, precision, device: model.float())
     with pytest.raises(RuntimeError, match="asked for fp16 on cpu, the model runs in fp32 on cpu"):
@@ -211,7 +211,7 @@ def test_an_actor_asked_for_a_gpu_without_one_fails_clearly(checkpoint):
 
 def test_actor_side_jpeg_decoding_runs_on_cpu_too(checkpoint):
     """`decode: gpu` with the actor on a CPU: the same code as nvjpeg's path, through torchvision's CPU decoder."""
-    from newsclip.backbones import load_backbone
+    from newsclip.retrieval.backbones import load_backbone
 
     model, preprocess = load_backbone(checkpoint)
     images = _images()
@@ -243,7 +243,7 @@ def test_draft_decoding_moves_pixels_little():
 
 
 def test_encode_workers_import_neither_polars_nor_faiss():
-    code = ("import sys, newsclip.encode, newsclip.encoders; "
+    code = ("import sys, newsclip.stages.encode, newsclip.workers.encoders; "
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'polars', 'faiss'}))")
     out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
@@ -284,7 +284,7 @@ def test_decode_tasks_stay_out_of_the_model_actors(ray_local, checkpoint, tmp_pa
     import pyarrow.parquet as pq
 
     from newsclip import config
-    from newsclip.encode import IMAGES, model_rows
+    from newsclip.stages.encode import IMAGES, model_rows
 
     pq.write_table(pa.table({"image_id": ["a", "b"], "image": list(_images().values())[:2]}), tmp_path / "s.parquet")
     cfg = config.load(None, [f"backbones=[{checkpoint}]", f"encode.num_cpus_per_actor={cpus_per_actor}"])
@@ -299,7 +299,7 @@ def test_a_sample_pool_holds_only_the_images_of_the_queries_that_reach_evaluatio
     import pyarrow.parquet as pq
 
     from newsclip import config
-    from newsclip.encode import IMAGES, wanted_rows
+    from newsclip.stages.encode import IMAGES, wanted_rows
 
     def write(table: pa.Table, path):
         path.parent.mkdir(parents=True, exist_ok=True)

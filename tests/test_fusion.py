@@ -7,20 +7,10 @@ import numpy as np
 import polars as pl
 import pytest
 
-from newsclip.backbones import slug
-from newsclip.fusion import (
-    Embeddings,
-    exact_scores,
-    fuse,
-    fuse_stage,
-    fusion_name,
-    fusion_slug,
-    is_fusion,
-    parse_fusion_name,
-    rrf,
-    zmean,
-)
-from newsclip.store import embedding_table, write_table
+from newsclip.names import fusion_name, fusion_slug, is_fusion, parse_fusion_name, slug
+from newsclip.retrieval.fusion import Embeddings, exact_scores, fuse, rrf, zmean
+from newsclip.runtime.store import embedding_table, write_table
+from newsclip.stages.knn import fuse_stage
 
 
 def table(rows: dict[str, tuple[list[str], list[float]]]) -> pl.DataFrame:

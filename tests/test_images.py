@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from newsclip.images import ImageDecodeError, decode_image
+from newsclip.workers.images import ImageDecodeError, decode_image
 
 
 def _bytes(image: Image.Image, fmt: str, **kw) -> bytes:

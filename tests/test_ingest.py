@@ -206,7 +206,7 @@ def test_shard_sizes_and_rerun_replaces_shards(tmp_path):
 def test_output_feeds_the_prepare_stage(tmp_path, release_2021, ray_local):
     """What ingest writes is what a job reads: prepare accepts it and accounts for every article."""
     from newsclip import config
-    from newsclip.prepare import run as prepare
+    from newsclip.stages.prepare import run as prepare
 
     run(tmp_path, {"layout": "newsimages2021", "quote_char": None,
                    "parts": [{"name": "GER", "file": str(release_2021 / "content.tsv"),

@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from newsclip.knn import KnnConfig, merge_topk, search
+from newsclip.retrieval.search import KnnConfig, merge_topk, search
 
 D = 32
 

@@ -14,7 +14,7 @@ import pytest
 
 from newsclip.cli import main
 from newsclip.demo.data import append_demo_data, write_demo_data
-from newsclip.embedding_store import hash_array
+from newsclip.runtime.embedding_store import hash_array
 
 NIGHTLY = Path(__file__).resolve().parents[1] / "jobs" / "nightly.yaml"
 ARTICLES, NEW, CHANGED = 400, 20, 4  # 5% new, 1% changed

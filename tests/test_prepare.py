@@ -11,9 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from newsclip import config, prepare
-from newsclip.image_check import check_images
-from newsclip.images import ImageDecodeError, decode_image
+from newsclip import config
+from newsclip.stages import prepare
+from newsclip.workers.image_check import check_images
+from newsclip.workers.images import ImageDecodeError, decode_image
 
 
 def _jpeg(seed: int, size: tuple[int, int] = (48, 32)) -> bytes:
@@ -216,7 +217,7 @@ def test_check_worker_imports_neither_polars_nor_faiss():
     import subprocess
     import sys
 
-    code = ("import sys, newsclip.image_check; "
+    code = ("import sys, newsclip.workers.image_check; "
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'polars', 'faiss'}))")
     out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -12,13 +12,13 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from newsclip.backbones import slug
-from newsclip.bootstrap import ci_rows, paired_rows
-from newsclip.evaluate import query_ranks
-from newsclip.fusion import fuse_stage, fusion_name
-from newsclip.metrics import scores
-from newsclip.report_html import checkpoints_note, display_names, render_html, write_html
-from newsclip.store import write_table, write_text
+from newsclip.names import fusion_name, slug
+from newsclip.report.html import checkpoints_note, display_names, render_html, write_html
+from newsclip.retrieval.bootstrap import ci_rows, paired_rows
+from newsclip.retrieval.metrics import scores
+from newsclip.runtime.store import write_table, write_text
+from newsclip.stages.evaluate import query_ranks
+from newsclip.stages.knn import fuse_stage
 
 HOSTILE_TITLE = "<script>alert('x')</script> Flood & storm \"warning\""
 K = 10
@@ -220,7 +220,7 @@ def test_display_names_shorten_checkpoint_paths(tmp_path):
 
 
 def test_notes_say_what_qualifies_the_numbers(rendered):
-    from newsclip.report_html import evaluation_notes
+    from newsclip.report.html import evaluation_notes
 
     _, _, document, _ = rendered
     assert "conditional on the gallery" in document and "Holm" in document

@@ -14,12 +14,12 @@ import polars as pl
 import pytest
 import torch
 from PIL import Image
+from test_backbones import tiny_clip
 
 from newsclip.cli import main
 from newsclip.demo.data import write_demo_data
-from newsclip.fusion import fusion_name
-from newsclip.report_html import PALETTE
-from test_backbones import tiny_clip
+from newsclip.names import fusion_name
+from newsclip.report.html import PALETTE
 
 REPO = Path(__file__).resolve().parents[1]
 JOB = str(REPO / "jobs" / "demo.yaml")

@@ -16,7 +16,7 @@ from newsclip.translate.packages import (
     require_packages,
 )
 from newsclip.translate.splitter import build_sbd_onnx, split_sentences
-from newsclip.translate.stage import TranslateConfig, TranslationCache, truncate
+from newsclip.translate.translator import TranslateConfig, TranslationCache, truncate
 
 MIXED = {
     "en": "The council met in Berlin on Monday to discuss the new budget for the city's schools.",
@@ -141,7 +141,7 @@ def test_package_metadata_checks(tmp_path):
 
 
 def test_stage_output_helpers_keep_none():
-    from newsclip.translate.stage import _objects
+    from newsclip.translate.translator import _objects
 
     arr = _objects(["a", None])
     assert arr.dtype == object and arr[1] is None and isinstance(np.asarray(arr), np.ndarray)

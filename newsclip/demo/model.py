@@ -316,8 +316,8 @@ def _train_steps(model, optimizer, batches: Iterator[tuple], steps: int, losses:
 
 
 def ensure_demo_model(cache: Path | None = None, **kw) -> Path:
-    """`cache/demo-tiny.pt` (default `newsclip.backbones.cache_dir()`), trained first if it is not there."""
-    from newsclip.backbones import cache_dir
+    """`cache/demo-tiny.pt` (default `newsclip.retrieval.backbones.cache_dir()`), trained first if it is not there."""
+    from newsclip.retrieval.backbones import cache_dir
 
     path = Path(cache or cache_dir()) / "demo-tiny.pt"
     if not path.is_file():
@@ -360,7 +360,7 @@ def evaluate_demo_model(path: Path, n: int = 2000, seed: int = 12345, texts: str
     """Text -> image retrieval of the checkpoint at `path` (loaded like any backbone) on n held-out pairs."""
     import torch
 
-    from newsclip.backbones import load_backbone
+    from newsclip.retrieval.backbones import load_backbone
 
     if texts not in ("article", "caption"):
         raise ValueError(f"texts must be 'article' or 'caption', not {texts!r}")

@@ -96,7 +96,8 @@ class Scene:
             _, singular, plural, gender = SHAPES[self.shape]
             size, colour = SIZES[self.size][1], COLOURS[self.colour][1]
             if self.count:  # strong plural declension: -e
-                return f"Zwei {size}e {colour}e {plural} {POSITIONS[self.position][1]}, {BACKGROUNDS[self.background][1]}."
+                where = f"{POSITIONS[self.position][1]}, {BACKGROUNDS[self.background][1]}"
+                return f"Zwei {size}e {colour}e {plural} {where}."
             article, ending = {"m": ("Ein", "er"), "f": ("Eine", "e"), "n": ("Ein", "es")}[gender]
             return (f"{article} {size}{ending} {colour}{ending} {singular} {POSITIONS[self.position][1]}, "
                     f"{BACKGROUNDS[self.background][1]}.")

@@ -8,7 +8,7 @@ from newsclip.translate.packages import (
     installed_pairs,
     require_packages,
 )
-from newsclip.translate.stage import TranslateConfig, TranslationCache, Translator
+from newsclip.translate.translator import TranslateConfig, TranslationCache, Translator
 
 __all__ = [
     "MissingLanguagePackageError", "TranslateConfig", "TranslationCache", "Translator", "argos_env",

@@ -21,7 +21,8 @@ class MissingLanguagePackageError(RuntimeError):
         self.lang, self.n_articles, self.packages_dir, self.target = lang, n_articles, str(packages_dir), target
         super().__init__(
             f"no Argos Translate package for {lang!r} -> {target!r} in {self.packages_dir}: {n_articles} "
-            f"article(s) in language {lang!r}{' ' + where if where else ''} need it. Install one (a .argosmodel file or a folder of them) with "
+            f"article(s) in language {lang!r}{' ' + where if where else ''} need it. Install one (a .argosmodel "
+            f"file or a folder of them) with "
             f"`{INSTALL_COMMAND}` (e.g. `newsclip translate install translate-{lang}_{target}.argosmodel`), or set "
             f"translate.on_missing_package: skip to leave these articles out (they go to rejects/ with this reason).")
 
@@ -90,7 +91,7 @@ def import_argos(packages_dir: str | Path | None = None, device: str = "cpu", th
 
 
 def _default_packages_dir() -> Path:
-    from newsclip.backbones import cache_dir
+    from newsclip.retrieval.backbones import cache_dir
 
     return cache_dir() / "argos-packages"
 

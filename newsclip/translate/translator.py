@@ -49,7 +49,7 @@ class TranslateConfig:
 
     def resolved(self) -> TranslateConfig:
         """This config with its folders made absolute, so every actor on every node reads the same ones."""
-        from newsclip.backbones import cache_dir
+        from newsclip.retrieval.backbones import cache_dir
 
         packages = Path(self.packages_dir).expanduser() if self.packages_dir else cache_dir() / "argos-packages"
         cache = Path(self.cache_dir).expanduser() if self.cache_dir else cache_dir() / "translations"

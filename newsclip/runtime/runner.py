@@ -3,74 +3,30 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
-import os
 import shutil
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from newsclip import config as config_mod
-from newsclip.config import JobConfig, RayConfig
-from newsclip.embedding_store import content_hash
-from newsclip.store import STAGING, parquet_files, read_manifest, record_completed, record_run, write_text
+from newsclip.config import JobConfig
+from newsclip.runtime.console import log
+from newsclip.runtime.embedding_store import content_hash
+from newsclip.runtime.ray_setup import ensure_ray
+from newsclip.runtime.store import STAGING, parquet_files, read_manifest, record_completed, record_run, write_text
 
 STAGE_NAMES = ("prepare", "translate", "encode", "knn", "evaluate", "report")
 
-# OpenMP's default spin-wait made 2-thread torch erratic on small machines (0.2 s to 5 s a step): see MEASURED.
-# openai-clip 1.0.1 imports pkg_resources, which warns on every import in every worker: noise, not news.
-WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "PYTHONWARNINGS": "ignore:pkg_resources is deprecated:UserWarning"}
-
-
-def log(message: str) -> None:
-    print(f"[newsclip {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def ensure_ray(cfg: RayConfig) -> None:
-    """Connect to the configured cluster (or RAY_ADDRESS), else start a local Ray; reuse a running session."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = cfg.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)  # a submitted job brings its runtime_env with it
-    else:
-        ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, runtime_env={"env_vars": WORKER_ENV})
-
-
-def actor_retries(cfg: RayConfig) -> dict:
-    """Ray remote args for the stages' actor pools: bounded restarts and task retries (see RayConfig)."""
-    return {"max_restarts": cfg.max_actor_restarts, "max_task_retries": cfg.max_task_retries}
-
-
-def dataset_of(table, blocks: int):
-    """A Ray dataset of a driver-side Arrow table in `blocks` slices, so that the actors share the work."""
-    import ray
-
-    step = max(1, -(-len(table) // blocks))
-    return ray.data.from_arrow([table.slice(i, step) for i in range(0, len(table), step)])
-
 
 def _stage(name: str) -> Callable[[JobConfig], object]:
-    # imported per stage: the prepare stage needs no torch, the report stage no Ray
-    if name == "prepare":
-        from newsclip.prepare import run
-    elif name == "translate":
-        from newsclip.translate.job import run
-    elif name == "encode":
-        from newsclip.encode import run
-    elif name == "knn":
-        from newsclip.rank import run
-    elif name == "evaluate":
-        from newsclip.evaluate import run
-    elif name == "report":
-        from newsclip.report import run
-    else:
+    """A stage's `run`: the stage `x` is `newsclip.stages.x`, imported when it runs (prepare needs no torch, the
+    report no Ray)."""
+    if name not in STAGE_NAMES:
         raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGE_NAMES)}")
-    return run
+    return importlib.import_module(f"newsclip.stages.{name}").run
 
 
 class RunLockedError(RuntimeError):
@@ -83,11 +39,11 @@ def _external_inputs(cfg: JobConfig, name: str) -> object:
         shards = parquet_files(cfg.input.articles, "input.articles") + parquet_files(cfg.input.images, "input.images")
         return [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in shards]
     if name == "translate" and cfg.translate.enabled:
-        from newsclip.translate.job import translator_key
+        from newsclip.stages.translate import translator_key
 
         return translator_key(cfg.translate.resolved())
     if name == "encode":  # retrained or replaced weights under the same name
-        from newsclip.backbones import checkpoint_id
+        from newsclip.retrieval.backbones import checkpoint_id
 
         return {b: checkpoint_id(b, cfg.encode.download_root) for b in cfg.backbones}
     return None

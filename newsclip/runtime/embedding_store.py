@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from newsclip.store import write_table
+from newsclip.runtime.store import write_table
 
 HASH_HEX = 32  # 128 bits of sha256: collisions are out of reach for any archive
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -65,27 +64,6 @@ _OPENAI_URLS = {
 }
 
 
-def slug(name: str) -> str:
-    """A filesystem-safe lower-case name: "ViT-L/14@336px" -> "vit-l-14-336px"; a file path -> its stem's slug;
-    a fusion name -> its prefix and its members' slugs ("fusion:demo-tiny+/m/x.pt" -> "fusion-demo-tiny-x")."""
-    from newsclip.fusion import is_fusion, parse_fusion_name  # fusion imports this module at load time
-
-    if is_fusion(name):
-        # slugged member by member: a checkpoint path as the last member would otherwise slug the whole name to
-        # that file's stem, and the fused rankings would overwrite the member's own
-        return "-".join([slug(name.partition(":")[0]), *(slug(m) for m in parse_fusion_name(name)[1])])
-    base = name if name in BACKBONES else Path(name).stem if _looks_like_path(name) else name
-    out = re.sub(r"[^a-z0-9]+", "-", base.lower()).strip("-")
-    if not out:
-        raise ValueError(f"cannot make a slug from backbone name {name!r}")
-    return out
-
-
-def _looks_like_path(name: str) -> bool:
-    # a checkpoint-like suffix or an existing file; other unknown names ("ViT-H/14") are slugged whole
-    return Path(name).suffix.lower() in {".pt", ".pth", ".bin", ".ckpt", ".jit"} or Path(name).expanduser().is_file()
-
-
 def cache_dir() -> Path:
     """Where newsclip keeps its own model files (demo-tiny.pt): `$NEWSCLIP_CACHE` or `~/.cache/newsclip`."""
     env = os.environ.get("NEWSCLIP_CACHE")
@@ -116,7 +94,8 @@ def resolve_weights(name_or_path: str, download_root: str | Path | None = None) 
             raise FileNotFoundError(
                 f"weights for backbone {name_or_path!r} not found: expected the file {path.name!r} in {where} "
                 f"(newsclip never downloads at load time). Fetch it on a machine with network access "
-                f"(python -c \"from newsclip.backbones import prefetch; prefetch({name_or_path!r}, '{where}')\" "
+                f"(python -c \"from newsclip.retrieval.backbones import prefetch; "
+                f"prefetch({name_or_path!r}, '{where}')\" "
                 f"or from {_OPENAI_URLS[name_or_path]}), bake it into the container image, or point "
                 f"download_root at a folder that holds it.")
         return path

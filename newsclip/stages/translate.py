@@ -9,12 +9,15 @@ from pathlib import Path
 
 import polars as pl
 
-from newsclip.embedding_store import content_hash
-from newsclip.pipeline import actor_retries, dataset_of, log
-from newsclip.prepare import join_text
-from newsclip.store import parquet_files, read_manifest, record_stage, staged_dir, write_table
+from newsclip.runtime.console import log
+from newsclip.runtime.embedding_store import content_hash
+from newsclip.runtime.ray_setup import actor_retries, dataset_of
+from newsclip.runtime.store import parquet_files, read_manifest, record_stage, staged_dir, write_table
+from newsclip.stages.prepare import join_text
 from newsclip.translate.packages import installed_packages, require_packages
-from newsclip.translate.stage import NO_PACKAGE, OUTPUT_COLUMNS, Translator
+from newsclip.translate.translator import NO_PACKAGE, OUTPUT_COLUMNS, Translator
+
+__all__ = ["run"]  # the stage; everything else here is its own business
 
 
 def translator_key(t) -> str:

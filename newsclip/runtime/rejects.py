@@ -6,7 +6,7 @@ from pathlib import Path
 
 import polars as pl
 
-from newsclip.store import parquet_files
+from newsclip.runtime.store import parquet_files
 
 COLUMNS = {"id": pl.String, "kind": pl.String, "stage": pl.String, "reason": pl.String}
 

@@ -9,13 +9,15 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from newsclip.backbones import OPENAI_NAMES, slug
-from newsclip.bootstrap import ci_columns, ci_rows, paired_rows
 from newsclip.config import JobConfig
-from newsclip.metrics import metric_names, ranks_of_truth, scores
-from newsclip.rank import DIRECTIONS, rankings_stem
-from newsclip.rejects import read_rejects
-from newsclip.store import parquet_files, record_stage, write_text
+from newsclip.names import DIRECTIONS, knn_entry, rankings_stem, slug
+from newsclip.retrieval.backbones import OPENAI_NAMES
+from newsclip.retrieval.bootstrap import ci_columns, ci_rows, paired_rows
+from newsclip.retrieval.metrics import metric_names, ranks_of_truth, scores
+from newsclip.runtime.rejects import read_rejects
+from newsclip.runtime.store import parquet_files, record_stage, write_text
+
+__all__ = ["run"]  # the stage; everything else here is its own business
 
 
 def _padded(rows: list[list[str] | None], width: int) -> np.ndarray:
@@ -124,7 +126,7 @@ def run(cfg: JobConfig) -> dict:
             rankings = pl.read_parquet(out / "rankings" / f"{rankings_stem(backbone, direction)}.parquet")
             ranks[backbone], sources = query_ranks(queries, rankings, cfg.eval.k, direction, cfg.eval.ties,
                                                    image_hashes)
-            entry = stages.get(f"knn:{slug(backbone)}:{direction}", {})
+            entry = stages.get(knn_entry(backbone, direction), {})
             # an approximate index reports its recall against exact search, so nobody trusts it blindly
             knn.append({"backbone": backbone, "direction": direction, "index": entry.get("index"),
                         "recall_at_k_vs_exact": entry.get("recall_at_k"),

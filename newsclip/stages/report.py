@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 
 from newsclip.config import JobConfig
-from newsclip.metrics import metric_label
-from newsclip.paper import paper_scores
-from newsclip.rejects import rejects_summary
-from newsclip.report_html import INTERVALS, evaluation_notes, metric_keys, paired_note, scope_sentence
-from newsclip.store import record_stage, write_text
+from newsclip.report.html import INTERVALS, evaluation_notes, metric_keys, paired_note, scope_sentence
+from newsclip.retrieval.metrics import metric_label
+from newsclip.retrieval.paper import paper_scores
+from newsclip.runtime.rejects import rejects_summary
+from newsclip.runtime.store import record_stage, write_text
+
+__all__ = ["run"]  # the stage; everything else here is its own business
 
 
 def _row(label: str, n: int | str, values: dict, keys: list[str]) -> str:
@@ -76,7 +78,7 @@ def render(cfg: JobConfig) -> str:
 
 
 def run(cfg: JobConfig) -> dict:
-    from newsclip.report_html import write_html
+    from newsclip.report.html import write_html
 
     path = write_text(cfg.output / "report.md", render(cfg))
     return record_stage(cfg.output, "report", [path, write_html(cfg.output, cfg)])

@@ -23,7 +23,6 @@ as in Cormack, Clarke & Buettcher (SIGIR 2009). Ties in either method break by c
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -31,44 +30,9 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from newsclip.backbones import slug
-
-METHODS = {"fusion": "zmean", "fusion-zmean": "zmean", "fusion-rrf": "rrf"}  # name prefix -> method
-PREFIX = {"zmean": "fusion", "rrf": "fusion-rrf"}
 RRF_K = 60
 # queries re-scored per matrix product: 256 x (their union candidates, <= 256 x members x k) float32 stays <= ~50 MB
 _RESCORE_QUERIES = 256
-
-
-def fusion_name(members: Sequence[str], method: str = "zmean") -> str:
-    """`fusion:RN50x64+ViT-L/14` (z-mean) or `fusion-rrf:RN50x64+ViT-L/14`."""
-    if method not in PREFIX:
-        raise ValueError(f"fusion method must be one of {sorted(PREFIX)}; got {method!r}")
-    if len(members) < 2:
-        raise ValueError(f"a fusion needs two or more backbones; got {list(members)}")
-    return f"{PREFIX[method]}:{'+'.join(members)}"
-
-
-def is_fusion(name: str) -> bool:
-    return name.split(":", 1)[0] in METHODS and ":" in name
-
-
-def parse_fusion_name(name: str) -> tuple[str, list[str]]:
-    """(method, member backbones) of a fusion name; members are separated by `+` (so a member name cannot hold one)."""
-    prefix, _, rest = name.partition(":")
-    if prefix not in METHODS or not rest:
-        raise ValueError(f"{name!r} is not a fusion name: expected e.g. 'fusion:RN50x64+ViT-L/14' or "
-                         f"'fusion-rrf:RN50x64+ViT-L/14'")
-    members = [m.strip() for m in rest.split("+")]
-    if len(members) < 2 or not all(members):
-        raise ValueError(f"{name!r}: a fusion needs two or more backbones separated by '+'")
-    return METHODS[prefix], members
-
-
-def fusion_slug(name: str) -> str:
-    """The file stem of a fused backbone: `backbones.slug` of its name (`fusion-rrf-rn50x64-vit-l-14`)."""
-    parse_fusion_name(name)
-    return slug(name)
 
 
 @dataclass(frozen=True)
@@ -238,43 +202,3 @@ def fuse(rankings: Sequence[pl.DataFrame], method: str = "zmean", k: int = 100, 
     if method == "zmean":
         return zmean(rankings, k, embeddings, query_col, list_col)
     raise ValueError(f"fusion method must be 'zmean' or 'rrf'; got {method!r}")
-
-
-def fuse_stage(cfg, name: str, direction: str = "text_to_image", rescore: bool = True, rrf_k: int = RRF_K) -> dict:
-    """Fuse the members' committed rankings into `rankings/<slug(name)>` (+ `.tsv`) and a `knn:<slug>:<dir>` entry.
-
-    z-mean re-scores from `embeddings/<member>/` when `rescore` and the folders exist, else imputes (see module)."""
-    from newsclip.rank import DIRECTIONS, rankings_stem, short_lines, tsv_lines
-    from newsclip.store import read_embeddings, record_stage, write_table, write_text
-
-    started = time.time()
-    out = cfg.output
-    method, members = parse_fusion_name(name)
-    query_side, query_col, db_side, db_col = DIRECTIONS[direction]
-    list_col = f"{db_col}s"
-    rankings = [pl.read_parquet(out / "rankings" / f"{rankings_stem(m, direction)}.parquet") for m in members]
-    embeddings: list[Embeddings | None] = []
-    for member in members:
-        folder = out / "embeddings" / slug(member)
-        if method == "zmean" and rescore and (folder / query_side).is_dir() and (folder / db_side).is_dir():
-            q_ids, q_vec = read_embeddings(folder / query_side, query_col)
-            c_ids, c_vec = read_embeddings(folder / db_side, db_col)
-            embeddings.append(Embeddings(q_ids, q_vec, c_ids, c_vec))
-        else:
-            embeddings.append(None)
-    fused = fuse(rankings, method, cfg.eval.k, rrf_k=rrf_k, embeddings=embeddings, query_col=query_col,
-                 list_col=list_col)
-    table = fused.to_arrow().cast(pa.schema([(query_col, pa.string()), (list_col, pa.list_(pa.string())),
-                                             ("scores", pa.list_(pa.float32()))]))
-    stem = rankings_stem(name, direction)
-    ids = fused[list_col].to_list()
-    files = [write_table(table, out / "rankings" / f"{stem}.parquet"),
-             write_text(out / "rankings" / f"{stem}.tsv", tsv_lines(fused[query_col].to_list(), ids))]
-    return record_stage(out, f"knn:{slug(name)}:{direction}", files, backbone=name, direction=direction,
-                        members=members, method=method, rrf_k=rrf_k if method == "rrf" else None,
-                        rescored=[e is not None for e in embeddings] if method == "zmean" else None,
-                        queries=len(fused), k=cfg.eval.k, index="fusion", recall_at_k=None,
-                        seconds=round(time.time() - started, 2),
-                        **short_lines(fused[list_col].list.len().to_numpy(), cfg.eval.k,
-                                      pl.concat([r[list_col].explode() for r in rankings]).n_unique(),
-                                      f"knn {name} {direction}"))

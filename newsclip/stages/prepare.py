@@ -12,9 +12,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from newsclip.config import JobConfig
-from newsclip.embedding_store import hash_array
-from newsclip.pipeline import ensure_ray, log
-from newsclip.store import parquet_files, record_stage, staged_dir, write_table
+from newsclip.runtime.console import log
+from newsclip.runtime.embedding_store import hash_array
+from newsclip.runtime.ray_setup import ensure_ray
+from newsclip.runtime.store import parquet_files, record_stage, staged_dir, write_table
+
+__all__ = ["run"]  # the stage; everything else here is its own business
 
 ARTICLE_COLUMNS = {"article_id": pl.String, "title": pl.String, "text": pl.String, "image_id": pl.String,
                    "source": pl.String, "lang": pl.String}
@@ -48,7 +51,8 @@ def _read_articles(spec: str) -> pl.DataFrame:
 
 IMAGE_ROWS = {"image_id": pl.String, "image_hash": pl.String, "error": pl.String, "file": pl.String,
               "size": pl.Int64, "mtime_ns": pl.Int64}  # prepared/image_hashes.parquet
-CHECK_KEY = b"newsclip.image_check"  # image_hashes.parquet's metadata: the bound its `error` column was checked with
+# image_hashes.parquet's metadata: the bound its `error` column was checked with
+CHECK_KEY = b"newsclip.image_check"
 # rows per check task at least (whole row groups): checking a 1200x800 JPEG took ~3.5 ms on one core, so a task
 # works for seconds, far above Ray's per-task overhead
 CHECK_ROWS = 2048
@@ -117,7 +121,7 @@ def _check_shards(cfg: JobConfig, files: list[str], cached: pl.DataFrame) -> dic
         return {}
     import ray
 
-    from newsclip.image_check import check_images
+    from newsclip.workers.image_check import check_images
 
     units = [(file, groups) for file in files for groups in _row_group_units(Path(file))]
     ensure_ray(cfg.ray)

@@ -6,8 +6,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from newsclip.embedding_store import content_hash
-from newsclip.images import ImageDecodeError, decode_image
+from newsclip.runtime.embedding_store import content_hash
+from newsclip.workers.images import ImageDecodeError, decode_image
 
 # A JPEG decoded at the DCT scale that covers 64 px still reads every byte of it: a truncated or corrupt file
 # fails there as it fails at full size (checked for truncations all along baseline and progressive files), at

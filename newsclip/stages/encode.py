@@ -1,6 +1,6 @@
 """Encode stage: per backbone and side, CPU tasks decode images and tokenise texts, model actors encode them
-(newsclip.encoders, Ray Data actor pools); new embeddings go to the content-hash store, and this run's embeddings
-are committed from it to Parquet."""
+(newsclip.workers.encoders, Ray Data actor pools); new embeddings go to the content-hash store, and this run's
+embeddings are committed from it to Parquet."""
 
 from __future__ import annotations
 
@@ -13,12 +13,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from newsclip.backbones import checkpoint_id, input_sizes, slug
 from newsclip.config import EncodeConfig, JobConfig
-from newsclip.embedding_store import EmbeddingStore, hash_array
-from newsclip.encoders import TASK_ROWS, ImageEncoder, TextEncoder, read_and_decode_images, tokenize_texts
-from newsclip.pipeline import actor_retries, dataset_of, log
-from newsclip.store import parquet_files, record_stage, staged_dir, write_table
+from newsclip.names import encode_entry, slug
+from newsclip.retrieval.backbones import checkpoint_id, input_sizes
+from newsclip.runtime.console import log
+from newsclip.runtime.embedding_store import EmbeddingStore, hash_array
+from newsclip.runtime.ray_setup import actor_retries, dataset_of
+from newsclip.runtime.store import parquet_files, record_stage, staged_dir, write_table
+from newsclip.workers.encoders import TASK_ROWS, ImageEncoder, TextEncoder, read_and_decode_images, tokenize_texts
+
+__all__ = ["run"]  # the stage; everything else here is its own business
 
 # batches queued on each model actor, their inputs already local: the next batch is there when one ends (Ray's
 # default, 2, keeps one waiting; a slow decode task or a large batch then leaves a GPU idle)
@@ -168,7 +172,8 @@ def encode_side(cfg: JobConfig, backbone: str, side: Side) -> dict:
     write_table(rejects.append_column("stage", pa.array([f"encode:{backbone}"] * len(rejects), pa.string())),
                 out / "rejects" / f"encode-{name}-{side.name}.parquet")
     reused = len(wanted) - int(pc.sum(pc.is_in(wanted.column("hash"), value_set=todo.column("hash"))).as_py() or 0)
-    return record_stage(out, f"encode:{name}:{side.name}", parquet_files(out / relative, relative), backbone=backbone,
+    return record_stage(out, encode_entry(backbone, side.name), parquet_files(out / relative, relative),
+                        backbone=backbone,
                         rows=rows, rejected=len(rejects), **stats, reused=reused, store=str(store.dir),
                         batch_size=enc.batch_size, device=enc.device, precision=enc.precision, decode=enc.decode,
                         jpeg_draft=enc.jpeg_draft, num_gpus_per_actor=enc.num_gpus_per_actor,

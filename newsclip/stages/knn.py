@@ -7,16 +7,19 @@ from collections.abc import Iterator
 from functools import partial
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from newsclip import knn
-from newsclip.backbones import slug
 from newsclip.config import JobConfig
-from newsclip.pipeline import log
-from newsclip.store import (
+from newsclip.names import DIRECTIONS, encode_entry, knn_entry, parse_fusion_name, rankings_stem, slug
+from newsclip.retrieval import search
+from newsclip.retrieval.fusion import RRF_K, Embeddings, fuse
+from newsclip.runtime.console import log
+from newsclip.runtime.store import (
     parquet_files,
+    read_embeddings,
     read_manifest,
     record_stage,
     vectors_of,
@@ -24,16 +27,7 @@ from newsclip.store import (
     write_text,
 )
 
-# direction -> (query side, query id, database side, database id); text_to_image is the NewsImages task
-DIRECTIONS = {
-    "text_to_image": ("texts", "article_id", "images", "image_id"),
-    "image_to_text": ("images", "image_id", "texts", "article_id"),
-}
-
-
-def rankings_stem(backbone: str, direction: str) -> str:
-    """`rankings/<slug>` for the task's direction (the official file names), `<slug>.image_to_text` for the other."""
-    return slug(backbone) if direction == "text_to_image" else f"{slug(backbone)}.{direction}"
+__all__ = ["run"]  # the stage; everything else here is its own business
 
 
 def _query_batches(folder, id_column: str, batch_size: int, keep: pa.Array | None = None
@@ -74,7 +68,7 @@ def _matrix(column: pa.ChunkedArray, dtype) -> np.ndarray:
     return pc.list_flatten(column).to_numpy(zero_copy_only=False).astype(dtype).reshape(len(column), -1)
 
 
-def _merge(previous: pa.Table, added: knn.KnnResult, query_id: str, db_list: str, db_ids: np.ndarray, k: int
+def _merge(previous: pa.Table, added: search.KnnResult, query_id: str, db_list: str, db_ids: np.ndarray, k: int
            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Each query's last top-k (none of it deleted or changed) with its top-k among the added rows: its top-k now,
     ordered by score desc, then id asc, exactly as a full search orders it (both are re-scored exactly)."""
@@ -127,8 +121,8 @@ def rank(cfg: JobConfig, backbone: str, direction: str) -> dict:
         db_ids, db_vectors, db_hashes = db_ids[keep], db_vectors[keep], db_hashes[keep]
     database = pa.table({"id": pa.array(db_ids, pa.string()), "hash": pa.array(db_hashes, pa.string())})
     queries = _ids_and_hashes(folders[query_side], query_id)
-    stores = [read_manifest(out)["stages"][f"encode:{name}:{side}"]["store"] for side in ("texts", "images")]
-    previous = _previous(cfg, stem, f"knn:{name}:{direction}", stores)
+    stores = [read_manifest(out)["stages"][encode_entry(backbone, side)]["store"] for side in ("texts", "images")]
+    previous = _previous(cfg, stem, knn_entry(backbone, direction), stores)
     stream = partial(_query_batches, folders[query_side], query_id, cfg.knn.query_batch_size)
     parts, reused = [], 0
     if previous is None:
@@ -141,12 +135,12 @@ def rank(cfg: JobConfig, backbone: str, direction: str) -> dict:
                                                                        value_set=last.column(query_id))))
         if len(last):
             rows = pc.is_in(database.column("id"), value_set=_changed(database, last_db)).to_numpy(zero_copy_only=False)
-            more = knn.search(db_ids[rows], db_vectors[rows], stream(last.column(query_id)), cfg.knn) \
-                if rows.any() else knn.KnnResult(np.empty(0, object), np.empty((0, 0), object), np.empty((0, 0)))
+            more = search.search(db_ids[rows], db_vectors[rows], stream(last.column(query_id)), cfg.knn) \
+                if rows.any() else search.KnnResult(np.empty(0, object), np.empty((0, 0), object), np.empty((0, 0)))
             parts.append(_merge(last, more, query_id, f"{db_id}s", db_ids, cfg.knn.k))
     recall = None
     if len(full):
-        result = knn.search(db_ids, db_vectors, stream(full if previous is not None else None), cfg.knn)
+        result = search.search(db_ids, db_vectors, stream(full if previous is not None else None), cfg.knn)
         parts.append((result.query_ids, result.ids, result.scores))
         recall = result.recall_at_k
     query_ids = np.concatenate([p[0] for p in parts])
@@ -165,7 +159,7 @@ def rank(cfg: JobConfig, backbone: str, direction: str) -> dict:
     files = [write_table(table, out / "rankings" / f"{stem}.parquet"),
              write_text(out / "rankings" / f"{stem}.tsv", tsv_lines(query_ids, ranked)),
              write_table(database, out / "rankings" / f"{stem}.database.parquet")]
-    return record_stage(out, f"knn:{name}:{direction}", files, backbone=backbone, direction=direction,
+    return record_stage(out, knn_entry(backbone, direction), files, backbone=backbone, direction=direction,
                         queries=len(query_ids), candidates=len(db_ids), k=cfg.knn.k, shards=cfg.knn.shards,
                         index=cfg.knn.index, backend=cfg.knn.backend, recall_at_k=recall, stores=stores,
                         searched_in_full=len(full), merged=reused, seconds=round(time.time() - started, 2),
@@ -190,7 +184,43 @@ def _intact(last: pa.Table, queries: pa.Table, gone: pa.Array, query_id: str, db
 
 
 def run(cfg: JobConfig) -> list[dict]:
-    from newsclip.fusion import fuse_stage
-
     entries = [rank(cfg, backbone, direction) for backbone in cfg.backbones for direction in cfg.eval.directions]
     return entries + [fuse_stage(cfg, name, direction) for name in cfg.fusion for direction in cfg.eval.directions]
+
+
+def fuse_stage(cfg: JobConfig, name: str, direction: str = "text_to_image", rescore: bool = True,
+               rrf_k: int = RRF_K) -> dict:
+    """Fuse the members' committed rankings into `rankings/<slug(name)>` (+ `.tsv`) and a `knn:<slug>:<dir>` entry.
+
+    z-mean re-scores from `embeddings/<member>/` when `rescore` and the folders exist, else imputes (see module)."""
+    started = time.time()
+    out = cfg.output
+    method, members = parse_fusion_name(name)
+    query_side, query_col, db_side, db_col = DIRECTIONS[direction]
+    list_col = f"{db_col}s"
+    rankings = [pl.read_parquet(out / "rankings" / f"{rankings_stem(m, direction)}.parquet") for m in members]
+    embeddings: list[Embeddings | None] = []
+    for member in members:
+        folder = out / "embeddings" / slug(member)
+        if method == "zmean" and rescore and (folder / query_side).is_dir() and (folder / db_side).is_dir():
+            q_ids, q_vec = read_embeddings(folder / query_side, query_col)
+            c_ids, c_vec = read_embeddings(folder / db_side, db_col)
+            embeddings.append(Embeddings(q_ids, q_vec, c_ids, c_vec))
+        else:
+            embeddings.append(None)
+    fused = fuse(rankings, method, cfg.eval.k, rrf_k=rrf_k, embeddings=embeddings, query_col=query_col,
+                 list_col=list_col)
+    table = fused.to_arrow().cast(pa.schema([(query_col, pa.string()), (list_col, pa.list_(pa.string())),
+                                             ("scores", pa.list_(pa.float32()))]))
+    stem = rankings_stem(name, direction)
+    ids = fused[list_col].to_list()
+    files = [write_table(table, out / "rankings" / f"{stem}.parquet"),
+             write_text(out / "rankings" / f"{stem}.tsv", tsv_lines(fused[query_col].to_list(), ids))]
+    return record_stage(out, knn_entry(name, direction), files, backbone=name, direction=direction,
+                        members=members, method=method, rrf_k=rrf_k if method == "rrf" else None,
+                        rescored=[e is not None for e in embeddings] if method == "zmean" else None,
+                        queries=len(fused), k=cfg.eval.k, index="fusion", recall_at_k=None,
+                        seconds=round(time.time() - started, 2),
+                        **short_lines(fused[list_col].list.len().to_numpy(), cfg.eval.k,
+                                      pl.concat([r[list_col].explode() for r in rankings]).n_unique(),
+                                      f"knn {name} {direction}"))

@@ -8,7 +8,7 @@ from collections.abc import Iterator, Mapping
 
 import numpy as np
 
-from newsclip.metrics import csv_metric_groups, metric_names, per_query, scores
+from newsclip.retrieval.metrics import csv_metric_groups, metric_names, per_query, scores
 
 B_DEFAULT = 1000  # resamples: enough for stable 2.5/97.5 percentiles (Efron & Tibshirani suggest >= 1000 for CIs)
 ALPHA = 0.05  # 95% intervals

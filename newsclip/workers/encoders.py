@@ -20,10 +20,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from newsclip.backbones import load_backbone
-from newsclip.embedding_store import content_hash
-from newsclip.images import ImageDecodeError, decode_image, open_image
-from newsclip.store import embedding_table, vectors_of
+from newsclip.retrieval.backbones import load_backbone
+from newsclip.runtime.embedding_store import content_hash
+from newsclip.runtime.store import embedding_table, vectors_of
+from newsclip.workers.images import ImageDecodeError, decode_image, open_image
 
 if TYPE_CHECKING:
     import torch

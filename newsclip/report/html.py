@@ -14,8 +14,9 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 
-from newsclip.metrics import CUTOFFS, metric_label, metric_names
-from newsclip.paper import paper_scores
+from newsclip.names import encode_entry, is_fusion, looks_like_path, parse_fusion_name, rankings_stem
+from newsclip.retrieval.metrics import CUTOFFS, metric_label, metric_names
+from newsclip.retrieval.paper import paper_scores
 
 # Tableau 10: distinguishable for up to ten lines, and a colour-blind-friendlier order than matplotlib's default
 PALETTE = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f",
@@ -71,11 +72,10 @@ def _read_json(path: Path) -> dict:
 def display_names(names: Sequence[str]) -> dict[str, str]:
     """Short labels for tables and plots: a checkpoint path shows as its file name, also inside a fusion name
     (`fusion:demo-tiny+/models/x.pt` -> `fusion:demo-tiny+x.pt`); names whose labels would coincide stay whole."""
-    from newsclip.backbones import BACKBONES, _looks_like_path
-    from newsclip.fusion import is_fusion, parse_fusion_name
+    from newsclip.retrieval.backbones import BACKBONES
 
     def short(name: str) -> str:
-        if name in BACKBONES or not _looks_like_path(name) or Path(name).name in BACKBONES:
+        if name in BACKBONES or not looks_like_path(name) or Path(name).name in BACKBONES:
             return name  # a file called like a published backbone must not get that backbone's paper row
         return Path(name).name
 
@@ -95,7 +95,6 @@ def _relabel(rows: list[dict], labels: dict[str, str], *keys: str) -> list[dict]
 
 def checkpoints_note(labels: dict[str, str]) -> str:
     """Which file each shortened checkpoint label stands for (the tables and plots show the short label)."""
-    from newsclip.fusion import is_fusion
 
     paths = {label: name for name, label in labels.items() if label != name and not is_fusion(name)}
     if not paths:
@@ -295,11 +294,9 @@ def mrr_by_source_svg(rows: list[dict], backbones: list[str], colors: dict[str, 
 
 def cost_rows(stages: dict, backbones: list[str]) -> list[dict]:
     """Encode cost per backbone from manifest encode entries; a fusion costs the sum of its members."""
-    from newsclip.backbones import slug
-    from newsclip.fusion import is_fusion, parse_fusion_name
 
     def side(name: str, which: str) -> dict:
-        return stages.get(f"encode:{slug(name)}:{which}", {})
+        return stages.get(encode_entry(name, which), {})
 
     def gpu_memory(entry: dict) -> float | None:
         for key in GPU_MEMORY_KEYS:
@@ -385,7 +382,7 @@ def cost_quality_svg(costs: list[dict], quality: dict[str, dict], colors: dict[s
 
 def _thumbnail_uri(data: bytes | None) -> str | None:
     """A JPEG data URI of the image scaled into THUMB x THUMB, or None when it cannot be decoded."""
-    from newsclip.images import ImageDecodeError, decode_image
+    from newsclip.workers.images import ImageDecodeError, decode_image
 
     try:
         image = decode_image(data, alpha="white")  # a thumbnail: as a viewer shows it
@@ -399,7 +396,7 @@ def _thumbnail_uri(data: bytes | None) -> str | None:
 
 def load_images(output_dir: Path, image_ids: set[str], images_spec: str | None) -> dict[str, bytes]:
     """Encoded bytes of the wanted images, read only from the shards `prepared/candidates.parquet` names for them."""
-    from newsclip.store import parquet_files
+    from newsclip.runtime.store import parquet_files
 
     found: dict[str, bytes] = {}
     files: dict[str, list[str]] = {}
@@ -440,7 +437,6 @@ def _pick_examples(ranks: dict[str, int], count: int) -> list[str]:
 
 def examples_html(output_dir: Path, backbone: str, queries: pl.DataFrame, images_spec: str | None,
                   count: int = 5, translated: pl.DataFrame | None = None) -> str:
-    from newsclip.rank import rankings_stem
 
     path = output_dir / "rankings" / f"{rankings_stem(backbone, 'text_to_image')}.parquet"
     if not path.exists() or count <= 0:
@@ -492,7 +488,7 @@ def _thumb(image_id: str, data: bytes | None, caption: str, css: str) -> str:
 # ---------------------------------------------------------------- the page
 
 def _queries(output_dir: Path) -> pl.DataFrame:
-    from newsclip.store import parquet_files
+    from newsclip.runtime.store import parquet_files
 
     files = parquet_files(output_dir / "prepared" / "queries", "prepared queries")
     frame = pl.concat([pl.read_parquet(f) for f in files], how="diagonal_relaxed")
@@ -601,7 +597,7 @@ def render_html(output_dir: Path, cfg=None, examples: int = 5, example_backbone:
 
 
 def _rejects_html(output_dir: Path, prep: dict) -> list[str]:
-    from newsclip.rejects import rejects_summary
+    from newsclip.runtime.rejects import rejects_summary
 
     rejects = rejects_summary(output_dir).select("stage", "reason", "rows")
     parts = ["<h2>Rejected rows</h2>"]
@@ -670,6 +666,6 @@ def paired_note(paired: list[dict]) -> str:
 
 def write_html(output_dir: Path, cfg=None, **kwargs) -> Path:
     """Render and write `report.html` atomically."""
-    from newsclip.store import write_text
+    from newsclip.runtime.store import write_text
 
     return write_text(Path(output_dir) / "report.html", render_html(output_dir, cfg, **kwargs))

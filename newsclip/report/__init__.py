@@ -1,0 +1,1 @@
+"""The report: report.md and the self-contained report.html."""

@@ -1,0 +1,1 @@
+"""Pure retrieval: backbones, kNN search, fusion, metrics and the bootstrap."""

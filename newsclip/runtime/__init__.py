@@ -1,0 +1,1 @@
+"""The runtime: the runner, Ray set-up, the console, and the stores on disk."""
