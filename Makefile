@@ -13,10 +13,12 @@ $(BIN)/.installed: pyproject.toml
 
 setup: $(BIN)/.installed
 
+# one line per stage, then the metrics table; `make demo DEMO_ARGS=--verbose` for every message and Ray's own logs
 demo: setup
-	$(BIN)/newsclip demo
+	@$(BIN)/newsclip demo $(DEMO_ARGS)
 
 test: setup
+	$(BIN)/ruff check newsclip tests benchmarks jobs cluster
 	$(BIN)/python -m pytest -q
 
 clean:

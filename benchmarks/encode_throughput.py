@@ -30,6 +30,8 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import contextlib
+
 from random_clip import random_checkpoint  # noqa: E402
 
 SHARD_ROWS = 512
@@ -147,10 +149,8 @@ def plain_loop(files: list[Path], checkpoint: str, batch: int) -> dict:
         for part in pq.ParquetFile(path).iter_batches(batch_size=batch, columns=["image"]):
             tensors = []
             for data in part.column("image").to_pylist():
-                try:
+                with contextlib.suppress(ImageDecodeError):
                     tensors.append(preprocess(decode_image(data)))
-                except ImageDecodeError:
-                    pass
             with torch.inference_mode():
                 torch.nn.functional.normalize(model.encode_image(torch.stack(tensors)).float(), dim=-1)
             done += len(tensors)
@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from newsclip import config
-    from newsclip.runtime.embedding_store import hash_array
+    from newsclip.runtime.embedding_store import content_keys
     from newsclip.runtime.ray_setup import ensure_ray
     from newsclip.stages.encode import IMAGES, TEXTS
 
@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> dict:
         ids = [f"img-{i:07d}" for i in range(args.images)]
         import pyarrow.parquet as pq
 
-        hashes = pa.concat_arrays([hash_array(pq.read_table(f, columns=["image"]).column("image").to_pylist())
+        hashes = pa.concat_arrays([content_keys(pq.read_table(f, columns=["image"]).column("image").to_pylist())
                                    for f in files])
         per_file = [str(f) for f in files for _ in range(pq.read_metadata(f).num_rows)]
         todo = pa.table({"image_id": ids, "file": per_file, "hash": hashes})
@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.texts:
             queries = texts(args.texts)
             todo = pa.table({"article_id": [str(i) for i in range(args.texts)], "query_text": queries,
-                             "hash": hash_array(queries)})
+                             "hash": content_keys(queries)})
             result["newsclip_stage_texts"] = newsclip_stage(cfg, enc, checkpoint, TEXTS, todo, tmp / "store")
         ray.shutdown()
 

@@ -88,9 +88,9 @@ def baseline(args: argparse.Namespace, n: int, out: mp.Queue) -> None:
     q = make_queries(args.queries, args.dim, args.seed)
     dist, lab = index.search(q, args.k)
     t2 = time.perf_counter()
-    out.put(dict(build_s=round(t1 - t0, 3), search_s=round(t2 - t1, 3), total_s=round(t2 - t0, 3),
-                 faiss_threads=faiss.omp_get_max_threads(), peak_rss_mib=_peak_rss_mib(),
-                 index_mib=round(index.ntotal * args.dim * 4 / 2**20, 1), labels=lab, scores=dist))
+    out.put({"build_s": round(t1 - t0, 3), "search_s": round(t2 - t1, 3), "total_s": round(t2 - t0, 3),
+                 "faiss_threads": faiss.omp_get_max_threads(), "peak_rss_mib": _peak_rss_mib(),
+                 "index_mib": round(index.ntotal * args.dim * 4 / 2**20, 1), "labels": lab, "scores": dist})
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -127,13 +127,14 @@ def main(argv: list[str] | None = None) -> dict:
         n = fit
     cpus_per_actor = args.num_cpus_per_actor if args.num_cpus_per_actor is not None else ncpu / args.shards
 
-    result: dict = dict(
-        machine=dict(cpus=ncpu, mem_total_gib=round(psutil.virtual_memory().total / 2**30, 1),
-                     mem_available_gib=round(avail / 2**30, 1), python=platform.python_version()),
-        size=dict(db=n, queries=args.queries, dim=args.dim, k=args.k, db_gib=round(n * per_row / 2**30, 2)),
-        note=note,
-        load_avg_at_start=[round(x, 2) for x in os.getloadavg()],  # others share these CPUs: timings are noisy
-    )
+    result: dict = {
+        "machine": {"cpus": ncpu, "mem_total_gib": round(psutil.virtual_memory().total / 2**30, 1),
+                     "mem_available_gib": round(avail / 2**30, 1), "python": platform.python_version()},
+        "size": {"db": n, "queries": args.queries, "dim": args.dim, "k": args.k,
+                 "db_gib": round(n * per_row / 2**30, 2)},
+        "note": note,
+        "load_avg_at_start": [round(x, 2) for x in os.getloadavg()],  # others share these CPUs: timings are noisy
+    }
 
     base = None
     if not args.skip_baseline:
@@ -164,22 +165,22 @@ def main(argv: list[str] | None = None) -> dict:
         ray.shutdown()
     keep = ("rows", "build_s", "peak_rss_mib", "rss_mib", "anon_mib", "shmem_mib", "nice")
     actors = [{k: s.get(k) for k in keep} for s in res.shard_stats]
-    result["sharded_ray"] = dict(
-        shards=len(res.shard_stats), num_cpus_per_actor=cpus_per_actor, query_batch_size=args.query_batch_size,
-        build_s=res.timings["build_s"], search_s=res.timings["search_s"], total_s=round(wall, 3),
-        driver_peak_rss_mib=_peak_rss_mib(), driver_peak_anon_mib_sampled=sampler.peak_anon,
-        driver_peak_shmem_mib_sampled=sampler.peak_shmem,
-        actors=actors,
-        actor_peak_rss_mib_max=max(a["peak_rss_mib"] for a in actors),
-    )
+    result["sharded_ray"] = {
+        "shards": len(res.shard_stats), "num_cpus_per_actor": cpus_per_actor, "query_batch_size": args.query_batch_size,
+        "build_s": res.timings["build_s"], "search_s": res.timings["search_s"], "total_s": round(wall, 3),
+        "driver_peak_rss_mib": _peak_rss_mib(), "driver_peak_anon_mib_sampled": sampler.peak_anon,
+        "driver_peak_shmem_mib_sampled": sampler.peak_shmem,
+        "actors": actors,
+        "actor_peak_rss_mib_max": max(a["peak_rss_mib"] for a in actors),
+    }
     if base is not None:
         ids = np.array([[f"img{j:08d}" for j in row] for row in base["labels"]], dtype=object)
         same = float(np.mean(res.ids == ids))
-        result["ratio_sharded_over_baseline"] = dict(
-            search=round(res.timings["search_s"] / base["search_s"], 3), total=round(wall / base["total_s"], 3))
-        result["agreement_with_baseline"] = dict(
-            same_id_at_same_rank=round(same, 6),
-            max_abs_score_diff=float(np.abs(res.scores - base["scores"]).max()))
+        result["ratio_sharded_over_baseline"] = {
+            "search": round(res.timings["search_s"] / base["search_s"], 3), "total": round(wall / base["total_s"], 3)}
+        result["agreement_with_baseline"] = {
+            "same_id_at_same_rank": round(same, 6),
+            "max_abs_score_diff": float(np.abs(res.scores - base["scores"]).max())}
     print(json.dumps(result, indent=2))
     return result
 

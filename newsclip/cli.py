@@ -8,6 +8,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from newsclip.runtime import console
 from newsclip.runtime.console import log
 from newsclip.runtime.ray_setup import WORKER_ENV
 from newsclip.runtime.runner import STAGE_NAMES
@@ -19,10 +20,18 @@ warnings.filterwarnings("ignore", "pkg_resources is deprecated", UserWarning)
 DEMO_ARTICLES = 2200  # a little over the 2,000 sampled pairs, after ~3% of articles are unusable
 
 
-def _job_args(parser: argparse.ArgumentParser) -> None:
+def _verbose_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="print every message and Ray's own logs (workers' output, Ray Data's progress) as plain "
+                        "lines, besides OUTPUT_DIR/logs/ where they always go")
+
+
+def _job_args(parser: argparse.ArgumentParser, verbose: bool = True) -> None:
     parser.add_argument("job", type=Path, help="job file (YAML), e.g. jobs/demo.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set input.articles=data/articles (repeatable)")
+    if verbose:
+        _verbose_arg(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder for the demo's data and outputs (default: ./newsclip-demo)")
     p.add_argument("--articles", type=int, default=DEMO_ARTICLES, help=f"demo articles (default {DEMO_ARTICLES})")
     p.add_argument("--seed", type=int, default=0)
+    _verbose_arg(p)
 
     p = sub.add_parser("run", help="run every stage of a job: prepare, translate, encode, knn, evaluate, report; "
                        "stages whose inputs are unchanged since they last committed are skipped, so rerunning "
@@ -43,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="rerun every stage (embeddings already in the store are still reused, not re-encoded)")
     p = sub.add_parser("rejects", help="summarise the rows a job rejected: per stage, kind and reason, with examples")
-    _job_args(p)
+    _job_args(p, verbose=False)
     p.add_argument("--examples", type=int, default=3, metavar="N", help="example ids per reason (default 3)")
     p.add_argument("--csv", action="store_true", help="print every rejected row (id, kind, stage, reason) as CSV")
     for stage, what in [("prepare", "join, clean and sample the input into prepared/"),
@@ -75,9 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--evaluate", action="store_true", help="then score it on 500 held-out sentences")
 
-    from newsclip import ingest
+    from newsclip.ingest.cli import add_parser as add_ingest_parser
 
-    ingest.add_parser(sub)
+    add_ingest_parser(sub)
 
     p = sub.add_parser("translate", help="offline translation: install or list Argos packages, run the translate stage")
     tsub = p.add_subparsers(dest="translate_command", required=True, metavar="ACTION")
@@ -113,12 +123,15 @@ def _demo(args: argparse.Namespace) -> None:
 
     data = args.output / "data"
     if not (data / "articles").exists():
-        log(f"demo data: writing {args.articles} articles to {data}")
-        write_demo_data(data, args.articles, args.seed)
-    ensure_demo_model(log=log)
+        with console.stage("demo data") as line:
+            write_demo_data(data, args.articles, args.seed)
+            line.finish(f"{args.articles} articles written to {data} in {line.seconds:.1f}s")
+    with console.stage("demo model", lazy=True):  # a line only when it is trained (once, cached)
+        ensure_demo_model(log=log)
     cfg = config.load(None, [f"input.articles={data / 'articles'}", f"input.images={data / 'images'}",
                              f"output_dir={args.output / 'output'}"])
-    _ensure_demo_translator(Path(cfg.translate.resolved().packages_dir))
+    with console.stage("demo translator", lazy=True):  # the same: a line only when it is built
+        _ensure_demo_translator(Path(cfg.translate.resolved().packages_dir))
     run_stages(cfg)
     _print_metrics(cfg.output)
     print(f"report: {cfg.output / 'report.md'}")
@@ -194,9 +207,10 @@ def _translate(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from newsclip.config import ConfigError
+    console.configure(verbose=getattr(args, "verbose", False))
     from newsclip.runtime.runner import RunLockedError
     from newsclip.translate.packages import MissingLanguagePackageError
+    from newsclip.yaml_config import ConfigError
 
     try:
         if args.command == "demo":
@@ -211,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "backbones":
             _backbones(args)
         elif args.command == "ingest":
-            from newsclip.ingest import main as ingest_main
+            from newsclip.ingest.cli import main as ingest_main
 
             return ingest_main(args)
         elif args.command == "translate":

@@ -1,24 +1,18 @@
-"""Job configuration: frozen dataclasses loaded from YAML and validated with errors that name the key."""
+"""The job configuration: one frozen dataclass per section, built from YAML by yaml_config, checked as a whole."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import types
-import typing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import yaml
 
 from newsclip.names import parse_fusion_name
 from newsclip.retrieval.search import KnnConfig
 from newsclip.translate.translator import TranslateConfig
-
-
-class ConfigError(ValueError):
-    """A job file or override that does not fit the schema; the message names the key."""
+from newsclip.yaml_config import ConfigError, build, read_yaml, to_dict
 
 
 @dataclass(frozen=True)
@@ -189,71 +183,6 @@ class JobConfig:
         return self.output / ("translated" if self.translate.enabled else "prepared/queries")
 
 
-def _check_value(key: str, tp: Any, value: Any) -> Any:
-    """Convert/validate one value against its annotated type, or raise ConfigError naming `key`."""
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        return build(tp, value, key)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _check_value(key, arg, value)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0])
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        key_type, value_type = typing.get_args(tp)
-        return {_check_value(f"{key} (a key)", key_type, k): _check_value(f"{key}.{k}", value_type, v)
-                for k, v in value.items()}
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value not in choices:
-            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, choices))}")
-        return value
-    if origin is tuple:
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return tuple(_check_value(f"{key}[{i}]", typing.get_args(tp)[0], v) for i, v in enumerate(value))
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp in (int, float) and isinstance(value, bool) or not isinstance(value, tp):
-        raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r} ({type(value).__name__})")
-    if tp in (int, float) and value < 0:
-        raise ConfigError(f"{key}: must not be negative, got {value!r}")
-    return value
-
-
-def build(cls: type, raw: Any, prefix: str = "") -> Any:
-    if raw is None:
-        raw = {}
-    where = prefix or "the job file"
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a mapping of keys, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - names)
-    if unknown:
-        key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
-        known = f"known keys{' of ' + prefix if prefix else ''}"
-        raise ConfigError(f"{key}: unknown key; {known}: {', '.join(sorted(names))}")
-    values = {f.name: _check_value(f"{prefix}.{f.name}" if prefix else f.name, hints[f.name], raw[f.name])
-              for f in dataclasses.fields(cls) if f.name in raw}  # in declaration order: eval before knn
-    try:
-        return cls(**values)
-    except (TypeError, ValueError) as e:
-        # a section's own check says "key: why" (or "ClassName.key: why"); name the full dotted key
-        message = str(e).removeprefix(f"{cls.__name__}.")
-        raise ConfigError(f"{prefix}.{message}" if prefix else message) from e
-
-
 def _validate(cfg: JobConfig) -> None:
     checks = [
         (len(cfg.backbones) > 0, "backbones", "expected a non-empty list of backbone names"),
@@ -275,21 +204,6 @@ def _validate(cfg: JobConfig) -> None:
             raise ConfigError(f"{key}: {message}")
 
 
-def apply_override(raw: dict, assignment: str) -> None:
-    """Apply one `--set a.b=value` to the raw mapping (value parsed as YAML: numbers, booleans, lists)."""
-    key, sep, text = assignment.partition("=")
-    if not sep or not key:
-        raise ConfigError(f"--set {assignment!r}: expected key=value, e.g. --set input.articles=data/articles")
-    node = raw
-    parts = key.split(".")
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"--set {key}: {part} is not a section")
-        node = child
-    node[parts[-1]] = yaml.safe_load(text) if text else None
-
-
 def from_dict(raw: dict) -> JobConfig:
     raw = dict(raw)
     # eval.k is the one k of the job; the knn section follows it
@@ -301,24 +215,6 @@ def from_dict(raw: dict) -> JobConfig:
     return cfg
 
 
-def read_yaml(path: str | Path | None, overrides: list[str] = (), what: str = "job file") -> dict:
-    """A YAML mapping (safe_load; empty when `path` is None) with `key=value` overrides applied."""
-    raw: dict = {}
-    if path is not None:
-        path = Path(path)
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: {what} not found") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping of keys at the top level")
-    for assignment in overrides:
-        apply_override(raw, assignment)
-    return raw
-
-
 def load(path: str | Path | None, overrides: list[str] = ()) -> JobConfig:
     """Load a job file (or the embedded demo defaults when `path` is None) and apply `key=value` overrides."""
     raw = read_yaml(path, overrides)
@@ -326,17 +222,6 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> JobConfig:
         return from_dict(raw)
     except ConfigError as e:
         raise ConfigError(f"{path or 'config'}: {e}") from None
-
-
-def to_dict(cfg: Any) -> Any:
-    """A plain, YAML-ready view of a config (tuples as lists)."""
-    if dataclasses.is_dataclass(cfg):
-        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
-    if isinstance(cfg, tuple):
-        return [to_dict(v) for v in cfg]
-    if isinstance(cfg, dict):
-        return {k: to_dict(v) for k, v in cfg.items()}
-    return cfg
 
 
 def dump(cfg: JobConfig) -> str:

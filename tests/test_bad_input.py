@@ -16,6 +16,8 @@ from PIL import Image
 from newsclip.cli import main
 from newsclip.demo.data import write_demo_data
 
+pytestmark = pytest.mark.slow  # a whole job: `pytest -m 'not slow'` leaves it out
+
 
 def _png(image: Image.Image, **kwargs) -> bytes:
     buffer = io.BytesIO()

@@ -20,6 +20,8 @@ from newsclip.cli import main
 from newsclip.demo.data import write_demo_data
 from newsclip.runtime.store import read_embeddings
 
+pytestmark = pytest.mark.slow  # a whole job: `pytest -m 'not slow'` leaves it out
+
 ARTICLES = 500
 SIDES = {"texts": "article_id", "images": "image_id"}
 

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from newsclip import config
-from newsclip.config import ConfigError, JobConfig
+from newsclip.config import JobConfig
+from newsclip.yaml_config import ConfigError
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
 

@@ -15,6 +15,8 @@ from newsclip.cli import main
 from newsclip.demo.data import write_demo_data
 from newsclip.retrieval.metrics import recall_cutoffs
 
+pytestmark = pytest.mark.slow  # a whole job: `pytest -m 'not slow'` leaves it out
+
 ARTICLES = 400
 JOB = str(Path(__file__).resolve().parents[1] / "jobs" / "demo.yaml")
 
@@ -223,7 +225,7 @@ def test_short_ranking_lines_are_never_padded_with_none_and_are_reported(demo_ru
     import shutil
 
     from newsclip import config
-    from newsclip.stages import report
+    from newsclip.report.markdown import render_markdown
     from newsclip.stages.knn import short_lines, tsv_lines
 
     assert tsv_lines(["a", "b"], [["x", None, None], ["y", "z", "w"]]) == "a\tx\nb\ty\tz\tw\n"
@@ -241,6 +243,6 @@ def test_short_ranking_lines_are_never_padded_with_none_and_are_reported(demo_ru
     assert all(x["short_lines"] == 0 for x in metrics["knn"])  # the demo's pool is larger than k
     metrics["knn"][0].update(short_lines=7, short_reason="there are only 60 candidates, fewer than k=100")
     (copy / "metrics.json").write_text(json.dumps(metrics))
-    text = report.render(config.load(JOB, [f"output_dir={copy}"]))
+    text = render_markdown(config.load(JOB, [f"output_dir={copy}"]))
     assert ("**Warning:** 7 lines of the demo-tiny text_to_image rankings hold fewer than 100 image ids (there are "
             "only 60 candidates, fewer than k=100)") in text

@@ -120,9 +120,9 @@ def test_split_images_equal_todays_path_bit_for_bit(checkpoint):
 
 
 def _hash(data: bytes) -> str:
-    from newsclip.runtime.embedding_store import content_hash
+    from newsclip.runtime.embedding_store import content_key
 
-    return content_hash(data)
+    return content_key(data)
 
 
 def test_split_texts_equal_a_direct_call_bit_for_bit(checkpoint):

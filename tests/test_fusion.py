@@ -110,7 +110,7 @@ def test_zmean_with_embeddings_matches_a_numpy_reference():
     q_ids, c_ids, members = random_case(k=k)
     out = zmean([m[2] for m in members], k=k, embeddings=[m[0] for m in members])
     assert out["article_id"].to_list() == sorted(q_ids)
-    for i, (article, ranked, fused_scores) in enumerate(out.iter_rows()):
+    for i, (_article, ranked, fused_scores) in enumerate(out.iter_rows()):
         union = sorted(set().union(*(set(m[2]["image_ids"][i]) for m in members)))
         cols = [list(c_ids).index(c) for c in union]
         z = [(m[1][i, cols] - m[1][i, cols].mean()) / m[1][i, cols].std() for m in members]

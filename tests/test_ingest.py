@@ -14,8 +14,13 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from newsclip import ingest
-from newsclip.config import ConfigError
+from newsclip.ingest.cli import add_parser, format_summary, standalone
+from newsclip.ingest.cli import main as ingest_main
+from newsclip.ingest.config import from_dict, load
+from newsclip.ingest.errors import IngestError
+from newsclip.ingest.job import ingest
+from newsclip.ingest.paths import UnsafePath, safe_path
+from newsclip.yaml_config import ConfigError
 
 
 def jpeg(seed: int, size: int = 16) -> bytes:
@@ -31,7 +36,7 @@ def write_yaml(path: Path, text: str) -> Path:
 
 def run(tmp_path: Path, config: dict) -> tuple[dict, Path]:
     config = {"output_dir": str(tmp_path / "out"), **config}
-    summary = ingest.ingest(ingest.from_dict(config))
+    summary = ingest(from_dict(config))
     return summary, tmp_path / "out"
 
 
@@ -84,12 +89,13 @@ def test_newsimages2021_tsv_and_folder(tmp_path, release_2021):
     assert frame.filter(pl.col("article_id") == "a6")["image_id"].item() is None
     # the input contract, exactly: the schema the demo data and the prepare stage use
     from newsclip.demo.data import ARTICLE_SCHEMA, IMAGE_SCHEMA
+    from newsclip.ingest import job
 
     written = pq.read_schema(next((out / "articles").glob("*.parquet")))
     assert written.names == ARTICLE_SCHEMA.names  # Parquet keeps timestamp[s] as [ms], like the demo's shards
     assert [f.type for f in written][:-1] == [f.type for f in ARTICLE_SCHEMA][:-1]
     assert pq.read_schema(next((out / "images").glob("*.parquet"))).remove_metadata() == IMAGE_SCHEMA
-    assert ingest.ARTICLE_SCHEMA == ARTICLE_SCHEMA and ingest.IMAGE_SCHEMA == IMAGE_SCHEMA
+    assert job.ARTICLE_SCHEMA == ARTICLE_SCHEMA and job.IMAGE_SCHEMA == IMAGE_SCHEMA
 
     got = images(out)
     assert got == {"i1": jpeg(1), "i2": jpeg(2)}  # bytes exactly as on disk
@@ -103,7 +109,7 @@ def test_newsimages2021_tsv_and_folder(tmp_path, release_2021):
     assert (part["images"], part["images_missing"], part["images_unreadable"]) == (2, 1, 1)
     assert summary["reasons"]["missing: not in the image folder"] == 1
     assert json.loads((out / "ingest-summary.json").read_text())["articles"] == 5
-    text = ingest.format_summary(summary)
+    text = format_summary(summary)
     assert "GER: 7 rows -> 5 articles" in text and "1 missing, 1 unreadable" in text
 
 
@@ -145,8 +151,8 @@ def test_hostile_file_names_never_leave_the_folder(tmp_path):
              "a9": "big.jpg", "a10": "sub"}
     lines = "".join(f"{a}\ti{a}\tt\tx\t{name}\n" for a, name in names.items())
     (tmp_path / "c.tsv").write_text("aid\tiid\ttitle\ttext\timgFile\n" + lines)
-    summary, out = run(tmp_path, {"layout": "newsimages2021", "max_image_bytes": 4000,
-                                  "parts": [{"name": "P", "file": str(tmp_path / "c.tsv"), "images": str(folder)}]})
+    _, out = run(tmp_path, {"layout": "newsimages2021", "max_image_bytes": 4000,
+                            "parts": [{"name": "P", "file": str(tmp_path / "c.tsv"), "images": str(folder)}]})
     assert sorted(images(out)) == ["ia1", "ia5"]  # in the folder, directly or through an in-folder link
     why = rejects(out)
     for a in ("a2", "a3", "a4", "a6", "a7", "a8"):
@@ -157,10 +163,10 @@ def test_hostile_file_names_never_leave_the_folder(tmp_path):
 
 
 def test_safe_path_unit(tmp_path):
-    assert ingest.safe_path(tmp_path, "a/b.jpg") == (tmp_path / "a" / "b.jpg").resolve()
+    assert safe_path(tmp_path, "a/b.jpg") == (tmp_path / "a" / "b.jpg").resolve()
     for bad in ("", "a\x00b", "/etc/passwd", "../x", "a/../../x", "\\\\server\\share\\x", "D:x"):
-        with pytest.raises(ingest.UnsafePath):
-            ingest.safe_path(tmp_path, bad)
+        with pytest.raises(UnsafePath):
+            safe_path(tmp_path, bad)
 
 
 def test_unreferenced_images_id_prefix_and_parts(tmp_path):
@@ -171,12 +177,12 @@ def test_unreferenced_images_id_prefix_and_parts(tmp_path):
         (tmp_path / part / "notes.txt").write_text("not an image extension")
         (tmp_path / f"{part}.csv").write_text("aid,iid,title,text\n1,1,t,x\n")
     parts = [{"name": p, "file": str(tmp_path / f"{p}.csv"), "images": str(tmp_path / p)} for p in ("RT", "TW")]
-    summary, out = run(tmp_path, {"layout": "newsimages2022", "parts": parts})
+    _, out = run(tmp_path, {"layout": "newsimages2022", "parts": parts})
     assert articles(out)["article_id"].to_list() == ["1"]  # both parts use id 1: the second is a duplicate
     assert "id_prefix" in rejects(out)["article:1"]
 
-    summary, out = run(tmp_path, {"layout": "newsimages2022", "parts": parts, "id_prefix": True,
-                                  "include_unreferenced_images": True})
+    _, out = run(tmp_path, {"layout": "newsimages2022", "parts": parts, "id_prefix": True,
+                            "include_unreferenced_images": True})
     assert articles(out)["article_id"].to_list() == ["RT:1", "TW:1"]
     assert articles(out)["image_id"].to_list() == ["RT:1", "TW:1"]
     got = images(out)
@@ -378,30 +384,30 @@ def test_config_errors_name_the_key(tmp_path):
     ]
     for raw, message in cases:
         with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
-            ingest.from_dict(raw)
+            from_dict(raw)
 
 
 def test_yaml_is_loaded_safely(tmp_path):
     marker = tmp_path / "pwned"
     config = write_yaml(tmp_path / "evil.yaml", f"parts: !!python/object/apply:os.system ['touch {marker}']\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
-        ingest.load(config)
+        load(config)
     assert not marker.exists()
 
 
 def test_missing_columns_and_files_are_clear_errors(tmp_path):
     (tmp_path / "c.csv").write_text("id_of_article,body\n1,x\n")
     cfg = {"parts": [{"name": "P", "file": str(tmp_path / "c.csv")}], "output_dir": str(tmp_path / "o")}
-    with pytest.raises(ingest.IngestError, match="no article id column.*set columns.article_id"):
-        ingest.ingest(ingest.from_dict(cfg))
-    with pytest.raises(ingest.IngestError, match="layout newsimages2021 expects a column 'aid'"):
-        ingest.ingest(ingest.from_dict({**cfg, "layout": "newsimages2021"}))
-    with pytest.raises(ingest.IngestError, match="columns.image_id is 'iid' but the file has no such column"):
-        ingest.ingest(ingest.from_dict({**cfg, "columns": {"article_id": "id_of_article", "image_id": "iid"}}))
-    summary = ingest.ingest(ingest.from_dict({**cfg, "columns": {"article_id": "id_of_article"}}))
+    with pytest.raises(IngestError, match="no article id column.*set columns.article_id"):
+        ingest(from_dict(cfg))
+    with pytest.raises(IngestError, match="layout newsimages2021 expects a column 'aid'"):
+        ingest(from_dict({**cfg, "layout": "newsimages2021"}))
+    with pytest.raises(IngestError, match="columns.image_id is 'iid' but the file has no such column"):
+        ingest(from_dict({**cfg, "columns": {"article_id": "id_of_article", "image_id": "iid"}}))
+    summary = ingest(from_dict({**cfg, "columns": {"article_id": "id_of_article"}}))
     assert summary["articles"] == 1
     with pytest.raises(FileNotFoundError, match=r"parts\[P\].file"):
-        ingest.ingest(ingest.from_dict({**cfg, "parts": [{"name": "P", "file": str(tmp_path / "nope.csv")}]}))
+        ingest(from_dict({**cfg, "parts": [{"name": "P", "file": str(tmp_path / "nope.csv")}]}))
 
 
 def test_add_parser_and_main(tmp_path, release_2021, capsys):
@@ -413,20 +419,20 @@ parts:
   - {{name: GER, file: {release_2021 / 'content.tsv'}, images: {release_2021 / 'images'}, lang: de}}
 """)
     parser = argparse.ArgumentParser(prog="newsclip")
-    ingest.add_parser(parser.add_subparsers(dest="command"))
+    add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["ingest", str(config), "--set", f"output_dir={tmp_path / 'cli'}"])
-    assert ingest.main(args) == 0
+    assert ingest_main(args) == 0
     assert "GER: 7 rows -> 5 articles" in capsys.readouterr().out
     assert articles(tmp_path / "cli").height == 5 and not (tmp_path / "ignored").exists()
 
 
 def test_example_config_in_jobs_is_valid():
-    cfg = ingest.load(Path(__file__).resolve().parents[1] / "jobs" / "ingest.yaml")
+    cfg = load(Path(__file__).resolve().parents[1] / "jobs" / "ingest.yaml")
     assert [p.name for p in cfg.parts] == ["RT", "RSS", "TW"] and not cfg.network.enabled
 
 
 def test_standalone_module_exit_codes(tmp_path):
-    assert ingest._standalone([str(tmp_path / "nope.yaml")]) == 2
+    assert standalone([str(tmp_path / "nope.yaml")]) == 2
     assert os.environ.get("NEWSCLIP_CACHE")  # conftest's private cache: nothing here touches the user's
 
 
@@ -457,7 +463,7 @@ def test_an_image_id_reused_across_parts_must_be_one_image(tmp_path, capsys):
         (tmp_path / part / "7.jpg").write_bytes(jpeg(seed))
         (tmp_path / f"{part}.csv").write_text(f"aid,iid,title,text\n{part.lower()}1,7,t,x\n")
     parts = [{"name": p, "file": str(tmp_path / f"{p}.csv"), "images": str(tmp_path / p)} for p in ("RT", "TW")]
-    summary, out = run(tmp_path, {"layout": "newsimages2022", "parts": parts})  # the same bytes: one image
+    _, out = run(tmp_path, {"layout": "newsimages2022", "parts": parts})  # the same bytes: one image
     assert articles(out)["image_id"].to_list() == ["7", "7"] and list(images(out)) == ["7"]
 
     (tmp_path / "TW" / "7.jpg").write_bytes(jpeg(2))  # now another photo under the same id

@@ -168,8 +168,8 @@ def _clustered(rng, n_db, n_q, d=D, centers=64, noise=0.15):
 
 # knobs set low so recall is below 1 and its measurement means something; measured recall@10 on this data:
 # ivf (nlist 64 -> clamped to 2000 // 39 = 51 per shard, nprobe 2) 0.98, hnsw (M 4, ef 10 -> 18) 0.98
-@pytest.mark.parametrize(("index", "floor", "extra"), [("ivf", 0.9, dict(nlist=64, nprobe=2)),
-                                                      ("hnsw", 0.9, dict(hnsw_m=4, ef_search=10))])
+@pytest.mark.parametrize(("index", "floor", "extra"), [("ivf", 0.9, {"nlist": 64, "nprobe": 2}),
+                                                      ("hnsw", 0.9, {"hnsw_m": 4, "ef_search": 10})])
 @pytest.mark.parametrize("backend", ["local", "ray"])
 def test_approximate_recall(index, floor, extra, backend, request):
     if backend == "ray":
@@ -238,3 +238,21 @@ def test_bad_input(data, args, cfg, message):
 def test_bad_config(key, value):
     with pytest.raises(ValueError, match=f"KnnConfig.{key}"):
         KnnConfig(**{key: value})
+
+
+def test_incremental_merge_equals_a_full_ranking_without_faiss():
+    import pyarrow as pa
+
+    from newsclip.retrieval.search import KnnResult
+    from newsclip.stages.knn import _merge
+
+    # one query; full scores a .9, b .5, c .5, d .7, e .5; last run ranked a, b, c; d and e are new (one slot empty)
+    previous = pa.table({"article_id": ["q"], "image_ids": [["a", "b", "c"]], "scores": [[0.9, 0.5, 0.5]]},
+                        schema=pa.schema([("article_id", pa.string()), ("image_ids", pa.list_(pa.string())),
+                                          ("scores", pa.list_(pa.float32()))]))
+    added = KnnResult(np.array(["q"], object), np.array([["d", "e", None]], object),
+                      np.array([[0.7, 0.5, -np.inf]], np.float32))
+    query_ids, ids, scores = _merge(previous, added, "article_id", "image_ids", np.array(list("edcba"), object), 3)
+    full = sorted(zip([-0.9, -0.5, -0.5, -0.7, -0.5], "abcde"))[:3]  # score desc, then id asc
+    assert query_ids.tolist() == ["q"] and ids.tolist() == [[i for _, i in full]] == [["a", "d", "b"]]
+    assert scores.tolist() == [[pytest.approx(-s) for s, _ in full]]

@@ -204,13 +204,13 @@ def test_image_hashes_from_before_the_check_are_no_cache(tmp_path, ray_local):
 def test_check_task_reuses_known_hashes_and_decodes_a_new_hash_once(tmp_path):
     data = {"a": _jpeg(0), "b": _jpeg(0), "c": _jpeg(1), "d": b"\xff\xd8junk"}
     _shard(tmp_path, "s.parquet", data)
-    known = pa.table({"image_hash": [prepare.hash_array([_jpeg(1)])[0].as_py()], "error": pa.array(["stale"])})
+    known = pa.table({"image_hash": [prepare.content_keys([_jpeg(1)])[0].as_py()], "error": pa.array(["stale"])})
     rows = check_images(str(tmp_path / "s.parquet"), [0], known, MAX_PIXELS).to_pylist()
     assert [r["image_id"] for r in rows] == list(data)
     assert [r["checked"] for r in rows] == [True, False, False, True]  # b: a's bytes; c: known
     assert [r["error"] for r in rows][:3] == [None, None, "stale"]
     assert rows[3]["error"].startswith("corrupt image") or rows[3]["error"].startswith("not a decodable")
-    assert rows[0]["image_hash"] == rows[1]["image_hash"] == prepare.hash_array([_jpeg(0)])[0].as_py()
+    assert rows[0]["image_hash"] == rows[1]["image_hash"] == prepare.content_keys([_jpeg(0)])[0].as_py()
 
 
 def test_check_worker_imports_neither_polars_nor_faiss():

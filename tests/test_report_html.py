@@ -3,6 +3,7 @@
 import base64
 import io
 import json
+import re
 from html.parser import HTMLParser
 from pathlib import Path
 from types import SimpleNamespace
@@ -13,15 +14,21 @@ import pytest
 from PIL import Image
 
 from newsclip.names import fusion_name, slug
-from newsclip.report.html import checkpoints_note, display_names, render_html, write_html
+from newsclip.report.data import display_names
+from newsclip.report.html import checkpoints_note, render_html, write_html
+from newsclip.report.notes import INTERVALS, evaluation_notes, paired_note
 from newsclip.retrieval.bootstrap import ci_rows, paired_rows
-from newsclip.retrieval.metrics import scores
+from newsclip.retrieval.paper import paper_scores
 from newsclip.runtime.store import write_table, write_text
 from newsclip.stages.evaluate import query_ranks
 from newsclip.stages.knn import fuse_stage
 
 HOSTILE_TITLE = "<script>alert('x')</script> Flood & storm \"warning\""
 K = 10
+KEYS = ["mrr", "recall@1", "recall@5", "recall@10"]  # the metrics of a top-10 ranking, in table order
+# where each backbone ranks article i's own image (0: not in its top K), by i % 6. The second is the worse, enough
+# for the paired comparisons to decide against it; the first and the fusion of the two stay too close to call.
+RANKS = ([1, 3, 0, 2, 1, 7], [1, 9, 0, 5, 0, 8])
 
 
 def _image_bytes(i: int) -> bytes:
@@ -66,7 +73,7 @@ def build_output(root: Path, n: int = 24, backbones=("RN50", "ViT-B/32")) -> tup
         lists, score_lists = [], []
         for i in range(n):
             others = [image_ids[j] for j in rng.permutation(n) if j != i][:K]
-            rank = [1, 3, 0, 2, 1, 7][(i + b) % 6] if i else 1  # truth at rank 1, 3, absent, ...
+            rank = RANKS[b][i % 6] if i else 1  # the first article: a hit for every backbone
             if rank:
                 others.insert(rank - 1, image_ids[i])
             lists.append(others[:K])
@@ -102,59 +109,149 @@ def build_output(root: Path, n: int = 24, backbones=("RN50", "ViT-B/32")) -> tup
 
 
 class Page(HTMLParser):
-    """Every start tag with its attributes, and the text (unescaped) per innermost element."""
+    """Every start tag with its attributes, the text (unescaped) per innermost element, and every <table> as rows of
+    cell texts (a cell's pieces joined by spaces) under the h2/h3 heading before it."""
 
     def __init__(self):
         super().__init__(convert_charrefs=True)
         self.tags: list[tuple[str, dict]] = []
         self.text: list[str] = []
+        self.tables: dict[str, list[list[str]]] = {}
+        self._heading: list[str] | None = None
+        self._last_heading = ""
+        self._table: list[list[str]] | None = None
+        self._cell: list[str] | None = None
 
     def handle_starttag(self, tag, attrs):
         self.tags.append((tag, dict(attrs)))
+        if tag in ("h2", "h3"):
+            self._heading = []
+        elif tag == "table":
+            self._table = self.tables[self._last_heading] = []
+        elif tag == "tr" and self._table is not None:
+            self._table.append([])
+        elif tag in ("td", "th") and self._table is not None:
+            self._cell = []
 
     def handle_startendtag(self, tag, attrs):
         self.tags.append((tag, dict(attrs)))
 
+    def handle_endtag(self, tag):
+        if tag in ("h2", "h3") and self._heading is not None:
+            self._last_heading, self._heading = "".join(self._heading).strip(), None
+        elif tag in ("td", "th") and self._cell is not None:
+            self._table[-1].append(" ".join(p.strip() for p in self._cell if p.strip()))
+            self._cell = None
+        elif tag == "table":
+            self._table = None
+
     def handle_data(self, data):
         self.text.append(data)
+        for target in (self._heading, self._cell):
+            if target is not None:
+                target.append(data)
 
     def count(self, tag: str) -> int:
         return sum(1 for t, _ in self.tags if t == tag)
+
+
+def parse(document: str) -> Page:
+    page = Page()
+    page.feed(document)
+    return page
 
 
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory):
     out, cfg = build_output(tmp_path_factory.mktemp("report"))
     document = render_html(out, cfg)
-    page = Page()
-    page.feed(document)
-    return out, cfg, document, page
+    return out, cfg, document, parse(document)
 
 
-def test_tables_numbers_and_paper_rows(rendered):
+def _metrics(out: Path) -> dict:
+    return json.loads((out / "metrics.json").read_text())
+
+
+def _with_interval(row: dict, key: str) -> str:
+    """A table cell: the value, then its 95% interval in brackets."""
+    return f"{row[key]:.3f} [{row[f'{key}_lo']:.3f}, {row[f'{key}_hi']:.3f}]"
+
+
+def test_overall_table_equals_metrics_json_with_the_papers_rows(rendered):
     out, cfg, _, page = rendered
-    text = " ".join(page.text)
-    metrics = json.loads((out / "metrics.json").read_text())
-    for row in metrics["rows"]:
-        if row["source"] == "all":
-            assert f"{row['mrr']:.3f}" in text
-            assert f"[{row['mrr_lo']:.3f}, {row['mrr_hi']:.3f}]" in text
+    overall = {r["backbone"]: r for r in _metrics(out)["rows"] if r["source"] == "all"}
+    header, *rows = page.tables["All backbones (text to image)"]
+    assert header == ["backbone", "n", f"MRR@{K}", "R@1", "R@5", "R@10"]  # with k=10 a R@100 would really be R@10
+    expected = []
     for name in cfg.backbones:
-        assert name in text
-    assert "RN50 (paper)" in text and "0.388" in text and "ViT-B/32 (paper)" in text and "0.384" in text
-    assert f"backbone n MRR@{K} R@1 R@5 R@10 " in text
-    assert "R@20" not in text and "R@100" not in text  # with k=10 a recall@100 would really be recall@10
-    assert page.count("table") >= 5  # overall, per source x3, paired, cost, rejects
-    assert "A beats B" in text or "no significant difference" in text
-    assert "no text" in text  # the rejects summary
-    assert "3.00" in text  # GPU memory of ViT-B/32 in GiB
+        ours = overall[name]
+        expected.append([name, str(ours["n"]), *(_with_interval(ours, key) for key in KEYS)])
+        paper = paper_scores(name)
+        if paper:  # the paper has no R@1
+            expected.append([f"{name} (paper)", "2000", *(f"{paper[k]:.3f}" if k in paper else "–" for k in KEYS)])
+    assert rows == expected
+    assert [row[:4] for row in rows if "(paper)" in row[0]] == [["RN50 (paper)", "2000", "0.388", "–"],
+                                                                ["ViT-B/32 (paper)", "2000", "0.384", "–"]]
+
+
+def test_tables_under_their_headings(rendered):
+    out, cfg, _, page = rendered
+    assert list(page.tables) == ["All backbones (text to image)", *cfg.backbones, "Paired comparisons",
+                                 "Cost against quality", "Rejected rows"]
+    per_source = {(r["backbone"], r["source"]): r for r in _metrics(out)["rows"] if r["source"] != "all"}
+    for name in cfg.backbones:
+        header, *rows = page.tables[name]
+        assert header[0] == "source"
+        assert [(row[0], row[2]) for row in rows] == [(s, _with_interval(per_source[name, s], "mrr"))
+                                                      for s in ("RT", "TW")]
+    assert page.tables["Rejected rows"] == [["stage", "reason", "rows"],
+                                            ["prepare", "no text (title_body is empty)", "1"]]
+    assert "25 articles and 24 images in; 24 usable article-image pairs." in page.text
+
+
+def _decision(pair: dict) -> str:
+    """What a Holm-adjusted p-value below 0.05 decides, in the words of the table."""
+    if pair["p_holm"] >= 0.05:
+        return "no significant difference"
+    return "A beats B" if pair["difference"] > 0 else "B beats A"
+
+
+def test_paired_table_shows_each_pairs_decision(rendered):
+    out, _, document, page = rendered
+    paired = _metrics(out)["paired"]
+    header, *rows = page.tables["Paired comparisons"]
+    assert header == ["A", "B", "metric", "A − B", "95% interval", "share of resamples A > B", "p (Holm)", "decision"]
+    assert rows == [[p["a"], p["b"], "mrr", f"{p['difference']:+.4f}", f"[{p['lo']:+.4f}, {p['hi']:+.4f}]",
+                     f"{p['share_a_better']:.3f}", f"{p['p_holm']:.3f}", _decision(p)] for p in paired]
+    # RANKS makes all three outcomes happen: the first backbone beats the second, the fusion beats the second,
+    # the first and the fusion are too close to call
+    fused = fusion_name(["RN50", "ViT-B/32"], "rrf")
+    assert {(r[0], r[1]): r[-1] for r in rows} == {("RN50", "ViT-B/32"): "A beats B",
+                                                   ("RN50", fused): "no significant difference",
+                                                   ("ViT-B/32", fused): "B beats A"}
+    assert document.count('decision-yes">') == 2  # a decision is green; no decision is not
+
+
+def test_cost_table_from_manifest(rendered):
+    _, cfg, _, page = rendered
+    header, *rows = page.tables["Cost against quality"]
+    by_name = {row[0]: dict(zip(header, row, strict=True)) for row in rows}
+    assert list(by_name) == list(cfg.backbones)
+    fused = cfg.backbones[2]
+    # build_output records 12.5 s and 25 s of image encoding, 3 s of text encoding each; a fusion costs both members
+    assert [by_name[n]["image encode s"] for n in cfg.backbones] == ["12.5", "25.0", "37.5"]
+    assert [by_name[n]["text encode s"] for n in cfg.backbones] == ["3.0", "3.0", "6.0"]
+    # 3 GiB recorded for ViT-B/32 only; a fusion needs as much as its largest member
+    assert {n: by_name[n]["GPU memory GiB"] for n in cfg.backbones} == {"RN50": "–", "ViT-B/32": "3.00", fused: "3.00"}
 
 
 def test_plots_are_inline_svg(rendered):
     page = rendered[3]
     assert page.count("svg") == 3  # Recall@K curves, MRR per source, cost against quality
     assert page.count("polyline") == 3 + 2  # a curve per backbone (fusion included), the paper's for RN50 and ViT-B/32
-    assert any(attrs.get("stroke-dasharray") for tag, attrs in page.tags if tag == "polyline")
+    assert page.count("polygon") == 3  # a 95% band per curve
+    dashed = [attrs for tag, attrs in page.tags if tag == "polyline" and attrs.get("stroke-dasharray")]
+    assert len(dashed) == 2
     assert "the paper's (dashed)" in " ".join(page.text)  # the caption names them when they are drawn
 
 
@@ -190,20 +287,28 @@ def test_images_found_when_shards_moved(tmp_path):
     write_table(candidates.with_columns(pl.lit("/nonexistent/shard.parquet").alias("file")).to_arrow(),
                 out / "prepared" / "candidates.parquet")
     path = write_html(out, cfg, examples=2)
-    page = Page()
-    page.feed(path.read_text())
     assert path == out / "report.html"
-    assert sum(1 for t, a in page.tags if t == "img") >= 5  # found by scanning input.images
+    thumbs = re.findall(r'<div class="thumb[^"]*">(<img|<span class="missing").*?<span class="meta">([^<]+)</span>',
+                        path.read_text())
+    assert len(thumbs) >= 2 * 5
+    # found by scanning input.images: every thumbnail shows its picture but that of the one broken image
+    assert [kind == "<img" for kind, image in thumbs] == [image != "img005" for kind, image in thumbs]
 
 
 def test_renders_without_intervals_or_config(tmp_path):
     out, _ = build_output(tmp_path, n=12)
-    metrics = json.loads((out / "metrics.json").read_text())
-    plain = [{k: v for k, v in r.items() if not k.endswith(("_lo", "_hi"))} for r in metrics["rows"]]
+    plain = [{k: v for k, v in r.items() if not k.endswith(("_lo", "_hi"))} for r in _metrics(out)["rows"]]
     write_text(out / "metrics.json", json.dumps({"k": K, "rows": plain}))
     document = render_html(out, None, examples=1)
-    assert "<svg" in document and "95% bootstrap" not in document
-    assert f"{scores(np.array([1]), K)['mrr']:.3f}" in document  # formats render
+    page = parse(document)
+    assert "<h1>newsclip report: output</h1>" in document  # the output folder names the job
+    assert 'class="ci"' not in document and "Brackets:" not in document and page.count("polygon") == 0
+    assert page.count("svg") == 3 and document.count('<div class="example">') == 1
+    _, *rows = page.tables["All backbones (text to image)"]
+    ours = [row for row in rows if "(paper)" not in row[0]]
+    # metrics.json's order: no config says another
+    assert ours == [[r["backbone"], str(r["n"]), *(f"{r[key]:.3f}" for key in KEYS)] for r in plain
+                    if r["source"] == "all"]
 
 
 def test_display_names_shorten_checkpoint_paths(tmp_path):
@@ -220,10 +325,10 @@ def test_display_names_shorten_checkpoint_paths(tmp_path):
 
 
 def test_notes_say_what_qualifies_the_numbers(rendered):
-    from newsclip.report.html import evaluation_notes
-
-    _, _, document, _ = rendered
-    assert "conditional on the gallery" in document and "Holm" in document
+    out, _, _, page = rendered
+    text = " ".join(page.text)
+    assert f"Brackets: {INTERVALS}." in text and "conditional on the gallery" in INTERVALS
+    assert paired_note(_metrics(out)["paired"]) in page.text and "Holm" in paired_note(_metrics(out)["paired"])
     row = {"backbone": "RN50", "source": "all", "direction": "text_to_image", "n": 1990, "n_sampled": 2000,
            "n_unscoreable": 3}
     metrics = {"k": 100, "rows": [row, {**row, "backbone": "ViT-B/32"}], "knn": [],

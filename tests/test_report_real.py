@@ -7,7 +7,6 @@ import re
 import shutil
 import subprocess
 import sys
-from html.parser import HTMLParser
 from pathlib import Path
 
 import polars as pl
@@ -15,11 +14,14 @@ import pytest
 import torch
 from PIL import Image
 from test_backbones import tiny_clip
+from test_report_html import parse
 
 from newsclip.cli import main
 from newsclip.demo.data import write_demo_data
 from newsclip.names import fusion_name
-from newsclip.report.html import PALETTE
+from newsclip.report.svg import PALETTE
+
+pytestmark = pytest.mark.slow  # a whole job: `pytest -m 'not slow'` leaves it out
 
 REPO = Path(__file__).resolve().parents[1]
 JOB = str(REPO / "jobs" / "demo.yaml")
@@ -53,48 +55,7 @@ def real_run(tmp_path_factory, demo_tiny, ray_local):
 def page(real_run):
     out, _ = real_run
     document = (out / "report.html").read_text()
-    tables = Tables()
-    tables.feed(document)
-    return document, tables
-
-
-class Tables(HTMLParser):
-    """Every <table> as rows of cell texts (a cell's pieces joined by spaces), under the h2/h3 heading before it."""
-
-    def __init__(self):
-        super().__init__(convert_charrefs=True)
-        self.by_heading: dict[str, list[list[str]]] = {}
-        self.tags: list[tuple[str, dict]] = []
-        self._heading: list[str] | None = None
-        self._last_heading = ""
-        self._table: list[list[str]] | None = None
-        self._cell: list[str] | None = None
-
-    def handle_starttag(self, tag, attrs):
-        self.tags.append((tag, dict(attrs)))
-        if tag in ("h2", "h3"):
-            self._heading = []
-        elif tag == "table":
-            self._table = []
-            self.by_heading[self._last_heading] = self._table
-        elif tag == "tr" and self._table is not None:
-            self._table.append([])
-        elif tag in ("td", "th") and self._table is not None:
-            self._cell = []
-
-    def handle_endtag(self, tag):
-        if tag in ("h2", "h3") and self._heading is not None:
-            self._last_heading, self._heading = "".join(self._heading).strip(), None
-        elif tag in ("td", "th") and self._cell is not None:
-            self._table[-1].append(" ".join(p.strip() for p in self._cell if p.strip()))
-            self._cell = None
-        elif tag == "table":
-            self._table = None
-
-    def handle_data(self, data):
-        for target in (self._heading, self._cell):
-            if target is not None:
-                target.append(data)
+    return document, parse(document)
 
 
 def _overall(out: Path) -> pl.DataFrame:
@@ -109,23 +70,23 @@ def _chance_mrr(candidates: int, k: int = 100) -> float:
 
 def test_html_table_equals_metrics_csv_with_intervals(real_run, page):
     out, names = real_run
-    _, tables = page
+    _, parsed = page
     overall = _overall(out)
     assert overall["backbone"].to_list() == names
-    header, *rows = tables.by_heading["All backbones (text to image)"]
+    header, *rows = parsed.tables["All backbones (text to image)"]
     assert header[:3] == ["backbone", "n", "MRR@100"] and header[-1] == "R@100"
     assert [r[0] for r in rows] == LABELS  # the checkpoint by its file name, also inside the fusion's name
-    for row, expected in zip(rows, overall.iter_rows(named=True)):
+    for row, expected in zip(rows, overall.iter_rows(named=True), strict=True):
         assert row[1] == str(expected["n"])
         for cell, key in zip(row[2:], ["mrr", "recall@1", "recall@5", "recall@10", "recall@20", "recall@50",
                                        "recall@100"], strict=True):
             assert cell == f"{expected[key]:.3f} [{expected[f'{key}_lo']:.3f}, {expected[f'{key}_hi']:.3f}]", key
     # the full path is on the page, once, beside its short name
     assert re.sub(r"<[^>]+>", "", page[0]).count(f"Checkpoint files: random-rn.pt: {names[1]}.") == 1
-    reverse = tables.by_heading["Image to text (which article is this image for)"]
+    reverse = parsed.tables["Image to text (which article is this image for)"]
     assert [r[0] for r in reverse[1:]] == LABELS
     for label in LABELS:  # a per-source table under each name
-        assert [r[0] for r in tables.by_heading[label][1:]] == ["RSS", "RT", "TW"]
+        assert [r[0] for r in parsed.tables[label][1:]] == ["RSS", "RT", "TW"]
 
 
 def test_report_md_rows_equal_metrics_csv(real_run):
@@ -135,7 +96,7 @@ def test_report_md_rows_equal_metrics_csv(real_run):
     section = report.split("## All sources", 1)[1].split("##", 1)[0]
     lines = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| backbone")]
     assert [line.split(" | ")[0].removeprefix("| ") for line in lines] == names  # markdown keeps full names
-    for line, row in zip(lines, overall.iter_rows(named=True)):
+    for line, row in zip(lines, overall.iter_rows(named=True), strict=True):
         assert line.startswith(f"| {row['backbone']} | {row['n']} | {row['mrr']:.3f} | {row['recall@1']:.3f} | "
                                f"{row['recall@5']:.3f} |")
     for name in names:
@@ -155,11 +116,14 @@ def test_random_checkpoint_scores_like_chance_and_loses_the_paired_comparison(re
     paired = json.loads((out / "metrics.json").read_text())["paired"]
     first = next(p for p in paired if (p["a"], p["b"], p["direction"]) == (names[0], names[1], "text_to_image"))
     assert first["decision"] == "A beats B" and first["lo"] > 0
-    _, tables = page
-    rows = tables.by_heading["Paired comparisons"][1:]
-    shown = next(r for r in rows if r[:2] == LABELS[:2])
-    assert shown[3] == f"{first['difference']:+.4f}" and shown[-1] == "A beats B"
-    assert len(rows) == 3  # every pair of the three
+    _, parsed = page
+    rows = parsed.tables["Paired comparisons"][1:]
+    label = dict(zip(names, LABELS, strict=True))
+    # every pair of the three, each with its difference and decision
+    assert [(r[0], r[1], r[3], r[-1]) for r in rows] == [(label[p["a"]], label[p["b"]], f"{p['difference']:+.4f}",
+                                                          p["decision"]) for p in paired
+                                                         if p["direction"] == "text_to_image"]
+    assert len(rows) == 3 and rows[0][:2] == LABELS[:2] and rows[0][-1] == "A beats B"
 
 
 def test_cost_table_from_manifest(real_run, page):
@@ -168,8 +132,8 @@ def test_cost_table_from_manifest(real_run, page):
     encode = {name: {side: stages[f"encode:{slug}:{side}"] for side in ("images", "texts")}
               for name, slug in zip(names[:2], ["demo-tiny", "random-rn"])}
     mrr = dict(zip(_overall(out)["backbone"], _overall(out)["mrr"]))
-    _, tables = page
-    header, *rows = tables.by_heading["Cost against quality"]
+    _, parsed = page
+    header, *rows = parsed.tables["Cost against quality"]
     assert header[:3] == ["backbone", "images", "image encode s"] and header[-1] == "MRR"
     assert [r[0] for r in rows] == LABELS
     for row, name in zip(rows, names[:2]):
@@ -184,7 +148,7 @@ def test_cost_table_from_manifest(real_run, page):
 
 def test_examples_show_the_best_backbones_top5_with_the_correct_image_marked(real_run, page):
     out, _ = real_run
-    document, tables = page
+    document, parsed = page
     assert "<h2>Examples (demo-tiny)</h2>" in document  # the best MRR
     truth = dict(pl.read_parquet(out / "prepared" / "queries").select("article_id", "image_id").iter_rows())
     ranked = pl.read_parquet(out / "rankings" / "demo-tiny.parquet")
@@ -204,7 +168,7 @@ def test_examples_show_the_best_backbones_top5_with_the_correct_image_marked(rea
             assert hits == [] and thumbs[5] == ("thumb truth", truth[article])
             ranks_seen.append(0)
     assert 1 in ranks_seen and any(r > 1 for r in ranks_seen)  # a hit at rank 1 and one elsewhere (or missed)
-    pictures = [attrs["src"] for tag, attrs in tables.tags if tag == "img"]
+    pictures = [attrs["src"] for tag, attrs in parsed.tags if tag == "img"]
     assert len(pictures) >= 25
     for src in pictures:
         assert src.startswith("data:image/jpeg;base64,")
@@ -212,17 +176,17 @@ def test_examples_show_the_best_backbones_top5_with_the_correct_image_marked(rea
 
 
 def test_plots_inline_and_page_self_contained(real_run, page):
-    document, tables = page
-    assert sum(1 for tag, _ in tables.tags if tag == "svg") == 3  # Recall@K, MRR per source, cost against quality
-    assert sum(1 for tag, _ in tables.tags if tag == "polyline") == 3  # a curve each; no paper curve for these
+    document, parsed = page
+    assert parsed.count("svg") == 3  # Recall@K, MRR per source, cost against quality
+    assert parsed.count("polyline") == 3  # a curve each; no paper curve for these
     assert "(paper)" not in document and "dashed)" not in document.split("<h2>Examples")[0]  # nor paper rows
-    circles = sum(1 for tag, _ in tables.tags if tag == "circle")
+    circles = parsed.count("circle")
     assert circles == 3 * 6 + 3  # a point per backbone and K (1 to 100), then a point per backbone in the cost plot
     svgs = re.findall(r"<svg.*?</svg>", document, flags=re.S)
     for label in LABELS:  # each plot names every backbone (legend or point label)
         assert all(f">{label}</text>" in svg for svg in svgs), label
-    assert not any(tag in ("script", "link", "iframe", "object", "embed") for tag, _ in tables.tags)
-    for tag, attrs in tables.tags:
+    assert not any(tag in ("script", "link", "iframe", "object", "embed") for tag, _ in parsed.tags)
+    for tag, attrs in parsed.tags:
         for key, value in attrs.items():
             assert not key.startswith("on"), (tag, key)
             assert not (value or "").lower().startswith(("http:", "https:", "//", "file:")), (tag, key, value)

@@ -5,6 +5,7 @@ is stopped by terminating that child. Not `ray stop`: it kills every Ray process
 session's local Ray (conftest's `ray_local`) and anyone else's.
 """
 
+import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -24,6 +25,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 import yaml
+
+pytestmark = pytest.mark.slow  # a whole job: `pytest -m 'not slow'` leaves it out
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -80,7 +83,7 @@ def ray_head(demo_tiny):
         "RAY_USAGE_STATS_ENABLED": "0",
         "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",  # SIGTERM: stop now, not after a 30 s drain
     })
-    log = open(root / "head.log", "w")
+    log = open(root / "head.log", "w")  # noqa: SIM115 -- the head process writes to it until teardown
     process = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
          "--temp-dir", str(root / "ray"), "--num-cpus", "2", "--num-gpus", "0", "--include-dashboard=true",
@@ -116,10 +119,8 @@ def ray_head(demo_tiny):
         while (left := _own_processes(str(root))) and time.time() < deadline:
             time.sleep(0.5)
         for pid in _own_processes(str(root)):  # stragglers of this head only (their command line names its dir)
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         log.close()
         shutil.rmtree(root, ignore_errors=True)
         assert not left or not _own_processes(str(root)), f"Ray processes left behind: {left}"

@@ -24,7 +24,7 @@ _MIN_POINTS_PER_CENTROID = 39
 _MAX_POINTS_PER_CENTROID = 256
 # query rows re-scored per einsum call: keeps the gathered (rows, width, d) candidate block small (~10 MB).
 _RESCORE_ROWS = 32
-_PAD_KEY = np.iinfo(np.int64).max
+PAD_KEY = np.iinfo(np.int64).max
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ def merge_topk(scores: list[np.ndarray], keys: list[np.ndarray], k: int) -> tupl
     if s.shape[1] < k:
         fill = k - s.shape[1]
         s = np.concatenate([s, np.full((s.shape[0], fill), -np.inf, np.float32)], axis=1)
-        kk = np.concatenate([kk, np.full((kk.shape[0], fill), _PAD_KEY, np.int64)], axis=1)
+        kk = np.concatenate([kk, np.full((kk.shape[0], fill), PAD_KEY, np.int64)], axis=1)
     # lexsort: the last key is primary -> score desc, then id rank asc; -(-inf) = +inf puts padding last.
     order = np.lexsort((kk, -s), axis=1)[:, :k]
     return np.take_along_axis(s, order, axis=1), np.take_along_axis(kk, order, axis=1)
@@ -378,32 +378,31 @@ def _as_ids(x: Any, n: int, what: str) -> np.ndarray:
     return ids
 
 
+def _pairs(items: Iterable[Any], what: str) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """(position, ids, vectors) of each (ids, vectors) item, checked, with errors that name the item."""
+    for i, item in enumerate(items):
+        try:
+            ids, vectors = item
+        except (TypeError, ValueError):
+            raise ValueError(f"{what} {i} is not an (ids, vectors) pair") from None
+        vec = _as_vectors(vectors, f"{what} {i} vectors")
+        yield i, _as_ids(ids, len(vec), f"{what} {i} ids"), vec
+
+
 def _db_chunks(db_ids: Any, db_vectors: Any) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     if db_ids is None:
         if isinstance(db_vectors, np.ndarray):
             raise ValueError("db_ids is None: db_vectors must then be an iterable of (ids, vectors) chunks")
-        for i, chunk in enumerate(db_vectors):
-            try:
-                cid, cvec = chunk
-            except (TypeError, ValueError):
-                raise ValueError(f"db chunk {i} is not an (ids, vectors) pair") from None
-            vec = _as_vectors(cvec, f"db chunk {i} vectors")
-            yield _as_ids(cid, len(vec), f"db chunk {i} ids"), vec
+        yield from ((ids, vec) for _, ids, vec in _pairs(db_vectors, "db chunk"))
     else:
         vec = _as_vectors(db_vectors, "db_vectors")
         yield _as_ids(db_ids, len(vec), "db_ids"), vec
 
 
 def _query_batches(queries: Iterable[tuple[Any, Any]], d: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    for i, batch in enumerate(queries):
-        try:
-            qid, qvec = batch
-        except (TypeError, ValueError):
-            raise ValueError(f"query batch {i} is not an (ids, vectors) pair") from None
-        vec = _as_vectors(qvec, f"query batch {i} vectors")
+    for i, ids, vec in _pairs(queries, "query batch"):
         if vec.shape[1] != d:
             raise ValueError(f"query batch {i} has dim {vec.shape[1]}, the database has dim {d}")
-        ids = _as_ids(qid, len(vec), f"query batch {i} ids")
         if len(vec):
             yield ids, vec
 
@@ -564,7 +563,7 @@ def search(db_ids: np.ndarray | None, db_vectors: np.ndarray | Iterable[tuple[np
 
         def merge(handle: Any) -> tuple[np.ndarray, np.ndarray]:
             results = backend.fetch(handle)
-            keys = [np.where(rows >= 0, rank_of_row[np.maximum(rows, 0)], _PAD_KEY) for _, rows in results]
+            keys = [np.where(rows >= 0, rank_of_row[np.maximum(rows, 0)], PAD_KEY) for _, rows in results]
             return merge_topk([s for s, _ in results], keys, k_out)
 
         def drain(upto: int) -> None:
@@ -585,7 +584,7 @@ def search(db_ids: np.ndarray | None, db_vectors: np.ndarray | Iterable[tuple[np
         keys = np.concatenate(key_parts) if key_parts else np.empty((0, k_out), np.int64)
         scores = np.concatenate(score_parts) if score_parts else np.empty((0, k_out), np.float32)
         query_ids = np.concatenate(qid_parts) if qid_parts else np.empty(0, dtype=object)
-        ids = id_of_rank[np.where(keys == _PAD_KEY, n, keys)]
+        ids = id_of_rank[np.where(keys == PAD_KEY, n, keys)]
 
         # ---- recall of an approximate index on a seeded sample, against exact search of the same shards
         recall = None
@@ -598,15 +597,15 @@ def search(db_ids: np.ndarray | None, db_vectors: np.ndarray | Iterable[tuple[np
                 exact_keys.append(kk)
             ek = np.concatenate(exact_keys)
             ak = keys[pos]
-            hits = [len(np.intersect1d(a[a != _PAD_KEY], e[e != _PAD_KEY], assume_unique=True)) for a, e in zip(ak, ek)]
+            hits = [len(np.intersect1d(a[a != PAD_KEY], e[e != PAD_KEY], assume_unique=True)) for a, e in zip(ak, ek)]
             recall = float(np.mean(hits) / k_out)
         t_end = time.perf_counter()
         stats = backend.stats()
         for built, now in zip(shard_stats, stats):
             now["build_s"] = built["build_s"]
-        timings = dict(build_s=round(t_built - t_start, 3), search_s=round(t_searched - t_built, 3),
-                       recall_s=round(t_end - t_searched, 3), total_s=round(t_end - t_start, 3), queries=n_q,
-                       shards=len(stats))
+        timings = {"build_s": round(t_built - t_start, 3), "search_s": round(t_searched - t_built, 3),
+                       "recall_s": round(t_end - t_searched, 3), "total_s": round(t_end - t_start, 3), "queries": n_q,
+                       "shards": len(stats)}
         return KnnResult(query_ids=query_ids, ids=ids, scores=scores, recall_at_k=recall, shard_stats=stats,
                          timings=timings)
     finally:

@@ -18,13 +18,13 @@ from newsclip.runtime.store import write_table
 HASH_HEX = 32  # 128 bits of sha256: collisions are out of reach for any archive
 
 
-def content_hash(data: str | bytes) -> str:
+def content_key(data: str | bytes) -> str:
     """The key of a text or an image file: sha256 of its UTF-8 text or its bytes (first 128 bits, hex)."""
     return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()[:HASH_HEX]
 
 
-def hash_array(values: Iterable[str | bytes | None]) -> pa.Array:
-    return pa.array([None if v is None else content_hash(v) for v in values], pa.string())
+def content_keys(values: Iterable[str | bytes | None]) -> pa.Array:
+    return pa.array([None if v is None else content_key(v) for v in values], pa.string())
 
 
 class EmbeddingStore:

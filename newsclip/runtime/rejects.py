@@ -3,30 +3,49 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import polars as pl
+import pyarrow as pa
 
-from newsclip.runtime.store import parquet_files
+from newsclip.runtime.store import parquet_files, write_table
 
-COLUMNS = {"id": pl.String, "kind": pl.String, "stage": pl.String, "reason": pl.String}
+if TYPE_CHECKING:  # polars stays out of the encode stage's imports, which its workers share
+    import polars as pl
+
+COLUMNS = ("id", "kind", "stage", "reason")
+
+
+def write_rejects(out: Path, name: str, stage: str, rows: pa.Table | pl.DataFrame) -> Path:
+    """Commit `rejects/<name>.parquet`: `rows` (id, kind, reason, and any detail such as the input file), each
+    marked with the stage that rejected it."""
+    rows = rows if isinstance(rows, pa.Table) else rows.to_arrow()
+    missing = [c for c in ("id", "kind", "reason") if c not in rows.column_names]
+    if missing:
+        raise ValueError(f"rejects of {stage}: no {missing} column")
+    return write_table(rows.append_column("stage", pa.array([stage] * len(rows), pa.string())),
+                       out / "rejects" / f"{name}.parquet")
 
 
 def read_rejects(out: Path) -> pl.DataFrame:
     """Every rejected row (id, kind, stage, reason) of a job's output; empty when nothing was rejected."""
+    import polars as pl
+
     try:
         files = parquet_files(out / "rejects", "rejects")
     except FileNotFoundError:
-        return pl.DataFrame(schema=COLUMNS)
+        return pl.DataFrame(schema=dict.fromkeys(COLUMNS, pl.String))
     frames = []
     for path in files:
         frame = pl.read_parquet(path)
-        frames.append(frame.select([pl.col(c).cast(t) if c in frame.columns else pl.lit(None, t).alias(c)
-                                    for c, t in COLUMNS.items()]))
+        frames.append(frame.select([pl.col(c).cast(pl.String) if c in frame.columns
+                                    else pl.lit(None, pl.String).alias(c) for c in COLUMNS]))
     return pl.concat(frames)
 
 
 def rejects_summary(out: Path, examples: int = 3) -> pl.DataFrame:
     """Rejected rows per stage, kind and reason, most frequent first, with a few example ids each."""
+    import polars as pl
+
     # reasons carry details (a decoder's message); the part before the first colon is the kind of failure
     frame = read_rejects(out).with_columns(pl.col("reason").str.split(":").list.first())
     return (frame.group_by("stage", "kind", "reason", maintain_order=True)

@@ -13,12 +13,13 @@ from pathlib import Path
 
 from newsclip import config as config_mod
 from newsclip.config import JobConfig
-from newsclip.runtime.console import log
-from newsclip.runtime.embedding_store import content_hash
-from newsclip.runtime.ray_setup import ensure_ray
+from newsclip.runtime import console
+from newsclip.runtime.embedding_store import content_key
+from newsclip.runtime.ray_setup import ensure_ray, ray_logs
 from newsclip.runtime.store import STAGING, parquet_files, read_manifest, record_completed, record_run, write_text
 
 STAGE_NAMES = ("prepare", "translate", "encode", "knn", "evaluate", "report")
+LOGS = "logs"  # under output_dir: newsclip.log (every message of the runs that did work) and Ray's logs
 
 
 def _stage(name: str) -> Callable[[JobConfig], object]:
@@ -54,7 +55,7 @@ def stage_key(cfg: JobConfig, name: str, completed: dict) -> str:
     settings = config_mod.to_dict(cfg)
     settings.pop("ray")
     upstream = {n: completed.get(n, {}).get("digest") for n in STAGE_NAMES[: STAGE_NAMES.index(name)]}
-    return content_hash(json.dumps([name, settings, upstream, _external_inputs(cfg, name)], sort_keys=True))
+    return content_key(json.dumps([name, settings, upstream, _external_inputs(cfg, name)], sort_keys=True))
 
 
 COUNTS = ("rows", "new", "encoded", "reused", "rejected", "skipped")  # summed over a stage's entries in the run log
@@ -85,10 +86,11 @@ def run_stages(cfg: JobConfig, names: tuple[str, ...] = STAGE_NAMES, force: bool
     """Run the stages in order, skipping any whose inputs are unchanged since it last committed (unless `force`).
 
     After a crash, the same command redoes only what had not been committed. The run's record (per stage: done
-    or up to date, seconds, counts) goes to `runs/<run id>.json` as it goes and to `manifest.json` at the end."""
+    or up to date, seconds, counts) goes to `runs/<run id>.json` as it goes and to `manifest.json` at the end.
+    The console gets one line per stage; every message, and Ray's own logs, go to `logs/` (see console, ray_logs)."""
     out = cfg.output
     out.mkdir(parents=True, exist_ok=True)
-    with _exclusive(out):
+    with _exclusive(out), console.log_file(out / LOGS / "newsclip.log"), ray_logs(out / LOGS):
         _mark_interrupted(out)
         shutil.rmtree(out / STAGING, ignore_errors=True)  # what a dead run left half-written: never committed
         resolved = config_mod.dump(cfg)
@@ -118,19 +120,34 @@ def _run_stage(cfg: JobConfig, name: str, force: bool) -> dict:
     key = stage_key(cfg, name, completed)
     previous = completed.get(name, {})
     if not force and previous.get("key") == key and all((out / f).exists() for f in previous.get("files", [])):
-        log(f"{name}: up to date")
+        console.note(f"{name}: up to date")
         return {"status": "up to date"}
-    if name in ("translate", "encode") or (name == "knn" and cfg.knn.backend == "ray"):
-        ensure_ray(cfg.ray)
-    started = time.time()
-    log(f"{name}: started")
-    record_completed(out, name, None)
-    result = _stage(name)(cfg)
-    entries = result if isinstance(result, list) else [result] if result else []
-    record_completed(out, name, key, entries)
-    seconds = round(time.time() - started, 1)
-    log(f"{name}: done in {seconds}s")
-    return {"status": "done", "seconds": seconds, **_summary(entries)}
+    with console.stage(name) as line:
+        starting = time.time()
+        if name in ("translate", "encode") or (name == "knn" and cfg.knn.backend == "ray"):
+            ensure_ray(cfg.ray)
+        started = time.time()  # Ray's start-up is not the stage's time (the line says it when it took a while)
+        ray_start = f" (after {started - starting:.1f}s starting Ray)" if started - starting > 1 else ""
+        record_completed(out, name, None)
+        result = _stage(name)(cfg)
+        entries = result if isinstance(result, list) else [result] if result else []
+        record_completed(out, name, key, entries)
+        seconds = round(time.time() - started, 1)
+        summary = _summary(entries)
+        line.finish(f"done in {seconds}s{_counts(summary)}{ray_start}")
+    return {"status": "done", "seconds": seconds, **summary}
+
+
+# the counts a stage's console line shows, those of them that it has and that are not 0
+COUNT_LABELS = (("articles_in", "articles in"), ("queries", "queries"), ("candidates", "candidates"), ("rows", "rows"),
+                ("new", "new"), ("encoded", "encoded"), ("reused", "reused"), ("rejected", "rejected"),
+                ("skipped", "skipped"))
+
+
+def _counts(summary: dict) -> str:
+    """A stage's counts for its console line, e.g. `, 2000 rows, 1990 new, 10 reused`."""
+    return "".join(f", {summary[key]} {label}" for key, label in COUNT_LABELS
+                   if isinstance(summary.get(key), int) and summary[key])
 
 
 def _now() -> str:

@@ -38,20 +38,30 @@ def parquet_files(spec: str | Path, what: str = "input") -> list[Path]:
     return files
 
 
-def write_table(table: pa.Table, path: Path) -> Path:
-    """Write one Parquet file atomically (temporary name, then rename)."""
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary path beside `path` to write to; renamed onto `path` when the block ends without an error, so a
+    reader sees the old file or the whole new one, never part of it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_table(table: pa.Table, path: Path) -> Path:
+    """Write one Parquet file atomically."""
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
     return path
 
 
 def write_text(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """Write one text file atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
     return path
 
 
@@ -78,14 +88,15 @@ def staged_dir(output: Path, relative: str) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def content_hash(paths: list[Path]) -> str:
-    """sha256 over the files' bytes in order: what a stage committed, for the manifest."""
-    digest = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes (hex)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def files_sha256(paths: list[Path]) -> str:
+    """One sha256 for several files in order (of their own digests): what a stage committed, for the manifest."""
+    return hashlib.sha256(" ".join(file_sha256(p) for p in paths).encode()).hexdigest()
 
 
 def read_manifest(output: Path) -> dict:
@@ -109,7 +120,7 @@ def record_stage(output: Path, stage: str, files: list[Path], **facts) -> dict:
     entry = {
         "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "files": [str(f.relative_to(output)) for f in files],
-        "sha256": content_hash(files),
+        "sha256": files_sha256(files),
         **facts,
     }
     _update_manifest(output, lambda m: m["stages"].__setitem__(stage, entry))

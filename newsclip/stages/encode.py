@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from functools import partial
 
 import numpy as np
 import pyarrow as pa
@@ -16,9 +15,10 @@ import pyarrow.parquet as pq
 from newsclip.config import EncodeConfig, JobConfig
 from newsclip.names import encode_entry, slug
 from newsclip.retrieval.backbones import checkpoint_id, input_sizes
-from newsclip.runtime.console import log
-from newsclip.runtime.embedding_store import EmbeddingStore, hash_array
+from newsclip.runtime.console import log, progress
+from newsclip.runtime.embedding_store import EmbeddingStore, content_keys
 from newsclip.runtime.ray_setup import actor_retries, dataset_of
+from newsclip.runtime.rejects import write_rejects
 from newsclip.runtime.store import parquet_files, record_stage, staged_dir, write_table
 from newsclip.workers.encoders import TASK_ROWS, ImageEncoder, TextEncoder, read_and_decode_images, tokenize_texts
 
@@ -47,7 +47,7 @@ def wanted_rows(cfg: JobConfig, side: Side) -> pa.Table:
     """(id, hash) of every row this run needs embedded, plus `query_text` for texts and `file` for images."""
     if side is TEXTS:
         table = pq.read_table(parquet_files(cfg.query_texts, "query texts"), columns=["article_id", "query_text"])
-        return table.append_column("hash", hash_array(table.column("query_text").to_pylist()))
+        return table.append_column("hash", content_keys(table.column("query_text").to_pylist()))
     images = pq.read_table(cfg.output / "prepared" / "candidates.parquet")
     images = images.filter(pc.field("candidate"))
     if cfg.eval.candidates == "sample":
@@ -84,7 +84,8 @@ def prepared_rows(side: Side, todo: pa.Table, backbone: str, enc: EncodeConfig, 
         ds, fn = dataset_of(units, len(units)), read_and_decode_images
         kwargs = {"resolution": resolution, "max_pixels": enc.max_image_pixels, "draft": enc.jpeg_draft,
                   "jpeg_to_actor": enc.decode == "gpu", "alpha": enc.alpha}
-    return ds.map_batches(fn, fn_kwargs=kwargs, batch_format="pyarrow", num_cpus=1, max_retries=max_retries)
+    # map_batches would warn that max_retries (a remote arg) is deprecated: see actor_retries
+    return ds.map_batches_internal(fn, fn_kwargs=kwargs, batch_format="pyarrow", num_cpus=1, max_retries=max_retries)
 
 
 def image_units(todo: pa.Table, rows: int) -> pa.Table:
@@ -102,7 +103,7 @@ def model_rows(cfg: JobConfig, enc: EncodeConfig, backbone: str, side: Side, tod
     """The Ray dataset of `todo`'s (hash, embedding, error) rows: CPU tasks, then the model actor pool."""
     import ray
 
-    return prepared_rows(side, todo, backbone, enc, cfg.ray.max_task_retries).map_batches(
+    return prepared_rows(side, todo, backbone, enc, cfg.ray.max_task_retries).map_batches_internal(
         side.encoder,
         fn_constructor_kwargs={"backbone": backbone, "cfg": enc},
         batch_size=enc.batch_size,
@@ -112,7 +113,7 @@ def model_rows(cfg: JobConfig, enc: EncodeConfig, backbone: str, side: Side, tod
                                            max_tasks_in_flight_per_actor=BATCHES_IN_FLIGHT),
         num_cpus=enc.num_cpus_per_actor,
         num_gpus=enc.num_gpus_per_actor,
-        ray_remote_args_fn=partial(actor_retries, cfg.ray),
+        **actor_retries(cfg.ray),  # bounded (see actor_retries: why map_batches_internal)
     )
 
 
@@ -129,6 +130,7 @@ def encode_new(cfg: JobConfig, enc: EncodeConfig, backbone: str, side: Side, tod
         first = first or {"first_batch_seconds": round(time.perf_counter() - started, 2),
                           "first_batch_rows": len(batch)}
         pending.append(batch)
+        progress(done + sum(map(len, pending)), len(todo), part=f"{backbone} {side.name}")
         if sum(map(len, pending)) >= enc.commit_rows:
             done += _commit(store, pending)
             log(f"encode {backbone} {side.name}: {done}/{len(todo)} new rows stored")
@@ -169,8 +171,7 @@ def encode_side(cfg: JobConfig, backbone: str, side: Side) -> dict:
             raise ValueError(f"encode {backbone} {side.name}: no row could be encoded; reasons: {reasons}")
     rejects = pa.concat_tables(failures)
     rejects = rejects.append_column("kind", pa.array([side.kind] * len(rejects), pa.string()))
-    write_table(rejects.append_column("stage", pa.array([f"encode:{backbone}"] * len(rejects), pa.string())),
-                out / "rejects" / f"encode-{name}-{side.name}.parquet")
+    write_rejects(out, f"encode-{name}-{side.name}", f"encode:{backbone}", rejects)
     reused = len(wanted) - int(pc.sum(pc.is_in(wanted.column("hash"), value_set=todo.column("hash"))).as_py() or 0)
     return record_stage(out, encode_entry(backbone, side.name), parquet_files(out / relative, relative),
                         backbone=backbone,

@@ -16,7 +16,7 @@ from newsclip.config import JobConfig
 from newsclip.names import DIRECTIONS, encode_entry, knn_entry, parse_fusion_name, rankings_stem, slug
 from newsclip.retrieval import search
 from newsclip.retrieval.fusion import RRF_K, Embeddings, fuse
-from newsclip.runtime.console import log
+from newsclip.runtime.console import warn
 from newsclip.runtime.store import (
     parquet_files,
     read_embeddings,
@@ -77,11 +77,13 @@ def _merge(previous: pa.Table, added: search.KnnResult, query_id: str, db_list: 
         row = pc.index_in(previous.column(query_id), value_set=pa.array(added.query_ids, pa.string())).to_numpy()
         ids = np.concatenate([ids, added.ids[row]], axis=1)
         scores = np.concatenate([scores, added.scores[row]], axis=1)
-    # the tie-break: an id's place in sorted id order
-    order_of = pc.index_in(pa.array(ids.ravel(), pa.string()), value_set=pa.array(np.sort(db_ids), pa.string()))
-    order = np.lexsort((order_of.to_numpy(zero_copy_only=False).reshape(ids.shape), -scores), axis=1)[:, :k]
-    return (previous.column(query_id).to_numpy(zero_copy_only=False), np.take_along_axis(ids, order, axis=1),
-            np.take_along_axis(scores, order, axis=1))
+    # the search's own merge, keyed by each id's place in sorted id order (its tie-break)
+    in_order = np.sort(db_ids)
+    keys = pc.index_in(pa.array(ids.ravel(), pa.string()), value_set=pa.array(in_order, pa.string()))
+    keys = pc.fill_null(keys.cast(pa.int64()), search.PAD_KEY).to_numpy().reshape(ids.shape)
+    scores, keys = search.merge_topk([scores], [keys], min(k, ids.shape[1]))
+    ids = np.where(keys == search.PAD_KEY, None, in_order[np.minimum(keys, len(in_order) - 1)])
+    return previous.column(query_id).to_numpy(zero_copy_only=False), ids, scores
 
 
 def tsv_lines(query_ids: np.ndarray, ranked: np.ndarray) -> str:
@@ -99,7 +101,7 @@ def short_lines(filled: np.ndarray, k: int, pool: int, what: str) -> dict:
         return {"short_lines": 0}
     why = (f"there are only {pool} candidates, fewer than k={k}" if pool < k else
            f"the approximate index found fewer than k={k} candidates for these queries")
-    log(f"{what}: {short} of {len(filled)} ranking lines hold fewer than k={k} ids: {why}")
+    warn(f"{what}: {short} of {len(filled)} ranking lines hold fewer than k={k} ids: {why}")
     return {"short_lines": short, "short_reason": why}
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +11,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from newsclip.config import JobConfig
-from newsclip.runtime.console import log
-from newsclip.runtime.embedding_store import hash_array
+from newsclip.runtime.console import progress
+from newsclip.runtime.embedding_store import content_keys
 from newsclip.runtime.ray_setup import ensure_ray
+from newsclip.runtime.rejects import write_rejects
 from newsclip.runtime.store import parquet_files, record_stage, staged_dir, write_table
 
 __all__ = ["run"]  # the stage; everything else here is its own business
@@ -131,8 +131,8 @@ def _check_shards(cfg: JobConfig, files: list[str], cached: pl.DataFrame) -> dic
     refs = [task.remote(file, groups, known, cfg.encode.max_image_pixels) for file, groups in units]
     pending = refs
     while pending:
-        _, pending = ray.wait(pending, num_returns=len(pending), timeout=30)
-        log(f"prepare: {len(refs) - len(pending)}/{len(refs)} image shard parts hashed and checked")
+        _, pending = ray.wait(pending, num_returns=len(pending), timeout=1)
+        progress(len(refs) - len(pending), len(refs), unit="shard parts")
     parts = {file: [] for file in files}
     for (file, _), table in zip(units, ray.get(refs)):
         parts[file].append(table)
@@ -141,7 +141,7 @@ def _check_shards(cfg: JobConfig, files: list[str], cached: pl.DataFrame) -> dic
 
 def article_hashes(articles: pl.DataFrame) -> pl.Series:
     """What makes an article the same article: its title, text and language (the translate stage's cache key)."""
-    return pl.Series("content_hash", hash_array(
+    return pl.Series("article_hash", content_keys(
         "\x1f".join("\x00" if v is None else v for v in row)
         for row in articles.select("title", "text", "lang").iter_rows()), pl.String)
 
@@ -223,12 +223,11 @@ def sample_pairs(usable: pl.DataFrame, size: int | None, seed: int) -> pl.Series
 
 def run(cfg: JobConfig) -> dict:
     """Read, check and join the inputs; commit prepared/ and rejects/prepare.parquet; return the manifest entry."""
-    started = time.time()
     out = cfg.output
     articles = _read_articles(cfg.input.articles)
     articles = articles.with_columns(article_hashes(articles))
     image_rows = _read_images(cfg, out / "prepared" / "image_hashes.parquet")
-    diff = {"articles": changes(out / "prepared" / "articles_all.parquet", articles, "article_id", "content_hash"),
+    diff = {"articles": changes(out / "prepared" / "articles_all.parquet", articles, "article_id", "article_hash"),
             "images": changes(out / "prepared" / "image_hashes.parquet", image_rows, "image_id", "image_hash")}
     usable, images, rejects = select(articles, image_rows.select("image_id", "image_hash", "error", "file"),
                                      cfg.prepare.text)
@@ -251,15 +250,15 @@ def run(cfg: JobConfig) -> dict:
         write_table(usable.select("article_id", "image_id", "source", "lang", "in_eval", "file").to_arrow(),
                     stage / "articles.parquet")
         write_table(queries.select("article_id", "query_text", "title", pl.col("text").alias("body"), "lang",
-                                   "image_id", "source", "content_hash").to_arrow(),
+                                   "image_id", "source", "article_hash").to_arrow(),
                     stage / "queries" / "part-00000.parquet")
         write_table(images.to_arrow(), stage / "candidates.parquet")
         # what the next run compares against (and the image hashes and checks it need not compute again)
-        write_table(articles.select("article_id", "content_hash").to_arrow(), stage / "articles_all.parquet")
+        write_table(articles.select("article_id", "article_hash").to_arrow(), stage / "articles_all.parquet")
         checks = image_rows.select(*IMAGE_ROWS).to_arrow()
         write_table(checks.replace_schema_metadata({CHECK_KEY: _check_settings(cfg.encode.max_image_pixels)}),
                     stage / "image_hashes.parquet")
-    write_table(rejects.with_columns(pl.lit("prepare").alias("stage")).to_arrow(), out / "rejects" / "prepare.parquet")
+    write_rejects(out, "prepare", "prepare", rejects)
     facts = {"articles_in": len(articles), "images_in": len(images) + int((rejects["kind"] == "image").sum()),
              "usable_pairs": len(usable), "queries": len(queries), "candidates": int(images["candidate"].sum()),
              "rejected": len(rejects), "sample_note": note,
@@ -267,5 +266,5 @@ def run(cfg: JobConfig) -> dict:
              "images_checked": int(image_rows["checked"].sum()),
              "images_reused": int((~image_rows["checked"]).sum()),
              "images_broken": int(image_rows["error"].is_not_null().sum()),
-             "changes": diff, "seconds": round(time.time() - started, 2)}
+             "changes": diff}
     return record_stage(out, "prepare", sorted((out / "prepared").rglob("*.parquet")), **facts)

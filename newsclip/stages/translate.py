@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import json
-import time
-from functools import partial
 from pathlib import Path
 
 import polars as pl
 
-from newsclip.runtime.console import log
-from newsclip.runtime.embedding_store import content_hash
+from newsclip.runtime.console import log, track
+from newsclip.runtime.embedding_store import content_key
 from newsclip.runtime.ray_setup import actor_retries, dataset_of
+from newsclip.runtime.rejects import write_rejects
 from newsclip.runtime.store import parquet_files, read_manifest, record_stage, staged_dir, write_table
 from newsclip.stages.prepare import join_text
 from newsclip.translate.packages import installed_packages, require_packages
@@ -23,7 +22,7 @@ __all__ = ["run"]  # the stage; everything else here is its own business
 def translator_key(t) -> str:
     """What decides a translation besides the text: the installed packages and the settings that change output."""
     packages = [{k: v for k, v in meta.items() if k != "path"} for meta in installed_packages(t.packages_dir)]
-    return content_hash(json.dumps([packages, t.target, t.max_chars, t.on_missing_package], sort_keys=True))
+    return content_key(json.dumps([packages, t.target, t.max_chars, t.on_missing_package], sort_keys=True))
 
 
 def _previous(out: Path, key: str) -> pl.DataFrame | None:
@@ -32,9 +31,9 @@ def _previous(out: Path, key: str) -> pl.DataFrame | None:
     if entry.get("translator_key") != key or not (out / "translated").is_dir():
         return None
     frame = pl.read_parquet(parquet_files(out / "translated", "translated"))
-    if "content_hash" not in frame.columns:
+    if "article_hash" not in frame.columns:
         return None
-    return frame.select("content_hash", *[c for c in OUTPUT_COLUMNS if c != "article_id"]).unique("content_hash")
+    return frame.select("article_hash", *[c for c in OUTPUT_COLUMNS if c != "article_id"]).unique("article_hash")
 
 
 def _translate(cfg, t, queries: pl.DataFrame) -> pl.DataFrame:
@@ -44,20 +43,20 @@ def _translate(cfg, t, queries: pl.DataFrame) -> pl.DataFrame:
     ds = dataset_of(queries.select("article_id", "title", pl.col("body").alias("text"), "lang").to_arrow(),
                     4 * t.actors)
     device = "cuda" if t.num_gpus_per_actor else "cpu"
-    ds = ds.map_batches(Translator, fn_constructor_kwargs={"cfg": t, "device": device},
-                        batch_size=256, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=t.actors),
-                        num_cpus=t.num_cpus_per_actor, num_gpus=t.num_gpus_per_actor,
-                        ray_remote_args_fn=partial(actor_retries, cfg.ray))
+    ds = ds.map_batches_internal(Translator, fn_constructor_kwargs={"cfg": t, "device": device},
+                                 batch_size=256, batch_format="numpy",
+                                 compute=ray.data.ActorPoolStrategy(size=t.actors),
+                                 num_cpus=t.num_cpus_per_actor, num_gpus=t.num_gpus_per_actor,
+                                 **actor_retries(cfg.ray))  # bounded (see actor_retries: why map_batches_internal)
     # a batch whose notes are all empty has a null-typed column: relax to the common types
-    frame = pl.concat([pl.from_arrow(b) for b in ds.iter_batches(batch_size=None, batch_format="pyarrow")],
-                      how="vertical_relaxed")
+    batches = track(ds.iter_batches(batch_size=None, batch_format="pyarrow"), len(queries), unit="texts")
+    frame = pl.concat([pl.from_arrow(b) for b in batches], how="vertical_relaxed")
     return frame.with_columns(pl.col("translate_note", "splitter", "title_en", "text_en").cast(pl.String))
 
 
 def run(cfg) -> dict | None:
     if not cfg.translate.enabled:
         return None
-    started = time.time()
     out, t = cfg.output, cfg.translate.resolved()
     queries = pl.read_parquet(parquet_files(out / "prepared" / "queries", "prepared queries"))
     if t.on_missing_package == "error":  # fail at job start, not in the middle of the stage
@@ -65,9 +64,9 @@ def run(cfg) -> dict | None:
         require_packages(dict(given.group_by("lang").len().iter_rows()), t.packages_dir, t.target)
 
     key = translator_key(t)
-    ids = queries.select("article_id", "image_id", "source", "content_hash")
+    ids = queries.select("article_id", "image_id", "source", "article_hash")
     previous = _previous(out, key)
-    reused = ids.join(previous, on="content_hash", how="inner") if previous is not None else None
+    reused = ids.join(previous, on="article_hash", how="inner") if previous is not None else None
     todo = queries if reused is None else queries.join(reused.select("article_id"), on="article_id", how="anti")
     parts = [] if reused is None else [reused]
     if len(todo):
@@ -80,13 +79,11 @@ def run(cfg) -> dict | None:
     with staged_dir(out, "translated") as stage:
         write_table(kept.to_arrow(), stage / "part-00000.parquet")
     rejected = frame.filter(skipped).select(pl.col("article_id").alias("id"), pl.lit("article").alias("kind"),
-                                            pl.col("translate_note").alias("reason"),
-                                            pl.lit("translate").alias("stage"))
-    write_table(rejected.to_arrow(), out / "rejects" / "translate.parquet")
+                                            pl.col("translate_note").alias("reason"))
+    write_rejects(out, "translate", "translate", rejected)
     by_lang = kept.filter("translated").group_by("lang").len().sort("lang")
     splitters = sorted(set(kept["splitter"].drop_nulls()))
     return record_stage(out, "translate", parquet_files(out / "translated"), rows=len(kept),
                         translated=dict(by_lang.iter_rows()), truncated=int(kept["truncated"].sum()),
                         skipped=len(rejected), splitters=splitters, packages_dir=t.packages_dir,
-                        translator_key=key, new=len(todo), reused=len(queries) - len(todo),
-                        seconds=round(time.time() - started, 2))
+                        translator_key=key, new=len(todo), reused=len(queries) - len(todo))

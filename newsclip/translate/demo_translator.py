@@ -19,13 +19,14 @@ import numpy as np
 
 from newsclip.demo import news
 from newsclip.demo.scenes import Scene
+from newsclip.runtime.store import atomic_path
 
 PACKAGE_FILENAME = "translate-de_en-demo.argosmodel"
 PACKAGE_DIRNAME = "translate-de_en-demo"
 PACKAGE_VERSION = "1.0"
 FROM_CODE, FROM_NAME, TO_CODE, TO_NAME = "de", "German", "en", "English"
 
-# Model and schedule (MEASURED.md: 500/500 held-out sentences exact after 400 steps; 200 steps gave 42%,
+# Model and schedule (measured: 500/500 held-out sentences exact after 400 steps; 200 steps gave 42%,
 # width 64 gave 54%, width 256 was slower and worse).
 D_MODEL, LAYERS, HEADS, FFN = 128, 2, 4, 512
 VOCAB_PIECES = 1000  # SentencePiece BPE; unigram stopped at 418 pieces and split words into letters
@@ -280,9 +281,8 @@ def _build_package(out_path: Path, seed: int, steps: int, n_pairs: int, threads:
         (staging / "README.md").write_text(
             "# newsclip demo translator (de -> en)\n\nA tiny Marian transformer trained by `newsclip demo-translator` "
             "on the synthetic demo templates only. It translates the demo's German sentences, nothing else.\n")
-        tmp_zip = Path(tmp) / PACKAGE_FILENAME
-        _write_zip(staging, tmp_zip)
-        os.replace(tmp_zip, out_path)  # atomic: readers see no file or the whole file
+        with atomic_path(out_path) as tmp_zip:
+            _write_zip(staging, tmp_zip)
     log(f"demo translator: wrote {out_path} ({out_path.stat().st_size / 1e6:.2f} MB)")
     return out_path
 

@@ -14,6 +14,7 @@ from typing import Literal
 
 import numpy as np
 
+from newsclip.runtime.store import files_sha256
 from newsclip.translate.detect import normalize_lang, resolve_lang
 from newsclip.translate.packages import MissingLanguagePackageError, import_argos, installed_packages
 
@@ -144,14 +145,8 @@ class _LoadedPackage:
 def _package_id(meta: dict) -> str:
     """from_to@version plus a hash of the model weights and tokenizer: the cache key's package part."""
     root = Path(meta["path"])
-    h = hashlib.sha256()
-    for name in ("model/model.bin", "sentencepiece.model", "bpe.model"):
-        p = root / name
-        if p.exists():
-            with open(p, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-    return f"{meta['from_code']}_{meta['to_code']}@{meta.get('package_version', '')}#{h.hexdigest()[:16]}"
+    files = [root / name for name in ("model/model.bin", "sentencepiece.model", "bpe.model") if (root / name).exists()]
+    return f"{meta['from_code']}_{meta['to_code']}@{meta.get('package_version', '')}#{files_sha256(files)[:16]}"
 
 
 def _cut_long(sentence: str) -> list[str]:

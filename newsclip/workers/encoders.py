@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from newsclip.retrieval.backbones import load_backbone
-from newsclip.runtime.embedding_store import content_hash
+from newsclip.runtime.embedding_store import content_key
 from newsclip.runtime.store import embedding_table, vectors_of
 from newsclip.workers.images import ImageDecodeError, decode_image, open_image
 
@@ -85,7 +85,7 @@ def decode_images(batch: pa.Table, resolution: int, max_pixels: int, draft: bool
     only their header is read here, for the size bound."""
     hashes, pixels, jpegs, errors = [], [], [], []
     for data in batch.column("image").to_pylist():
-        hashes.append(content_hash(data or b""))
+        hashes.append(content_key(data or b""))
         pixel, jpeg, error = None, None, None
         try:
             if jpeg_to_actor and is_gpu_jpeg(open_image(data, max_pixels)):

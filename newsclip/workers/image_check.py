@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from newsclip.runtime.embedding_store import content_hash
+from newsclip.runtime.embedding_store import content_key
 from newsclip.workers.images import ImageDecodeError, decode_image
 
 # A JPEG decoded at the DCT scale that covers 64 px still reads every byte of it: a truncated or corrupt file
@@ -34,7 +34,7 @@ def check_images(file: str, row_groups: list[int], known: pa.Table, max_pixels: 
     hashes are decoded (once each; `checked` marks the rows decoded here)."""
     table = pq.ParquetFile(file).read_row_groups(row_groups, columns=["image_id", "image"])
     datas = table.column("image").to_pylist()
-    hashes = pa.array([content_hash(data or b"") for data in datas], pa.string())
+    hashes = pa.array([content_key(data or b"") for data in datas], pa.string())
     position = pc.index_in(hashes, value_set=known.column("image_hash"))
     errors = known.column("error").combine_chunks().take(position).to_pylist()
     seen = position.is_valid().to_pylist()

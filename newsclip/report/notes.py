@@ -1,0 +1,61 @@
+"""The sentences both reports print around the numbers: what was scored, what qualifies it, how pairs are decided."""
+
+from __future__ import annotations
+
+# what the intervals are, and what they are not: the images ranked against are held fixed
+INTERVALS = ("95% percentile bootstrap intervals over resampled articles, conditional on the gallery: the candidate "
+             "images stay fixed, so the intervals leave out how the scores would vary with another set of images")
+
+# how eval.ties ranks a true image against its byte-identical copies
+TIE_ORDER = {"id": "the lower id first", "optimistic": "the true image first", "pessimistic": "the true image last"}
+
+
+def scope_sentence(metrics: dict, stages: dict) -> str:
+    """What was scored: queries scored of those sampled, against how many candidates, top k."""
+    k = metrics.get("k", 100)
+    row = next((r for r in metrics.get("rows", []) if r["source"] == "all"
+                and r.get("direction", "text_to_image") == "text_to_image"), {})
+    entry = next((e for name, e in stages.items() if name.startswith("knn:") and name.endswith(":text_to_image")), {})
+    sampled = f" (of {row['n_sampled']} sampled)" if "n_sampled" in row else ""
+    return (f"Text-to-image retrieval: {row.get('n', '?')} article texts{sampled}, each ranked against "
+            f"{entry.get('candidates', '?')} candidate images; top {k} by cosine similarity. Recall is a fraction.")
+
+
+def _count_notes(row: dict) -> list[tuple[str, str]]:
+    """Warnings about one direction's counts: queries lost after sampling, queries whose image cannot be found."""
+    direction = row["direction"].replace("_", " ")
+    notes = []
+    if row.get("n_sampled", row["n"]) > row["n"]:
+        notes.append(("Warning", f"{direction}: {row['n_sampled'] - row['n']} of the {row['n_sampled']} sampled "
+                      "queries were left out after sampling (see the rejected rows, translate stage)"))
+    if row.get("n_unscoreable"):
+        notes.append(("Warning", f"{direction}: {row['n_unscoreable']} of the {row['n']} scored queries cannot be "
+                      "found because their image failed to encode; they are scored as misses"))
+    return notes
+
+
+def evaluation_notes(metrics: dict, prep: dict) -> list[tuple[str, str]]:
+    """(Note | Warning, sentence) for everything that qualifies the numbers: fewer usable pairs than asked for,
+    sampled articles left unscored, true images that failed to encode, exact ties, short ranking lines."""
+    notes = [("Note", prep["sample_note"])] if prep.get("sample_note") else []
+    for row in metrics.get("rows", []):
+        # the counts are the same for every backbone: the first one's overall rows speak for all
+        if row["source"] == "all" and row["backbone"] == metrics["rows"][0]["backbone"]:
+            notes += _count_notes(row)
+    ties = metrics.get("ties", {})
+    if ties.get("duplicate_truths"):
+        notes.append(("Note", f"{ties['duplicate_truths']} queries have a byte-identical copy of their true image "
+                      f"among the candidates under another id; these exact ties are ranked {TIE_ORDER[ties['policy']]} "
+                      f"(eval.ties: {ties['policy']})"))
+    notes += [("Warning", f"{x['short_lines']} lines of the {x['backbone']} {x['direction']} rankings hold fewer "
+               f"than {metrics['k']} image ids ({x['short_reason']}); the organisers' evaluator expects exactly "
+               f"{metrics['k']}") for x in metrics.get("knn", []) if x.get("short_lines")]
+    return notes
+
+
+def paired_note(paired: list[dict]) -> str:
+    """How the paired comparisons (at least one) decide, and that they are corrected as one family."""
+    return (f"Paired bootstrap of the {paired[0].get('metric', 'mrr')} difference on the same articles. A decision is "
+            f"made when the Holm-adjusted p-value is below 0.05: Holm's correction over the "
+            f"{paired[0].get('comparisons', len(paired))} comparisons of this direction keeps the chance of any false "
+            "decision under 5%. The intervals shown are the uncorrected 95% intervals of A − B.")
