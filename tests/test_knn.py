@@ -256,3 +256,59 @@ def test_incremental_merge_equals_a_full_ranking_without_faiss():
     full = sorted(zip([-0.9, -0.5, -0.5, -0.7, -0.5], "abcde"))[:3]  # score desc, then id asc
     assert query_ids.tolist() == ["q"] and ids.tolist() == [[i for _, i in full]] == [["a", "d", "b"]]
     assert scores.tolist() == [[pytest.approx(-s) for s, _ in full]]
+
+
+def _numpy_search(db_ids, db_vectors, queries, cfg):
+    """The knn stage's search done plainly: every score, sorted by score desc then id asc (no FAISS)."""
+    from newsclip.retrieval.search import KnnResult
+
+    q_ids, q_vectors = (np.concatenate(parts) for parts in zip(*queries))
+    scores = q_vectors @ np.asarray(db_vectors, np.float32).T
+    k = min(cfg.k, len(db_ids))
+    order = [sorted(range(len(db_ids)), key=lambda j, row=row: (-row[j], db_ids[j]))[:k] for row in scores]
+    return KnnResult(q_ids, np.asarray(db_ids, object)[order], np.take_along_axis(scores, np.array(order), 1))
+
+
+def test_a_nightly_rank_merges_into_the_last_top_k_as_a_full_rank_would(tmp_path):
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from newsclip import config
+    from newsclip.names import encode_entry
+    from newsclip.runtime.store import embedding_table, record_stage, write_table
+    from newsclip.stages.knn import rank
+
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(20, 8)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+
+    def embeddings(side: str, id_name: str, ids: list[str], rows: list[int]) -> None:
+        table = embedding_table(ids, vectors[rows], id_name)
+        path = tmp_path / "embeddings" / "demo-tiny" / side / "part-0.parquet"
+        write_table(table.append_column("hash", pa.array([f"h{r}" for r in rows], pa.string())), path)
+        record_stage(tmp_path, encode_entry("demo-tiny", side), [path], store=f"store-{side}")
+
+    embeddings("texts", "article_id", [f"q{i}" for i in range(6)], list(range(6)))
+    embeddings("images", "image_id", [f"i{i:02d}" for i in range(10)], list(range(6, 16)))
+    cfg = config.load(None, [f"output_dir={tmp_path}", "eval.k=3", "backbones=[demo-tiny]", "fusion=[]"])
+    assert rank(cfg, "demo-tiny", "text_to_image", knn=_numpy_search)["merged"] == 0
+
+    # a night: i03 deleted, two images added; the queries whose top 3 held i03 are searched in full
+    searched = []
+
+    def counting(db_ids, *args):
+        searched.append(len(db_ids))
+        return _numpy_search(db_ids, *args)
+
+    images = [i for i in range(10) if i != 3] + [10, 11]
+    embeddings("images", "image_id", [f"i{i:02d}" for i in images], [6 + i for i in images])
+    entry = rank(cfg, "demo-tiny", "text_to_image", knn=counting)
+    assert entry["merged"] + entry["searched_in_full"] == 6 and entry["merged"] > 0
+    assert searched[0] == 2  # the merged queries were searched against the two added images only
+    nightly = pq.read_table(tmp_path / "rankings" / "demo-tiny.parquet")
+
+    shutil.rmtree(tmp_path / "rankings")  # no last rankings: a full search
+    assert rank(cfg, "demo-tiny", "text_to_image", knn=_numpy_search)["merged"] == 0
+    assert pq.read_table(tmp_path / "rankings" / "demo-tiny.parquet").equals(nightly)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 
 import numpy as np
@@ -105,10 +105,12 @@ def short_lines(filled: np.ndarray, k: int, pool: int, what: str) -> dict:
     return {"short_lines": short, "short_reason": why}
 
 
-def rank(cfg: JobConfig, backbone: str, direction: str) -> dict:
+def rank(cfg: JobConfig, backbone: str, direction: str, knn: Callable[..., search.KnnResult] = search.search) -> dict:
     """Top-k database rows per query. After a nightly run's encode, a query whose text (or image) is unchanged and
     none of whose last top-k rows was deleted or changed is searched against the added rows only and merged with
-    its last top-k; every other query is searched in full. Both give what a full search gives, bit for bit."""
+    its last top-k; every other query is searched in full. Both give what a full search gives, bit for bit.
+
+    `knn`: the search (`search.search`'s signature); a test passes a plain numpy one."""
     started = time.time()
     out, name, stem = cfg.output, slug(backbone), rankings_stem(backbone, direction)
     query_side, query_id, db_side, db_id = DIRECTIONS[direction]
@@ -137,12 +139,12 @@ def rank(cfg: JobConfig, backbone: str, direction: str) -> dict:
                                                                        value_set=last.column(query_id))))
         if len(last):
             rows = pc.is_in(database.column("id"), value_set=_changed(database, last_db)).to_numpy(zero_copy_only=False)
-            more = search.search(db_ids[rows], db_vectors[rows], stream(last.column(query_id)), cfg.knn) \
+            more = knn(db_ids[rows], db_vectors[rows], stream(last.column(query_id)), cfg.knn) \
                 if rows.any() else search.KnnResult(np.empty(0, object), np.empty((0, 0), object), np.empty((0, 0)))
             parts.append(_merge(last, more, query_id, f"{db_id}s", db_ids, cfg.knn.k))
     recall = None
     if len(full):
-        result = search.search(db_ids, db_vectors, stream(full if previous is not None else None), cfg.knn)
+        result = knn(db_ids, db_vectors, stream(full if previous is not None else None), cfg.knn)
         parts.append((result.query_ids, result.ids, result.scores))
         recall = result.recall_at_k
     query_ids = np.concatenate([p[0] for p in parts])
