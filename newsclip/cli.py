@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                         ("report", "write report.md and report.html from the metrics")]:
         _job_args(sub.add_parser(stage, help=f"{what} (one stage of `run`)"))
 
+    _job_args(sub.add_parser("finetune", help="fine-tune a backbone on the archive's pairs (the eval sample held "
+                             "out) with Ray Train into OUTPUT_DIR/finetune/<run>/model.pt; settings: `finetune:`"))
+
     p = sub.add_parser("backbones", help="list the backbones newsclip knows and whether their weights are on disk")
     p.add_argument("--download-root", type=Path, default=None,
                    help="where OpenAI weights are cached (default: clip's ~/.cache/clip)")
@@ -242,6 +245,10 @@ def main(argv: list[str] | None = None) -> int:
                 from newsclip.translate.demo_translator import PACKAGE_FILENAME, evaluate_package
 
                 print(evaluate_package(cache_dir() / f"demo-translator-{args.seed}" / PACKAGE_FILENAME))
+        elif args.command == "finetune":
+            from newsclip.finetune.run import main as finetune_main
+
+            return finetune_main(args)
         elif args.command == "demo-model":
             from newsclip.demo.model import evaluate_demo_model, train_demo_model
             from newsclip.retrieval.backbones import cache_dir

@@ -1,0 +1,42 @@
+"""What the fine-tune's Ray Data tasks run: pairs -> uint8 pixels and tokens, with the encode stage's decoding.
+
+Runs in CPU map tasks (no polars, no faiss): the bytes are read straight from their shards and decoded with clip's
+resize and crop by `newsclip.workers.encoders`, so training sees exactly the pixels the encode stage produces; the
+train loop normalises them on its device as ImageEncoder does."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from newsclip.workers.encoders import decode_images, read_images
+
+DECODE_ROWS = 128  # pairs per decode task: ~1 s of decoding news photos on one core
+
+
+def decode_pairs(batch: pa.Table, resolution: int, context_length: int, max_pixels: int,
+                 alpha: str = "drop") -> dict[str, np.ndarray]:
+    """(query_text, image_id, file) rows -> {pixels uint8 (n, 3, res, res), tokens int32 (n, context)}.
+
+    A pair whose image no longer decodes is left out (prepare checked every image: it cannot happen unless a shard
+    changed since)."""
+    import clip
+
+    files = batch.column("file").to_pylist()
+    image_ids = batch.column("image_id").to_pylist()
+    by_file: dict[str, list[str]] = {}
+    for file, image_id in zip(files, image_ids):
+        ids = by_file.setdefault(file, [])
+        if image_id not in ids:
+            ids.append(image_id)
+    units = pa.table({"file": list(by_file), "image_ids": list(by_file.values())})
+    read = read_images(units)
+    decoded = decode_images(read, resolution, max_pixels, draft=False, jpeg_to_actor=False, alpha=alpha)
+    pixels = dict(zip(read.column("image_id").to_pylist(), decoded.column("pixels").to_pylist()))
+    keep = [i for i, image_id in enumerate(image_ids) if pixels.get(image_id) is not None]
+    stack = np.zeros((len(keep), 3, resolution, resolution), np.uint8)
+    for row, i in enumerate(keep):
+        stack[row] = np.frombuffer(pixels[image_ids[i]], np.uint8).reshape(3, resolution, resolution)
+    texts = [str(t) for t in batch.column("query_text").to_pylist()]
+    tokens = clip.tokenize([texts[i] for i in keep], context_length=context_length, truncate=True)
+    return {"pixels": stack, "tokens": tokens.numpy().astype(np.int32)}

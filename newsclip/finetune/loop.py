@@ -1,0 +1,278 @@
+"""The Ray Train worker loop: CLIP's symmetric InfoNCE with its learnable temperature, AdamW with warm-up and
+cosine decay, validation with early stopping, and checkpoints that a restarted worker group resumes from."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from newsclip.finetune.config import FinetuneConfig
+
+if TYPE_CHECKING:
+    import torch
+
+STATE = "state.pt"  # the training state in every checkpoint
+MODEL = "model.pt"  # the final checkpoint's fp32 clip state dict (what the driver commits as finetune/<run>/model.pt)
+PROBE = "probe.npz"  # a few pairs and their embeddings by the final model: the saved model must reproduce them
+PROBE_ROWS = 8
+MAX_LOGIT_SCALE = math.log(100)  # CLIP clamps its temperature at 1/100: below, training destabilises
+BETAS, EPS = (0.9, 0.98), 1e-6  # CLIP's AdamW betas and eps
+
+
+def lr_at(step: int, steps: int, ft: FinetuneConfig) -> float:
+    """Linear warm-up over warmup_share of the steps, then a cosine down to lr * min_lr_share."""
+    warmup = round(ft.warmup_share * steps)
+    if step < warmup:
+        return ft.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return ft.lr * (ft.min_lr_share + (1 - ft.min_lr_share) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def clip_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, rank: int = 0,
+              world: int = 1) -> torch.Tensor:
+    """CLIP's symmetric InfoNCE: each image against every text of the global batch and each text against every
+    image (features gathered from all ranks with their gradients, open_clip's local-loss form)."""
+    import torch
+    import torch.nn.functional as F
+
+    image, text = F.normalize(image.float(), dim=-1), F.normalize(text.float(), dim=-1)
+    all_image, all_text = image, text
+    if world > 1:
+        from torch.distributed.nn.functional import all_gather
+
+        all_image, all_text = torch.cat(all_gather(image)), torch.cat(all_gather(text))
+    labels = torch.arange(len(image), device=image.device) + rank * len(image)
+    return (F.cross_entropy(scale * image @ all_text.t(), labels)
+            + F.cross_entropy(scale * text @ all_image.t(), labels)) / 2
+
+
+def freeze(model, ft: FinetuneConfig) -> None:
+    """LiT's locked image tower and/or a frozen text tower: no gradients (the temperature always trains)."""
+    text_parts = ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection")
+    for name, param in model.named_parameters():
+        if (ft.lock_image and name.startswith("visual.")) or (ft.freeze_text and name.startswith(text_parts)):
+            param.requires_grad_(False)
+
+
+def param_groups(model, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        # gains, biases, embeddings and the temperature are not shrunk towards zero (open_clip's convention)
+        skip = param.ndim < 2 or "embedding" in name or "logit_scale" in name
+        (no_decay if skip else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _towers_class():
+    import torch
+
+    from newsclip.demo.model import _encode_text_trimmed
+
+    class Towers(torch.nn.Module):
+        """Both towers in one forward (what DDP wraps): uint8 pixels normalised on the device as ImageEncoder does,
+        then (image features, text features, exp(logit_scale))."""
+
+        def __init__(self, clip_model, normalize):
+            super().__init__()
+            self.clip = clip_model
+            self.normalize = normalize  # clip's Normalize transform (no parameters)
+
+        def forward(self, pixels, tokens):
+            images = self.normalize(pixels.float().div(255)).to(self.clip.dtype)
+            # the text up to the longest end-of-text: the same function as encode_text (causal mask), cheaper
+            return (self.clip.encode_image(images), _encode_text_trimmed(self.clip, tokens),
+                    self.clip.logit_scale.exp())
+
+    return Towers
+
+
+def _rng_state() -> dict:
+    import torch
+
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_state(state: dict) -> None:
+    import torch
+
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def train_loop(config: dict) -> None:
+    """One Ray Train worker. `config`: finetune (FinetuneConfig), backbone, download_root, total_steps,
+    micro_per_epoch, eval_every, has_validation, run_dir."""
+    import ray.train
+    import torch
+    from ray.train import Checkpoint
+    from ray.train.torch import get_device, prepare_model
+
+    from newsclip.retrieval.backbones import load_backbone
+
+    ft: FinetuneConfig = config["finetune"]
+    total, micro_per_epoch = config["total_steps"], config["micro_per_epoch"]
+    steps_per_epoch = micro_per_epoch // ft.grad_accum
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = get_device()
+    torch.manual_seed(ft.seed + rank)
+
+    clip_model, preprocess = load_backbone(config["backbone"], "cpu", config["download_root"])
+    clip_model.float()  # fp32 master weights; bf16/fp16 come from autocast
+    freeze(clip_model, ft)
+    towers = prepare_model(_towers_class()(clip_model, preprocess.transforms[-1]))
+    optimizer = torch.optim.AdamW(param_groups(clip_model, ft.weight_decay), lr=ft.lr, betas=BETAS, eps=EPS)
+    precision = ft.resolved_precision
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+
+    # the state a checkpoint holds; a restarted worker group continues from it, not from step 0
+    state = {"step": 0, "train_loss": [], "validation": [], "best_loss": None, "best_step": None,
+             "bad_validations": 0, "resumed_from": [], "stopped_early": False}
+    best_model = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            # our own file from this run (optimizer state, RNG states as Python objects): not a foreign checkpoint
+            saved = torch.load(Path(folder) / STATE, map_location="cpu", weights_only=False)
+        clip_model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scaler.load_state_dict(saved["scaler"])
+        _set_rng_state(saved["rng"][rank] if rank < len(saved["rng"]) else saved["rng"][0])
+        best_model = saved["best_model"]
+        state = saved["state"]
+        state["resumed_from"].append(state["step"])
+
+    def set_modes(train: bool) -> None:
+        towers.train(train)
+        if ft.lock_image:  # a locked tower keeps its BatchNorm statistics too
+            clip_model.visual.eval()
+
+    def forward_loss(pixels, tokens):
+        with torch.autocast(device.type, autocast_dtype, enabled=precision != "fp32"):
+            image, text, scale = towers(pixels, tokens)
+        return clip_loss(image, text, scale.float(), rank, world)
+
+    probe: dict = {}
+
+    def validate() -> float | None:
+        if not config["has_validation"]:
+            return None
+        shard = ray.train.get_dataset_shard("validation")
+        set_modes(False)
+        total_loss = torch.zeros(2, dtype=torch.float64, device=device)
+        with torch.no_grad():
+            for batch in shard.iter_torch_batches(batch_size=ft.batch_size, device=device, drop_last=False):
+                if not probe:
+                    probe.update(pixels=batch["pixels"][:PROBE_ROWS].cpu(), tokens=batch["tokens"][:PROBE_ROWS].cpu())
+                n = len(batch["pixels"])
+                loss = forward_loss(batch["pixels"], batch["tokens"]) if n > 1 else torch.zeros((), device=device)
+                total_loss += torch.stack([loss.double() * n, torch.tensor(n, dtype=torch.float64, device=device)])
+        if world > 1:
+            torch.distributed.all_reduce(total_loss)
+        set_modes(True)
+        return float(total_loss[0] / total_loss[1]) if total_loss[1] > 0 else None
+
+    def report(metrics: dict, final: bool = False) -> None:
+        """Every rank reports (Ray Train's report is a barrier); rank 0 attaches the checkpoint."""
+        if rank != 0:
+            ray.train.report(metrics, checkpoint=None)
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            torch.save({"model": clip_model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scaler": scaler.state_dict(), "rng": [_rng_state()], "best_model": best_model,
+                        "state": state}, Path(folder) / STATE)
+            if final:
+                _write_final(Path(folder), clip_model, best_model, probe, state)
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
+
+    train = ray.train.get_dataset_shard("train")
+    set_modes(True)
+    while state["step"] < total and not state["stopped_early"]:
+        epoch, done_in_epoch = divmod(state["step"], steps_per_epoch)
+        batches = train.iter_torch_batches(batch_size=ft.batch_size, device=device, drop_last=True,
+                                           local_shuffle_buffer_size=ft.batch_size * 8,
+                                           local_shuffle_seed=ft.seed * 1000 + epoch)
+        micro_losses = []
+        for micro, batch in enumerate(batches):
+            if micro >= steps_per_epoch * ft.grad_accum:  # every rank stops at the same count (DDP)
+                break
+            if micro < done_in_epoch * ft.grad_accum:  # resumed mid-epoch: these were trained on
+                continue
+            loss = forward_loss(batch["pixels"], batch["tokens"])
+            scaler.scale(loss / ft.grad_accum).backward()
+            micro_losses.append(loss.item())
+            if len(micro_losses) < ft.grad_accum:
+                continue
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(state["step"], total, ft)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                clip_model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+            state["step"] += 1
+            state["train_loss"].append(float(np.mean(micro_losses)))
+            micro_losses = []
+            step = state["step"]
+            if ft.fail_once_at_step == step and rank == 0:
+                marker = Path(config["run_dir"]) / f".failed-once-at-{step}"
+                if not marker.exists():
+                    marker.touch()
+                    raise RuntimeError(f"finetune.fail_once_at_step: failing once at step {step} (a test)")
+            if step % config["eval_every"] == 0 or step == total:
+                val = validate()
+                metrics = {"step": step, "epoch": epoch, "train_loss": float(np.mean(state["train_loss"][-10:])),
+                           "logit_scale": float(clip_model.logit_scale.exp())}
+                if val is not None:
+                    state["validation"].append({"step": step, "loss": val})
+                    metrics["validation_loss"] = val
+                    if state["best_loss"] is None or val < state["best_loss"]:
+                        state.update(best_loss=val, best_step=step, bad_validations=0)
+                        best_model = {k: v.detach().cpu().clone() for k, v in clip_model.state_dict().items()}
+                    else:
+                        state["bad_validations"] += 1
+                        if ft.patience is not None and state["bad_validations"] >= ft.patience:
+                            state["stopped_early"] = True
+                if step < total and not state["stopped_early"]:
+                    report(metrics)
+            if step >= total or state["stopped_early"]:
+                break
+    if not probe:  # no validation split: probe with a few train pairs
+        batch = next(iter(train.iter_torch_batches(batch_size=PROBE_ROWS)))
+        probe.update(pixels=batch["pixels"].cpu(), tokens=batch["tokens"].cpu())
+    report({"step": state["step"], "final": True, "best_step": state["best_step"],
+            "best_validation_loss": state["best_loss"]}, final=True)
+
+
+def _write_final(folder: Path, clip_model, best_model: dict | None, probe: dict, state: dict) -> None:
+    """model.pt (the best validated weights, else the last; fp32, plain state dict) and probe.npz (a few pairs and
+    their embeddings by exactly that model, on the CPU as load_backbone gives it) into the final checkpoint."""
+    import copy
+
+    import torch
+
+    final = copy.deepcopy(clip_model).cpu().float().eval()
+    if best_model is not None:
+        final.load_state_dict(best_model)
+    weights = {k: v.detach().contiguous().clone() for k, v in final.state_dict().items()}
+    with open(folder / MODEL, "wb") as f:  # through a file object: the same weights give the same bytes
+        torch.save(weights, f)
+    from clip.clip import _transform
+
+    normalize = _transform(final.visual.input_resolution).transforms[-1]
+    with torch.no_grad():
+        image = final.encode_image(normalize(probe["pixels"].float().div(255)))
+        text = final.encode_text(probe["tokens"])
+    np.savez(folder / PROBE, pixels=probe["pixels"].numpy(), tokens=probe["tokens"].numpy(),
+             image=image.numpy(), text=text.numpy())
+    (folder / "losses.json").write_text(json.dumps(state))

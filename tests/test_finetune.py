@@ -1,0 +1,233 @@
+"""newsclip finetune: a short fine-tune of demo-tiny through the CLI, its outputs, the held-out eval sample, config
+errors, and a worker failure that resumes from the last checkpoint."""
+
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+import yaml
+
+from newsclip.cli import main
+from newsclip.finetune.config import FinetuneConfig, load
+from newsclip.yaml_config import ConfigError
+
+ARTICLES = 240
+EVAL = 40
+STEPS = 30
+
+
+def _job(tmp, data, **finetune) -> str:
+    job = {"name": "ft", "input": {"articles": str(data / "articles"), "images": str(data / "images")},
+           "output_dir": str(tmp / "out"), "eval": {"sample_size": EVAL, "seed": 3},
+           "translate": {"enabled": False}, "ray": {"num_cpus": 2},
+           "finetune": {"backbone": "demo-tiny", "batch_size": 32, "lr": 2e-4, "warmup_share": 0.1,
+                        "validation_share": 0.1, **finetune}}
+    path = tmp / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from newsclip.demo.data import write_demo_data
+
+    folder = tmp_path_factory.mktemp("ft-data")
+    write_demo_data(folder, ARTICLES, seed=5)
+    # a byte-identical copy of an image under a new id, published with a new article: if the image is in the
+    # eval sample, that article must not be trained on (same bytes, other id)
+    articles = pl.read_parquet(folder / "articles")
+    images = pl.read_parquet(folder / "images")
+    return folder, articles, images
+
+
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory, data, demo_tiny, ray_local):
+    import time
+
+    tmp = tmp_path_factory.mktemp("ft")
+    # rank 0 fails once after step 15: the run goes on from its step-10 checkpoint (one Ray Train run for all tests)
+    job = _job(tmp, data[0], steps=STEPS, eval_every=10, fail_once_at_step=15, max_failures=1)
+    started = time.perf_counter()
+    assert main(["finetune", job]) == 0
+    seconds = time.perf_counter() - started
+    cfg, ft = load(job)
+    folder = cfg.output / "finetune" / ft.run
+    print(f"finetune of {STEPS} steps: {seconds:.1f}s")
+    return cfg, ft, folder, job
+
+
+def test_finetune_writes_its_files_and_the_loss_goes_down(finetuned):
+    _, ft, folder, _ = finetuned
+    for name in ("model.pt", "config.yaml", "split.json", "losses.json"):
+        assert (folder / name).is_file(), name
+    assert yaml.safe_load((folder / "config.yaml").read_text())["finetune"]["steps"] == STEPS
+    losses = json.loads((folder / "losses.json").read_text())
+    train = [row["loss"] for row in losses["train_loss"]]
+    assert len(train) == losses["steps"] == STEPS
+    first, last = np.mean(train[:5]), np.mean(train[-5:])
+    print(f"train loss {first:.3f} -> {last:.3f}; validation {losses['validation_loss']}")
+    assert last < first - 0.1
+    assert [row["step"] for row in losses["validation_loss"]] == [10, 20, 30]
+    assert losses["best_step"] in (10, 20, 30)
+
+
+def test_the_saved_model_loads_as_a_backbone_and_gives_the_trainers_embeddings(finetuned):
+    import torch
+    from clip.clip import _transform
+
+    from newsclip.retrieval.backbones import load_backbone
+
+    _, _, folder, _ = finetuned
+    probe = np.load(folder / "probe.npz")
+    assert len(probe["image"]) >= 4
+    pixels = _transform(64).transforms[-1](torch.from_numpy(probe["pixels"]).float().div(255))
+    tokens = torch.from_numpy(probe["tokens"])
+
+    def embeddings(model):
+        with torch.no_grad():
+            return model.encode_image(pixels).numpy(), model.encode_text(tokens).numpy()
+
+    model, _ = load_backbone(str(folder / "model.pt"))
+    # the file holds the trainer's fp32 weights exactly: loaded in fp32, the embeddings are the trainer's
+    state = torch.load(folder / "model.pt", weights_only=True)
+    assert all(v.dtype != torch.float16 for v in state.values())
+    exact = model.float()
+    exact.load_state_dict(state)
+    image, text = embeddings(exact)
+    np.testing.assert_allclose(image, probe["image"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(text, probe["text"], rtol=1e-5, atol=1e-5)
+    # through load_backbone as a job loads it: clip's build_model rounds the weights through fp16 before
+    # load_backbone casts them back to fp32 (~5e-4 relative), so the embeddings agree in direction
+    model, _ = load_backbone(str(folder / "model.pt"))
+    for ours, theirs in zip(embeddings(model), (probe["image"], probe["text"])):
+        cosine = (ours * theirs).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(theirs, axis=1)
+        assert cosine.min() > 0.9999
+    # and it is not the starting model
+    start, _ = load_backbone("demo-tiny")
+    assert not np.allclose(embeddings(start)[1], probe["text"], atol=1e-2)
+
+
+def test_nothing_of_the_eval_sample_is_trained_or_validated_on(finetuned):
+    from newsclip.stages.prepare import sample_pairs
+
+    cfg, _, folder, _ = finetuned
+    split = json.loads((folder / "split.json").read_text())
+    usable = pl.read_parquet(cfg.output / "prepared" / "articles.parquet")
+    hashes = pl.read_parquet(cfg.output / "prepared" / "candidates.parquet").select("image_id", "image_hash")
+    expected = sample_pairs(usable, EVAL, 3).to_list()
+    assert sorted(split["eval"]) == sorted(expected) and len(expected) == EVAL
+    seen = split["train"] + split["validation"]
+    assert len(seen) == len(set(seen)) and not set(split["train"]) & set(split["validation"])
+    assert not set(seen) & set(expected)
+    pairs = usable.join(hashes, on="image_id")
+    eval_pairs = pairs.filter(pl.col("article_id").is_in(expected))
+    used = pairs.filter(pl.col("article_id").is_in(seen))
+    assert not set(used["image_id"]) & set(eval_pairs["image_id"])
+    assert not set(used["image_hash"]) & set(eval_pairs["image_hash"])
+    # every usable article is in exactly one place: a split, the eval sample or the excluded count
+    excluded = sum(v for k, v in split["excluded"].items() if k != "images")
+    assert len(seen) + EVAL + excluded == len(usable)
+
+
+def test_an_article_sharing_eval_image_bytes_is_excluded(tmp_path, data, demo_tiny, ray_local):
+    """A byte-identical copy of an eval image under another id, with its own article, is never trained on."""
+    from newsclip.finetune.split import compute_split
+    from newsclip.runtime.runner import run_stages
+    from newsclip.stages.prepare import sample_pairs
+
+    folder, articles, images = data
+    copy = tmp_path / "data"
+    (copy / "articles").mkdir(parents=True)
+    (copy / "images").mkdir()
+    # every image duplicated under a new id with a new article: whichever are sampled for eval, copies exist
+    dup_images = images.with_columns(pl.concat_str(pl.lit("dup-"), "image_id").alias("image_id"))
+    dup_articles = articles.with_columns(pl.concat_str(pl.lit("dup-"), "article_id").alias("article_id"),
+                                         pl.concat_str(pl.lit("dup-"), "image_id").alias("image_id"),
+                                         pl.concat_str(pl.lit("Another "), "title").alias("title"))
+    pl.concat([articles, dup_articles]).write_parquet(copy / "articles" / "a.parquet")
+    pl.concat([images, dup_images]).write_parquet(copy / "images" / "i.parquet")
+    cfg, ft = load(_job(tmp_path, copy, steps=1))
+    run_stages(cfg, ("prepare",))
+    split = compute_split(cfg, ft)
+    expected = set(sample_pairs(pl.read_parquet(cfg.output / "prepared" / "articles.parquet"), EVAL, 3))
+    images_of_eval = {a["image_id"].removeprefix("dup-") for a in
+                      pl.concat([articles, dup_articles]).filter(pl.col("article_id").is_in(expected)).to_dicts()}
+    used = set(pl.concat([split.train, split.validation])["image_id"].str.strip_prefix("dup-"))
+    assert not used & images_of_eval
+    assert split.excluded["eval_image_bytes"] >= EVAL - 5  # the copies of (nearly) every eval image
+
+
+@pytest.mark.parametrize("assignment, key", [
+    ("finetune.lr=0", "finetune.lr"),
+    ("finetune.batch_size=0", "finetune.batch_size"),
+    ("finetune.precision=fp8", "finetune.precision"),
+    ("finetune.precision=bf16", "finetune.precision"),  # on CPU workers
+    ("finetune.validation_share=1.5", "finetune.validation_share"),
+    ("finetune.lock_imag=true", "finetune.lock_imag"),
+    ("finetune.patience=2", "finetune.patience"),  # with validation_share 0 below
+    ("finetune.epochs=null", "finetune.epochs"),
+    ("eval.k=0", "eval.k"),  # the job's own keys are checked as `newsclip run` checks them
+])
+def test_config_errors_name_the_key(tmp_path, assignment, key, capsys):
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump({"finetune": {"validation_share": 0.0} if "patience" in assignment else {}}))
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load(job, [assignment])
+    assert main(["finetune", str(job), "--set", assignment]) == 2
+    assert key in capsys.readouterr().err
+
+
+def test_defaults_and_lock_options():
+    assert FinetuneConfig().resolved_precision == "fp32"
+    assert FinetuneConfig(gpus_per_worker=1).resolved_precision == "bf16"
+    with pytest.raises(ValueError, match="freeze_text"):
+        FinetuneConfig(lock_image=True, freeze_text=True)
+
+
+def test_lr_warms_up_then_decays_by_cosine():
+    from newsclip.finetune.loop import lr_at
+
+    ft = FinetuneConfig(lr=1.0, warmup_share=0.1, min_lr_share=0.1)
+    lrs = [lr_at(s, 100, ft) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0) and lrs[10] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] == pytest.approx(0.1, abs=0.01)
+
+
+def test_clip_loss_matches_a_direct_computation():
+    import torch
+
+    from newsclip.finetune.loop import clip_loss
+
+    g = torch.Generator().manual_seed(0)
+    image, text = torch.randn(6, 8, generator=g), torch.randn(6, 8, generator=g)
+    i, t = image / image.norm(dim=-1, keepdim=True), text / text.norm(dim=-1, keepdim=True)
+    logits = 10.0 * i @ t.T
+    expected = 0
+    for m in (logits, logits.T):
+        expected += -np.mean([np.log(np.exp(m[k].numpy()).astype(np.float64)[k] / np.exp(m[k].numpy()).sum())
+                              for k in range(6)]) / 2
+    assert clip_loss(image, text, torch.tensor(10.0)).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_lock_image_leaves_the_image_tower_as_it_was():
+    from newsclip.demo.model import build_demo_clip
+    from newsclip.finetune.loop import freeze, param_groups
+
+    model = build_demo_clip()
+    freeze(model, FinetuneConfig(lock_image=True))
+    trained = {id(p) for group in param_groups(model, 0.1) for p in group["params"]}
+    names = {n for n, p in model.named_parameters() if id(p) in trained}
+    assert "logit_scale" in names and "token_embedding.weight" in names
+    assert not any(n.startswith("visual.") for n in names)
+
+
+def test_a_failed_worker_resumes_from_its_last_checkpoint(finetuned):
+    """Rank 0 raised once after step 15; Ray Train restarted the worker group, which resumed at the step-10
+    checkpoint (not at 0) and ran every step once."""
+    _, _, folder, _ = finetuned
+    losses = json.loads((folder / "losses.json").read_text())
+    assert (folder / ".failed-once-at-15").exists()
+    assert losses["resumed_from"] == [10]
+    assert [r["step"] for r in losses["train_loss"]] == list(range(1, STEPS + 1))
+    assert [r["step"] for r in losses["validation_loss"]] == [10, 20, 30]
