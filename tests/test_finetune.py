@@ -57,6 +57,7 @@ def finetuned(tmp_path_factory, data, demo_tiny, ray_local):
     return cfg, ft, folder, job
 
 
+@pytest.mark.slow  # a Ray Train run of demo-tiny
 def test_finetune_writes_its_files_and_the_loss_goes_down(finetuned):
     _, ft, folder, _ = finetuned
     for name in ("model.pt", "config.yaml", "split.json", "losses.json"):
@@ -72,6 +73,7 @@ def test_finetune_writes_its_files_and_the_loss_goes_down(finetuned):
     assert losses["best_step"] in (10, 20, 30)
 
 
+@pytest.mark.slow  # a Ray Train run of demo-tiny
 def test_the_saved_model_loads_as_a_backbone_and_gives_the_trainers_embeddings(finetuned):
     import torch
     from clip.clip import _transform
@@ -108,6 +110,7 @@ def test_the_saved_model_loads_as_a_backbone_and_gives_the_trainers_embeddings(f
     assert not np.allclose(embeddings(start)[1], probe["text"], atol=1e-2)
 
 
+@pytest.mark.slow  # a Ray Train run of demo-tiny
 def test_nothing_of_the_eval_sample_is_trained_or_validated_on(finetuned):
     from newsclip.stages.prepare import sample_pairs
 
@@ -130,6 +133,7 @@ def test_nothing_of_the_eval_sample_is_trained_or_validated_on(finetuned):
     assert len(seen) + EVAL + excluded == len(usable)
 
 
+@pytest.mark.slow  # a Ray Train run of demo-tiny
 def test_an_article_sharing_eval_image_bytes_is_excluded(tmp_path, data, demo_tiny, ray_local):
     """A byte-identical copy of an eval image under another id, with its own article, is never trained on."""
     from newsclip.finetune.split import compute_split
@@ -222,6 +226,7 @@ def test_lock_image_leaves_the_image_tower_as_it_was():
     assert not any(n.startswith("visual.") for n in names)
 
 
+@pytest.mark.slow  # a Ray Train run of demo-tiny
 def test_a_failed_worker_resumes_from_its_last_checkpoint(finetuned):
     """Rank 0 raised once after step 15; Ray Train restarted the worker group, which resumed at the step-10
     checkpoint (not at 0) and ran every step once."""
