@@ -344,3 +344,12 @@ def test_notes_say_what_qualifies_the_numbers(rendered):
     clean = {**metrics, "rows": [{**row, "n": 2000, "n_unscoreable": 0}], "ties": {"policy": "id",
                                                                                   "duplicate_truths": 0}}
     assert evaluation_notes(clean, {}) == []
+
+
+def test_markdown_paired_table_reads_an_evaluate_from_before_holm():
+    from newsclip.report.markdown import paired_table
+
+    row = {"a": "A", "b": "B", "difference": 0.1, "lo": 0.05, "hi": 0.2, "decision": "A beats B"}
+    lines = paired_table([{**row, "p_holm": 0.012}, row]).splitlines()
+    assert lines[2] == "| A | B | +0.1000 | [+0.0500, +0.2000] | 0.012 | A beats B |"
+    assert lines[3] == "| A | B | +0.1000 | [+0.0500, +0.2000] | – | A beats B |"

@@ -34,8 +34,10 @@ def metrics_table(rows: list[dict], k: int, with_paper: bool = True) -> str:
 def paired_table(paired: list[dict]) -> str:
     """One row per pair of backbones: the difference, its interval, the Holm p-value and the decision."""
     lines = ["| A | B | A − B | 95% interval | p (Holm) | decision |", "|---|---|---|---|---|---|"]
-    lines += [f"| {p['a']} | {p['b']} | {p['difference']:+.4f} | [{p['lo']:+.4f}, {p['hi']:+.4f}] | "
-              f"{p['p_holm']:.3f} | {p['decision']} |" for p in paired]
+    for p in paired:
+        p_holm = f"{p['p_holm']:.3f}" if "p_holm" in p else "–"  # metrics.json of an evaluate from before Holm
+        lines.append(f"| {p['a']} | {p['b']} | {p['difference']:+.4f} | [{p['lo']:+.4f}, {p['hi']:+.4f}] | "
+                     f"{p_holm} | {p['decision']} |")
     return "\n".join(lines)
 
 
