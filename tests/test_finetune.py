@@ -216,7 +216,8 @@ def test_clip_loss_matches_a_direct_computation():
 
 def test_lock_image_leaves_the_image_tower_as_it_was():
     from newsclip.demo.model import build_demo_clip
-    from newsclip.finetune.loop import freeze, param_groups
+    from newsclip.finetune.loop import freeze
+    from newsclip.finetune.optim import param_groups
 
     model = build_demo_clip()
     freeze(model, FinetuneConfig(lock_image=True))

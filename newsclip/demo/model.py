@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import math
 import os
 import queue
 import threading
@@ -25,6 +24,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from newsclip.demo.news import article  # noqa: E402
 from newsclip.demo.scenes import Scene, render  # noqa: E402
+from newsclip.finetune.optim import BETAS, EPS, MAX_LOGIT_SCALE, param_groups, warmup_cosine  # noqa: E402
 
 # --- the architecture: clip.model.CLIP(embed_dim, image_resolution, vision_layers, vision_width, patch_size,
 # context_length, vocab_size, transformer_width, transformer_heads, transformer_layers).
@@ -44,7 +44,7 @@ JPEG_QUALITY = 90  # the demo data stores its images as JPEG of this quality; tr
 CAPTION_SHARE = 0.3  # the rest of the training texts are title + body, as the pipeline encodes them
 CURRICULUM = (0.2, 0.5)  # captions only for the first 20% of steps, CAPTION_SHARE from 50% on
 LR, WARMUP_SHARE, MIN_LR_SHARE = 1e-3, 0.06, 0.02
-WEIGHT_DECAY, BETAS, EPS = 0.05, (0.9, 0.98), 1e-6  # CLIP's Adam betas and eps
+WEIGHT_DECAY = 0.05
 THREADS = 2
 PREFETCH = True
 
@@ -205,23 +205,6 @@ def _encode_text_trimmed(model, tokens):
     return x[torch.arange(x.shape[0]), tokens.argmax(dim=-1)] @ model.text_projection
 
 
-def _param_groups(model) -> list[dict]:
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        # gains, biases, embeddings and the temperature are not shrunk towards zero (open_clip's convention)
-        skip = param.ndim < 2 or "embedding" in name or "logit_scale" in name
-        (no_decay if skip else decay).append(param)
-    return [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def _lr_at(step: int, steps: int) -> float:
-    warmup = max(1, round(WARMUP_SHARE * steps))
-    if step < warmup:
-        return LR * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return LR * (MIN_LR_SHARE + (1 - MIN_LR_SHARE) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 @contextmanager
 def _torch_threads(n: int):
     import torch
@@ -262,7 +245,7 @@ def train_demo_model(out_path: Path, *, seed: int = 0, steps: int = FULL_STEPS, 
         model.train()
         # channels-last convolutions were ~20% faster on this CPU (mkldnn)
         model.visual.to(memory_format=torch.channels_last)
-        optimizer = torch.optim.AdamW(_param_groups(model), lr=LR, betas=BETAS, eps=EPS, fused=True)
+        optimizer = torch.optim.AdamW(param_groups(model, WEIGHT_DECAY), lr=LR, betas=BETAS, eps=EPS, fused=True)
         batches = _training_batches(seed, batch_size, steps)
         if PREFETCH:
             batches = _prefetched(batches)
@@ -290,7 +273,7 @@ def _train_steps(model, optimizer, batches: Iterator[tuple], steps: int, losses:
     for step in range(steps):
         images, tokens, scene_ids = next(batches)
         for group in optimizer.param_groups:
-            group["lr"] = _lr_at(step, steps)
+            group["lr"] = warmup_cosine(step, steps, LR, WARMUP_SHARE, MIN_LR_SHARE)
         image_features = model.encode_image(images.contiguous(memory_format=torch.channels_last))
         text_features = _encode_text_trimmed(model, tokens)
         image_features = F.normalize(image_features, dim=-1)
@@ -304,7 +287,7 @@ def _train_steps(model, optimizer, batches: Iterator[tuple], steps: int, losses:
         loss.backward()
         optimizer.step()
         with torch.no_grad():  # CLIP's clamp: a temperature below 1/100 destabilises training
-            model.logit_scale.clamp_(0, math.log(100))
+            model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
         losses.append(loss.item())
         if (step + 1) % 50 == 0 or step == steps - 1:
             log(f"demo-tiny step {step + 1}/{steps} loss {np.mean(losses[-50:]):.3f} "

@@ -4,7 +4,6 @@ cosine decay, validation with early stopping, and checkpoints that a restarted w
 from __future__ import annotations
 
 import json
-import math
 import random
 import tempfile
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from newsclip.finetune.config import FinetuneConfig
+from newsclip.finetune.optim import BETAS, EPS, MAX_LOGIT_SCALE, param_groups, warmup_cosine
 
 if TYPE_CHECKING:
     import torch
@@ -21,17 +21,11 @@ STATE = "state.pt"  # the training state in every checkpoint
 MODEL = "model.pt"  # the final checkpoint's fp32 clip state dict (what the driver commits as finetune/<run>/model.pt)
 PROBE = "probe.npz"  # a few pairs and their embeddings by the final model: the saved model must reproduce them
 PROBE_ROWS = 8
-MAX_LOGIT_SCALE = math.log(100)  # CLIP clamps its temperature at 1/100: below, training destabilises
-BETAS, EPS = (0.9, 0.98), 1e-6  # CLIP's AdamW betas and eps
 
 
 def lr_at(step: int, steps: int, ft: FinetuneConfig) -> float:
-    """Linear warm-up over warmup_share of the steps, then a cosine down to lr * min_lr_share."""
-    warmup = round(ft.warmup_share * steps)
-    if step < warmup:
-        return ft.lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return ft.lr * (ft.min_lr_share + (1 - ft.min_lr_share) * 0.5 * (1 + math.cos(math.pi * progress)))
+    """The learning rate of a step: `warmup_cosine` with the fine-tune's settings."""
+    return warmup_cosine(step, steps, ft.lr, ft.warmup_share, ft.min_lr_share)
 
 
 def clip_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, rank: int = 0,
@@ -58,17 +52,6 @@ def freeze(model, ft: FinetuneConfig) -> None:
     for name, param in model.named_parameters():
         if (ft.lock_image and name.startswith("visual.")) or (ft.freeze_text and name.startswith(text_parts)):
             param.requires_grad_(False)
-
-
-def param_groups(model, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        # gains, biases, embeddings and the temperature are not shrunk towards zero (open_clip's convention)
-        skip = param.ndim < 2 or "embedding" in name or "logit_scale" in name
-        (no_decay if skip else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def _towers_class():
