@@ -11,12 +11,12 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from newsclip import config as config_mod
-from newsclip.config import JobConfig
+from newsclip.config import JobConfig, dump
 from newsclip.runtime import console
 from newsclip.runtime.embedding_store import content_key
 from newsclip.runtime.ray_setup import ensure_ray, ray_logs
 from newsclip.runtime.store import STAGING, parquet_files, read_manifest, record_completed, record_run, write_text
+from newsclip.yaml_config import to_dict
 
 STAGE_NAMES = ("prepare", "translate", "encode", "knn", "evaluate", "report")
 LOGS = "logs"  # under output_dir: newsclip.log (every message of the runs that did work) and Ray's logs
@@ -52,7 +52,7 @@ def _external_inputs(cfg: JobConfig, name: str) -> object:
 
 def stage_key(cfg: JobConfig, name: str, completed: dict) -> str:
     """The identity of a stage's work: config (less where Ray runs), earlier stages' outputs, external inputs."""
-    settings = config_mod.to_dict(cfg)
+    settings = to_dict(cfg)
     settings.pop("ray")
     upstream = {n: completed.get(n, {}).get("digest") for n in STAGE_NAMES[: STAGE_NAMES.index(name)]}
     return content_key(json.dumps([name, settings, upstream, _external_inputs(cfg, name)], sort_keys=True))
@@ -93,7 +93,7 @@ def run_stages(cfg: JobConfig, names: tuple[str, ...] = STAGE_NAMES, force: bool
     with _exclusive(out), console.log_file(out / LOGS / "newsclip.log"), ray_logs(out / LOGS):
         _mark_interrupted(out)
         shutil.rmtree(out / STAGING, ignore_errors=True)  # what a dead run left half-written: never committed
-        resolved = config_mod.dump(cfg)
+        resolved = dump(cfg)
         if not (out / "config.resolved.yaml").exists() or (out / "config.resolved.yaml").read_text() != resolved:
             write_text(out / "config.resolved.yaml", resolved)
         record = {"run_id": time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6],
