@@ -9,7 +9,7 @@ import warnings
 from pathlib import Path
 
 from newsclip.runtime import console
-from newsclip.runtime.console import log
+from newsclip.runtime.console import log, print_metrics
 from newsclip.runtime.ray_setup import WORKER_ENV
 from newsclip.runtime.runner import STAGE_NAMES
 
@@ -66,6 +66,17 @@ def build_parser() -> argparse.ArgumentParser:
     _job_args(sub.add_parser("finetune", help="fine-tune a backbone on the archive's pairs (the eval sample held "
                              "out) with Ray Train into OUTPUT_DIR/finetune/<run>/model.pt; settings: `finetune:`"))
 
+    from newsclip.finetune.demo import ARTICLES as SHIFTED_ARTICLES
+
+    p = sub.add_parser("demo-finetune", help="fine-tune demo-tiny on a shifted demo archive (colours and places it "
+                       "never saw), then compare with zero-shot demo-tiny on held-out pairs (jobs/finetune-demo.yaml)")
+    p.add_argument("--output", type=Path, default=Path("newsclip-demo/shifted"),
+                   help="folder for the archive (DIR/data) and the outputs (DIR/output); default newsclip-demo/shifted")
+    p.add_argument("--articles", type=int, default=SHIFTED_ARTICLES,
+                   help=f"articles in the shifted archive (default {SHIFTED_ARTICLES})")
+    p.add_argument("--seed", type=int, default=0)
+    _verbose_arg(p)
+
     p = sub.add_parser("backbones", help="list the backbones newsclip knows and whether their weights are on disk")
     p.add_argument("--download-root", type=Path, default=None,
                    help="where OpenAI weights are cached (default: clip's ~/.cache/clip)")
@@ -76,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--append", action="store_true", help="add new articles (ids after the existing ones) and their "
                    "images as new shards: the next day of an archive, for a nightly run")
+    p.add_argument("--shifted", action="store_true", help="scenes in colours and places demo-tiny never saw, in "
+                   "English (the fine-tuning demo's archive)")
 
     p = sub.add_parser("demo-model", help="train the demo-tiny CLIP into $NEWSCLIP_CACHE (default "
                        "~/.cache/newsclip), where jobs find it")
@@ -105,19 +118,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _print_metrics(output: Path) -> None:
-    import json
-
-    import polars as pl
-
-    metrics = json.loads((output / "metrics.json").read_text())["metrics"]
-    columns = ["backbone", "direction", "source", "n", *metrics]
-    frame = pl.read_csv(output / "metrics.csv").select(columns)
-    with pl.Config(tbl_rows=1000, tbl_cols=len(columns), tbl_width_chars=200, tbl_hide_dataframe_shape=True,
-                   tbl_hide_column_data_types=True, float_precision=3):
-        print(frame)
-
-
 def _demo(args: argparse.Namespace) -> None:
     from newsclip import config
     from newsclip.demo.data import write_demo_data
@@ -136,7 +136,7 @@ def _demo(args: argparse.Namespace) -> None:
     with console.stage("demo translator", lazy=True):  # the same: a line only when it is built
         _ensure_demo_translator(Path(cfg.translate.resolved().packages_dir))
     run_stages(cfg)
-    _print_metrics(cfg.output)
+    print_metrics(cfg.output)
     print(f"report: {cfg.output / 'report.md'}")
 
 
@@ -160,7 +160,7 @@ def _run_job(args: argparse.Namespace, stages: tuple[str, ...]) -> None:
     # a stage named on its own always runs; `run` skips what is up to date unless --force
     run_stages(cfg, stages, force=getattr(args, "force", False) or len(stages) == 1)
     if "evaluate" in stages:
-        _print_metrics(cfg.output)
+        print_metrics(cfg.output)
 
 
 def _rejects(args: argparse.Namespace) -> None:
@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
             from newsclip.demo.data import append_demo_data, write_demo_data
 
             write = append_demo_data if args.append else write_demo_data
-            counts = write(args.dir, args.articles, args.seed)
+            counts = write(args.dir, args.articles, args.seed, shifted=args.shifted)
             print(f"wrote {counts['articles']} articles to {args.dir / 'articles'} and {counts['images']} images "
                   f"to {args.dir / 'images'}")
         elif args.command == "backbones":
@@ -249,6 +249,10 @@ def main(argv: list[str] | None = None) -> int:
             from newsclip.finetune.run import main as finetune_main
 
             return finetune_main(args)
+        elif args.command == "demo-finetune":
+            from newsclip.finetune.demo import run_demo
+
+            return run_demo(args.output, args.articles, args.seed)
         elif args.command == "demo-model":
             from newsclip.demo.model import evaluate_demo_model, train_demo_model
             from newsclip.retrieval.backbones import cache_dir

@@ -9,7 +9,7 @@ from typing import Literal
 
 import yaml
 
-from newsclip.names import parse_fusion_name
+from newsclip.names import parse_fusion_name, slug
 from newsclip.retrieval.search import KnnConfig
 from newsclip.translate.translator import TranslateConfig
 from newsclip.yaml_config import ConfigError, build, read_yaml, to_dict
@@ -202,6 +202,10 @@ def _validate(cfg: JobConfig) -> None:
     for ok, key, message in checks:
         if not ok:
             raise ConfigError(f"{key}: {message}")
+    slugs = [slug(b) for b in cfg.backbones]
+    clash = [b for b, s in zip(cfg.backbones, slugs) if slugs.count(s) > 1]
+    if clash:
+        raise ConfigError(f"backbones: {clash} would write the same files (named {slug(clash[0])!r}); rename a file")
 
 
 def from_dict(raw: dict) -> JobConfig:

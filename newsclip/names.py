@@ -17,14 +17,26 @@ DIRECTIONS = {
 }
 
 
+GENERIC_STEMS = {"model", "checkpoint", "weights"}  # file names that say nothing: their folder names them too
+
+
+def checkpoint_label(path: str) -> str:
+    """A checkpoint's short name: its file name, with its folder's when the file is generically named
+    (`out/finetune/demo/model.pt` -> `demo/model.pt`, what `newsclip finetune` writes)."""
+    p = Path(path)
+    return f"{p.parent.name}/{p.name}" if p.stem.lower() in GENERIC_STEMS and p.parent.name else p.name
+
+
 def slug(name: str) -> str:
-    """A filesystem-safe lower-case name: "ViT-L/14@336px" -> "vit-l-14-336px"; a file path -> its stem's slug;
-    a fusion name -> its prefix and its members' slugs ("fusion:demo-tiny+/m/x.pt" -> "fusion-demo-tiny-x")."""
+    """A filesystem-safe lower-case name: "ViT-L/14@336px" -> "vit-l-14-336px"; a file path -> its stem's slug,
+    or its folder's and stem's for a generic stem ("out/finetune/demo/model.pt" -> "demo-model"); a fusion name ->
+    its prefix and its members' slugs ("fusion:demo-tiny+/m/x.pt" -> "fusion-demo-tiny-x")."""
     if is_fusion(name):
         # slugged member by member: a checkpoint path as the last member would otherwise slug the whole name to
         # that file's stem, and the fused rankings would overwrite the member's own
         return "-".join([slug(name.partition(":")[0]), *(slug(m) for m in parse_fusion_name(name)[1])])
-    base = name if name in BACKBONES else Path(name).stem if looks_like_path(name) else name
+    base = name if name in BACKBONES else Path(checkpoint_label(name)).with_suffix("").as_posix() \
+        if looks_like_path(name) else name
     out = re.sub(r"[^a-z0-9]+", "-", base.lower()).strip("-")
     if not out:
         raise ValueError(f"cannot make a slug from backbone name {name!r}")

@@ -54,3 +54,21 @@ def test_append_adds_a_new_day_with_new_ids_even_with_the_same_seed(tmp_path):
     assert len(articles) == 50 and articles["article_id"].n_unique() == 50
     assert images["image_id"].n_unique() == len(images)
     assert sorted(p.name for p in (tmp_path / "articles").iterdir())[0] == "add-0000040-00000.parquet"
+
+
+def test_the_shifted_archive_is_in_colours_and_places_demo_tiny_never_saw(tmp_path):
+    from newsclip.demo.scenes import BACKGROUNDS, COLOURS, SHIFTED_BACKGROUNDS, SHIFTED_COLOURS
+
+    write_demo_data(tmp_path, articles=200, seed=1, shifted=True)
+    articles = pl.read_parquet(tmp_path / "articles").drop_nulls("text")
+    assert set(articles["lang"]) == {"en"} and len(articles) > 180
+
+    def named(sentence: str, table: list) -> set[str]:
+        return {row[0] for row in table if f" {row[0]} " in f" {sentence.rstrip('.')} "}
+
+    for text in articles["text"]:
+        scene = text.split(".")[0] + "."  # the body opens with the scene sentence
+        assert len(named(scene, SHIFTED_COLOURS)) == 1 and len(named(scene, SHIFTED_BACKGROUNDS)) == 1, scene
+        assert not named(scene, COLOURS) and not named(scene, BACKGROUNDS), scene
+    # demo-tiny's training scenes (Scene.sample) never reach the shifted tables
+    assert N_SCENES == 25_920 and Scene.from_index(N_SCENES - 1).colour == len(COLOURS) - 1

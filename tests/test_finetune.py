@@ -1,5 +1,5 @@
-"""newsclip finetune: a short fine-tune of demo-tiny through the CLI, its outputs, the held-out eval sample, config
-errors, and a worker failure that resumes from the last checkpoint."""
+"""newsclip finetune: a short fine-tune of demo-tiny on a shifted archive through the CLI, with its train worker's
+process killed midway; its outputs, the held-out eval sample, the comparison with the start, config errors."""
 
 import json
 
@@ -12,16 +12,17 @@ from newsclip.cli import main
 from newsclip.finetune.config import FinetuneConfig, load
 from newsclip.yaml_config import ConfigError
 
-ARTICLES = 240
-EVAL = 40
+ARTICLES = 300
+EVAL = 60
 STEPS = 30
+KILL_AT = 15  # rank 0's process is SIGKILLed after this step: the run resumes from its step-10 checkpoint
 
 
 def _job(tmp, data, **finetune) -> str:
     job = {"name": "ft", "input": {"articles": str(data / "articles"), "images": str(data / "images")},
            "output_dir": str(tmp / "out"), "eval": {"sample_size": EVAL, "seed": 3},
            "translate": {"enabled": False}, "ray": {"num_cpus": 2},
-           "finetune": {"backbone": "demo-tiny", "batch_size": 32, "lr": 2e-4, "warmup_share": 0.1,
+           "finetune": {"backbone": "demo-tiny", "batch_size": 32, "lr": 5e-4, "warmup_share": 0.1,
                         "validation_share": 0.1, **finetune}}
     path = tmp / "job.yaml"
     path.write_text(yaml.safe_dump(job))
@@ -33,9 +34,7 @@ def data(tmp_path_factory):
     from newsclip.demo.data import write_demo_data
 
     folder = tmp_path_factory.mktemp("ft-data")
-    write_demo_data(folder, ARTICLES, seed=5)
-    # a byte-identical copy of an image under a new id, published with a new article: if the image is in the
-    # eval sample, that article must not be trained on (same bytes, other id)
+    write_demo_data(folder, ARTICLES, seed=5, shifted=True)  # colours and places demo-tiny never saw
     articles = pl.read_parquet(folder / "articles")
     images = pl.read_parquet(folder / "images")
     return folder, articles, images
@@ -45,11 +44,14 @@ def data(tmp_path_factory):
 def finetuned(tmp_path_factory, data, demo_tiny, ray_local):
     import time
 
+    from newsclip.finetune.loop import KILL_ENV
+
     tmp = tmp_path_factory.mktemp("ft")
-    # rank 0 fails once after step 15: the run goes on from its step-10 checkpoint (one Ray Train run for all tests)
-    job = _job(tmp, data[0], steps=STEPS, eval_every=10, fail_once_at_step=15, max_failures=1)
+    job = _job(tmp, data[0], steps=STEPS, eval_every=10, max_failures=1)
     started = time.perf_counter()
-    assert main(["finetune", job]) == 0
+    with pytest.MonkeyPatch.context() as env:  # one Ray Train run, killed once, for all the tests below
+        env.setenv(KILL_ENV, str(KILL_AT))
+        assert main(["finetune", job]) == 0
     seconds = time.perf_counter() - started
     cfg, ft = load(job)
     folder = cfg.output / "finetune" / ft.run
@@ -71,6 +73,26 @@ def test_finetune_writes_its_files_and_the_loss_goes_down(finetuned):
     assert last < first - 0.1
     assert [row["step"] for row in losses["validation_loss"]] == [10, 20, 30]
     assert losses["best_step"] in (10, 20, 30)
+
+
+@pytest.mark.slow  # a Ray Train run of demo-tiny
+def test_finetune_ends_with_a_paired_comparison_with_its_start_and_a_report_with_the_curve(finetuned):
+    cfg, _, folder, _ = finetuned
+    out, model = cfg.output, str(folder / "model.pt")
+    metrics = json.loads((out / "metrics.json").read_text())
+    rows = {r["backbone"]: r for r in metrics["rows"] if r["source"] == "all" and r["direction"] == "text_to_image"}
+    assert set(rows) == {"demo-tiny", model} and rows[model]["n"] == rows["demo-tiny"]["n"] >= EVAL - 3
+    print(f"held-out MRR: demo-tiny {rows['demo-tiny']['mrr']:.3f}, fine-tuned {rows[model]['mrr']:.3f}")
+    assert rows[model]["mrr"] > rows["demo-tiny"]["mrr"] + 0.15
+    [pair] = [p for p in metrics["paired"] if p["direction"] == "text_to_image"]
+    assert (pair["a"], pair["b"]) == ("demo-tiny", model) and pair["hi"] < 0 and pair["p_holm"] < 0.05
+    html = (out / "report.html").read_text()
+    assert 'aria-label="Training curve"' in html and "Fine-tuning: default/model.pt" in html
+    assert "resumed from the checkpoint of step 10" in html and "from demo-tiny" in html
+    assert "## Fine-tuning" in (out / "report.md").read_text()
+    # the comparison reused the prepared texts: prepare's key does not read the backbones
+    runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
+    assert runs[-1]["stages"]["prepare"] == {"status": "up to date"} and runs[-1]["status"] == "finished"
 
 
 @pytest.mark.slow  # a Ray Train run of demo-tiny
@@ -228,12 +250,12 @@ def test_lock_image_leaves_the_image_tower_as_it_was():
 
 
 @pytest.mark.slow  # a Ray Train run of demo-tiny
-def test_a_failed_worker_resumes_from_its_last_checkpoint(finetuned):
-    """Rank 0 raised once after step 15; Ray Train restarted the worker group, which resumed at the step-10
-    checkpoint (not at 0) and ran every step once."""
+def test_a_killed_worker_resumes_from_its_last_checkpoint(finetuned):
+    """Rank 0's process was SIGKILLed after step 15; Ray Train restarted the worker group, which resumed at the
+    step-10 checkpoint (not at 0) and ran every step once."""
     _, _, folder, _ = finetuned
     losses = json.loads((folder / "losses.json").read_text())
-    assert (folder / ".failed-once-at-15").exists()
+    assert (folder / f".killed-at-{KILL_AT}").exists()
     assert losses["resumed_from"] == [10]
     assert [r["step"] for r in losses["train_loss"]] == list(range(1, STEPS + 1))
     assert [r["step"] for r in losses["validation_loss"]] == [10, 20, 30]

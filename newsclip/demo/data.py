@@ -39,15 +39,17 @@ def _encode(image, fmt: str) -> bytes:
     return buffer.getvalue()
 
 
-def append_demo_data(out_dir: Path, articles: int, seed: int) -> dict[str, int]:
+def append_demo_data(out_dir: Path, articles: int, seed: int, shifted: bool = False) -> dict[str, int]:
     """A new day of the archive: `articles` new articles and their images as new shards beside the old ones."""
     first = sum(pq.read_metadata(p).num_rows for p in sorted((out_dir / "articles").glob("*.parquet")))
-    return write_demo_data(out_dir, articles, seed, first_id=first, prefix=f"add-{first:07d}")
+    return write_demo_data(out_dir, articles, seed, first_id=first, prefix=f"add-{first:07d}", shifted=shifted)
 
 
-def _source_column(n: int, rng: np.random.Generator) -> list[str]:
-    total = sum(SOURCE_SHARES.values())
-    counts = {s: round(n * share / total) for s, share in SOURCE_SHARES.items()}
+def _source_column(n: int, rng: np.random.Generator, shifted: bool) -> list[str]:
+    # the shifted archive is an English newsroom's: the demo translator never saw its colour and place words
+    shares = {s: v for s, v in SOURCE_SHARES.items() if not shifted or SOURCE_LANG[s] == "en"}
+    total = sum(shares.values())
+    counts = {s: round(n * share / total) for s, share in shares.items()}
     counts["TW"] += n - sum(counts.values())  # rounding remainder
     sources = [s for s, c in counts.items() for _ in range(c)]
     rng.shuffle(sources)
@@ -68,19 +70,22 @@ def _write_shards(rows: list[dict], schema: pa.Schema, folder: Path, prefix: str
 
 
 def write_demo_data(out_dir: Path, articles: int = 2000, seed: int = 0, first_id: int = 0,
-                    prefix: str = "part", image_size: int = IMAGE_SIZE) -> dict[str, int]:
+                    prefix: str = "part", image_size: int = IMAGE_SIZE, shifted: bool = False) -> dict[str, int]:
     """Write `out_dir/articles/<prefix>-*.parquet` and `out_dir/images/<prefix>-*.parquet`; the same seed gives the
     same bytes. Article ids start at `first_id`, so a later batch of new articles (another seed) can join an archive.
-    `image_size`: the side of the rendered scenes (larger than demo-tiny's 64 px: photo-sized files to decode)."""
+    `image_size`: the side of the rendered scenes (larger than demo-tiny's 64 px: photo-sized files to decode).
+    `shifted`: a domain demo-tiny never saw (`Scene.sample_shifted`: colours and backgrounds held out of its
+    training), in English only: what the fine-tuning demo adapts demo-tiny to."""
     if articles < 1:
         raise ValueError(f"--articles must be at least 1, got {articles}")
     # a stream of its own, disjoint from demo-tiny's training data (and, for an appended day, from earlier days')
     rng = np.random.default_rng([seed, 2022] if first_id == 0 else [seed, 2022, first_id])
-    sources = _source_column(articles, rng)
+    sources = _source_column(articles, rng, shifted)
+    draw = Scene.sample_shifted if shifted else Scene.sample
     start = datetime(2022, 1, 1)
     article_rows, image_rows = [], []
     for i, source in enumerate(sources):
-        scene = Scene.sample(rng)
+        scene = draw(rng)
         image_id = f"img-{rng.bytes(6).hex()}"
         image = render(scene, rng, image_size)
         fmt = "PNG" if rng.random() < PNG_SHARE else "JPEG"
@@ -102,7 +107,7 @@ def write_demo_data(out_dir: Path, articles: int = 2000, seed: int = 0, first_id
             "lang": lang, "published": start + timedelta(minutes=int(rng.integers(0, 365 * 24 * 60))),
         })
     for _ in range(round(articles * ORPHAN_IMAGES)):
-        image = render(Scene.sample(rng), rng, image_size)
+        image = render(draw(rng), rng, image_size)
         image_rows.append({"image_id": f"img-{rng.bytes(6).hex()}", "image": _encode(image, "JPEG")})
     order = rng.permutation(len(image_rows))  # images are not stored in article order
     image_rows = [image_rows[j] for j in order]

@@ -57,6 +57,21 @@ BACKGROUNDS = [
     ("in the sky", "am Himmel", (150, 200, 245)),
 ]
 COUNTS = [("a", "ein"), ("two", "zwei")]
+# A domain shift for the fine-tuning demo: colours and backgrounds that demo-tiny never saw (its training draws from
+# the tables above only). A shifted scene indexes past the end of COLOURS and BACKGROUNDS into these.
+SHIFTED_COLOURS = [
+    ("pink", "rosafarben", (255, 110, 190)),
+    ("cyan", "cyanfarben", (0, 210, 230)),
+    ("olive", "olivgrün", (120, 130, 20)),
+    ("lavender", "lavendelfarben", (190, 160, 240)),
+]
+SHIFTED_BACKGROUNDS = [
+    ("in a forest", "im Wald", (35, 85, 45)),
+    ("at sunset", "bei Sonnenuntergang", (235, 130, 90)),
+    ("in a cave", "in einer Höhle", (70, 55, 45)),
+    ("on a glacier", "auf einem Gletscher", (190, 235, 245)),
+]
+_COLOURS, _BACKGROUNDS = COLOURS + SHIFTED_COLOURS, BACKGROUNDS + SHIFTED_BACKGROUNDS
 
 N_SCENES = len(COUNTS) * len(SHAPES) * len(COLOURS) * len(SIZES) * len(POSITIONS) * len(BACKGROUNDS)
 
@@ -85,22 +100,29 @@ class Scene:
     def sample(cls, rng: np.random.Generator) -> Scene:
         return cls.from_index(int(rng.integers(N_SCENES)))
 
+    @classmethod
+    def sample_shifted(cls, rng: np.random.Generator) -> Scene:
+        """A scene of the shifted domain: a colour and a background from SHIFTED_*, the rest as usual."""
+        scene = cls.sample(rng)
+        return cls(scene.count, scene.shape, len(COLOURS) + int(rng.integers(len(SHIFTED_COLOURS))), scene.size,
+                   scene.position, len(BACKGROUNDS) + int(rng.integers(len(SHIFTED_BACKGROUNDS))))
+
     def caption(self, lang: str = "en") -> str:
         """The scene as one sentence in `lang` ("en" or "de")."""
         if lang == "en":
             noun = SHAPES[self.shape][0] + ("s" if self.count else "")
-            adjectives = f"{SIZES[self.size][0]} {COLOURS[self.colour][0]}"
+            adjectives = f"{SIZES[self.size][0]} {_COLOURS[self.colour][0]}"
             head = "Two" if self.count else ("An" if adjectives[0] in "aeiou" else "A")
-            return f"{head} {adjectives} {noun} {POSITIONS[self.position][0]}, {BACKGROUNDS[self.background][0]}."
+            return f"{head} {adjectives} {noun} {POSITIONS[self.position][0]}, {_BACKGROUNDS[self.background][0]}."
         if lang == "de":
             _, singular, plural, gender = SHAPES[self.shape]
-            size, colour = SIZES[self.size][1], COLOURS[self.colour][1]
+            size, colour = SIZES[self.size][1], _COLOURS[self.colour][1]
             if self.count:  # strong plural declension: -e
-                where = f"{POSITIONS[self.position][1]}, {BACKGROUNDS[self.background][1]}"
+                where = f"{POSITIONS[self.position][1]}, {_BACKGROUNDS[self.background][1]}"
                 return f"Zwei {size}e {colour}e {plural} {where}."
             article, ending = {"m": ("Ein", "er"), "f": ("Eine", "e"), "n": ("Ein", "es")}[gender]
             return (f"{article} {size}{ending} {colour}{ending} {singular} {POSITIONS[self.position][1]}, "
-                    f"{BACKGROUNDS[self.background][1]}.")
+                    f"{_BACKGROUNDS[self.background][1]}.")
         raise ValueError(f"unknown language {lang!r}: scenes are described in 'en' or 'de'")
 
 
@@ -136,7 +158,7 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: 
 
 def render(scene: Scene, rng: np.random.Generator, size: int = 64) -> Image.Image:
     """Draw `scene` as an RGB image; `rng` jitters placement, size and background so no two renders match."""
-    base = np.array(BACKGROUNDS[scene.background][2], dtype=np.float32)
+    base = np.array(_BACKGROUNDS[scene.background][2], dtype=np.float32)
     # a gentle vertical gradient plus pixel noise, so backgrounds are not flat colour fields
     gradient = np.linspace(-12, 12, size, dtype=np.float32)[:, None, None] * rng.uniform(-1, 1)
     noise = rng.normal(0, 4, (size, size, 3)).astype(np.float32)
@@ -148,7 +170,7 @@ def render(scene: Scene, rng: np.random.Generator, size: int = 64) -> Image.Imag
     row, col = divmod(scene.position, 3)
     cx, cy = (col + 0.5) * cell, (row + 0.5) * cell
     radius = SIZES[scene.size][2] * cell * rng.uniform(0.9, 1.1)
-    fill = tuple(int(c) for c in np.clip(np.array(COLOURS[scene.colour][2]) + rng.integers(-15, 16, 3), 0, 255))
+    fill = tuple(int(c) for c in np.clip(np.array(_COLOURS[scene.colour][2]) + rng.integers(-15, 16, 3), 0, 255))
     jitter = cell * 0.08
     shape = SHAPES[scene.shape][0]
     if scene.count:  # two identical objects side by side inside the cell

@@ -37,11 +37,11 @@ class FinetuneConfig:
     patience: int | None = None  # stop after this many validations without a better loss; null: never stop early
     max_failures: int = 2  # a failed worker group is restarted from the last checkpoint this often
     keep_checkpoints: int = 2  # checkpoints kept under finetune/<run>/ray/
-    fail_once_at_step: int | None = None  # tests only: rank 0 raises once after this step (a restart must resume)
+    evaluate: bool = True  # then run the job's stages on [backbone, the fine-tuned model]: metrics, report, curve
 
     def __post_init__(self) -> None:
         for key in ("epochs", "steps", "batch_size", "grad_accum", "workers", "eval_every", "patience",
-                    "keep_checkpoints", "fail_once_at_step"):
+                    "keep_checkpoints"):
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise ValueError(f"{key}: must be at least 1")

@@ -21,6 +21,7 @@ STATE = "state.pt"  # the training state in every checkpoint
 MODEL = "model.pt"  # the final checkpoint's fp32 clip state dict (what the driver commits as finetune/<run>/model.pt)
 PROBE = "probe.npz"  # a few pairs and their embeddings by the final model: the saved model must reproduce them
 PROBE_ROWS = 8
+KILL_ENV = "NEWSCLIP_TEST_KILL_AT_STEP"  # tests: rank 0's process is SIGKILLed once after this step
 
 
 def lr_at(step: int, steps: int, ft: FinetuneConfig) -> float:
@@ -93,7 +94,7 @@ def _set_rng_state(state: dict) -> None:
 
 def train_loop(config: dict) -> None:
     """One Ray Train worker. `config`: finetune (FinetuneConfig), backbone, download_root, total_steps,
-    micro_per_epoch, eval_every, has_validation, run_dir."""
+    micro_per_epoch, eval_every, has_validation, run_dir, kill_at_step (KILL_ENV's, or None)."""
     import ray.train
     import torch
     from ray.train import Checkpoint
@@ -207,11 +208,8 @@ def train_loop(config: dict) -> None:
             state["train_loss"].append(float(np.mean(micro_losses)))
             micro_losses = []
             step = state["step"]
-            if ft.fail_once_at_step == step and rank == 0:
-                marker = Path(config["run_dir"]) / f".failed-once-at-{step}"
-                if not marker.exists():
-                    marker.touch()
-                    raise RuntimeError(f"finetune.fail_once_at_step: failing once at step {step} (a test)")
+            if config.get("kill_at_step") == step and rank == 0:
+                _kill_once(Path(config["run_dir"]) / f".killed-at-{step}")
             if step % config["eval_every"] == 0 or step == total:
                 val = validate()
                 metrics = {"step": step, "epoch": epoch, "train_loss": float(np.mean(state["train_loss"][-10:])),
@@ -235,6 +233,16 @@ def train_loop(config: dict) -> None:
         probe.update(pixels=batch["pixels"].cpu(), tokens=batch["tokens"].cpu())
     report({"step": state["step"], "final": True, "best_step": state["best_step"],
             "best_validation_loss": state["best_loss"]}, final=True)
+
+
+def _kill_once(marker: Path) -> None:
+    """Tests' fault injection (KILL_ENV): this worker's process dies by SIGKILL, the first time only."""
+    import os
+    import signal
+
+    if not marker.exists():
+        marker.touch()
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _write_final(folder: Path, clip_model, best_model: dict | None, probe: dict, state: dict) -> None:

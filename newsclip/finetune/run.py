@@ -1,20 +1,23 @@
 """`newsclip finetune JOB.yaml`: split the archive's pairs without the eval sample, train with Ray Train's
-TorchTrainer, and commit output_dir/finetune/<run>/{model.pt, config.yaml, split.json, losses.json}."""
+TorchTrainer, commit output_dir/finetune/<run>/{model.pt, config.yaml, split.json, losses.json}, then score the
+fine-tuned model against its starting point on the job's eval sample."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import yaml
 
 from newsclip.config import JobConfig
 from newsclip.finetune.config import FinetuneConfig, load
-from newsclip.finetune.loop import MODEL, PROBE, train_loop
+from newsclip.finetune.loop import KILL_ENV, MODEL, PROBE, train_loop
 from newsclip.finetune.split import PREPARED, Split, compute_split
-from newsclip.runtime.console import log
+from newsclip.runtime.console import log, print_metrics
 from newsclip.runtime.store import atomic_path, write_text
 from newsclip.yaml_config import to_dict
 
@@ -82,7 +85,8 @@ def finetune(cfg: JobConfig, ft: FinetuneConfig) -> dict:
         train_loop_config={"finetune": ft, "backbone": ft.backbone, "download_root": cfg.encode.download_root,
                            "total_steps": total, "micro_per_epoch": micro_per_epoch,
                            "eval_every": ft.eval_every or steps_per_epoch, "has_validation": "validation" in datasets,
-                           "run_dir": str(folder)},
+                           "run_dir": str(folder),
+                           "kill_at_step": int(os.environ[KILL_ENV]) if os.environ.get(KILL_ENV) else None},
         scaling_config=ScalingConfig(num_workers=ft.workers, use_gpu=ft.on_gpu, resources_per_worker=resources),
         run_config=RunConfig(storage_path=str(folder / "ray"), name=f"{ft.run}-{time.strftime('%Y%m%dT%H%M%S')}",
                              failure_config=FailureConfig(max_failures=ft.max_failures),
@@ -108,9 +112,30 @@ def finetune(cfg: JobConfig, ft: FinetuneConfig) -> dict:
             "train": len(split.train), "validation": len(split.validation), "eval": len(split.eval_ids)}
 
 
+def comparison_job(cfg: JobConfig, ft: FinetuneConfig, model: Path) -> JobConfig:
+    """The job with [the starting backbone, the fine-tuned model] as its backbones: the same eval sample, prepared
+    and translated texts (their stage keys do not read the backbones) and store, so the start's embeddings are
+    reused and only the new model is encoded."""
+    backbones = (ft.backbone, str(model))
+    own = {name: v for name, v in cfg.encode.per_backbone.items() if name in backbones}
+    return replace(cfg, backbones=backbones, fusion=(), encode=replace(cfg.encode, per_backbone=own))
+
+
+def finetune_and_compare(cfg: JobConfig, ft: FinetuneConfig) -> None:
+    """Fine-tune; with `finetune.evaluate` (the default), then run the comparison job and print its metrics."""
+    from newsclip.runtime.runner import run_stages
+
+    summary = finetune(cfg, ft)
+    if ft.evaluate:
+        compared = comparison_job(cfg, ft, summary["model"])
+        run_stages(compared)
+        print_metrics(compared.output)
+        print(f"report: {compared.output / 'report.html'}")
+    print(f"model: {summary['model']}")
+
+
 def main(args) -> int:
     """The CLI's `finetune` command: the job file (with its `finetune:` section) and `--set` overrides."""
     cfg, ft = load(args.job, args.overrides)
-    summary = finetune(cfg, ft)
-    print(summary["model"])
+    finetune_and_compare(cfg, ft)
     return 0

@@ -11,7 +11,7 @@ from pathlib import Path
 import polars as pl
 import pyarrow.parquet as pq
 
-from newsclip.names import encode_entry, is_fusion, looks_like_path, parse_fusion_name
+from newsclip.names import checkpoint_label, encode_entry, is_fusion, looks_like_path, parse_fusion_name
 from newsclip.retrieval.backbones import BACKBONES
 from newsclip.retrieval.metrics import metric_names
 from newsclip.runtime.store import parquet_files
@@ -36,7 +36,7 @@ def display_names(names: Sequence[str]) -> dict[str, str]:
     def short(name: str) -> str:
         if name in BACKBONES or not looks_like_path(name) or Path(name).name in BACKBONES:
             return name  # a file called like a published backbone must not get that backbone's paper row
-        return Path(name).name
+        return checkpoint_label(name)
 
     labels = {}
     for name in names:
@@ -98,6 +98,7 @@ class ReportData:
     i2t: list[dict]  # metric rows, image to text
     paired: list[dict]  # paired comparisons, text to image
     costs: list[dict]
+    training: dict[str, dict]  # a fine-tuned backbone's losses.json (`newsclip finetune` writes it beside model.pt)
 
     @property
     def k(self) -> int:
@@ -136,7 +137,22 @@ def read_report_data(output_dir: Path, cfg=None) -> ReportData:
                       stages=stages, labels=labels, backbones=[labels[b] for b in names],
                       t2i=relabel(t2i, labels, "backbone"), i2t=relabel(i2t, labels, "backbone"),
                       paired=relabel(paired, labels, "a", "b"),
-                      costs=relabel(cost_rows(stages, names), labels, "backbone"))
+                      costs=relabel(cost_rows(stages, names), labels, "backbone"),
+                      training={labels[b]: losses for b in names if (losses := read_training(b))})
+
+
+def read_training(backbone: str) -> dict:
+    """The losses.json beside a checkpoint that `newsclip finetune` wrote, with the run's starting backbone from the
+    config.yaml beside it; {} for any other backbone."""
+    if not looks_like_path(backbone) or is_fusion(backbone):
+        return {}
+    folder = Path(backbone).expanduser().parent
+    losses = read_json(folder / "losses.json")
+    if losses and (folder / "config.yaml").is_file():
+        import yaml
+
+        losses["start"] = (yaml.safe_load((folder / "config.yaml").read_text()).get("finetune") or {}).get("backbone")
+    return losses
 
 
 def read_queries(output_dir: Path) -> pl.DataFrame:

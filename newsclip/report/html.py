@@ -10,8 +10,14 @@ from newsclip.names import is_fusion
 from newsclip.report.data import ReportData, metric_keys, read_queries, read_report_data, read_translated
 from newsclip.report.escape import esc
 from newsclip.report.examples import examples_html
-from newsclip.report.notes import INTERVALS, evaluation_notes, paired_note, scope_sentence
-from newsclip.report.svg import cost_quality_svg, mrr_by_source_svg, recall_curves_svg, series_colors
+from newsclip.report.notes import INTERVALS, evaluation_notes, paired_note, scope_sentence, training_note
+from newsclip.report.svg import (
+    cost_quality_svg,
+    mrr_by_source_svg,
+    recall_curves_svg,
+    series_colors,
+    training_curve_svg,
+)
 from newsclip.retrieval.metrics import metric_label
 from newsclip.retrieval.paper import paper_scores
 from newsclip.runtime.rejects import rejects_summary
@@ -175,6 +181,17 @@ def _paired(data: ReportData) -> list[str]:
             paired_table_html(data.paired)]
 
 
+def _training(data: ReportData) -> list[str]:
+    """The training curve of each fine-tuned backbone (`newsclip finetune`)."""
+    out = []
+    for label, losses in data.training.items():
+        out += [f"<h2>Fine-tuning: {esc(label)}</h2>", f'<p class="note">{esc(training_note(label, losses))}</p>',
+                "<figure>", training_curve_svg(losses),
+                "<figcaption>Contrastive loss per optimizer step (train) and on the validation split.</figcaption>",
+                "</figure>"]
+    return out
+
+
 def _cost(data: ReportData, colors: dict[str, str]) -> list[str]:
     if not data.costs:
         return []
@@ -242,9 +259,9 @@ def render_html(output_dir: Path, cfg=None, examples: int = 5, example_backbone:
     `input.images`) is optional: without it the backbones come from metrics.json in its order."""
     data = read_report_data(output_dir, cfg)
     colors = series_colors(data.backbones)  # a backbone is its label from here on: tables, plots and colours
-    out = [*_head(data), *_quality(data, colors), *_paired(data), *_cost(data, colors), *_image_to_text(data, colors),
-           *_approximate_search(data), *_examples(data, examples, example_backbone), *_rejects(data),
-           "</body></html>"]
+    out = [*_head(data), *_quality(data, colors), *_paired(data), *_training(data), *_cost(data, colors),
+           *_image_to_text(data, colors), *_approximate_search(data), *_examples(data, examples, example_backbone),
+           *_rejects(data), "</body></html>"]
     return "\n".join(out) + "\n"
 
 

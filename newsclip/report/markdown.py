@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 from newsclip.config import JobConfig
-from newsclip.report.data import metric_keys
-from newsclip.report.notes import INTERVALS, evaluation_notes, paired_note, scope_sentence
+from newsclip.report.data import metric_keys, read_training
+from newsclip.report.notes import INTERVALS, evaluation_notes, paired_note, scope_sentence, training_note
 from newsclip.retrieval.metrics import metric_label
 from newsclip.retrieval.paper import paper_scores
 from newsclip.runtime.rejects import rejects_summary
@@ -84,6 +84,10 @@ def render_markdown(cfg: JobConfig) -> str:
     paired = [p for p in metrics.get("paired", []) if p["direction"] == "text_to_image"]
     if paired:
         lines += ["", "## Paired comparisons (text to image)", "", paired_note(paired), "", paired_table(paired)]
+    trained = [(b, losses) for b in cfg.backbones if (losses := read_training(b))]
+    if trained:
+        lines += ["", "## Fine-tuning", "", *[f"- {training_note(b, losses)} The curve is in report.html."
+                                                for b, losses in trained]]
     lines += _per_source(cfg, rows, k)
     lines += _rejects(cfg, stages["prepare"])
     return "\n".join(lines) + "\n"

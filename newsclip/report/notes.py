@@ -59,3 +59,18 @@ def paired_note(paired: list[dict]) -> str:
             f"made when the Holm-adjusted p-value is below 0.05: Holm's correction over the "
             f"{paired[0].get('comparisons', len(paired))} comparisons of this direction keeps the chance of any false "
             "decision under 5%. The intervals shown are the uncorrected 95% intervals of A − B.")
+
+
+def training_note(label: str, losses: dict) -> str:
+    """One sentence on a fine-tune: from what, how many steps, where the validation loss was best, any resumes."""
+    text = f"{label}: {losses.get('steps')} steps"
+    if losses.get("start"):
+        text += f" from {losses['start']}"
+    if losses.get("best_step") is not None:
+        text += (f"; the weights of step {losses['best_step']}, the best validation loss "
+                 f"({losses['best_validation_loss']:.3f})")
+    if losses.get("stopped_early"):
+        text += f"; stopped early (planned: {losses.get('planned_steps')})"
+    if losses.get("resumed_from"):
+        text += f"; resumed from the checkpoint of step {', '.join(map(str, losses['resumed_from']))} after a failure"
+    return text + "."

@@ -202,3 +202,29 @@ def cost_quality_svg(costs: list[dict], quality: dict[str, dict], colors: dict[s
     content = [_cost_point(name, seconds, q, frame, frame.x(seconds / xmax), colors[name])
                for name, seconds, q in points]
     return frame.svg(content, [(frame.x(v / xmax), _tick_label(v)) for v in xticks])
+
+
+def training_curve_svg(losses: dict, colors: dict[str, str] | None = None) -> str:
+    """A fine-tune's losses.json: the training loss per step and the validation loss where it was measured, against
+    the step; the best validation step marked."""
+    colors = colors or {"train": PALETTE[0], "validation": PALETTE[1]}
+    train = [(r["step"], r["loss"]) for r in losses.get("train_loss", [])]
+    validation = [(r["step"], r["loss"]) for r in losses.get("validation_loss", [])]
+    steps = max([s for s, _ in train + validation] + [1])
+    yticks, ymax = _ticks(max([v for _, v in train + validation] + [0.01]))
+    names = ["train", "validation"] if validation else ["train"]
+    frame = Frame("Training curve", 300, names, "loss", yticks, ymax, x_title="optimizer step")
+
+    def points(series: list[tuple[int, float]]) -> str:
+        return " ".join(f"{frame.x(s / steps):.1f},{frame.y(v):.1f}" for s, v in series)
+
+    content = [f'<polyline points="{points(train)}" fill="none" stroke="{colors["train"]}" stroke-width="1.5"/>']
+    if validation:
+        content.append(f'<polyline points="{points(validation)}" fill="none" stroke="{colors["validation"]}" '
+                       f'stroke-width="2"/>')
+        content += [f'<circle cx="{frame.x(s / steps):.1f}" cy="{frame.y(v):.1f}" '
+                    f'r="{5 if s == losses.get("best_step") else 3}" fill="{colors["validation"]}">'
+                    f'<title>step {s}: validation loss {v:.3f}</title></circle>' for s, v in validation]
+    content.append(frame.legend({n: colors[n] for n in names}))
+    xticks, xmax = _ticks(steps)
+    return frame.svg(content, [(frame.x(v / steps), _tick_label(v)) for v in xticks if v <= steps])

@@ -5,6 +5,7 @@ run's log file."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import sys
@@ -277,3 +278,15 @@ def log_file(path: Path) -> Iterator[Path]:
         with _console.lock:
             _console.files.remove(file)
         file.close()
+
+
+def print_metrics(output: Path) -> None:
+    """A job's metrics table (metrics.csv, the metrics metrics.json names) on standard output."""
+    import polars as pl
+
+    metrics = json.loads((output / "metrics.json").read_text())["metrics"]
+    columns = ["backbone", "direction", "source", "n", *metrics]
+    frame = pl.read_csv(output / "metrics.csv").select(columns)
+    with pl.Config(tbl_rows=1000, tbl_cols=len(columns), tbl_width_chars=200, tbl_hide_dataframe_shape=True,
+                   tbl_hide_column_data_types=True, float_precision=3):
+        print(frame)

@@ -50,10 +50,18 @@ def _external_inputs(cfg: JobConfig, name: str) -> object:
     return None
 
 
+# The config sections the first stages read; the later ones take the whole config (less where Ray runs). So another
+# backbone list (`newsclip finetune`'s comparison, a backbone added) reuses the prepared and translated texts.
+STAGE_SECTIONS = {"prepare": ("input", "prepare", "eval", "encode"),
+                  "translate": ("input", "prepare", "eval", "encode", "translate")}
+
+
 def stage_key(cfg: JobConfig, name: str, completed: dict) -> str:
-    """The identity of a stage's work: config (less where Ray runs), earlier stages' outputs, external inputs."""
+    """The identity of a stage's work: config (the sections it reads), earlier stages' outputs, external inputs."""
     settings = to_dict(cfg)
     settings.pop("ray")
+    if name in STAGE_SECTIONS:
+        settings = {section: settings[section] for section in STAGE_SECTIONS[name]}
     upstream = {n: completed.get(n, {}).get("digest") for n in STAGE_NAMES[: STAGE_NAMES.index(name)]}
     return content_key(json.dumps([name, settings, upstream, _external_inputs(cfg, name)], sort_keys=True))
 
