@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     from newsclip.ingest.cli import add_parser as add_ingest_parser
 
     add_ingest_parser(sub)
+    from newsclip.runtime.store_cli import add_parser as add_store_parser
+    add_store_parser(sub)
 
     p = sub.add_parser("translate", help="offline translation: install or list Argos packages, run the translate stage")
     tsub = p.add_subparsers(dest="translate_command", required=True, metavar="ACTION")
@@ -231,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
             from newsclip.ingest.cli import main as ingest_main
 
             return ingest_main(args)
+        elif args.command == "store":
+            from newsclip.runtime.store_cli import main as store_main
+            return store_main(args)
         elif args.command == "translate":
             _translate(args)
         elif args.command == "rejects":

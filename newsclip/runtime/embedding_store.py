@@ -1,5 +1,5 @@
 """The embedding store: per backbone checkpoint and side, embeddings keyed by content hash, so a nightly run
-encodes only content it has never seen and reuses the rest."""
+encodes only content it has never seen and reuses the rest; and the record of which rows each run uses."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from newsclip.runtime.store import write_table
+from newsclip.runtime.store import read_manifest, write_table
 
 HASH_HEX = 32  # 128 bits of sha256: collisions are out of reach for any archive
+REFS = "store-refs"  # under output_dir: which store rows each encode used (see write_refs)
 
 
 def content_key(data: str | bytes) -> str:
@@ -30,13 +31,15 @@ def content_keys(values: Iterable[str | bytes | None]) -> pa.Array:
 class EmbeddingStore:
     """`<root>/<backbone slug>/<checkpoint>-<precision>/<side>/part-*.parquet` with columns hash, embedding, error.
 
-    Parts are only ever added, each written atomically, so a crash loses at most the part being written and a
-    rerun finds everything committed before it. Another checkpoint or precision is another folder: nothing
+    A run only adds parts, each written atomically, so a crash loses at most the part being written and a
+    rerun finds everything committed before it (`newsclip store compact` rewrites parts to drop rows that no
+    recent run uses: newsclip.runtime.store_maintenance). Another checkpoint or precision is another folder: nothing
     encoded by other weights is ever reused. A failed row (an undecodable image) is stored with its error, so
     it is reported again without being decoded again."""
 
     def __init__(self, root: Path, backbone_slug: str, checkpoint: str, precision: str, side: str):
-        self.dir = Path(root) / backbone_slug / f"{checkpoint}-{precision}" / side
+        self.name = f"{backbone_slug}/{checkpoint}-{precision}/{side}"  # its folder under the store's root
+        self.dir = Path(root) / self.name
 
     def parts(self) -> list[Path]:
         return sorted(self.dir.glob("part-*.parquet")) if self.dir.is_dir() else []
@@ -67,3 +70,23 @@ class EmbeddingStore:
             rows = pa.array(rows)
             yield pa.table({id_name: ids.take(rows), "embedding": table.column("embedding"),
                             "hash": hashes.take(rows), "error": table.column("error")})
+
+
+def write_refs(output: Path, store: EmbeddingStore, hashes: pa.Array | pa.ChunkedArray) -> str:
+    """Record which rows of `store` a run's embeddings come from (what `newsclip store compact` keeps): one column
+    `hash` in `output/store-refs/<store folder>/<digest>.parquet`, named by its content, so a night that uses the
+    same rows as the last writes nothing. Returns its path relative to `output`."""
+    keys = pc.drop_null(pc.unique(hashes))
+    keys = keys.take(pc.sort_indices(keys))
+    relative = f"{REFS}/{store.name}/{content_key(' '.join(keys.to_pylist()))}.parquet"
+    if not (output / relative).exists():
+        write_table(pa.table({"hash": keys}), output / relative)
+    return relative
+
+
+def store_refs(output: Path, backbones: Iterable[str]) -> list[str]:
+    """The refs files (see write_refs) of the encode entries in `output`'s manifest for `backbones`: the store rows
+    the job's outputs rest on now. The runner copies them into each run's record as `store_refs`."""
+    backbones = set(backbones)
+    stages = read_manifest(output).get("stages", {})
+    return sorted(e["refs"] for e in stages.values() if "refs" in e and e.get("backbone") in backbones)

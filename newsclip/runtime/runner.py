@@ -13,7 +13,7 @@ from pathlib import Path
 
 from newsclip.config import JobConfig, dump
 from newsclip.runtime import console
-from newsclip.runtime.embedding_store import content_key
+from newsclip.runtime.embedding_store import content_key, store_refs
 from newsclip.runtime.ray_setup import ensure_ray, ray_logs
 from newsclip.runtime.store import STAGING, parquet_files, read_manifest, record_completed, record_run, write_text
 from newsclip.yaml_config import to_dict
@@ -117,6 +117,7 @@ def run_stages(cfg: JobConfig, names: tuple[str, ...] = STAGE_NAMES, force: bool
             raise
         finally:
             record["finished_at"] = _now()
+            record["store_refs"] = store_refs(out, cfg.backbones)  # the store rows it leaves in use (store compact)
             write_text(path, json.dumps(record, indent=2))
             record_run(out, record)
     return record

@@ -16,7 +16,7 @@ from newsclip.config import EncodeConfig, JobConfig
 from newsclip.names import encode_entry, slug
 from newsclip.retrieval.backbones import checkpoint_id, input_sizes
 from newsclip.runtime.console import log, progress
-from newsclip.runtime.embedding_store import EmbeddingStore, content_keys
+from newsclip.runtime.embedding_store import EmbeddingStore, content_keys, write_refs
 from newsclip.runtime.ray_setup import actor_retries, dataset_of
 from newsclip.runtime.rejects import write_rejects
 from newsclip.runtime.store import parquet_files, record_stage, staged_dir, write_table
@@ -176,6 +176,7 @@ def encode_side(cfg: JobConfig, backbone: str, side: Side) -> dict:
     return record_stage(out, encode_entry(backbone, side.name), parquet_files(out / relative, relative),
                         backbone=backbone,
                         rows=rows, rejected=len(rejects), **stats, reused=reused, store=str(store.dir),
+                        refs=write_refs(out, store, wanted.column("hash")),  # the store rows this run uses
                         batch_size=enc.batch_size, device=enc.device, precision=enc.precision, decode=enc.decode,
                         jpeg_draft=enc.jpeg_draft, num_gpus_per_actor=enc.num_gpus_per_actor,
                         seconds=round(time.time() - started, 2))
