@@ -1,5 +1,6 @@
-"""The GPU check: CUDA-marked tests, fp16/fp32/bf16 correctness of both towers, and the encode throughput table for
-ViT-B/32 and ViT-L/14 (random weights), in one JSON. Run it through benchmarks/gpu_check.sh.
+"""The GPU check: CUDA-marked tests, fp16/fp32/bf16 correctness of both towers, the encode throughput table for
+ViT-B/32 and ViT-L/14 (random weights) and the fine-tuning step's speed and memory (ViT-B/32, batch 256, bf16), in one
+JSON. Run it through benchmarks/gpu_check.sh.
 
     benchmarks/gpu_check.sh                      # on a GPU machine: the full check (under 6 minutes on one H200)
     benchmarks/gpu_check.sh --device cpu         # a dry run of every step on a CPU, at toy sizes
@@ -123,6 +124,15 @@ def throughput(device: str) -> list[dict]:
     return rows
 
 
+def finetune(device: str) -> dict:
+    """newsclip finetune's training step: steps and images per second, peak GPU memory (issue 14)."""
+    import finetune_throughput
+
+    argv = (["--backbone", "ViT-B/32", "--batch-size", "256", "--precision", "bf16"] if device == "cuda" else
+            ["--backbone", "demo-tiny", "--batch-size", "16", "--steps", "3", "--warmup", "1"])
+    return finetune_throughput.main([*argv, "--device", device])
+
+
 def bars(result: dict) -> dict:
     """Issue 11's GPU bars, read off this run (only meaningful on a GPU)."""
     table = {(r["backbone"], tuple(r["flags"])): r for r in result.get("throughput", []) if "error" not in r}
@@ -160,7 +170,8 @@ def main() -> None:
                     "torch": torch.__version__, "python": sys.version.split()[0], "cpus": os.cpu_count(),
                     "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     for name, step in (("cuda_tests", cuda_tests), ("correctness", lambda: correctness(device)),
-                       ("throughput", lambda: throughput(device)), ("bars", lambda: bars(result))):
+                       ("throughput", lambda: throughput(device)), ("finetune", lambda: finetune(device)),
+                       ("bars", lambda: bars(result))):
         started = time.time()
         try:
             result[name] = step()

@@ -73,6 +73,17 @@ def test_slugs_unique_and_safe():
     assert slug("RN50x4") == "rn50x4"
     assert slug("ViT-B/32") == "vit-b-32"
     assert slug("demo-tiny") == "demo-tiny"
+    # a generically named checkpoint (what `newsclip finetune` writes) takes its folder's name too
+    assert slug("/out/finetune/demo/model.pt") == "demo-model" and slug("/m/news-2024.pt") == "news-2024"
+
+
+def test_backbones_whose_files_would_clash_are_a_config_error():
+    from newsclip import config
+    from newsclip.yaml_config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"backbones: \['a/x.pt', 'b/x.pt'\] would write the same files"):
+        config.load(None, ["backbones=[a/x.pt, b/x.pt]"])
+    assert config.load(None, ["backbones=[a/model.pt, b/model.pt]"]).backbones == ("a/model.pt", "b/model.pt")
     assert slug("/models/My_Clip.v2.pt") == "my-clip-v2"
 
 

@@ -259,3 +259,12 @@ def test_a_killed_worker_resumes_from_its_last_checkpoint(finetuned):
     assert losses["resumed_from"] == [10]
     assert [r["step"] for r in losses["train_loss"]] == list(range(1, STEPS + 1))
     assert [r["step"] for r in losses["validation_loss"]] == [10, 20, 30]
+
+
+def test_the_demo_job_file_is_what_demo_finetune_runs():
+    from pathlib import Path
+
+    from newsclip.finetune.demo import demo_job
+
+    repo = Path(__file__).resolve().parents[1]
+    assert load(repo / "jobs" / "finetune-demo.yaml") == demo_job(Path("newsclip-demo/shifted"))

@@ -353,3 +353,18 @@ def test_markdown_paired_table_reads_an_evaluate_from_before_holm():
     lines = paired_table([{**row, "p_holm": 0.012}, row]).splitlines()
     assert lines[2] == "| A | B | +0.1000 | [+0.0500, +0.2000] | 0.012 | A beats B |"
     assert lines[3] == "| A | B | +0.1000 | [+0.0500, +0.2000] | – | A beats B |"
+
+
+def test_training_curve_plots_every_step_and_marks_the_best_validation():
+    from newsclip.report.svg import training_curve_svg
+
+    losses = {"train_loss": [{"step": s, "loss": 3.0 / s} for s in range(1, 41)],
+              "validation_loss": [{"step": s, "loss": 2.0 / s} for s in (10, 20, 30, 40)], "best_step": 30}
+    svg = training_curve_svg(losses)
+    train, validation = re.findall(r'<polyline points="([^"]+)"', svg)
+    assert len(train.split()) == 40 and len(validation.split()) == 4
+    xs = [float(p.split(",")[0]) for p in train.split()]
+    ys = [float(p.split(",")[1]) for p in train.split()]
+    assert xs == sorted(xs) and ys == sorted(ys)  # steps run right, the falling loss runs down the page (y grows)
+    radii = re.findall(r'r="(\d)" fill="[^"]+"><title>step (\d+):', svg)
+    assert {step: r for r, step in radii} == {"10": "3", "20": "3", "30": "5", "40": "3"}

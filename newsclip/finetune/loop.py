@@ -55,19 +55,19 @@ def freeze(model, ft: FinetuneConfig) -> None:
             param.requires_grad_(False)
 
 
-def _towers_class():
+def towers(clip_model):
+    """Both towers in one module (what DDP wraps): uint8 pixels normalised on the device as ImageEncoder does, then
+    (image features, text features, exp(logit_scale))."""
     import torch
+    from clip.clip import _transform
 
     from newsclip.demo.model import _encode_text_trimmed
 
     class Towers(torch.nn.Module):
-        """Both towers in one forward (what DDP wraps): uint8 pixels normalised on the device as ImageEncoder does,
-        then (image features, text features, exp(logit_scale))."""
-
-        def __init__(self, clip_model, normalize):
+        def __init__(self):
             super().__init__()
             self.clip = clip_model
-            self.normalize = normalize  # clip's Normalize transform (no parameters)
+            self.normalize = _transform(clip_model.visual.input_resolution).transforms[-1]  # no parameters
 
         def forward(self, pixels, tokens):
             images = self.normalize(pixels.float().div(255)).to(self.clip.dtype)
@@ -75,7 +75,17 @@ def _towers_class():
             return (self.clip.encode_image(images), _encode_text_trimmed(self.clip, tokens),
                     self.clip.logit_scale.exp())
 
-    return Towers
+    return Towers()
+
+
+def forward_loss(model, pixels, tokens, precision: str, rank: int = 0, world: int = 1) -> torch.Tensor:
+    """The contrastive loss of a batch through `towers(...)` (or its DDP wrapper), under bf16/fp16 autocast."""
+    import torch
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    with torch.autocast(pixels.device.type, dtype or torch.float32, enabled=dtype is not None):
+        image, text, scale = model(pixels, tokens)
+    return clip_loss(image, text, scale.float(), rank, world)
 
 
 def _rng_state() -> dict:
@@ -110,14 +120,13 @@ def train_loop(config: dict) -> None:
     device = get_device()
     torch.manual_seed(ft.seed + rank)
 
-    clip_model, preprocess = load_backbone(config["backbone"], "cpu", config["download_root"])
+    clip_model, _ = load_backbone(config["backbone"], "cpu", config["download_root"])
     clip_model.float()  # fp32 master weights; bf16/fp16 come from autocast
     freeze(clip_model, ft)
-    towers = prepare_model(_towers_class()(clip_model, preprocess.transforms[-1]))
+    model = prepare_model(towers(clip_model))
     optimizer = torch.optim.AdamW(param_groups(clip_model, ft.weight_decay), lr=ft.lr, betas=BETAS, eps=EPS)
     precision = ft.resolved_precision
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
 
     # the state a checkpoint holds; a restarted worker group continues from it, not from step 0
     state = {"step": 0, "train_loss": [], "validation": [], "best_loss": None, "best_step": None,
@@ -137,14 +146,12 @@ def train_loop(config: dict) -> None:
         state["resumed_from"].append(state["step"])
 
     def set_modes(train: bool) -> None:
-        towers.train(train)
+        model.train(train)
         if ft.lock_image:  # a locked tower keeps its BatchNorm statistics too
             clip_model.visual.eval()
 
-    def forward_loss(pixels, tokens):
-        with torch.autocast(device.type, autocast_dtype, enabled=precision != "fp32"):
-            image, text, scale = towers(pixels, tokens)
-        return clip_loss(image, text, scale.float(), rank, world)
+    def loss_of(batch):
+        return forward_loss(model, batch["pixels"], batch["tokens"], precision, rank, world)
 
     probe: dict = {}
 
@@ -159,7 +166,7 @@ def train_loop(config: dict) -> None:
                 if not probe:
                     probe.update(pixels=batch["pixels"][:PROBE_ROWS].cpu(), tokens=batch["tokens"][:PROBE_ROWS].cpu())
                 n = len(batch["pixels"])
-                loss = forward_loss(batch["pixels"], batch["tokens"]) if n > 1 else torch.zeros((), device=device)
+                loss = loss_of(batch) if n > 1 else torch.zeros((), device=device)
                 total_loss += torch.stack([loss.double() * n, torch.tensor(n, dtype=torch.float64, device=device)])
         if world > 1:
             torch.distributed.all_reduce(total_loss)
@@ -192,7 +199,7 @@ def train_loop(config: dict) -> None:
                 break
             if micro < done_in_epoch * ft.grad_accum:  # resumed mid-epoch: these were trained on
                 continue
-            loss = forward_loss(batch["pixels"], batch["tokens"])
+            loss = loss_of(batch)
             scaler.scale(loss / ft.grad_accum).backward()
             micro_losses.append(loss.item())
             if len(micro_losses) < ft.grad_accum:

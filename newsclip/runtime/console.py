@@ -281,12 +281,16 @@ def log_file(path: Path) -> Iterator[Path]:
 
 
 def print_metrics(output: Path) -> None:
-    """A job's metrics table (metrics.csv, the metrics metrics.json names) on standard output."""
+    """A job's metrics table (metrics.csv, the metrics metrics.json names) on standard output, checkpoint paths
+    shortened as the report shortens them."""
     import polars as pl
+
+    from newsclip.report.data import display_names
 
     metrics = json.loads((output / "metrics.json").read_text())["metrics"]
     columns = ["backbone", "direction", "source", "n", *metrics]
     frame = pl.read_csv(output / "metrics.csv").select(columns)
+    frame = frame.with_columns(pl.col("backbone").replace(display_names(frame["backbone"].unique().to_list())))
     with pl.Config(tbl_rows=1000, tbl_cols=len(columns), tbl_width_chars=200, tbl_hide_dataframe_shape=True,
                    tbl_hide_column_data_types=True, float_precision=3):
         print(frame)
