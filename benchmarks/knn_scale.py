@@ -109,8 +109,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--baseline-threads", type=int, default=0, help="faiss threads for the baseline (0: faiss default)")
     args = p.parse_args(argv)
 
-    import psutil
-    import ray  # also puts ray's vendored psutil on sys.path (psutil is not installed on its own)
+    import psutil  # the `test` extra (pyproject.toml)
+    import ray
 
     from newsclip.retrieval.search import KnnConfig, search
 

@@ -4,6 +4,7 @@ restarts and task retries, and tables as datasets."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import sys
@@ -31,7 +32,7 @@ def ensure_ray(cfg: RayConfig) -> None:
     """Connect to the configured cluster (or RAY_ADDRESS), else start a local Ray; reuse a running session.
 
     Workers' output reaches this console only with --verbose (`log_to_driver`); during a run Ray's own logs go to
-    the run's log folder (see `ray_logs`)."""
+    the run's log folder (see `ray_logs`). Fails if actor pools would not get `cfg`'s retry bounds (`map_actors`)."""
     import ray
 
     global _session_dir
@@ -49,21 +50,96 @@ def ensure_ray(cfg: RayConfig) -> None:
             context = ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=log_to_driver,
                                runtime_env={"env_vars": WORKER_ENV})
         _session_dir = getattr(context, "address_info", {}).get("session_dir")
+    check_retry_bounds(cfg)  # at job start, before any actor pool: see map_actors
     if _routing:
         _routing.ray_in_use()
 
 
 def actor_retries(cfg: RayConfig) -> dict:
-    """Ray remote args for the stages' actor pools: bounded restarts and task retries (see RayConfig).
-
-    Ray Data's default is to restart an actor and retry its tasks forever. Ray 2.60 takes these bounds only as
-    remote args, and deprecates both ways `Dataset.map_batches` takes those (`ray_remote_args_fn` and
-    `**ray_remote_args`, to be removed in 2.64) without a named parameter to replace them yet (`ActorPoolStrategy`
-    and `DataContext` have none either); `Dataset.map_batches_internal`, the DeveloperAPI that Ray's own batch-LLM
-    stages pass remote args through for the same reason, takes them as they are:
-    `ds.map_batches_internal(Cls, ..., **actor_retries(cfg.ray))`. It skips map_batches' check that a GPU map sets
-    a batch_size; the stages always set one."""
+    """The remote args that bound an actor pool's restarts and task retries (see RayConfig and `map_actors`)."""
     return {"max_restarts": cfg.max_actor_restarts, "max_task_retries": cfg.max_task_retries}
+
+
+def map_actors(ds, cfg: RayConfig, fn, **kwargs):
+    """`ds.map_batches(fn, **kwargs)` on an actor pool whose actors Ray restarts at most `cfg.max_actor_restarts`
+    times and whose batches it retries at most `cfg.max_task_retries` times (Ray Data's default: forever).
+
+    Ray 2.60 has no supported, non-deprecated way to give a map_batches actor pool these bounds:
+    - `Dataset.map_batches` takes them only as `**ray_remote_args` or from `ray_remote_args_fn`, both deprecated
+      ("will be removed in Ray 2.64", ray/data/dataset.py:215-241, :896-897); the named remote parameters it
+      recommends instead (label_selector, fallback_strategy, max_calls, resources, accelerator_type, runtime_env,
+      dataset.py:634-660) include neither;
+    - `ActorPoolStrategy` (ray/data/_internal/compute.py:109) sizes the pool only, and `DataContext`
+      (ray/data/context.py:661) bounds UDF errors and constructor deaths, not restarts of a live actor;
+    - `ActorPoolMapOperator._apply_default_remote_args` (ray/data/_internal/execution/operators/
+      actor_pool_map_operator.py:632-648) sets `max_restarts=-1` and `max_task_retries=-1` unless the remote
+      args already hold them.
+    So this passes them through `Dataset.map_batches_internal` (dataset.py:937, a DeveloperAPI without the
+    deprecation warnings, the path Ray's own batch-LLM processor takes: ray/llm/_internal/batch/processor/
+    base.py:286). That path is not a promise, so `check_retry_bounds` plans a probe pool through this same call
+    before the first pool starts (and `ensure_ray` at job start): if an upgrade drops the bounds on the way to
+    the actors, the job fails there, loudly, instead of retrying forever. (It also skips map_batches' check that
+    a GPU map sets a batch_size; the stages always set one.)"""
+    check_retry_bounds(cfg)
+    return _map_actors(ds, cfg, fn, **kwargs)
+
+
+def _map_actors(ds, cfg: RayConfig, fn, **kwargs):
+    return ds.map_batches_internal(fn, **kwargs, **actor_retries(cfg))
+
+
+def check_retry_bounds(cfg: RayConfig) -> None:
+    """Raise RuntimeError unless an actor pool built by `map_actors` would start its actors with `cfg`'s bounds.
+
+    It plans (does not run) a one-actor probe with Ray Data's own planner and reads the remote args the pool's
+    operator creates each actor with (`_merge_ray_remote_args`, what `_start_actor` passes to `.options`), and
+    the options of its actor tasks (a per-call `max_task_retries` there would override the actor's). Once per
+    process and bounds; Ray must be up. It reads Ray Data internals: on a Ray where they moved, it fails too
+    (see `map_actors`: check there what now carries the bounds, then update this)."""
+    _check_retry_bounds(cfg.max_actor_restarts, cfg.max_task_retries)
+
+
+@functools.cache
+def _check_retry_bounds(max_restarts: int, max_task_retries: int) -> None:
+    import ray
+
+    wanted = {"max_restarts": max_restarts, "max_task_retries": max_task_retries}
+    try:
+        import ray.data
+        from ray.data._internal.execution.operators.actor_pool_map_operator import ActorPoolMapOperator
+        from ray.data._internal.logical.optimizers import get_execution_plan
+
+        probe = _map_actors(ray.data.range(1), RayConfig(max_actor_restarts=max_restarts,
+                                                         max_task_retries=max_task_retries),
+                            _Probe, batch_size=1, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0)
+        plan, _ = get_execution_plan(probe._logical_plan)
+        ops, todo = [], [plan.dag]
+        while todo:
+            op = todo.pop()
+            ops.append(op)
+            todo.extend(op.input_dependencies)
+        pools = [op for op in ops if isinstance(op, ActorPoolMapOperator)]
+        if not pools:
+            raise LookupError(f"no ActorPoolMapOperator in the probe's plan: {[type(op).__name__ for op in ops]}")
+        actor_args = pools[0]._merge_ray_remote_args()
+        got = {key: actor_args.get(key) for key in wanted}
+        per_call = pools[0]._ray_actor_task_remote_args.get("max_task_retries", max_task_retries)
+    except Exception as e:
+        raise RuntimeError(f"newsclip cannot check that its actor pools' retry bounds reach the actors on Ray "
+                           f"{ray.__version__} ({type(e).__name__}: {e}); see newsclip.runtime.ray_setup.map_actors"
+                           ) from e
+    if got != wanted or per_call != max_task_retries:
+        raise RuntimeError(f"Ray {ray.__version__} would start newsclip's actor pools with {got} (per task: "
+                           f"max_task_retries={per_call}), not the configured {wanted}: map_actors no longer bounds "
+                           "restarts and retries (Ray Data's default is forever); see "
+                           "newsclip.runtime.ray_setup.map_actors")
+
+
+class _Probe:
+    """The probe pool's UDF (never run)."""
+
+    def __call__(self, batch):
+        return batch
 
 
 def dataset_of(table, blocks: int):

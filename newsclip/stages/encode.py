@@ -17,7 +17,7 @@ from newsclip.names import encode_entry, slug
 from newsclip.retrieval.backbones import checkpoint_id, input_sizes
 from newsclip.runtime.console import log, progress
 from newsclip.runtime.embedding_store import EmbeddingStore, content_keys, write_refs
-from newsclip.runtime.ray_setup import actor_retries, dataset_of
+from newsclip.runtime.ray_setup import dataset_of, map_actors
 from newsclip.runtime.rejects import write_rejects
 from newsclip.runtime.store import parquet_files, record_stage, staged_dir, write_table
 from newsclip.workers.encoders import TASK_ROWS, ImageEncoder, TextEncoder, read_and_decode_images, tokenize_texts
@@ -84,7 +84,7 @@ def prepared_rows(side: Side, todo: pa.Table, backbone: str, enc: EncodeConfig, 
         ds, fn = dataset_of(units, len(units)), read_and_decode_images
         kwargs = {"resolution": resolution, "max_pixels": enc.max_image_pixels, "draft": enc.jpeg_draft,
                   "jpeg_to_actor": enc.decode == "gpu", "alpha": enc.alpha}
-    # map_batches would warn that max_retries (a remote arg) is deprecated: see actor_retries
+    # map_batches would warn that max_retries (a remote arg) is deprecated: see map_actors
     return ds.map_batches_internal(fn, fn_kwargs=kwargs, batch_format="pyarrow", num_cpus=1, max_retries=max_retries)
 
 
@@ -103,7 +103,8 @@ def model_rows(cfg: JobConfig, enc: EncodeConfig, backbone: str, side: Side, tod
     """The Ray dataset of `todo`'s (hash, embedding, error) rows: CPU tasks, then the model actor pool."""
     import ray
 
-    return prepared_rows(side, todo, backbone, enc, cfg.ray.max_task_retries).map_batches_internal(
+    return map_actors(  # bounded restarts and retries
+        prepared_rows(side, todo, backbone, enc, cfg.ray.max_task_retries), cfg.ray,
         side.encoder,
         fn_constructor_kwargs={"backbone": backbone, "cfg": enc},
         batch_size=enc.batch_size,
@@ -113,7 +114,6 @@ def model_rows(cfg: JobConfig, enc: EncodeConfig, backbone: str, side: Side, tod
                                            max_tasks_in_flight_per_actor=BATCHES_IN_FLIGHT),
         num_cpus=enc.num_cpus_per_actor,
         num_gpus=enc.num_gpus_per_actor,
-        **actor_retries(cfg.ray),  # bounded (see actor_retries: why map_batches_internal)
     )
 
 

@@ -9,7 +9,7 @@ import polars as pl
 
 from newsclip.runtime.console import log, track
 from newsclip.runtime.embedding_store import content_key
-from newsclip.runtime.ray_setup import actor_retries, dataset_of
+from newsclip.runtime.ray_setup import dataset_of, map_actors
 from newsclip.runtime.rejects import write_rejects
 from newsclip.runtime.store import parquet_files, read_manifest, record_stage, staged_dir, write_table
 from newsclip.stages.prepare import join_text
@@ -43,11 +43,10 @@ def _translate(cfg, t, queries: pl.DataFrame) -> pl.DataFrame:
     ds = dataset_of(queries.select("article_id", "title", pl.col("body").alias("text"), "lang").to_arrow(),
                     4 * t.actors)
     device = "cuda" if t.num_gpus_per_actor else "cpu"
-    ds = ds.map_batches_internal(Translator, fn_constructor_kwargs={"cfg": t, "device": device},
-                                 batch_size=256, batch_format="numpy",
-                                 compute=ray.data.ActorPoolStrategy(size=t.actors),
-                                 num_cpus=t.num_cpus_per_actor, num_gpus=t.num_gpus_per_actor,
-                                 **actor_retries(cfg.ray))  # bounded (see actor_retries: why map_batches_internal)
+    ds = map_actors(ds, cfg.ray, Translator, fn_constructor_kwargs={"cfg": t, "device": device},  # bounded retries
+                    batch_size=256, batch_format="numpy",
+                    compute=ray.data.ActorPoolStrategy(size=t.actors),
+                    num_cpus=t.num_cpus_per_actor, num_gpus=t.num_gpus_per_actor)
     # a batch whose notes are all empty has a null-typed column: relax to the common types
     batches = track(ds.iter_batches(batch_size=None, batch_format="pyarrow"), len(queries), unit="texts")
     frame = pl.concat([pl.from_arrow(b) for b in batches], how="vertical_relaxed")
