@@ -150,6 +150,10 @@ class RayConfig:
     # its worker. Bad rows never crash a batch (they go to rejects/), so a retry means the machine failed.
     max_actor_restarts: int = 3
     max_task_retries: int = 3
+    # A stage's work of at most this many rows runs in the driver's own process, the same code on the same batches:
+    # the image check, translation, and encoding when its actors would run on CPUs. A small night then starts no
+    # Ray at all; starting a pool and loading its model cost seconds per stage and side. 0: always Ray.
+    inline_rows: int = 1000
 
 
 @dataclass(frozen=True)

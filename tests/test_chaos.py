@@ -32,7 +32,7 @@ def _job(root: Path, name: str) -> Path:
            "output_dir": str(root / name), "translate": {"enabled": False},
            "eval": {"sample_size": None, "candidates": "all", "bootstrap": 20},
            # small batches and commits: many tasks in flight and several store parts before the kill
-           "encode": {"batch_size": 16, "commit_rows": 48}, "ray": {"num_cpus": 2}}
+           "encode": {"batch_size": 16, "commit_rows": 48}, "ray": {"num_cpus": 2, "inline_rows": 0}}
     path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(job))
     return path

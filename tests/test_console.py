@@ -161,7 +161,7 @@ def test_a_stage_that_starts_ray_prints_one_line(tmp_path):
     write_demo_data(tmp_path / "data", 40, seed=3)
     out = tmp_path / "out"
     settings = [f"input.articles={tmp_path / 'data' / 'articles'}", f"input.images={tmp_path / 'data' / 'images'}",
-                f"output_dir={out}", "ray.num_cpus=1", "translate.enabled=false"]
+                f"output_dir={out}", "ray.num_cpus=1", "ray.inline_rows=0", "translate.enabled=false"]
     job = tmp_path / "job.yaml"
     job.write_text("name: console\n")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}

@@ -164,7 +164,7 @@ def test_ray_job_submit_demo_job(tmp_path, ray_head):
     # 2. the demo job, as the README submits it, on 100 articles
     output = tmp_path / "output"
     overrides = [f"input.articles={data / 'articles'}", f"input.images={data / 'images'}",
-                 f"output_dir={output}", "eval.sample_size=null"]
+                 f"output_dir={output}", "eval.sample_size=null", "ray.inline_rows=0"]  # actor pools on the cluster
     if "translate" in {f.name for f in dataclasses.fields(JobConfig)}:
         overrides.append("translate.enabled=false")  # the Argos stage has its own tests; this one is about Ray jobs
     submission_id = f"newsclip-demo-{uuid.uuid4().hex[:8]}"

@@ -133,7 +133,7 @@ def _run_stage(cfg: JobConfig, name: str, force: bool) -> dict:
         return {"status": "up to date"}
     with console.stage(name) as line:
         starting = time.time()
-        if name in ("translate", "encode") or (name == "knn" and cfg.knn.backend == "ray"):
+        if name == "knn" and cfg.knn.backend == "ray":  # the others start Ray when they use it (not for small work)
             ensure_ray(cfg.ray)
         started = time.time()  # Ray's start-up is not the stage's time (the line says it when it took a while)
         ray_start = f" (after {started - starting:.1f}s starting Ray)" if started - starting > 1 else ""

@@ -17,7 +17,7 @@ from newsclip.names import encode_entry, slug
 from newsclip.retrieval.backbones import checkpoint_id, input_sizes
 from newsclip.runtime.console import log, progress
 from newsclip.runtime.embedding_store import EmbeddingStore, content_keys, write_refs
-from newsclip.runtime.ray_setup import dataset_of, map_actors
+from newsclip.runtime.ray_setup import dataset_of, ensure_ray, map_actors
 from newsclip.runtime.rejects import write_rejects
 from newsclip.runtime.store import parquet_files, record_stage, staged_dir, write_table
 from newsclip.workers.encoders import TASK_ROWS, ImageEncoder, TextEncoder, read_and_decode_images, tokenize_texts
@@ -74,18 +74,36 @@ def prepared_rows(side: Side, todo: pa.Table, backbone: str, enc: EncodeConfig, 
     A task takes TASK_ROWS rows, or `commit_rows` if fewer: an actor hands back a task's rows together, so this also
     sets how often the store can commit. The tasks' own retry bound (`max_retries`, which actors do not take) also
     keeps Ray from fusing them into the model actors, where they would decode on the GPU worker again."""
-    resolution, context_length = input_sizes(backbone, enc.download_root)
     rows = min(TASK_ROWS, enc.commit_rows)
-    if side is TEXTS:
-        ds = dataset_of(todo.select(["hash", "query_text"]), -(-len(todo) // rows))
-        fn, kwargs = tokenize_texts, {"context_length": context_length}
-    else:
-        units = image_units(todo, rows)
-        ds, fn = dataset_of(units, len(units)), read_and_decode_images
-        kwargs = {"resolution": resolution, "max_pixels": enc.max_image_pixels, "draft": enc.jpeg_draft,
-                  "jpeg_to_actor": enc.decode == "gpu", "alpha": enc.alpha}
+    units = todo.select(["hash", "query_text"]) if side is TEXTS else image_units(todo, rows)
+    fn, kwargs = _preparation(side, backbone, enc)
     # map_batches would warn that max_retries (a remote arg) is deprecated: see map_actors
-    return ds.map_batches_internal(fn, fn_kwargs=kwargs, batch_format="pyarrow", num_cpus=1, max_retries=max_retries)
+    return dataset_of(units, -(-len(todo) // rows) if side is TEXTS else len(units)).map_batches_internal(
+        fn, fn_kwargs=kwargs, batch_format="pyarrow", num_cpus=1, max_retries=max_retries)
+
+
+def _preparation(side: Side, backbone: str, enc: EncodeConfig) -> tuple:
+    """The CPU tasks' function and its arguments: tokenise texts, or read and decode images."""
+    resolution, context_length = input_sizes(backbone, enc.download_root)
+    if side is TEXTS:
+        return tokenize_texts, {"context_length": context_length}
+    return read_and_decode_images, {"resolution": resolution, "max_pixels": enc.max_image_pixels,
+                                    "draft": enc.jpeg_draft, "jpeg_to_actor": enc.decode == "gpu", "alpha": enc.alpha}
+
+
+def encode_here(enc: EncodeConfig, backbone: str, side: Side, todo: pa.Table) -> pa.Table:
+    """`todo`'s (hash, embedding, error) rows computed in this process by the pool's own code: the CPU tasks'
+    function on all of it, then the model actor's class, whose fixed batch shape gives each row the embedding an
+    actor would give it. For a small night, where starting a pool and loading its model is most of the cost."""
+    import torch
+
+    fn, kwargs = _preparation(side, backbone, enc)
+    ready = fn(todo.select(["hash", "query_text"]) if side is TEXTS else image_units(todo, len(todo)), **kwargs)
+    threads = torch.get_num_threads()  # the encoder sets the actors' thread count (same count, same bits)
+    try:
+        return side.encoder(backbone, enc)(ready)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def image_units(todo: pa.Table, rows: int) -> pa.Table:
@@ -103,6 +121,7 @@ def model_rows(cfg: JobConfig, enc: EncodeConfig, backbone: str, side: Side, tod
     """The Ray dataset of `todo`'s (hash, embedding, error) rows: CPU tasks, then the model actor pool."""
     import ray
 
+    ensure_ray(cfg.ray)
     return map_actors(  # bounded restarts and retries
         prepared_rows(side, todo, backbone, enc, cfg.ray.max_task_retries), cfg.ray,
         side.encoder,
@@ -122,8 +141,13 @@ def encode_new(cfg: JobConfig, enc: EncodeConfig, backbone: str, side: Side, tod
     """Encode `todo` on a Ray Data actor pool, committing to the store every `encode.commit_rows` rows.
 
     Returns the rows encoded, and the seconds to the first encoded batch (start-up: actors, models, first inputs)
-    and its rows."""
+    and its rows. At most `ray.inline_rows` rows for CPU actors are encoded in this process instead (`encode_here`).
+    """
     started = time.perf_counter()
+    if len(todo) <= cfg.ray.inline_rows and not enc.num_gpus_per_actor:
+        log(f"encode {backbone} {side.name}: {len(todo)} new rows, encoded in this process (ray.inline_rows)")
+        return {"encoded": _commit(store, [encode_here(enc, backbone, side, todo)]), "in_process": True,
+                "first_batch_seconds": round(time.perf_counter() - started, 2), "first_batch_rows": len(todo)}
     ds = model_rows(cfg, enc, backbone, side, todo)
     pending, done, first = [], 0, {}
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):

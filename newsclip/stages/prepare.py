@@ -116,7 +116,7 @@ def _row_group_units(path: Path) -> list[list[int]]:
 
 def _check_shards(cfg: JobConfig, files: list[str], cached: pl.DataFrame) -> dict[str, pa.Table]:
     """Each shard's (image_id, image_hash, error, checked) rows, from `check_images` run as Ray tasks over runs of
-    its row groups (one task per shard unless it is large)."""
+    its row groups (one task per shard unless it is large), or in this process for at most `ray.inline_rows` rows."""
     if not files:
         return {}
     import ray
@@ -124,16 +124,21 @@ def _check_shards(cfg: JobConfig, files: list[str], cached: pl.DataFrame) -> dic
     from newsclip.workers.image_check import check_images
 
     units = [(file, groups) for file in files for groups in _row_group_units(Path(file))]
-    ensure_ray(cfg.ray)
     known = cached.select("image_hash", "error").unique("image_hash", keep="first").to_arrow()
-    known = ray.put(known.cast(pa.schema([("image_hash", pa.string()), ("error", pa.string())])))  # once, for all
+    known = known.cast(pa.schema([("image_hash", pa.string()), ("error", pa.string())]))
+    parts = {file: [] for file in files}
+    if sum(pq.read_metadata(f).num_rows for f in files) <= cfg.ray.inline_rows:  # a small night: in this process
+        for file, groups in units:
+            parts[file].append(check_images(file, groups, known, cfg.encode.max_image_pixels))
+        return {file: pa.concat_tables(tables) for file, tables in parts.items()}
+    ensure_ray(cfg.ray)
+    known = ray.put(known)  # once, for all tasks
     task = ray.remote(num_cpus=1, max_retries=cfg.ray.max_task_retries)(check_images)
     refs = [task.remote(file, groups, known, cfg.encode.max_image_pixels) for file, groups in units]
     pending = refs
     while pending:
         _, pending = ray.wait(pending, num_returns=len(pending), timeout=1)
         progress(len(refs) - len(pending), len(refs), unit="shard parts")
-    parts = {file: [] for file in files}
     for (file, _), table in zip(units, ray.get(refs)):
         parts[file].append(table)
     return {file: pa.concat_tables(tables) for file, tables in parts.items()}

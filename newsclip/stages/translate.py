@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import polars as pl
+import pyarrow as pa
 
 from newsclip.runtime.console import log, track
 from newsclip.runtime.embedding_store import content_key
-from newsclip.runtime.ray_setup import dataset_of, map_actors
+from newsclip.runtime.ray_setup import dataset_of, ensure_ray, map_actors
 from newsclip.runtime.rejects import write_rejects
 from newsclip.runtime.store import parquet_files, read_manifest, record_stage, staged_dir, write_table
 from newsclip.stages.prepare import join_text
@@ -17,6 +19,8 @@ from newsclip.translate.packages import installed_packages, require_packages
 from newsclip.translate.translator import NO_PACKAGE, OUTPUT_COLUMNS, Translator
 
 __all__ = ["run"]  # the stage; everything else here is its own business
+
+BATCH = 256  # texts per Translator call
 
 
 def translator_key(t) -> str:
@@ -36,15 +40,30 @@ def _previous(out: Path, key: str) -> pl.DataFrame | None:
     return frame.select("article_hash", *[c for c in OUTPUT_COLUMNS if c != "article_id"]).unique("article_hash")
 
 
+def _numpy(batch: pa.Table) -> dict[str, np.ndarray]:
+    """A batch as Ray Data's "numpy" format hands it to the Translator."""
+    return {name: batch.column(name).to_numpy(zero_copy_only=False) for name in batch.column_names}
+
+
 def _translate(cfg, t, queries: pl.DataFrame) -> pl.DataFrame:
-    """Translate the query rows on a Ray Data actor pool."""
+    """Translate the query rows on a Ray Data actor pool, or in this process when they are few (`ray.inline_rows`)
+    and the pool would run on CPUs: the same Translator on batches of the same size."""
     import ray
 
-    ds = dataset_of(queries.select("article_id", "title", pl.col("body").alias("text"), "lang").to_arrow(),
-                    4 * t.actors)
+    rows = queries.select("article_id", "title", pl.col("body").alias("text"), "lang").to_arrow()
+    if len(rows) <= cfg.ray.inline_rows and not t.num_gpus_per_actor:
+        log(f"translate: {len(rows)} texts, translated in this process (ray.inline_rows)")
+        translator = Translator(cfg=t, device="cpu")
+        batches = (rows.slice(start, BATCH) for start in range(0, len(rows), BATCH))
+        frames = [pl.from_arrow(pa.table({k: pa.array(v) for k, v in translator(_numpy(batch)).items()}))
+                  for batch in batches]
+        return pl.concat(frames, how="vertical_relaxed").with_columns(
+            pl.col("translate_note", "splitter", "title_en", "text_en").cast(pl.String))
+    ensure_ray(cfg.ray)
+    ds = dataset_of(rows, 4 * t.actors)
     device = "cuda" if t.num_gpus_per_actor else "cpu"
     ds = map_actors(ds, cfg.ray, Translator, fn_constructor_kwargs={"cfg": t, "device": device},  # bounded retries
-                    batch_size=256, batch_format="numpy",
+                    batch_size=BATCH, batch_format="numpy",
                     compute=ray.data.ActorPoolStrategy(size=t.actors),
                     num_cpus=t.num_cpus_per_actor, num_gpus=t.num_gpus_per_actor)
     # a batch whose notes are all empty has a null-typed column: relax to the common types
