@@ -138,13 +138,28 @@ def _run_stage(cfg: JobConfig, name: str, force: bool) -> dict:
         started = time.time()  # Ray's start-up is not the stage's time (the line says it when it took a while)
         ray_start = f" (after {started - starting:.1f}s starting Ray)" if started - starting > 1 else ""
         record_completed(out, name, None)
+        _reset_peak_rss()
         result = _stage(name)(cfg)
         entries = result if isinstance(result, list) else [result] if result else []
         record_completed(out, name, key, entries)
         seconds = round(time.time() - started, 1)
         summary = _summary(entries)
         line.finish(f"done in {seconds}s{_counts(summary)}{ray_start}")
-    return {"status": "done", "seconds": seconds, **summary}
+    return {"status": "done", "seconds": seconds, "driver_peak_rss_mb": _peak_rss_mb(), **summary}
+
+
+def _reset_peak_rss() -> None:
+    """Start this process's peak resident memory (VmHWM) afresh, so each stage records its own (Linux only)."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def _peak_rss_mb() -> int | None:
+    """This process's peak resident memory since the last reset, in MiB; None where /proc does not tell."""
+    with contextlib.suppress(OSError, StopIteration, ValueError):
+        line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM"))
+        return int(line.split()[1]) // 1024
+    return None
 
 
 # the counts a stage's console line shows, those of them that it has and that are not 0
