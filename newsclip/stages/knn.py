@@ -86,11 +86,25 @@ def _merge(previous: pa.Table, added: search.KnnResult, query_id: str, db_list: 
     return previous.column(query_id).to_numpy(zero_copy_only=False), ids, scores
 
 
-def tsv_lines(query_ids: np.ndarray, ranked: np.ndarray) -> str:
+def tsv_lines(query_ids, ranked) -> str:
     """The official NewsImages format: article_id<TAB>image_id_1<TAB>...<TAB>image_id_k, one line per article.
-    A slot an approximate index left unfilled (None) is left out, never written as text."""
-    return "".join("\t".join([str(q), *(str(i) for i in row if i is not None)]) + "\n"
-                   for q, row in zip(query_ids, ranked))
+    A slot an approximate index left unfilled (None) is left out, never written as text. `ranked`: a (queries, k)
+    matrix of ids, or one list of ids per query."""
+    lists = list_column(ranked, pa.string())
+    joined = pc.binary_join(lists, "\t")  # null where a list holds a null
+    lines = pc.binary_join_element_wise(pa.array(query_ids, pa.string()), joined, "\t").to_pylist()
+    odd = pc.or_(pc.is_null(joined), pc.equal(pc.list_value_length(lists), 0))
+    for i in np.flatnonzero(odd.to_numpy(zero_copy_only=False)):
+        lines[i] = "\t".join([str(query_ids[i]), *(str(x) for x in lists[int(i)].as_py() if x is not None)])
+    return "".join(line + "\n" for line in lines)
+
+
+def list_column(rows, value_type) -> pa.ListArray:
+    """One list per row: from a (rows, k) matrix without a Python list per row, or from a sequence of lists."""
+    if isinstance(rows, np.ndarray) and rows.ndim == 2:
+        offsets = pa.array(np.arange(0, rows.size + 1, max(rows.shape[1], 1), dtype=np.int32)[: len(rows) + 1])
+        return pa.ListArray.from_arrays(offsets, pa.array(rows.ravel(), value_type))
+    return pa.array([list(r) for r in rows], pa.list_(value_type))
 
 
 def short_lines(filled: np.ndarray, k: int, pool: int, what: str) -> dict:
@@ -156,8 +170,8 @@ def rank(cfg: JobConfig, backbone: str, direction: str, knn: Callable[..., searc
     hashes = dict(zip(queries.column(query_id).to_pylist(), queries.column("hash").to_pylist()))
     table = pa.table({
         query_id: pa.array(query_ids, pa.string()),
-        f"{db_id}s": pa.array([list(r) for r in ranked], pa.list_(pa.string())),
-        "scores": pa.array([list(r) for r in scores], pa.list_(pa.float32())),
+        f"{db_id}s": list_column(ranked, pa.string()),
+        "scores": list_column(scores, pa.float32()),
         "query_hash": pa.array([hashes[q] for q in query_ids], pa.string()),
     })
     files = [write_table(table, out / "rankings" / f"{stem}.parquet"),
