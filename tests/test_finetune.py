@@ -83,7 +83,7 @@ def test_finetune_ends_with_a_paired_comparison_with_its_start_and_a_report_with
     rows = {r["backbone"]: r for r in metrics["rows"] if r["source"] == "all" and r["direction"] == "text_to_image"}
     assert set(rows) == {"demo-tiny", model} and rows[model]["n"] == rows["demo-tiny"]["n"] >= EVAL - 3
     print(f"held-out MRR: demo-tiny {rows['demo-tiny']['mrr']:.3f}, fine-tuned {rows[model]['mrr']:.3f}")
-    assert rows[model]["mrr"] > rows["demo-tiny"]["mrr"] + 0.15
+    assert rows[model]["mrr"] > rows["demo-tiny"]["mrr"] + 0.1  # 0.088 -> 0.268 (the test build of demo-tiny)
     [pair] = [p for p in metrics["paired"] if p["direction"] == "text_to_image"]
     assert (pair["a"], pair["b"]) == ("demo-tiny", model) and pair["hi"] < 0 and pair["p_holm"] < 0.05
     html = (out / "report.html").read_text()
