@@ -147,9 +147,11 @@ class RayConfig:
     num_cpus: int | None = None  # local Ray only
     # An encoder or translator actor that dies (node lost, OOM kill) is restarted and its in-flight batches are
     # retried, a bounded number of times: Ray Data's default is forever, which loops on a batch that always kills
-    # its worker. Bad rows never crash a batch (they go to rejects/), so a retry means the machine failed.
+    # its worker. Bad rows never crash a batch (they go to rejects/), so a retry means the machine failed. A lost node
+    # costs an in-flight batch about 7 retries before Ray declares the node dead (measured with Ray's default health
+    # checks, tests/test_node_chaos.py), hence 10; a batch that kills its actor every time still stops after 3.
     max_actor_restarts: int = 3
-    max_task_retries: int = 3
+    max_task_retries: int = 10
     # A stage's work of at most this many rows runs in the driver's own process, the same code on the same batches:
     # the image check, translation, and encoding when its actors would run on CPUs. A small night then starts no
     # Ray at all; starting a pool and loading its model cost seconds per stage and side. 0: always Ray.

@@ -21,9 +21,9 @@ def _load(tmp_path, text: str):
 
 
 def test_retry_keys_load_and_validate(tmp_path):
-    assert RayConfig().max_actor_restarts == 3 and RayConfig().max_task_retries == 3
+    assert RayConfig().max_actor_restarts == 3 and RayConfig().max_task_retries == 10
     nightly = config.load(JOBS / "nightly.yaml").ray
-    assert (nightly.max_actor_restarts, nightly.max_task_retries) == (3, 3)
+    assert (nightly.max_actor_restarts, nightly.max_task_retries) == (3, 10)
     ray_cfg = _load(tmp_path, "ray:\n  max_actor_restarts: 2\n  max_task_retries: 0\n").ray
     assert (ray_cfg.max_actor_restarts, ray_cfg.max_task_retries) == (2, 0)
     assert config.load(None, ["ray.max_task_retries=5"]).ray.max_task_retries == 5
