@@ -104,7 +104,9 @@ def run_stages(cfg: JobConfig, names: tuple[str, ...] = STAGE_NAMES, force: bool
         resolved = dump(cfg)
         if not (out / "config.resolved.yaml").exists() or (out / "config.resolved.yaml").read_text() != resolved:
             write_text(out / "config.resolved.yaml", resolved)
-        record = {"run_id": time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6],
+        now = time.time()  # run ids sort in start order, also for runs in one second (a small night takes less)
+        record = {"run_id": time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f".{int(now % 1 * 1e6):06d}Z-"
+                  + uuid.uuid4().hex[:6],
                   "started_at": _now(), "status": "running", "stages": {}}
         path = out / "runs" / f"{record['run_id']}.json"
         try:
