@@ -119,8 +119,6 @@ def _check_shards(cfg: JobConfig, files: list[str], cached: pl.DataFrame) -> dic
     its row groups (one task per shard unless it is large), or in this process for at most `ray.inline_rows` rows."""
     if not files:
         return {}
-    import ray
-
     from newsclip.workers.image_check import check_images
 
     units = [(file, groups) for file in files for groups in _row_group_units(Path(file))]
@@ -131,6 +129,8 @@ def _check_shards(cfg: JobConfig, files: list[str], cached: pl.DataFrame) -> dic
         for file, groups in units:
             parts[file].append(check_images(file, groups, known, cfg.encode.max_image_pixels))
         return {file: pa.concat_tables(tables) for file, tables in parts.items()}
+    import ray
+
     ensure_ray(cfg.ray)
     known = ray.put(known)  # once, for all tasks
     task = ray.remote(num_cpus=1, max_retries=cfg.ray.max_task_retries)(check_images)

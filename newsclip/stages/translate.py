@@ -48,8 +48,6 @@ def _numpy(batch: pa.Table) -> dict[str, np.ndarray]:
 def _translate(cfg, t, queries: pl.DataFrame) -> pl.DataFrame:
     """Translate the query rows on a Ray Data actor pool, or in this process when they are few (`ray.inline_rows`)
     and the pool would run on CPUs: the same Translator on batches of the same size."""
-    import ray
-
     rows = queries.select("article_id", "title", pl.col("body").alias("text"), "lang").to_arrow()
     if len(rows) <= cfg.ray.inline_rows and not t.num_gpus_per_actor:
         log(f"translate: {len(rows)} texts, translated in this process (ray.inline_rows)")
@@ -59,6 +57,8 @@ def _translate(cfg, t, queries: pl.DataFrame) -> pl.DataFrame:
                   for batch in batches]
         return pl.concat(frames, how="vertical_relaxed").with_columns(
             pl.col("translate_note", "splitter", "title_en", "text_en").cast(pl.String))
+    import ray
+
     ensure_ray(cfg.ray)
     ds = dataset_of(rows, 4 * t.actors)
     device = "cuda" if t.num_gpus_per_actor else "cpu"
