@@ -25,6 +25,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 import yaml
+from node_cluster import own_processes
 
 pytestmark = pytest.mark.slow  # a whole job: `pytest -m 'not slow'` leaves it out
 
@@ -41,19 +42,6 @@ def free_ports(n: int) -> list[int]:
     for s in sockets:
         s.close()
     return ports
-
-
-def _own_processes(marker: str) -> list[int]:
-    """Pids of processes whose command line names `marker` (this test's unique temp dir)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if marker in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
-                    pids.append(int(entry.name))
-            except OSError:
-                continue
-    return [p for p in pids if p != os.getpid()]
 
 
 class Head:
@@ -116,14 +104,14 @@ def ray_head(demo_tiny):
                 os.killpg(process.pid, signal.SIGKILL)  # the process group this test created
                 process.wait(timeout=10)
         deadline = time.time() + 15
-        while (left := _own_processes(str(root))) and time.time() < deadline:
+        while (left := own_processes(str(root))) and time.time() < deadline:
             time.sleep(0.5)
-        for pid in _own_processes(str(root)):  # stragglers of this head only (their command line names its dir)
+        for pid in own_processes(str(root)):  # stragglers of this head only (their command line names its dir)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         log.close()
         shutil.rmtree(root, ignore_errors=True)
-        assert not left or not _own_processes(str(root)), f"Ray processes left behind: {left}"
+        assert not left or not own_processes(str(root)), f"Ray processes left behind: {left}"
 
 
 def clean_checkout(target: Path) -> Path:
