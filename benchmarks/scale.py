@@ -8,7 +8,17 @@ For each size: `newsclip demo-data` writes the archive (64 px images, in paralle
 jobs/nightly.yaml` runs over it in a fresh process (the full run: every article ranked against every image), then
 1% new articles are appended and the same command runs again (the nightly run). Each run is timed as a scheduler
 would see it, Python and Ray start-up included. The full run is the first night's, over the archive before the new
-articles (1% smaller than the nightly run's). demo-tiny and the demo translator are built first if missing."""
+articles (1% smaller than the nightly run's). demo-tiny and the demo translator are built first if missing.
+
+    .venv/bin/python benchmarks/scale.py --from-embeddings --sizes 10000,100000,1000000 [--check-equal]
+
+With --from-embeddings only the kNN and evaluate stages run, from what prepare, translate and encode would have
+left in the output folder: synthetic demo-tiny embeddings (64-d; image vectors random unit Gaussians, each
+article's text vector its image's plus noise, seeded), the query texts, prepared/queries and candidates.parquet,
+written in parts of SYNTH_PART pairs with encode entries in manifest.json. The full run is `knn` then `evaluate`
+over N pairs, the nightly run the same after 1% new pairs (new ids) are appended, each in a process of its own
+(`--stages-only`, hidden). --check-equal (the default up to 100,000 pairs) then ranks the nightly's embeddings
+again in a fresh folder, a full search, and records whether its rankings equal the nightly's."""
 
 from __future__ import annotations
 
@@ -26,6 +36,15 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 JOB = Path(__file__).resolve().parents[1] / "jobs" / "nightly.yaml"
 PARTS = 20_000  # articles per demo-data writer
+# --from-embeddings: pairs per written part (what generating them holds at once), demo-tiny's width, and the noise
+# between an article's text vector and its image's: its norm is NOISE times the source's factor times a lognormal
+# spread, so some articles are easy and some hard (MRR@100 ~0.8 at 3,000 pairs, ~0.65 at 100,000, ~0.5 at 1M)
+SYNTH_PART = 100_000
+DIM = 64
+NOISE, NOISE_SPREAD = 1.5, 0.5
+SOURCES = {"TW": (1512, 1.0), "RSS": (134, 1.25), "RT": (354, 0.85)}  # the demo's shares; noise factor
+BACKBONE = "demo-tiny"
+CHECK_EQUAL_UP_TO = 100_000  # --check-equal's default: on up to this many pairs
 
 
 def _write_part(args: tuple) -> None:
@@ -103,13 +122,195 @@ def run_job(data: Path, output: Path) -> dict:
             "encoded": record["stages"]["encode"].get("encoded", 0)}
 
 
+def synthetic_pairs(first: int, count: int, seed: int) -> tuple:
+    """Pairs `first` .. `first + count - 1`: (text embeddings, image embeddings, query rows), as the encode stage and
+    prepare write them. The same (first, count, seed) gives the same tables."""
+    import numpy as np
+    import pyarrow as pa
+
+    from newsclip.runtime.embedding_store import content_keys
+    from newsclip.runtime.store import embedding_table
+
+    rng = np.random.default_rng([seed, first])
+    images = rng.standard_normal((count, DIM), dtype=np.float32)
+    images /= np.linalg.norm(images, axis=1, keepdims=True)
+    names = list(SOURCES)
+    shares = np.array([share for share, _ in SOURCES.values()], np.float64)
+    source = rng.choice(len(names), size=count, p=shares / shares.sum())
+    scale = NOISE * np.array([f for _, f in SOURCES.values()], np.float32)[source] \
+        * np.exp(NOISE_SPREAD * rng.standard_normal(count, dtype=np.float32))
+    texts = images + scale[:, None] * rng.standard_normal((count, DIM), dtype=np.float32) / np.sqrt(DIM)
+    texts /= np.linalg.norm(texts, axis=1, keepdims=True)
+    numbers = range(first, first + count)
+    article_ids, image_ids = [f"a{i:08d}" for i in numbers], [f"i{i:08d}" for i in numbers]
+    text_table = embedding_table(article_ids, texts, "article_id").append_column(
+        "hash", content_keys(f"text {seed} {i}" for i in numbers))
+    image_table = embedding_table(image_ids, images, "image_id").append_column(
+        "hash", content_keys(f"image {seed} {i}" for i in numbers))
+    queries = pa.table({"article_id": pa.array(article_ids, pa.string()), "image_id": pa.array(image_ids, pa.string()),
+                        "source": pa.array(np.array(names, object)[source], pa.string())})
+    return text_table, image_table, queries
+
+
+def write_synthetic(output: Path, first: int, count: int, seed: int = 0) -> float:
+    """Add pairs `first` .. `first + count - 1` to `output` as prepare, translate and encode would have left them for
+    jobs/nightly.yaml: embeddings/demo-tiny/{texts,images}/, translated/ and prepared/queries/ gain parts of at most
+    SYNTH_PART rows, prepared/candidates.parquet is rewritten with them added (streamed), and the encode entries
+    name every part and one store (the same for every call, so a nightly kNN builds on the last). Seconds taken."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from newsclip.names import encode_entry, slug
+    from newsclip.runtime.store import atomic_path, parquet_files, record_stage, write_table
+
+    started = time.perf_counter()
+    embeddings = output / "embeddings" / slug(BACKBONE)
+    candidates = output / "prepared" / "candidates.parquet"
+    with atomic_path(candidates) as tmp:
+        writer = None
+        if candidates.exists():
+            old = pq.ParquetFile(candidates)
+            writer = pq.ParquetWriter(tmp, old.schema_arrow)
+            for batch in old.iter_batches():
+                writer.write_batch(batch)
+        for start in range(first, first + count, SYNTH_PART):
+            texts, images, queries = synthetic_pairs(start, min(SYNTH_PART, first + count - start), seed)
+            name = f"part-{start:08d}.parquet"
+            write_table(texts, embeddings / "texts" / name)
+            write_table(images, embeddings / "images" / name)
+            for folder in ("translated", "prepared/queries"):
+                write_table(queries, output / folder / name)
+            rows = pa.table({"image_id": images.column("image_id"), "image_hash": images.column("hash"),
+                             "candidate": pa.array([True] * len(images), pa.bool_())})
+            writer = writer or pq.ParquetWriter(tmp, rows.schema)
+            writer.write_table(rows)
+        writer.close()
+    for side in ("texts", "images"):
+        files = parquet_files(embeddings / side)
+        record_stage(output, encode_entry(BACKBONE, side), files, store=f"synthetic/{slug(BACKBONE)}/{side}",
+                     rows=sum(pq.ParquetFile(f).metadata.num_rows for f in files), synthetic_seed=seed)
+    return time.perf_counter() - started
+
+
+KNN_FACTS = ("queries", "candidates", "searched_in_full", "merged", "recall_at_k", "seconds")
+
+
+def run_stages(output: Path, stages: tuple[str, ...] = ("knn", "evaluate")) -> dict:
+    """The job's `stages` over `output` in a process of its own (`--stages-only`): seconds (start-up included),
+    the driver's peak memory per stage and sampled, each kNN direction's facts, and the MRR@k per direction."""
+    result = output / f".stages-{time.time_ns()}.json"
+    command = [sys.executable, str(Path(__file__).resolve()), "--stages-only", ",".join(stages),
+               "--output", str(output), "--result", str(result)]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    started = time.perf_counter()
+    process = subprocess.Popen(command, env=env)
+    memory = PeakMemory(process.pid)
+    if process.wait() != 0:
+        memory.stop()
+        raise SystemExit(f"{' '.join(command)} failed with exit status {process.returncode}")
+    seconds = time.perf_counter() - started
+    done = {"seconds": round(seconds, 2), **memory.stop(), **json.loads(result.read_text())}
+    result.unlink()
+    entries = json.loads((output / "manifest.json").read_text())["stages"]
+    done["knn"] = {name.rsplit(":", 1)[1]: {k: entry.get(k) for k in KNN_FACTS}
+                   for name, entry in entries.items() if name.startswith("knn:")}
+    if "evaluate" in stages:
+        rows = json.loads((output / "metrics.json").read_text())["rows"]
+        done["mrr"] = {r["direction"]: round(r["mrr"], 4) for r in rows
+                       if r.get("backbone") == BACKBONE and r["source"] == "all"}
+    return done
+
+
+def _stages_only(stages: list[str], output: Path, result: Path) -> None:
+    """The hidden --stages-only mode: jobs/nightly.yaml's `stages` over `output`, timed one by one."""
+    from newsclip import config
+    from newsclip.runtime.runner import _peak_rss_mb, _reset_peak_rss
+    from newsclip.stages import evaluate, knn
+
+    run = {"knn": knn.run, "evaluate": evaluate.run}
+    cfg = config.load(JOB, [f"output_dir={output}", f"translate.cache_dir={output / 'translation-cache'}"])
+    done = {}
+    for name in stages:
+        _reset_peak_rss()
+        started = time.perf_counter()
+        run[name](cfg)
+        done[name] = {"status": "done", "seconds": round(time.perf_counter() - started, 2),
+                      "driver_peak_rss_mb": _peak_rss_mb()}
+    result.write_text(json.dumps({"stages": done}))
+
+
+def rankings_equal_full(output: Path) -> tuple[bool, dict]:
+    """Whether the kNN rankings in `output` (a nightly's) equal a full search's: the knn stage alone in a fresh
+    folder holding the same embeddings (hard links) and encode entries, with no last rankings to build on."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from newsclip.runtime.store import read_manifest, record_stage
+
+    fresh = output.with_name(output.name + "-full-check")
+    shutil.rmtree(fresh, ignore_errors=True)
+    for path in sorted((output / "embeddings").rglob("*.parquet")):
+        target = fresh / path.relative_to(output)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.link(path, target)
+    for name, entry in read_manifest(output)["stages"].items():
+        if name.startswith("encode:"):
+            facts = {k: v for k, v in entry.items() if k not in ("committed_at", "files", "sha256")}
+            record_stage(fresh, name, [fresh / f for f in entry["files"]], **facts)
+    check = run_stages(fresh, ("knn",))
+    stems = sorted(p.name for p in (output / "rankings").glob("*.parquet") if not p.name.endswith(".database.parquet"))
+    equal = bool(stems) and all(pq.read_table(output / "rankings" / s).equals(pq.read_table(fresh / "rankings" / s))
+                                for s in stems)
+    shutil.rmtree(fresh)
+    return equal, check
+
+
+def from_embeddings(root: Path, size: int, new_share: float, seed: int, check: bool | None) -> dict:
+    """One size of --from-embeddings: the full run over `size` synthetic pairs, then the nightly after 1% more."""
+    output = root / f"emb-{size}"
+    if output.exists() and any(output.iterdir()):
+        raise SystemExit(f"{output} exists: remove it or choose another --workdir")
+    row = {"articles": size, "mode": "from-embeddings",
+           "write_seconds": round(write_synthetic(output, 0, size, seed), 1)}
+    row["full"] = run_stages(output)
+    new = max(1, round(size * new_share))
+    row["new_articles"] = new
+    row["append_seconds"] = round(write_synthetic(output, size, new, seed), 1)
+    row["nightly"] = run_stages(output)
+    row["nightly_over_full"] = round(row["nightly"]["seconds"] / row["full"]["seconds"], 3)
+    if check if check is not None else size <= CHECK_EQUAL_UP_TO:
+        row["rankings_equal_full"], row["full_search_check"] = rankings_equal_full(output)
+    return row
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="10000,100000,1000000", help="archive sizes, comma-separated")
     parser.add_argument("--new-share", type=float, default=0.01)
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary folder")
     parser.add_argument("--out", type=Path, help="also write the JSON here (and the plot beside it as .svg)")
+    parser.add_argument("--from-embeddings", action="store_true",
+                        help="time only the kNN and evaluate stages, from synthetic embeddings (see above)")
+    parser.add_argument("--check-equal", action=argparse.BooleanOptionalAction, default=None,
+                        help=f"--from-embeddings: also check the nightly rankings equal a full search's "
+                             f"(default: up to {CHECK_EQUAL_UP_TO:,} articles)")
+    parser.add_argument("--seed", type=int, default=0, help="--from-embeddings: the synthetic embeddings' seed")
+    parser.add_argument("--stages-only", help=argparse.SUPPRESS)  # internal: one timed run of run_stages
+    parser.add_argument("--output", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+
+    if args.stages_only:
+        _stages_only(args.stages_only.split(","), args.output, args.result)
+        return {}
+    if args.from_embeddings:
+        root = args.workdir or Path(tempfile.mkdtemp(prefix="newsclip-scale-"))
+        rows = []
+        for size in (int(s) for s in args.sizes.split(",")):
+            rows.append(from_embeddings(root, size, args.new_share, args.seed, args.check_equal))
+            print(json.dumps(rows[-1]), flush=True)
+        return _result(args, rows, mode="from-embeddings")
 
     from newsclip.cli import _ensure_demo_translator
     from newsclip.demo.data import append_demo_data
@@ -131,7 +332,11 @@ def main(argv: list[str] | None = None) -> dict:
         row["nightly_over_full"] = round(row["nightly"]["seconds"] / row["full"]["seconds"], 3)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    result = {"cpus": os.cpu_count(), "job": str(JOB.name), "new_share": args.new_share, "sizes": rows}
+    return _result(args, rows)
+
+
+def _result(args: argparse.Namespace, rows: list[dict], **facts) -> dict:
+    result = {"cpus": os.cpu_count(), "job": str(JOB.name), "new_share": args.new_share, **facts, "sizes": rows}
     if args.out:
         args.out.write_text(json.dumps(result, indent=1) + "\n")
         args.out.with_suffix(".svg").write_text(plot(rows))

@@ -98,3 +98,28 @@ def test_every_module_the_benchmarks_import_is_declared():
             if not dists & declared:
                 missing.setdefault(module, []).append(f"{path.name} (installed by: {sorted(dists) or 'nothing'})")
     assert not missing, f"imported by benchmarks/ but not declared in pyproject.toml: {missing}"
+
+
+def test_scale_from_embeddings_times_a_full_and_a_nightly_knn_and_evaluate(tmp_path):
+    """`scale.py --from-embeddings` at 3,000 pairs: both runs recorded, the nightly searched in full only the new
+    queries and merged the old ones, its rankings equal a full search's, and the plot was written."""
+    import json
+
+    out = tmp_path / "x.json"
+    done = subprocess.run([sys.executable, "benchmarks/scale.py", "--from-embeddings", "--sizes", "3000",
+                           "--workdir", str(tmp_path / "work"), "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["sizes"]
+    assert row["mode"] == "from-embeddings" and row["articles"] == 3000 and row["new_articles"] == 30
+    for run in ("full", "nightly"):
+        assert row[run]["seconds"] > 0 and row[run]["driver_peak_rss_mb"] > 0, row[run]
+        assert set(row[run]["stages"]) == {"knn", "evaluate"}, row[run]
+        assert 0.3 < row[run]["mrr"]["text_to_image"] < 0.95, row[run]["mrr"]  # meaningful, not trivial
+    full, nightly = row["full"]["knn"]["text_to_image"], row["nightly"]["knn"]["text_to_image"]
+    assert full["searched_in_full"] == full["queries"] == 3000 and full["merged"] == 0, full
+    assert nightly["searched_in_full"] == 30 and nightly["merged"] == 3000 and nightly["queries"] == 3030, nightly
+    assert row["rankings_equal_full"] is True
+    assert row["nightly_over_full"] > 0
+    assert out.with_suffix(".svg").read_text().startswith("<svg")
