@@ -224,11 +224,13 @@ def test_submission_tsv_scores_as_the_organisers_evaluator_would(demo_run):
 def test_short_ranking_lines_are_never_padded_with_none_and_are_reported(demo_run, tmp_path):
     import shutil
 
+    import pyarrow as pa
+
     from newsclip import config
     from newsclip.report.markdown import render_markdown
-    from newsclip.stages.knn import short_lines, tsv_lines
+    from newsclip.stages.knn import list_column, short_lines, tsv_lines
 
-    assert tsv_lines(["a", "b"], [["x", None, None], ["y", "z", "w"]]) == "a\tx\nb\ty\tz\tw\n"
+    assert tsv_lines(["a", "b"], list_column([["x", None, None], ["y", "z", "w"]], pa.string())) == "a\tx\nb\ty\tz\tw\n"
     assert short_lines(np.array([2, 1]), k=2, pool=5, what="t") == {
         "short_lines": 1, "short_reason": "the approximate index found fewer than k=2 candidates for these queries"}
     assert short_lines(np.array([1]), k=2, pool=1, what="t")["short_reason"] == \

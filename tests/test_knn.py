@@ -243,33 +243,23 @@ def test_bad_config(key, value):
 def test_incremental_merge_equals_a_full_ranking_without_faiss():
     import pyarrow as pa
 
-    from newsclip.retrieval.search import KnnResult
-    from newsclip.stages.knn import _merge
+    from newsclip.retrieval.search import PAD_KEY
+    from newsclip.stages.knn import merge_previous
 
     # one query; full scores a .9, b .5, c .5, d .7, e .5; last run ranked a, b, c; d and e are new (one slot empty)
     previous = pa.table({"article_id": ["q"], "image_ids": [["a", "b", "c"]], "scores": [[0.9, 0.5, 0.5]]},
                         schema=pa.schema([("article_id", pa.string()), ("image_ids", pa.list_(pa.string())),
                                           ("scores", pa.list_(pa.float32()))]))
-    added = KnnResult(np.array(["q"], object), np.array([["d", "e", None]], object),
-                      np.array([[0.7, 0.5, -np.inf]], np.float32))
-    query_ids, ids, scores = _merge(previous, added, "article_id", "image_ids", np.array(list("edcba"), object), 3)
+    sorted_ids = pa.array(list("abcde"))
+    keys, scores = merge_previous(previous, "image_ids", sorted_ids, np.array([[3, 4, PAD_KEY]]),
+                                  np.array([[0.7, 0.5, -np.inf]], np.float32), 3)
     full = sorted(zip([-0.9, -0.5, -0.5, -0.7, -0.5], "abcde"))[:3]  # score desc, then id asc
-    assert query_ids.tolist() == ["q"] and ids.tolist() == [[i for _, i in full]] == [["a", "d", "b"]]
+    assert sorted_ids.take(pa.array(keys[0])).to_pylist() == [i for _, i in full] == ["a", "d", "b"]
     assert scores.tolist() == [[pytest.approx(-s) for s, _ in full]]
 
 
-def _numpy_search(db_ids, db_vectors, queries, cfg):
-    """The knn stage's search done plainly: every score, sorted by score desc then id asc (no FAISS)."""
-    from newsclip.retrieval.search import KnnResult
-
-    q_ids, q_vectors = (np.concatenate(parts) for parts in zip(*queries))
-    scores = q_vectors @ np.asarray(db_vectors, np.float32).T
-    k = min(cfg.k, len(db_ids))
-    order = [sorted(range(len(db_ids)), key=lambda j, row=row: (-row[j], db_ids[j]))[:k] for row in scores]
-    return KnnResult(q_ids, np.asarray(db_ids, object)[order], np.take_along_axis(scores, np.array(order), 1))
-
-
-def test_a_nightly_rank_merges_into_the_last_top_k_as_a_full_rank_would(tmp_path):
+@pytest.mark.parametrize("spill", [False, True])
+def test_a_nightly_rank_merges_into_the_last_top_k_as_a_full_rank_would(tmp_path, monkeypatch, spill):
     import shutil
 
     import pyarrow as pa
@@ -278,8 +268,10 @@ def test_a_nightly_rank_merges_into_the_last_top_k_as_a_full_rank_would(tmp_path
     from newsclip import config
     from newsclip.names import encode_entry
     from newsclip.runtime.store import embedding_table, record_stage, write_table
-    from newsclip.stages.knn import rank
+    from newsclip.stages import knn
 
+    if spill:  # queries put in id order through spill files of 3 rows, searched and merged 2 at a time
+        monkeypatch.setattr(knn, "ORDER_BYTES", 3 * 8 * 4)
     rng = np.random.default_rng(0)
     vectors = rng.normal(size=(20, 8)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
@@ -290,25 +282,34 @@ def test_a_nightly_rank_merges_into_the_last_top_k_as_a_full_rank_would(tmp_path
         write_table(table.append_column("hash", pa.array([f"h{r}" for r in rows], pa.string())), path)
         record_stage(tmp_path, encode_entry("demo-tiny", side), [path], store=f"store-{side}")
 
-    embeddings("texts", "article_id", [f"q{i}" for i in range(6)], list(range(6)))
+    # query ids written out of order: the rankings come out in id order all the same
+    embeddings("texts", "article_id", [f"q{i}" for i in (3, 0, 5, 1, 4, 2)], list(range(6)))
     embeddings("images", "image_id", [f"i{i:02d}" for i in range(10)], list(range(6, 16)))
-    cfg = config.load(None, [f"output_dir={tmp_path}", "eval.k=3", "backbones=[demo-tiny]", "fusion=[]"])
-    assert rank(cfg, "demo-tiny", "text_to_image", knn=_numpy_search)["merged"] == 0
+    cfg = config.load(None, [f"output_dir={tmp_path}", "eval.k=3", "backbones=[demo-tiny]", "fusion=[]",
+                             f"knn.query_batch_size={2 if spill else 4096}"])
+    assert knn.rank(cfg, "demo-tiny", "text_to_image")["merged"] == 0
+    first = pq.read_table(tmp_path / "rankings" / "demo-tiny.parquet")
+    assert first.column("article_id").to_pylist() == [f"q{i}" for i in range(6)]
+    scores = vectors[:6] @ vectors[6:16].T  # the plain answer: score desc, then id asc
+    top = [[f"i{j:02d}" for j in sorted(range(10), key=lambda j, r=row: (-r[j], j))[:3]] for row in scores]
+    assert first.column("image_ids").to_pylist() == [top[i] for i in (1, 3, 5, 0, 4, 2)]
 
     # a night: i03 deleted, two images added; the queries whose top 3 held i03 are searched in full
-    searched = []
-
-    def counting(db_ids, *args):
-        searched.append(len(db_ids))
-        return _numpy_search(db_ids, *args)
-
     images = [i for i in range(10) if i != 3] + [10, 11]
     embeddings("images", "image_id", [f"i{i:02d}" for i in images], [6 + i for i in images])
-    entry = rank(cfg, "demo-tiny", "text_to_image", knn=counting)
-    assert entry["merged"] + entry["searched_in_full"] == 6 and entry["merged"] > 0
-    assert searched[0] == 2  # the merged queries were searched against the two added images only
+    entry = knn.rank(cfg, "demo-tiny", "text_to_image")
+    held_i03 = sum("i03" in ranked for ranked in first.column("image_ids").to_pylist())
+    assert entry["merged"] == 6 - held_i03 > 0 and entry["searched_in_full"] == held_i03
+    assert entry["added_candidates"] == 2  # the merged queries were searched against the two added images only
     nightly = pq.read_table(tmp_path / "rankings" / "demo-tiny.parquet")
+    tsv = (tmp_path / "rankings" / "demo-tiny.tsv").read_text()
 
     shutil.rmtree(tmp_path / "rankings")  # no last rankings: a full search
-    assert rank(cfg, "demo-tiny", "text_to_image", knn=_numpy_search)["merged"] == 0
+    assert knn.rank(cfg, "demo-tiny", "text_to_image")["merged"] == 0
     assert pq.read_table(tmp_path / "rankings" / "demo-tiny.parquet").equals(nightly)
+    assert (tmp_path / "rankings" / "demo-tiny.tsv").read_text() == tsv
+    assert not list((tmp_path / ".staging").glob("*")) if (tmp_path / ".staging").exists() else True
+
+    # rankings that were not ranked against the database file beside them are never merged into
+    (tmp_path / "rankings" / "demo-tiny.database.parquet").write_bytes(b"")
+    assert knn.rank(cfg, "demo-tiny", "text_to_image")["merged"] == 0

@@ -439,51 +439,80 @@ def _shard_plan(n: int, cfg: KnnConfig) -> list[int]:
 
 
 class _Reservoir:
-    """A seeded uniform sample of query rows over a stream of unknown length (algorithm R)."""
+    """A seeded uniform sample of query rows over a stream of unknown length (algorithm R), each with its answer."""
 
     def __init__(self, size: int, seed: int) -> None:
         self.size = size
         self.rng = np.random.default_rng(seed)
-        self.pos: list[int] = []
         self.vec: list[np.ndarray] = []
+        self.keys: list[np.ndarray] = []
         self.seen = 0
 
-    def add(self, vec: np.ndarray) -> None:
+    def add(self, vec: np.ndarray, keys: np.ndarray) -> None:
         if self.size == 0:
             return
         start = self.seen
         self.seen += len(vec)
         take = min(len(vec), max(self.size - start, 0))
-        for j in range(take):
-            self.pos.append(start + j)
-            self.vec.append(vec[j].copy())
+        self.vec += [v.copy() for v in vec[:take]]
+        self.keys += [k.copy() for k in keys[:take]]
         if take == len(vec):
             return
         idx = np.arange(start + take, self.seen)
         slots = self.rng.integers(0, idx + 1)
         for i in np.flatnonzero(slots < self.size):
-            self.pos[slots[i]] = int(idx[i])
             self.vec[slots[i]] = vec[idx[i] - start].copy()
+            self.keys[slots[i]] = keys[idx[i] - start].copy()
 
 
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def search(db_ids: np.ndarray | None, db_vectors: np.ndarray | Iterable[tuple[np.ndarray, np.ndarray]],
-           queries: Iterable[tuple[np.ndarray, np.ndarray]], cfg: KnnConfig = KnnConfig()) -> KnnResult:
-    """Top-k database ids per query by inner product over sharded FAISS indexes, merged deterministically.
+class Index:
+    """A database in sharded FAISS indexes, built once and searched batch by batch: answers are the top-k rows per
+    query as *keys*, each row's position in sorted id order (`sorted_ids[key]`; PAD_KEY where an approximate index
+    left a slot empty), with their scores, ordered by score desc then id asc. Close it (or use `with`) to free the
+    shards (Ray actors with the ray backend).
 
     `db_ids` (n,) and `db_vectors` (n, d) float32 (converted if not); or `db_ids=None` and `db_vectors` an iterable
     of (ids, vectors) chunks: with `max_shard_rows` set, shards of that many rows are built as the stream goes
     (so the whole database is never in this process at once with the ray backend; `shards` is then not used),
-    without it the chunks are gathered and split into `shards`. `queries` yields (ids, vectors) batches and is
-    consumed once. Results are sorted by score desc then db id asc, and for the "flat" index are the same for any
-    shard count, batch size and backend. Database ids must be unique.
-    """
-    t_start = time.perf_counter()
-    backend: _LocalBackend | _RayBackend = _RayBackend(cfg) if cfg.backend == "ray" else _LocalBackend(cfg)
-    try:
-        # ---- shards
+    without it the chunks are gathered and split into `shards`. Database ids must be unique. For the "flat" index
+    the answers are the same for any shard count, batch size and backend."""
+
+    def __init__(self, db_ids: np.ndarray | None,
+                 db_vectors: np.ndarray | Iterable[tuple[np.ndarray, np.ndarray]], cfg: KnnConfig = KnnConfig()):
+        t_start = time.perf_counter()
+        self.cfg = cfg
+        self._backend: _LocalBackend | _RayBackend = _RayBackend(cfg) if cfg.backend == "ray" else _LocalBackend(cfg)
+        try:
+            id_parts, self.n, self.d = self._add_shards(db_ids, db_vectors)
+            if self.n == 0 or self.d is None or self.d == 0:
+                raise ValueError("the database is empty: need at least one row with dim >= 1")
+            # tie-break keys: a db row's rank in sorted id order (ids compare as strings when they are strings)
+            all_ids = np.concatenate(id_parts) if len(id_parts) > 1 else id_parts[0]
+            del id_parts
+            sort_ids = all_ids.astype(str) if all_ids.dtype == object else all_ids
+            order = np.argsort(sort_ids, kind="stable")
+            sorted_ids = sort_ids[order]
+            dup = np.flatnonzero(sorted_ids[1:] == sorted_ids[:-1])
+            if len(dup):
+                raise ValueError(f"db ids must be unique: {len(dup)} duplicates, e.g. {sorted_ids[dup[0]]!r}")
+            del sort_ids, sorted_ids
+            self._rank_of_row = np.empty(self.n, np.int64)
+            self._rank_of_row[order] = np.arange(self.n)
+            self.sorted_ids = all_ids[order]  # the ids as given (numbers stay numbers)
+            del order, all_ids
+            self.k = min(cfg.k, self.n)
+            self.shard_stats = self._backend.ready()
+        except BaseException:
+            self._backend.close()
+            raise
+        self._reservoir = _Reservoir(cfg.recall_sample if cfg.index != "flat" else 0, cfg.seed)
+        self.timings = {"build_s": round(time.perf_counter() - t_start, 3), "search_s": 0.0, "queries": 0}
+
+    def _add_shards(self, db_ids, db_vectors) -> tuple[list[np.ndarray], int, int | None]:
+        cfg, backend = self.cfg, self._backend
         id_parts: list[np.ndarray] = []
         d: int | None = None
         n = 0
@@ -513,100 +542,120 @@ def search(db_ids: np.ndarray | None, db_vectors: np.ndarray | Iterable[tuple[np
             if held:
                 backend.add_shard(n, buf[:held])
                 n += held
-            del buf
-        else:
-            parts = list(chunks)
-            for _, vec in parts:
-                if d is not None and vec.shape[1] != d:
-                    raise ValueError(f"db chunk dims differ: {vec.shape[1]} after {d}")
-                d = vec.shape[1]
-            id_parts = [p[0] for p in parts]
-            vectors = parts[0][1] if len(parts) == 1 else (np.concatenate([p[1] for p in parts]) if parts else None)
-            del parts
-            n = 0 if vectors is None else len(vectors)
-            if n:
-                offset = 0
-                for size in _shard_plan(n, cfg):
-                    backend.add_shard(offset, vectors[offset : offset + size])
-                    offset += size
-            del vectors
-        if n == 0 or d is None or d == 0:
-            raise ValueError("the database is empty: need at least one row with dim >= 1")
-        # tie-break keys: a db row's rank in sorted id order (ids compare as strings when they are strings)
-        all_ids = np.concatenate(id_parts) if len(id_parts) > 1 else id_parts[0]
-        del id_parts
-        sort_ids = all_ids.astype(str) if all_ids.dtype == object else all_ids
-        order = np.argsort(sort_ids, kind="stable")
-        sorted_ids = sort_ids[order]
-        dup = np.flatnonzero(sorted_ids[1:] == sorted_ids[:-1])
-        if len(dup):
-            raise ValueError(f"db ids must be unique: {len(dup)} duplicates, e.g. {sorted_ids[dup[0]]!r}")
-        del sort_ids, sorted_ids
-        rank_of_row = np.empty(n, np.int64)
-        rank_of_row[order] = np.arange(n)
-        id_of_rank = np.empty(n + 1, dtype=object)
-        id_of_rank[:n] = all_ids[order].tolist()  # python objects (str) for the output
-        id_of_rank[n] = None
-        del order, all_ids
-        shard_stats = backend.ready()
-        t_built = time.perf_counter()
+            return id_parts, n, d
+        parts = list(chunks)
+        for _, vec in parts:
+            if d is not None and vec.shape[1] != d:
+                raise ValueError(f"db chunk dims differ: {vec.shape[1]} after {d}")
+            d = vec.shape[1]
+        id_parts = [p[0] for p in parts]
+        vectors = parts[0][1] if len(parts) == 1 else (np.concatenate([p[1] for p in parts]) if parts else None)
+        del parts
+        n = 0 if vectors is None else len(vectors)
+        offset = 0
+        for size in _shard_plan(n, cfg) if n else []:
+            backend.add_shard(offset, vectors[offset : offset + size])
+            offset += size
+        return id_parts, n, d
 
-        # ---- query stream
-        k_out = min(cfg.k, n)
-        approx = cfg.index != "flat"
-        reservoir = _Reservoir(cfg.recall_sample if approx else 0, cfg.seed)
-        qid_parts: list[np.ndarray] = []
-        key_parts: list[np.ndarray] = []
-        score_parts: list[np.ndarray] = []
-        inflight: collections.deque[Any] = collections.deque()
-        limit = cfg.max_inflight_batches if cfg.backend == "ray" else 1
+    def __enter__(self) -> Index:
+        return self
 
-        def merge(handle: Any) -> tuple[np.ndarray, np.ndarray]:
-            results = backend.fetch(handle)
-            keys = [np.where(rows >= 0, rank_of_row[np.maximum(rows, 0)], PAD_KEY) for _, rows in results]
-            return merge_topk([s for s, _ in results], keys, k_out)
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
-        def drain(upto: int) -> None:
-            while len(inflight) > upto:
-                s, kk = merge(inflight.popleft())
-                score_parts.append(s)
-                key_parts.append(kk)
+    def close(self) -> None:
+        self._backend.close()
 
-        for qids, qvec in _rebatch(_query_batches(queries, d), cfg.query_batch_size):
-            qid_parts.append(qids)
-            reservoir.add(qvec)
-            inflight.append(backend.submit(qvec, cfg.k))
-            drain(limit - 1)
-        drain(0)
-        t_searched = time.perf_counter()
+    def _merge(self, handle: Any) -> tuple[np.ndarray, np.ndarray]:
+        results = self._backend.fetch(handle)
+        keys = [np.where(rows >= 0, self._rank_of_row[np.maximum(rows, 0)], PAD_KEY) for _, rows in results]
+        scores, keys = merge_topk([s for s, _ in results], keys, self.k)
+        return keys, scores
 
-        n_q = sum(len(x) for x in qid_parts)
-        keys = np.concatenate(key_parts) if key_parts else np.empty((0, k_out), np.int64)
-        scores = np.concatenate(score_parts) if score_parts else np.empty((0, k_out), np.float32)
-        query_ids = np.concatenate(qid_parts) if qid_parts else np.empty(0, dtype=object)
-        ids = id_of_rank[np.where(keys == PAD_KEY, n, keys)]
+    def search_batches(self, batches: Iterable[np.ndarray]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(keys, scores), each (b, k), for each batch of query vectors, in order; with the ray backend up to
+        `max_inflight_batches` batches are searched while earlier answers are consumed."""
+        t0 = time.perf_counter()
+        inflight: collections.deque[tuple[np.ndarray, Any]] = collections.deque()
+        limit = self.cfg.max_inflight_batches if self.cfg.backend == "ray" else 1
 
-        # ---- recall of an approximate index on a seeded sample, against exact search of the same shards
-        recall = None
-        if approx and reservoir.pos:
-            pos = np.asarray(reservoir.pos)
-            sample = np.stack(reservoir.vec)
-            exact_keys = []
-            for s in range(0, len(sample), cfg.query_batch_size):
-                _, kk = merge(backend.submit(sample[s : s + cfg.query_batch_size], cfg.k, True))
-                exact_keys.append(kk)
-            ek = np.concatenate(exact_keys)
-            ak = keys[pos]
-            hits = [len(np.intersect1d(a[a != PAD_KEY], e[e != PAD_KEY], assume_unique=True)) for a, e in zip(ak, ek)]
-            recall = float(np.mean(hits) / k_out)
-        t_end = time.perf_counter()
-        stats = backend.stats()
-        for built, now in zip(shard_stats, stats):
+        def answer() -> tuple[np.ndarray, np.ndarray]:
+            q, handle = inflight.popleft()
+            keys, scores = self._merge(handle)
+            self._reservoir.add(q, keys)
+            self.timings["queries"] += len(q)
+            return keys, scores
+
+        for q in batches:
+            if q.shape[1] != self.d:
+                raise ValueError(f"queries have dim {q.shape[1]}, the database has dim {self.d}")
+            inflight.append((q, self._backend.submit(np.ascontiguousarray(q, np.float32), self.cfg.k)))
+            while len(inflight) >= limit:
+                yield answer()
+        while inflight:
+            yield answer()
+        self.timings["search_s"] = round(self.timings["search_s"] + time.perf_counter() - t0, 3)
+
+    def search(self, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(keys, scores) of the queries `vectors` (b, d), searched in batches of `query_batch_size`."""
+        size = self.cfg.query_batch_size
+        answers = list(self.search_batches(vectors[s : s + size] for s in range(0, len(vectors), size)))
+        if not answers:
+            return np.empty((0, self.k), np.int64), np.empty((0, self.k), np.float32)
+        return np.concatenate([a[0] for a in answers]), np.concatenate([a[1] for a in answers])
+
+    def recall_at_k(self) -> float | None:
+        """An approximate index's recall@k against exact search of the same shards, on a seeded sample of the
+        queries searched so far (`recall_sample` of them); None for the exact "flat" index or before any search."""
+        if not self._reservoir.vec:
+            return None
+        sample, approx = np.stack(self._reservoir.vec), np.stack(self._reservoir.keys)
+        size = self.cfg.query_batch_size
+        exact = np.concatenate([self._merge(self._backend.submit(sample[s : s + size], self.cfg.k, True))[0]
+                                for s in range(0, len(sample), size)])
+        hits = [len(np.intersect1d(a[a != PAD_KEY], e[e != PAD_KEY], assume_unique=True))
+                for a, e in zip(approx, exact)]
+        return float(np.mean(hits) / self.k)
+
+    def ids_of(self, keys: np.ndarray) -> np.ndarray:
+        """The ids of answer keys (object array; None for PAD_KEY)."""
+        out = np.empty(len(self.sorted_ids) + 1, dtype=object)
+        out[:-1] = self.sorted_ids.tolist()
+        return out[np.where(keys == PAD_KEY, len(self.sorted_ids), keys)]
+
+    def stats(self) -> list[dict[str, Any]]:
+        stats = self._backend.stats()
+        for built, now in zip(self.shard_stats, stats):
             now["build_s"] = built["build_s"]
-        timings = {"build_s": round(t_built - t_start, 3), "search_s": round(t_searched - t_built, 3),
-                       "recall_s": round(t_end - t_searched, 3), "total_s": round(t_end - t_start, 3), "queries": n_q,
-                       "shards": len(stats)}
-        return KnnResult(query_ids=query_ids, ids=ids, scores=scores, recall_at_k=recall, shard_stats=stats,
-                         timings=timings)
-    finally:
-        backend.close()
+        return stats
+
+
+def search(db_ids: np.ndarray | None, db_vectors: np.ndarray | Iterable[tuple[np.ndarray, np.ndarray]],
+           queries: Iterable[tuple[np.ndarray, np.ndarray]], cfg: KnnConfig = KnnConfig()) -> KnnResult:
+    """Top-k database ids per query by inner product over sharded FAISS indexes, merged deterministically: an
+    `Index` of the database (see there for `db_ids`/`db_vectors`) searched with the stream `queries` of
+    (ids, vectors) batches (consumed once, re-batched to `query_batch_size`). Results are sorted by score desc
+    then db id asc, and for the "flat" index are the same for any shard count, batch size and backend."""
+    t_start = time.perf_counter()
+    with Index(db_ids, db_vectors, cfg) as index:
+        qid_parts: list[np.ndarray] = []
+
+        def vectors() -> Iterator[np.ndarray]:
+            for qids, qvec in _rebatch(_query_batches(queries, index.d), cfg.query_batch_size):
+                qid_parts.append(qids)
+                yield qvec
+
+        answers = list(index.search_batches(vectors()))
+        t_searched = time.perf_counter()
+        keys = np.concatenate([a[0] for a in answers]) if answers else np.empty((0, index.k), np.int64)
+        scores = np.concatenate([a[1] for a in answers]) if answers else np.empty((0, index.k), np.float32)
+        query_ids = np.concatenate(qid_parts) if qid_parts else np.empty(0, dtype=object)
+        recall = index.recall_at_k()
+        t_end = time.perf_counter()
+        stats = index.stats()
+        timings = {"build_s": index.timings["build_s"], "search_s": index.timings["search_s"],
+                   "recall_s": round(t_end - t_searched, 3),
+                   "total_s": round(t_end - t_start, 3), "queries": len(keys), "shards": len(stats)}
+        return KnnResult(query_ids=query_ids, ids=index.ids_of(keys), scores=scores, recall_at_k=recall,
+                         shard_stats=stats, timings=timings)

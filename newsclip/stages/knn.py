@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 import time
-from collections.abc import Callable, Iterator
-from functools import partial
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -18,6 +21,9 @@ from newsclip.retrieval import search
 from newsclip.retrieval.fusion import RRF_K, Embeddings, fuse
 from newsclip.runtime.console import warn
 from newsclip.runtime.store import (
+    STAGING,
+    atomic_path,
+    file_sha256,
     parquet_files,
     read_embeddings,
     read_manifest,
@@ -30,72 +36,143 @@ from newsclip.runtime.store import (
 __all__ = ["run"]  # the stage; everything else here is its own business
 
 
-def _query_batches(folder, id_column: str, batch_size: int, keep: pa.Array | None = None
-                   ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Stream (ids, vectors) from an embeddings folder, never all of them at once; only ids in `keep` if given."""
-    keep = keep.combine_chunks() if isinstance(keep, pa.ChunkedArray) else keep
-    for path in parquet_files(folder, f"embeddings {folder}"):
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=[id_column, "embedding"]):
-            if keep is not None:
-                batch = batch.filter(pc.is_in(batch.column(id_column), value_set=keep))
-            if batch.num_rows:
-                yield batch.column(id_column).to_numpy(zero_copy_only=False), vectors_of(batch.column("embedding"))
+# query rows held at once while they are put in id order: more go through spill files, one per id range
+ORDER_BYTES = 256 * 2**20
+# the last rankings carry the digest of the database they were ranked against, so a nightly run never merges
+# into rankings from another database (a crash between the two files' commits)
+DATABASE_DIGEST = b"newsclip.database_sha256"
 
 
-def _ids_and_hashes(folder, id_column: str) -> pa.Table:
-    return pq.read_table(parquet_files(folder, f"embeddings {folder}"), columns=[id_column, "hash"])
+def _database(folder, id_column: str) -> tuple[np.ndarray, np.ndarray, pa.Table]:
+    """The database side's ids, vectors and (id, hash) table, read once; an id encoded twice (duplicate input
+    rows) counts once."""
+    db = pq.read_table(parquet_files(folder, f"embeddings {folder}"), columns=[id_column, "embedding", "hash"])
+    ids = db.column(id_column).to_numpy(zero_copy_only=False)
+    _, first = np.unique(ids, return_index=True)
+    if len(first) < len(ids):
+        keep = np.sort(first)
+        db, ids = db.take(pa.array(keep)), ids[keep]
+    database = pa.table({"id": db.column(id_column).cast(pa.string()), "hash": db.column("hash").cast(pa.string())})
+    return ids, vectors_of(db.column("embedding")), database
 
 
-def _previous(cfg: JobConfig, stem: str, entry_name: str, stores: list[str]) -> tuple[pa.Table, pa.Table] | None:
-    """Last run's rankings and the database they were computed against, when this run can build on them: the same
-    embeddings store (checkpoint), the same k and an exact index."""
+def _in_id_order(folder, id_column: str, batch_rows: int, spill) -> Iterator[pa.Table]:
+    """The (id, embedding, hash) rows of an embeddings folder in id order, `batch_rows` at a time, holding at most
+    ORDER_BYTES of vectors: a larger folder is first split by id range into Arrow files under `spill`."""
+    files = parquet_files(folder, f"embeddings {folder}")
+    columns = [id_column, "embedding", "hash"]
+    ids = pq.read_table(files, columns=[id_column]).column(id_column)
+    dim = pq.read_schema(files[0]).field("embedding").type.list_size
+    range_rows = max(batch_rows, ORDER_BYTES // (4 * max(dim, 1)))
+    if len(ids) <= range_rows:
+        ranges = [pq.read_table(files, columns=columns)]
+    else:
+        sorted_ids = ids.take(pc.sort_indices(ids)).to_numpy(zero_copy_only=False)
+        bounds = sorted_ids[range_rows::range_rows]  # the first id of every range after the first
+        del ids, sorted_ids
+        spill.mkdir(parents=True)
+        writers: dict[int, pa.ipc.RecordBatchFileWriter] = {}
+        for path in files:
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=65536, columns=columns):
+                which = np.searchsorted(bounds, batch.column(id_column).to_numpy(zero_copy_only=False), "right")
+                for r in np.unique(which):
+                    if r not in writers:
+                        writers[r] = pa.ipc.new_file(spill / f"range-{r:05d}.arrow", batch.schema)
+                    writers[r].write_batch(batch.filter(pa.array(which == r)))
+        for writer in writers.values():
+            writer.close()
+        ranges = (pa.ipc.open_file(spill / f"range-{r:05d}.arrow").read_all() for r in sorted(writers))
+    for table in ranges:
+        table = table.take(pc.sort_indices(table.column(id_column)))
+        for start in range(0, len(table), batch_rows):
+            yield table.slice(start, batch_rows)
+
+
+class _LastRankings:
+    """The last run's rankings, read forward in query id order beside this run's queries (a merge join)."""
+
+    def __init__(self, path, id_column: str, batch_rows: int):
+        self._batches = pq.ParquetFile(path).iter_batches(batch_size=batch_rows)
+        self._id = id_column
+        self._held: pa.Table | None = None
+        self._done = False
+
+    def upto(self, last_id: str) -> pa.Table:
+        """The rows whose query id is at most `last_id` not returned before."""
+        while not self._done and (self._held is None or not len(self._held)
+                                  or self._held.column(self._id)[-1].as_py() <= last_id):
+            try:
+                batch = pa.Table.from_batches([next(self._batches)])
+            except StopIteration:
+                self._done = True
+                break
+            self._held = batch if self._held is None else pa.concat_tables([self._held, batch])
+        if self._held is None:
+            return pa.table({})
+        n = pc.sum(pc.less_equal(self._held.column(self._id), last_id)).as_py() or 0
+        rows, self._held = self._held.slice(0, n), self._held.slice(n)
+        return rows
+
+
+def _previous(cfg: JobConfig, stem: str, entry_name: str, stores: list[str]) -> tuple[Path, pa.Table] | None:
+    """Last run's rankings (their path) and the database they were computed against, when this run can build on
+    them: the same embeddings store (checkpoint), the same k and an exact index."""
     out = cfg.output
     entry = read_manifest(out).get("stages", {}).get(entry_name, {})
-    paths = out / "rankings" / f"{stem}.parquet", out / "rankings" / f"{stem}.database.parquet"
-    if (cfg.knn.index != "flat" or entry.get("stores") != stores or entry.get("k") != cfg.knn.k
-            or not all(p.exists() for p in paths)):
+    rankings, database = out / "rankings" / f"{stem}.parquet", out / "rankings" / f"{stem}.database.parquet"
+    if (cfg.knn.index != "flat" or entry.get("index") != "flat" or entry.get("stores") != stores
+            or entry.get("k") != cfg.knn.k or not rankings.exists() or not database.exists()):
         return None
-    rankings, database = (pq.read_table(p) for p in paths)
-    lengths = pc.list_value_length(rankings.column(rankings.column_names[1])).combine_chunks()
-    if "query_hash" not in rankings.column_names or len(pc.unique(lengths)) > 1:
-        return None  # an older layout, or rankings of uneven depth: search in full
-    return rankings, database
+    metadata = pq.read_schema(rankings).metadata or {}
+    if metadata.get(DATABASE_DIGEST) != file_sha256(database).encode():
+        return None  # an older layout, or not the database these rankings were ranked against: search in full
+    return rankings, pq.read_table(database)
 
 
-def _matrix(column: pa.ChunkedArray, dtype) -> np.ndarray:
+def _matrix(column: pa.ChunkedArray | pa.ListArray, dtype) -> np.ndarray:
     """A list column whose lists all have one length as a (rows, length) matrix."""
-    column = column.combine_chunks()
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
     return pc.list_flatten(column).to_numpy(zero_copy_only=False).astype(dtype).reshape(len(column), -1)
 
 
-def _merge(previous: pa.Table, added: search.KnnResult, query_id: str, db_list: str, db_ids: np.ndarray, k: int
-           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Each query's last top-k (none of it deleted or changed) with its top-k among the added rows: its top-k now,
-    ordered by score desc, then id asc, exactly as a full search orders it (both are re-scored exactly)."""
-    ids, scores = _matrix(previous.column(db_list), object), _matrix(previous.column("scores"), np.float32)
-    if len(added.query_ids):
-        row = pc.index_in(previous.column(query_id), value_set=pa.array(added.query_ids, pa.string())).to_numpy()
-        ids = np.concatenate([ids, added.ids[row]], axis=1)
-        scores = np.concatenate([scores, added.scores[row]], axis=1)
-    # the search's own merge, keyed by each id's place in sorted id order (its tie-break)
-    in_order = np.sort(db_ids)
-    keys = pc.index_in(pa.array(ids.ravel(), pa.string()), value_set=pa.array(in_order, pa.string()))
-    keys = pc.fill_null(keys.cast(pa.int64()), search.PAD_KEY).to_numpy().reshape(ids.shape)
-    scores, keys = search.merge_topk([scores], [keys], min(k, ids.shape[1]))
-    ids = np.where(keys == search.PAD_KEY, None, in_order[np.minimum(keys, len(in_order) - 1)])
-    return previous.column(query_id).to_numpy(zero_copy_only=False), ids, scores
+def merge_previous(previous: pa.Table, db_list: str, sorted_ids: pa.Array, added_keys: np.ndarray | None,
+                   added_scores: np.ndarray | None, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each query's last top-k (none of it deleted or changed) with its top-k among the added rows: its top-k now
+    as (keys, scores), keys being positions in `sorted_ids`, ordered by score desc, then id asc, exactly as a full
+    search orders them (both are re-scored exactly)."""
+    lists = previous.column(db_list).combine_chunks()
+    keys = pc.index_in(pc.list_flatten(lists), value_set=sorted_ids).to_numpy(zero_copy_only=False)
+    keys, scores = [keys.astype(np.int64).reshape(len(lists), -1)], [_matrix(previous.column("scores"), np.float32)]
+    if added_keys is not None:
+        keys.append(added_keys)
+        scores.append(added_scores)
+    merged_scores, merged_keys = search.merge_topk(scores, keys, k)
+    return merged_keys, merged_scores
 
 
-def tsv_lines(query_ids, ranked) -> str:
+def ranked_lists(keys: np.ndarray, sorted_ids: pa.Array) -> pa.ListArray:
+    """A (queries, k) matrix of keys (positions in `sorted_ids`, PAD_KEY for an empty slot) as lists of ids."""
+    flat = keys.ravel()
+    pad = flat == search.PAD_KEY
+    ids = sorted_ids.take(pa.array(np.where(pad, 0, flat), mask=pad))
+    offsets = pa.array(np.arange(0, flat.size + 1, max(keys.shape[1], 1), dtype=np.int32)[: len(keys) + 1])
+    return pa.ListArray.from_arrays(offsets, ids)
+
+
+def tsv_lines(query_ids, lists: pa.ListArray) -> str:
     """The official NewsImages format: article_id<TAB>image_id_1<TAB>...<TAB>image_id_k, one line per article.
-    A slot an approximate index left unfilled (None) is left out, never written as text. `ranked`: a (queries, k)
-    matrix of ids, or one list of ids per query."""
-    lists = list_column(ranked, pa.string())
+    A slot an approximate index left unfilled (null) is left out, never written as text."""
+    lists = lists.combine_chunks() if isinstance(lists, pa.ChunkedArray) else lists
+    if isinstance(query_ids, pa.ChunkedArray):
+        query_ids = query_ids.combine_chunks()
+    elif not isinstance(query_ids, pa.Array):
+        query_ids = pa.array(query_ids, pa.string())
     joined = pc.binary_join(lists, "\t")  # null where a list holds a null
-    lines = pc.binary_join_element_wise(pa.array(query_ids, pa.string()), joined, "\t").to_pylist()
+    lines = pc.binary_join_element_wise(query_ids, joined, "\t").to_pylist()
     odd = pc.or_(pc.is_null(joined), pc.equal(pc.list_value_length(lists), 0))
     for i in np.flatnonzero(odd.to_numpy(zero_copy_only=False)):
-        lines[i] = "\t".join([str(query_ids[i]), *(str(x) for x in lists[int(i)].as_py() if x is not None)])
+        lines[i] = "\t".join([str(query_ids[int(i)]), *(str(x) for x in lists[int(i)].as_py() if x is not None)])
     return "".join(line + "\n" for line in lines)
 
 
@@ -119,69 +196,79 @@ def short_lines(filled: np.ndarray, k: int, pool: int, what: str) -> dict:
     return {"short_lines": short, "short_reason": why}
 
 
-def rank(cfg: JobConfig, backbone: str, direction: str, knn: Callable[..., search.KnnResult] = search.search) -> dict:
-    """Top-k database rows per query. After a nightly run's encode, a query whose text (or image) is unchanged and
-    none of whose last top-k rows was deleted or changed is searched against the added rows only and merged with
-    its last top-k; every other query is searched in full. Both give what a full search gives, bit for bit.
-
-    `knn`: the search (`search.search`'s signature); a test passes a plain numpy one."""
+def rank(cfg: JobConfig, backbone: str, direction: str) -> dict:
+    """Top-k database rows per query, written in query id order as the queries stream by (the files then depend
+    on the data alone, not on the order the store was filled in). After a nightly run's encode, a query whose text
+    (or image) is unchanged and none of whose last top-k rows was deleted or changed is searched against the added
+    rows only and merged with its last top-k, read beside it from the last rankings; every other query is searched
+    in full. Both give what a full search gives, bit for bit. Ranked ids are positions into the sorted database
+    ids until they are written: the driver holds the database and one batch of queries, not k ids per query."""
     started = time.time()
     out, name, stem = cfg.output, slug(backbone), rankings_stem(backbone, direction)
     query_side, query_id, db_side, db_id = DIRECTIONS[direction]
+    db_list = f"{db_id}s"
     folders = {side: out / "embeddings" / name / side for side in (query_side, db_side)}
-    db = pq.read_table(parquet_files(folders[db_side], f"embeddings {folders[db_side]}"),
-                       columns=[db_id, "embedding", "hash"])  # one read: ids, vectors and their content hashes
-    db_ids, db_vectors = db.column(db_id).to_numpy(zero_copy_only=False), vectors_of(db.column("embedding"))
-    db_hashes = db.column("hash").to_numpy(zero_copy_only=False)
-    _, first = np.unique(db_ids, return_index=True)  # an id encoded twice (duplicate input rows) counts once
-    if len(first) < len(db_ids):
-        keep = np.sort(first)
-        db_ids, db_vectors, db_hashes = db_ids[keep], db_vectors[keep], db_hashes[keep]
-    database = pa.table({"id": pa.array(db_ids, pa.string()), "hash": pa.array(db_hashes, pa.string())})
-    queries = _ids_and_hashes(folders[query_side], query_id)
+    db_ids, db_vectors, database = _database(folders[db_side], db_id)
     stores = [read_manifest(out)["stages"][encode_entry(backbone, side)]["store"] for side in ("texts", "images")]
     previous = _previous(cfg, stem, knn_entry(backbone, direction), stores)
-    stream = partial(_query_batches, folders[query_side], query_id, cfg.knn.query_batch_size)
-    parts, reused = [], 0
-    if previous is None:
-        full = queries.column(query_id)
-    else:
-        last, last_db = previous
-        last = _intact(last, queries, gone=_changed(last_db, database), query_id=query_id, db_list=f"{db_id}s")
-        reused = len(last)
-        full = pc.filter(queries.column(query_id), pc.invert(pc.is_in(queries.column(query_id),
-                                                                       value_set=last.column(query_id))))
-        if len(last):
+    paths = [out / "rankings" / f"{stem}{suffix}" for suffix in (".parquet", ".tsv", ".database.parquet")]
+    spill = out / STAGING / f"knn-{stem}-{uuid.uuid4().hex[:8]}"
+    counts = {"queries": 0, "merged": 0, "searched_in_full": 0}
+    filled: list[np.ndarray] = []
+    with contextlib.ExitStack() as stack:
+        stack.callback(shutil.rmtree, spill, ignore_errors=True)
+        added = last = gone = added_keys = None
+        if previous is not None:
+            last_path, last_db = previous
+            gone = _changed(last_db, database)
             rows = pc.is_in(database.column("id"), value_set=_changed(database, last_db)).to_numpy(zero_copy_only=False)
-            more = knn(db_ids[rows], db_vectors[rows], stream(last.column(query_id)), cfg.knn) \
-                if rows.any() else search.KnnResult(np.empty(0, object), np.empty((0, 0), object), np.empty((0, 0)))
-            parts.append(_merge(last, more, query_id, f"{db_id}s", db_ids, cfg.knn.k))
-    recall = None
-    if len(full):
-        result = knn(db_ids, db_vectors, stream(full if previous is not None else None), cfg.knn)
-        parts.append((result.query_ids, result.ids, result.scores))
-        recall = result.recall_at_k
-    query_ids = np.concatenate([p[0] for p in parts])
-    ranked = np.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
-    scores = np.concatenate([p[2] for p in parts]) if len(parts) > 1 else parts[0][2]
-    # in query id order: the files then depend on the data alone, not on the order the store was filled in
-    order = np.argsort(query_ids, kind="stable")
-    query_ids, ranked, scores = query_ids[order], ranked[order], scores[order]
-    hashes = dict(zip(queries.column(query_id).to_pylist(), queries.column("hash").to_pylist()))
-    table = pa.table({
-        query_id: pa.array(query_ids, pa.string()),
-        f"{db_id}s": list_column(ranked, pa.string()),
-        "scores": list_column(scores, pa.float32()),
-        "query_hash": pa.array([hashes[q] for q in query_ids], pa.string()),
-    })
-    files = [write_table(table, out / "rankings" / f"{stem}.parquet"),
-             write_text(out / "rankings" / f"{stem}.tsv", tsv_lines(query_ids, ranked)),
-             write_table(database, out / "rankings" / f"{stem}.database.parquet")]
-    return record_stage(out, knn_entry(backbone, direction), files, backbone=backbone, direction=direction,
-                        queries=len(query_ids), candidates=len(db_ids), k=cfg.knn.k, shards=cfg.knn.shards,
-                        index=cfg.knn.index, backend=cfg.knn.backend, recall_at_k=recall, stores=stores,
-                        searched_in_full=len(full), merged=reused, seconds=round(time.time() - started, 2),
-                        **short_lines(np.not_equal(ranked, None).sum(axis=1), cfg.knn.k, len(db_ids),
+            counts["added_candidates"] = int(rows.sum())
+            if rows.any():
+                added = stack.enter_context(search.Index(db_ids[rows], db_vectors[rows], cfg.knn))
+            last = _LastRankings(last_path, query_id, cfg.knn.query_batch_size)
+        index = stack.enter_context(search.Index(db_ids, db_vectors, cfg.knn))
+        del db_ids, db_vectors
+        sorted_ids = pa.array(index.sorted_ids, pa.string())
+        if added is not None:  # the added index's keys as keys of the whole database
+            added_keys = pc.index_in(pa.array(added.sorted_ids, pa.string()), value_set=sorted_ids).to_numpy()
+        rankings_tmp, tsv_tmp, database_tmp = (stack.enter_context(atomic_path(p)) for p in paths)
+        pq.write_table(database, database_tmp)
+        schema = pa.schema([(query_id, pa.string()), (db_list, pa.list_(pa.string())),
+                            ("scores", pa.list_(pa.float32())), ("query_hash", pa.string())],
+                           metadata={DATABASE_DIGEST: file_sha256(database_tmp).encode()})
+        writer = stack.enter_context(pq.ParquetWriter(rankings_tmp, schema))
+        tsv = stack.enter_context(open(tsv_tmp, "w"))
+        for chunk in _in_id_order(folders[query_side], query_id, cfg.knn.query_batch_size, spill):
+            qids = chunk.column(query_id).combine_chunks().cast(pa.string())
+            vectors = vectors_of(chunk.column("embedding"))
+            keys = np.empty((len(chunk), index.k), np.int64)
+            scores = np.empty((len(chunk), index.k), np.float32)
+            merge = np.zeros(len(chunk), bool)
+            if last is not None:
+                mine = last.upto(qids[-1].as_py())
+                merge, intact = _intact(mine, chunk, gone, query_id, db_list)
+                if merge.any():
+                    more = added.search(vectors[merge]) if added is not None else (None, None)
+                    more_keys = None if more[0] is None else np.where(
+                        more[0] == search.PAD_KEY, search.PAD_KEY, added_keys[np.minimum(more[0], len(added_keys) - 1)])
+                    keys[merge], scores[merge] = merge_previous(intact, db_list, sorted_ids, more_keys, more[1],
+                                                                index.k)
+            if not merge.all():
+                keys[~merge], scores[~merge] = index.search(vectors[~merge])
+            lists = ranked_lists(keys, sorted_ids)
+            writer.write_table(pa.table([qids, lists, list_column(scores, pa.float32()),
+                                         chunk.column("hash").cast(pa.string())], schema=schema))
+            tsv.write(tsv_lines(qids, lists))
+            filled.append(np.count_nonzero(keys != search.PAD_KEY, axis=1))
+            counts["queries"] += len(chunk)
+            counts["merged"] += int(merge.sum())
+            counts["searched_in_full"] += int((~merge).sum())
+        recall = index.recall_at_k()
+    return record_stage(out, knn_entry(backbone, direction), paths, backbone=backbone, direction=direction,
+                        candidates=index.n, k=cfg.knn.k, shards=cfg.knn.shards, index=cfg.knn.index,
+                        backend=cfg.knn.backend, recall_at_k=recall, stores=stores, **counts,
+                        seconds=round(time.time() - started, 2),
+                        **short_lines(np.concatenate(filled) if filled else np.zeros(0, int), cfg.knn.k, index.n,
                                       f"knn {backbone} {direction}"))
 
 
@@ -192,13 +279,20 @@ def _changed(table: pa.Table, other: pa.Table) -> pa.Array:
     return table.column("id").filter(pc.invert(pc.is_in(key, value_set=other_key))).combine_chunks()
 
 
-def _intact(last: pa.Table, queries: pa.Table, gone: pa.Array, query_id: str, db_list: str) -> pa.Table:
-    """Last run's rankings of the queries still there with the same content, none of whose top-k is gone."""
-    now = pc.index_in(last.column(query_id), value_set=queries.column(query_id).combine_chunks())
-    same = pc.fill_null(pc.equal(last.column("query_hash"), queries.column("hash").take(now)), False)
+def _intact(last: pa.Table, chunk: pa.Table, gone: pa.Array, query_id: str, db_list: str
+            ) -> tuple[np.ndarray, pa.Table]:
+    """Which queries of `chunk` have a last ranking to build on (the same content, none of its top-k gone), and
+    those rankings, in the chunk's order."""
+    if not len(last):
+        return np.zeros(len(chunk), bool), last
+    at = pc.index_in(chunk.column(query_id), value_set=last.column(query_id).combine_chunks())
     lists = last.column(db_list).combine_chunks()
-    hit = pc.list_parent_indices(lists).filter(pc.is_in(pc.list_flatten(lists), value_set=gone))
-    return last.filter(pc.and_(same, pc.invert(pc.is_in(pa.array(np.arange(len(last))), value_set=hit.unique()))))
+    usable = np.ones(len(last), bool)
+    usable[pc.list_parent_indices(lists).filter(pc.is_in(pc.list_flatten(lists), value_set=gone)).to_numpy()] = False
+    same = pc.equal(chunk.column("hash").combine_chunks(), last.column("query_hash").combine_chunks().take(at))
+    rows = pc.fill_null(at, 0).to_numpy()
+    merge = pc.fill_null(same, False).to_numpy(zero_copy_only=False) & usable[rows]
+    return merge, last.take(pa.array(rows[merge]))
 
 
 def run(cfg: JobConfig) -> list[dict]:
@@ -231,9 +325,8 @@ def fuse_stage(cfg: JobConfig, name: str, direction: str = "text_to_image", resc
     table = fused.to_arrow().cast(pa.schema([(query_col, pa.string()), (list_col, pa.list_(pa.string())),
                                              ("scores", pa.list_(pa.float32()))]))
     stem = rankings_stem(name, direction)
-    ids = fused[list_col].to_list()
     files = [write_table(table, out / "rankings" / f"{stem}.parquet"),
-             write_text(out / "rankings" / f"{stem}.tsv", tsv_lines(fused[query_col].to_list(), ids))]
+             write_text(out / "rankings" / f"{stem}.tsv", tsv_lines(table.column(query_col), table.column(list_col)))]
     return record_stage(out, knn_entry(name, direction), files, backbone=name, direction=direction,
                         members=members, method=method, rrf_k=rrf_k if method == "rrf" else None,
                         rescored=[e is not None for e in embeddings] if method == "zmean" else None,
