@@ -312,6 +312,7 @@ def test_a_sample_pool_holds_only_the_images_of_the_queries_that_reach_evaluatio
     write(pa.table({"article_id": ["a0"], "image_id": ["i1"], "query_text": ["t"]}),
           tmp_path / "translated" / "part-00000.parquet")
     sample = config.load(None, [f"output_dir={tmp_path}"])
-    assert wanted_rows(sample, IMAGES).column("image_id").to_pylist() == ["i1"]
+    assert wanted_rows(sample, IMAGES)[0].column("image_id").to_pylist() == ["i1"]
     every = config.load(None, [f"output_dir={tmp_path}", "eval.candidates=all"])
-    assert wanted_rows(every, IMAGES).column("image_id").to_pylist() == ["i1", "i2"]
+    wanted, todo = wanted_rows(every, IMAGES, stored=pa.array(["h1"]))
+    assert wanted.column("image_id").to_pylist() == ["i1", "i2"] and todo.column("image_id").to_pylist() == ["i2"]

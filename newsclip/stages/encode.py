@@ -5,6 +5,7 @@ embeddings are committed from it to Parquet."""
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,28 +44,38 @@ TEXTS = Side("texts", TextEncoder, "article_id", "article")
 IMAGES = Side("images", ImageEncoder, "image_id", "image")
 
 
-def wanted_rows(cfg: JobConfig, side: Side) -> pa.Table:
-    """(id, hash) of every row this run needs embedded, plus `query_text` for texts and `file` for images."""
+def wanted_rows(cfg: JobConfig, side: Side, stored: pa.Array | None = None) -> tuple[pa.Table, pa.Table]:
+    """(id, hash) of every row this run needs embedded, and the rows among them to encode: one per hash not in
+    `stored`, with `query_text` for texts and `file` for images. The texts are read batch by batch and only those
+    to encode are kept, so a night holds the archive's ids and hashes, not its texts."""
+    stored = pa.array([], pa.string()) if stored is None else stored
+    wanted, todo = [], []
+    for batch in _side_rows(cfg, side):
+        wanted.append(batch.select([side.id_column, "hash"]))
+        todo.append(batch.filter(pc.invert(pc.is_in(batch.column("hash"), value_set=stored))))
+    wanted, todo = pa.concat_tables(wanted), pa.concat_tables(todo)
+    _, first = np.unique(todo.column("hash").to_numpy(zero_copy_only=False), return_index=True)
+    return wanted, todo.take(pa.array(np.sort(first), pa.int64()))
+
+
+def _side_rows(cfg: JobConfig, side: Side) -> Iterator[pa.Table]:
+    """The rows a side needs, in batches: (article_id, query_text, hash), or (image_id, file, hash)."""
     if side is TEXTS:
-        table = pq.read_table(parquet_files(cfg.query_texts, "query texts"), columns=["article_id", "query_text"])
-        return table.append_column("hash", content_keys(table.column("query_text").to_pylist()))
-    images = pq.read_table(cfg.output / "prepared" / "candidates.parquet")
+        for path in parquet_files(cfg.query_texts, "query texts"):
+            for batch in pq.ParquetFile(path).iter_batches(columns=["article_id", "query_text"], batch_size=65536):
+                table = pa.Table.from_batches([batch]).cast(pa.schema([("article_id", pa.string()),
+                                                                       ("query_text", pa.string())]))
+                yield table.append_column("hash", content_keys(table.column("query_text").to_pylist()))
+        return
+    images = pq.read_table(cfg.output / "prepared" / "candidates.parquet",
+                           columns=["image_id", "file", "image_hash", "candidate"])
     images = images.filter(pc.field("candidate"))
     if cfg.eval.candidates == "sample":
         # the images of the queries that reach evaluation: a sampled article that translate left out takes its
         # image out of the pool with it, as if it had not been sampled
         queries = pq.read_table(parquet_files(cfg.query_texts, "query texts"), columns=["image_id"])
         images = images.filter(pc.is_in(images.column("image_id"), value_set=queries.column("image_id").unique()))
-    return images.select(["image_id", "file"]).append_column("hash", images.column("image_hash"))
-
-
-def _new_rows(wanted: pa.Table, store: EmbeddingStore) -> pa.Table:
-    """One row per hash that the store does not hold yet."""
-    stored = store.hashes()
-    if stored:
-        wanted = wanted.filter(pc.invert(pc.is_in(wanted.column("hash"), value_set=pa.concat_arrays(stored))))
-    _, first = np.unique(wanted.column("hash").to_numpy(zero_copy_only=False), return_index=True)
-    return wanted.take(pa.array(np.sort(first), pa.int64()))
+    yield images.select(["image_id", "file"]).append_column("hash", images.column("image_hash"))
 
 
 def prepared_rows(side: Side, todo: pa.Table, backbone: str, enc: EncodeConfig, max_retries: int):
@@ -175,8 +186,8 @@ def encode_side(cfg: JobConfig, backbone: str, side: Side) -> dict:
     started = time.time()
     out, name, enc = cfg.output, slug(backbone), cfg.encode.for_backbone(backbone)
     store = EmbeddingStore(cfg.store, name, checkpoint_id(backbone, enc.download_root), store_label(enc), side.name)
-    wanted = wanted_rows(cfg, side)
-    todo = _new_rows(wanted, store)
+    stored = store.hashes()
+    wanted, todo = wanted_rows(cfg, side, pa.concat_arrays(stored) if stored else None)
     stats = encode_new(cfg, enc, backbone, side, todo, store) if len(todo) else {"encoded": 0}
     relative = f"embeddings/{name}/{side.name}"
     rows, failures = 0, []
