@@ -3,13 +3,18 @@
 import numpy as np
 import pytest
 
-from newsclip.retrieval.metrics import csv_metric_groups, metric_names, ranks_of_truth, scores
+from newsclip.retrieval.metrics import csv_metric_groups, metric_names, scores
 
 
 def test_hand_computed_case():
-    ranked = np.array([["a", "b", "c"], ["c", "a", "b"], ["x", "y", "z"], ["b", "c", "a"]], dtype=object)
-    truth = np.array(["a", "a", "a", "a"], dtype=object)
-    ranks = ranks_of_truth(ranked, truth)
+    import polars as pl
+
+    from newsclip.stages.evaluate import query_ranks
+
+    queries = pl.DataFrame({"article_id": ["q1", "q2", "q3", "q4"], "image_id": ["a"] * 4, "source": ["TW"] * 4})
+    rankings = pl.DataFrame({"article_id": ["q1", "q2", "q3", "q4"],
+                             "image_ids": [["a", "b", "c"], ["c", "a", "b"], ["x", "y", "z"], ["b", "c", "a"]]})
+    ranks, _ = query_ranks(queries, rankings, k=3)
     assert ranks.tolist() == [1, 2, 0, 3]
     result = scores(ranks, k=3)
     # reciprocal ranks 1, 1/2, 0 (absent), 1/3 over all four queries
@@ -40,11 +45,6 @@ def test_rank_beyond_k_scores_zero():
     result = scores(np.array([5, 1]), k=4)
     assert result["mrr"] == pytest.approx(0.5)
     assert result["recall@1"] == pytest.approx(0.5)
-
-
-def test_shape_mismatch_is_an_error():
-    with pytest.raises(ValueError, match="one row per truth"):
-        ranks_of_truth(np.array([["a"]], dtype=object), np.array(["a", "b"], dtype=object))
 
 
 def test_image_to_text_counts_any_article_of_the_image():

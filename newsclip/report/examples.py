@@ -6,11 +6,16 @@ import base64
 import io
 from pathlib import Path
 
+import numpy as np
 import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from newsclip.names import rankings_stem
 from newsclip.report.data import load_images
 from newsclip.report.escape import esc
+from newsclip.stages.evaluate import BATCH_ROWS, READ_BUFFER, truth_ranks
 from newsclip.workers.images import ImageDecodeError, decode_image
 
 THUMB = 160  # thumbnail bounding box in pixels: five per row fit a 1000 px page
@@ -30,16 +35,32 @@ def _thumbnail_uri(data: bytes | None) -> str | None:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _pick_examples(ranks: dict[str, int], count: int) -> list[str]:
-    """A hit at rank 1, one ranked 2-5, one further down or missed, then the rest, in id order: deterministic."""
-    ids = sorted(ranks)
-    chosen: list[str] = []
-    for test in (lambda r: r == 1, lambda r: 2 <= r <= 5, lambda r: r == 0 or r > 5):
-        pick = next((i for i in ids if test(ranks[i]) and i not in chosen), None)
-        if pick is not None and len(chosen) < count:
-            chosen.append(pick)
-    chosen += [i for i in ids if i not in chosen][: max(0, count - len(chosen))]
-    return chosen
+def _pick_examples(ids: pa.Array, ranks: np.ndarray, count: int) -> list[int]:
+    """A hit at rank 1, one ranked 2-5, one further down or missed, then the rest, in id order: deterministic.
+
+    `ranks` are the truths' ranks of the queries `ids` (0: not in the ranking); returns positions in `ids`.
+    Vectorised, as there may be millions of queries."""
+    order = pc.sort_indices(ids).to_numpy()
+    ranks = np.asarray(ranks)[order]
+    free = np.ones(len(order), dtype=bool)  # in id order: not chosen yet
+    chosen: list[int] = []
+    for test in (ranks == 1, (ranks >= 2) & (ranks <= 5), (ranks == 0) | (ranks > 5)):
+        pick = np.flatnonzero(test & free)[:1]
+        if len(pick) and len(chosen) < count:
+            chosen.append(int(pick[0]))
+            free[pick] = False
+    chosen += np.flatnonzero(free)[: max(0, count - len(chosen))].tolist()
+    return order[chosen].tolist()
+
+
+def _rows_of(path: Path, article_ids: list[str]) -> pl.DataFrame:
+    """The rankings rows of a few articles, found a batch at a time (a filtered `pq.read_table` buffers whole row
+    groups: ~4.5 GB for a file of 1M rankings at k=100, which knn writes as one)."""
+    wanted = pa.array(article_ids, pa.string())
+    with pq.ParquetFile(path, pre_buffer=False, buffer_size=READ_BUFFER) as file:
+        batches = [batch.filter(pc.is_in(batch.column("article_id"), value_set=wanted))
+                   for batch in file.iter_batches(batch_size=BATCH_ROWS)]
+        return pl.from_arrow(pa.Table.from_batches(batches, schema=file.schema_arrow))
 
 
 def _thumb(image_id: str, data: bytes | None, caption: str, css: str) -> str:
@@ -67,6 +88,8 @@ def _thumbs(row: dict, rank: int, data: dict[str, bytes]) -> list[str]:
     """The top images with their scores, the correct one marked; the correct one apart when it is not among them."""
     parts = ['<div class="thumbs">']
     for position, (image_id, score) in enumerate(zip(row["image_ids"][:SHOWN], row["scores"][:SHOWN]), start=1):
+        if image_id is None:  # a slot an approximate index left unfilled
+            continue
         hit = image_id == row["image_id"]
         caption = f"#{position} · {score:.3f}" + (" ✓ correct" if hit else "")
         parts.append(_thumb(image_id, data.get(image_id), caption, "thumb hit" if hit else "thumb"))
@@ -82,15 +105,22 @@ def examples_html(output_dir: Path, backbone: str, queries: pl.DataFrame, images
     path = output_dir / "rankings" / f"{rankings_stem(backbone, 'text_to_image')}.parquet"
     if not path.exists() or count <= 0:
         return "<p class=\"note\">No rankings to show.</p>"
-    joined = queries.join(pl.read_parquet(path), on="article_id", how="inner")
-    if len(joined) == 0:
+    # the truths' ranks streamed from the file (the whole ranking counts), then only the chosen rows read whole
+    ranks, ranked = truth_ranks(queries, path, k=None)
+    if not ranked.any():
         return "<p class=\"note\">No ranked queries.</p>"
-    truth_rank = {article_id: (ranked.index(truth) + 1) if truth in ranked else 0  # 0: not in the ranking
-                  for article_id, truth, ranked in joined.select("article_id", "image_id", "image_ids").iter_rows()}
-    chosen = _pick_examples(truth_rank, count)
-    rows = {r["article_id"]: r for r in joined.filter(pl.col("article_id").is_in(chosen)).iter_rows(named=True)}
-    wanted = {i for a in chosen for i in rows[a]["image_ids"][:SHOWN]} | {rows[a]["image_id"] for a in chosen}
+    ids = queries["article_id"].to_arrow().filter(pa.array(ranked))
+    picked = _pick_examples(ids, ranks[ranked], count)
+    chosen = ids.take(pa.array(picked, pa.int64())).to_pylist()
+    truth_rank = dict(zip(chosen, ranks[ranked][picked].tolist()))
+    shown = _rows_of(path, chosen)
+    rows = {r["article_id"]: r for r in queries.filter(pl.col("article_id").is_in(chosen))
+            .join(shown, on="article_id", how="inner").iter_rows(named=True)}
+    wanted = {i for a in chosen for i in rows[a]["image_ids"][:SHOWN] if i is not None} | \
+        {rows[a]["image_id"] for a in chosen}
     data = load_images(output_dir, wanted, images_spec)
+    if translated is not None:
+        translated = translated.filter(pl.col("article_id").is_in(chosen))  # not a dict of every query's text
     english = dict(zip(translated["article_id"], translated["query_text"])) if translated is not None else {}
     parts = []
     for article_id in chosen:
