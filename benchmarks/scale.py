@@ -195,12 +195,12 @@ def write_synthetic(output: Path, first: int, count: int, seed: int = 0) -> floa
 KNN_FACTS = ("queries", "candidates", "searched_in_full", "merged", "recall_at_k", "seconds")
 
 
-def run_stages(output: Path, stages: tuple[str, ...] = ("knn", "evaluate")) -> dict:
+def run_stages(output: Path, stages: tuple[str, ...] = ("knn", "evaluate"), settings: list[str] = ()) -> dict:
     """The job's `stages` over `output` in a process of its own (`--stages-only`): seconds (start-up included),
     the driver's peak memory per stage and sampled, each kNN direction's facts, and the MRR@k per direction."""
     result = output / f".stages-{time.time_ns()}.json"
     command = [sys.executable, str(Path(__file__).resolve()), "--stages-only", ",".join(stages),
-               "--output", str(output), "--result", str(result)]
+               "--output", str(output), "--result", str(result), *(a for s in settings for a in ("--set", s))]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     started = time.perf_counter()
     process = subprocess.Popen(command, env=env)
@@ -221,14 +221,14 @@ def run_stages(output: Path, stages: tuple[str, ...] = ("knn", "evaluate")) -> d
     return done
 
 
-def _stages_only(stages: list[str], output: Path, result: Path) -> None:
+def _stages_only(stages: list[str], output: Path, result: Path, settings: list[str]) -> None:
     """The hidden --stages-only mode: jobs/nightly.yaml's `stages` over `output`, timed one by one."""
     from newsclip import config
     from newsclip.runtime.runner import _peak_rss_mb, _reset_peak_rss
     from newsclip.stages import evaluate, knn
 
     run = {"knn": knn.run, "evaluate": evaluate.run}
-    cfg = config.load(JOB, [f"output_dir={output}", f"translate.cache_dir={output / 'translation-cache'}"])
+    cfg = config.load(JOB, [f"output_dir={output}", f"translate.cache_dir={output / 'translation-cache'}", *settings])
     done = {}
     for name in stages:
         _reset_peak_rss()
@@ -239,7 +239,7 @@ def _stages_only(stages: list[str], output: Path, result: Path) -> None:
     result.write_text(json.dumps({"stages": done}))
 
 
-def rankings_equal_full(output: Path) -> tuple[bool, dict]:
+def rankings_equal_full(output: Path, settings: list[str]) -> tuple[bool, dict]:
     """Whether the kNN rankings in `output` (a nightly's) equal a full search's: the knn stage alone in a fresh
     folder holding the same embeddings (hard links) and encode entries, with no last rankings to build on."""
     import shutil
@@ -258,7 +258,7 @@ def rankings_equal_full(output: Path) -> tuple[bool, dict]:
         if name.startswith("encode:"):
             facts = {k: v for k, v in entry.items() if k not in ("committed_at", "files", "sha256")}
             record_stage(fresh, name, [fresh / f for f in entry["files"]], **facts)
-    check = run_stages(fresh, ("knn",))
+    check = run_stages(fresh, ("knn",), settings)
     stems = sorted(p.name for p in (output / "rankings").glob("*.parquet") if not p.name.endswith(".database.parquet"))
     equal = bool(stems) and all(pq.read_table(output / "rankings" / s).equals(pq.read_table(fresh / "rankings" / s))
                                 for s in stems)
@@ -266,21 +266,22 @@ def rankings_equal_full(output: Path) -> tuple[bool, dict]:
     return equal, check
 
 
-def from_embeddings(root: Path, size: int, new_share: float, seed: int, check: bool | None) -> dict:
+def from_embeddings(root: Path, size: int, new_share: float, seed: int, check: bool | None,
+                    settings: list[str]) -> dict:
     """One size of --from-embeddings: the full run over `size` synthetic pairs, then the nightly after 1% more."""
     output = root / f"emb-{size}"
     if output.exists() and any(output.iterdir()):
         raise SystemExit(f"{output} exists: remove it or choose another --workdir")
     row = {"articles": size, "mode": "from-embeddings",
            "write_seconds": round(write_synthetic(output, 0, size, seed), 1)}
-    row["full"] = run_stages(output)
+    row["full"] = run_stages(output, settings=settings)
     new = max(1, round(size * new_share))
     row["new_articles"] = new
     row["append_seconds"] = round(write_synthetic(output, size, new, seed), 1)
-    row["nightly"] = run_stages(output)
+    row["nightly"] = run_stages(output, settings=settings)
     row["nightly_over_full"] = round(row["nightly"]["seconds"] / row["full"]["seconds"], 3)
     if check if check is not None else size <= CHECK_EQUAL_UP_TO:
-        row["rankings_equal_full"], row["full_search_check"] = rankings_equal_full(output)
+        row["rankings_equal_full"], row["full_search_check"] = rankings_equal_full(output, settings)
     return row
 
 
@@ -296,21 +297,24 @@ def main(argv: list[str] | None = None) -> dict:
                         help=f"--from-embeddings: also check the nightly rankings equal a full search's "
                              f"(default: up to {CHECK_EQUAL_UP_TO:,} articles)")
     parser.add_argument("--seed", type=int, default=0, help="--from-embeddings: the synthetic embeddings' seed")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="--from-embeddings: a job setting for the timed stages, e.g. "
+                             "eval.directions=[text_to_image] (repeatable)")
     parser.add_argument("--stages-only", help=argparse.SUPPRESS)  # internal: one timed run of run_stages
     parser.add_argument("--output", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.stages_only:
-        _stages_only(args.stages_only.split(","), args.output, args.result)
+        _stages_only(args.stages_only.split(","), args.output, args.result, args.set)
         return {}
     if args.from_embeddings:
         root = args.workdir or Path(tempfile.mkdtemp(prefix="newsclip-scale-"))
         rows = []
         for size in (int(s) for s in args.sizes.split(",")):
-            rows.append(from_embeddings(root, size, args.new_share, args.seed, args.check_equal))
+            rows.append(from_embeddings(root, size, args.new_share, args.seed, args.check_equal, args.set))
             print(json.dumps(rows[-1]), flush=True)
-        return _result(args, rows, mode="from-embeddings")
+        return _result(args, rows, mode="from-embeddings", settings=args.set)
 
     from newsclip.cli import _ensure_demo_translator
     from newsclip.demo.data import append_demo_data
