@@ -29,17 +29,6 @@ def csv_metric_groups(k: int = 100) -> tuple[list[str], list[str]]:
     return contract, [m for m in metric_names(k) if m not in contract]
 
 
-def ranks_of_truth(ranked_ids: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """1-based rank of each query's true id in its ranked row, 0 where it is absent."""
-    ranked_ids = np.asarray(ranked_ids, dtype=object)
-    if ranked_ids.ndim != 2 or len(ranked_ids) != len(truth):
-        raise ValueError(f"ranked ids must be (queries, k) with one row per truth; got {ranked_ids.shape} "
-                         f"for {len(truth)} truths")
-    hits = ranked_ids == np.asarray(truth, dtype=object)[:, None]
-    found = hits.any(axis=1)
-    return np.where(found, hits.argmax(axis=1) + 1, 0)
-
-
 def per_query(ranks: np.ndarray, k: int = 100) -> np.ndarray:
     """(queries, metrics) values in `metric_names(k)` order whose column means are the metrics: 1/rank (0 when the
     truth is not in the top k), then hit@K for each cut-off."""
