@@ -209,7 +209,23 @@ def test_merge_topk_orders_by_score_then_key():
     s, k = merge_topk([s1, s2], [k1, k2], 4)
     assert k.tolist() == [[5, 1, 3, 0]] and s.tolist()[0] == pytest.approx([0.9, 0.5, 0.5, 0.1])
     s, k = merge_topk([s1], [k1], 3)
-    assert s[0, 2] == -np.inf
+    assert s[0, 2] == -np.inf and k[0, 2] == np.iinfo(np.int64).max
+
+
+def test_merge_topk_equals_a_lexsort_of_everything():
+    """Scores of both signs with many ties (and -0.0 beside 0.0), padding, unique keys per row: the packed
+    partition-and-sort gives exactly the two-key sort's top k."""
+    rng = np.random.default_rng(7)
+    scores = rng.choice(np.array([-0.5, -0.0, 0.0, 0.25, 0.25000003, 1.0, -np.inf], np.float32), size=(300, 40))
+    keys = np.argsort(rng.random((300, 40)), axis=1) * 1000 + 3
+    keys[scores == -np.inf] = np.iinfo(np.int64).max
+    for k in (1, 7, 40, 45):
+        got_s, got_k = merge_topk([scores[:, :25], scores[:, 25:]], [keys[:, :25], keys[:, 25:]], k)
+        order = np.lexsort((keys, -(scores + np.float32(0))), axis=1)[:, :k]
+        want_s, want_k = np.take_along_axis(scores, order, 1), np.take_along_axis(keys, order, 1)
+        real = want_s[:, : min(k, 40)] != -np.inf  # among padding, any order of pad keys is the same
+        assert np.array_equal(got_s[:, :40], want_s[:, :40]) and np.array_equal(got_k[:, :40][real], want_k[real])
+        assert (got_s[:, 40:] == -np.inf).all()
 
 
 @pytest.mark.parametrize(

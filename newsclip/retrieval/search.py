@@ -25,6 +25,7 @@ _MAX_POINTS_PER_CENTROID = 256
 # query rows re-scored per einsum call: keeps the gathered (rows, width, d) candidate block small (~10 MB).
 _RESCORE_ROWS = 32
 PAD_KEY = np.iinfo(np.int64).max
+_KEY_LIMIT = 2**32 - 1  # merge_topk packs a key into 32 bits (this value is padding): databases of < 4.29e9 rows
 
 
 @dataclass(frozen=True)
@@ -104,9 +105,20 @@ def merge_topk(scores: list[np.ndarray], keys: list[np.ndarray], k: int) -> tupl
         fill = k - s.shape[1]
         s = np.concatenate([s, np.full((s.shape[0], fill), -np.inf, np.float32)], axis=1)
         kk = np.concatenate([kk, np.full((kk.shape[0], fill), PAD_KEY, np.int64)], axis=1)
-    # lexsort: the last key is primary -> score desc, then id rank asc; -(-inf) = +inf puts padding last.
-    order = np.lexsort((kk, -s), axis=1)[:, :k]
-    return np.take_along_axis(s, order, axis=1), np.take_along_axis(kk, order, axis=1)
+    if kk.size and kk[kk != PAD_KEY].max(initial=0) >= _KEY_LIMIT:
+        raise ValueError(f"merge_topk: keys must be below {_KEY_LIMIT} (a database of fewer rows)")
+    # one uint64 per candidate whose ascending order is score desc, then key asc: the score's float32 bits made
+    # order-preserving and inverted (padding, -inf, sorts last), above the key; a partition then a sort of k
+    bits = (s + np.float32(0)).view(np.uint32)  # + 0: -0.0 becomes 0.0, as equal as they compare
+    ascending = np.where(bits >> 31, ~bits, bits | np.uint32(1 << 31))
+    combined = (~ascending).astype(np.uint64) << np.uint64(32) | np.minimum(kk, _KEY_LIMIT).astype(np.uint64)
+    if combined.shape[1] > k:
+        combined = np.partition(combined, k - 1, axis=1)[:, :k]
+    combined.sort(axis=1)
+    ascending = ~(combined >> np.uint64(32)).astype(np.uint32)
+    top = np.where(ascending >> 31, ascending & np.uint32(0x7FFFFFFF), ~ascending).view(np.float32)
+    key = (combined & np.uint64(_KEY_LIMIT)).astype(np.int64)
+    return top, np.where(key == _KEY_LIMIT, PAD_KEY, key)
 
 
 class _Shard:
@@ -200,7 +212,7 @@ class _Shard:
         return self.index.search(q, kk)
 
     def search(self, q: np.ndarray, k: int, exact: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """Candidates holding this shard's top-k under score desc with any tie order: (scores f32, global rows).
+        """Candidates holding this shard's top-k, in no particular order: (scores f32, global rows).
 
         FAISS returns a few more than k; a query whose last candidate scores within FAISS's float32 error of its
         k-th is searched again with twice as many, so every row that could tie the k-th after exact re-scoring is
@@ -215,7 +227,25 @@ class _Shard:
         # twice the error bound (both the k-th and the last candidate may be off) plus room for float32 rounding
         tol = (2 * self._unit_err + 2.0 ** -20) * qnorm * self._max_norm
         kk = min(self.n, k_eff + max(8, k_eff // 8))
-        pending = np.arange(b)
+        if kk == self.n:  # every row is a candidate (a small shard, a night's added rows): nothing to select
+            labels = np.broadcast_to(np.arange(self.n, dtype=np.int64), (b, self.n))
+        else:
+            labels = self._candidates(q, kk, k_eff, tol, exact)
+        scores = self._rescore(q, labels)
+        # keep everything >= the k-th exact score: ties at the boundary are decided by id on the driver
+        kth = -np.partition(-scores, k_eff - 1, axis=1)[:, k_eff - 1]
+        keep = scores >= kth[:, None]
+        keep &= labels >= 0
+        w = max(int(keep.sum(axis=1).max()), 1)
+        ranked = np.where(keep, -scores, np.inf)  # kept first; their order is merge_topk's business
+        order = np.argpartition(ranked, w - 1, axis=1)[:, :w] if w < ranked.shape[1] else np.argsort(ranked, axis=1)
+        out_s = np.take_along_axis(np.where(keep, scores, -np.inf).astype(np.float32), order, axis=1)
+        out_l = np.take_along_axis(np.where(keep, labels + self.offset, -1), order, axis=1)
+        return out_s, out_l
+
+    def _candidates(self, q: np.ndarray, kk: int, k_eff: int, tol: np.ndarray, exact: bool) -> np.ndarray:
+        """FAISS's kk best rows per query, more for a query whose last one is within `tol` of its k-th."""
+        pending = np.arange(q.shape[0])
         groups: list[tuple[np.ndarray, np.ndarray]] = []
         dist, lab = self._raw(q, kk, exact)
         while True:
@@ -226,20 +256,10 @@ class _Shard:
             pending = pending[need]
             kk = min(self.n, 2 * kk)
             dist, lab = self._raw(q[pending], kk, exact)
-        width = max(g[1].shape[1] for g in groups)
-        labels = np.full((b, width), -1, np.int64)
+        labels = np.full((q.shape[0], max(g[1].shape[1] for g in groups)), -1, np.int64)
         for rows, lab in groups:
             labels[rows, : lab.shape[1]] = lab
-        scores = self._rescore(q, labels)
-        # keep everything >= the k-th exact score: ties at the boundary are decided by id on the driver
-        kth = -np.partition(-scores, k_eff - 1, axis=1)[:, k_eff - 1]
-        keep = scores >= kth[:, None]
-        keep &= labels >= 0
-        w = max(int(keep.sum(axis=1).max()), 1)
-        order = np.argsort(np.where(keep, -scores, np.inf), axis=1, kind="stable")[:, :w]
-        out_s = np.take_along_axis(np.where(keep, scores, -np.inf).astype(np.float32), order, axis=1)
-        out_l = np.take_along_axis(np.where(keep, labels + self.offset, -1), order, axis=1)
-        return out_s, out_l
+        return labels
 
     def _rescore(self, q: np.ndarray, labels: np.ndarray) -> np.ndarray:
         out = np.full(labels.shape, -np.inf, np.float32)
