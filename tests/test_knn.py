@@ -256,22 +256,47 @@ def test_bad_config(key, value):
         KnnConfig(**{key: value})
 
 
-def test_incremental_merge_equals_a_full_ranking_without_faiss():
+def test_incremental_merge_equals_a_full_ranking():
     import pyarrow as pa
 
-    from newsclip.retrieval.search import PAD_KEY
+    from newsclip.retrieval.search import Index
     from newsclip.stages.knn import merge_previous
 
-    # one query; full scores a .9, b .5, c .5, d .7, e .5; last run ranked a, b, c; d and e are new (one slot empty)
+    # one query; full scores a .9, b .5, c .5, d .7, e .5; last run ranked a, b, c; d and e are new: e ties the
+    # last k-th score, so it is a candidate, and loses the tie to b by id
     previous = pa.table({"article_id": ["q"], "image_ids": [["a", "b", "c"]], "scores": [[0.9, 0.5, 0.5]]},
                         schema=pa.schema([("article_id", pa.string()), ("image_ids", pa.list_(pa.string())),
                                           ("scores", pa.list_(pa.float32()))]))
+    query = np.array([[1.0, 0.0]], np.float32)
+    added = np.array([[0.5, 0.75 ** 0.5], [0.7, 0.51 ** 0.5]], np.float32)  # e, d: scores .5 and .7
     sorted_ids = pa.array(list("abcde"))
-    keys, scores = merge_previous(previous, "image_ids", sorted_ids, np.array([[3, 4, PAD_KEY]]),
-                                  np.array([[0.7, 0.5, -np.inf]], np.float32), 3)
+    with Index(np.array(["e", "d"], object), added, KnnConfig(k=3)) as index:
+        assert sorted(index.above(query, np.array([0.5]))[1][0].tolist()) == [0.5, pytest.approx(0.7)]
+        keys, scores = merge_previous(previous, "image_ids", sorted_ids, query, index, np.array([3, 4]), 3)
     full = sorted(zip([-0.9, -0.5, -0.5, -0.7, -0.5], "abcde"))[:3]  # score desc, then id asc
     assert sorted_ids.take(pa.array(keys[0])).to_pylist() == [i for _, i in full] == ["a", "d", "b"]
     assert scores.tolist() == [[pytest.approx(-s) for s, _ in full]]
+
+
+@pytest.mark.parametrize(("shards", "backend"), [(1, "local"), (3, "local"), (3, "ray")])
+def test_above_finds_every_row_at_or_over_the_floor(data, shards, backend, monkeypatch, request):
+    from newsclip.retrieval import search as engine
+
+    if backend == "ray":
+        request.getfixturevalue("ray_local")
+
+    db_ids, db, q_ids, q = data
+    db = np.concatenate([db, db[:50]])  # exact copies: rows that tie
+    db_ids = np.concatenate([db_ids, [f"copy-{i}" for i in range(50)]])
+    monkeypatch.setattr(engine, "_ABOVE_BLOCK", 7 * len(q))  # in-process: matrix products of 7 columns at a time
+    exact = (q.astype(np.float64) @ db.astype(np.float64).T).astype(np.float32)
+    floors = np.sort(exact, axis=1)[:, -20]  # each query's 20th best score: ties at the floor count
+    with engine.Index(db_ids, db, _cfg(backend, shards=shards)) as index:
+        keys, scores = index.above(q, floors)
+        found = [set(index.sorted_ids[k[k != engine.PAD_KEY]]) for k in keys]
+    assert found == [set(db_ids[exact[i] >= floors[i]]) for i in range(len(q))]
+    assert all(len(f) >= 20 for f in found)
+    assert np.array_equal(np.sort(scores, axis=1)[:, ::-1][:, :20], np.sort(exact, axis=1)[:, ::-1][:, :20])
 
 
 @pytest.mark.parametrize("spill", [False, True])

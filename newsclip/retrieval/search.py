@@ -22,6 +22,8 @@ _GPU_MAX_K = 2048
 _MIN_POINTS_PER_CENTROID = 39
 # and trains on at most 256 points per centroid (FAISS's own max_points_per_centroid default).
 _MAX_POINTS_PER_CENTROID = 256
+# scores computed per matrix product in `_Shard.above` (128 MB of float32)
+_ABOVE_BLOCK = 2**25
 # query rows re-scored per einsum call: keeps the gathered (rows, width, d) candidate block small (~10 MB).
 _RESCORE_ROWS = 32
 PAD_KEY = np.iinfo(np.int64).max
@@ -223,9 +225,7 @@ class _Shard:
         q = np.ascontiguousarray(q, dtype=np.float32)
         b = q.shape[0]
         k_eff = min(k, self.n)
-        qnorm = np.sqrt(np.einsum("ij,ij->i", q, q, dtype=np.float64))
-        # twice the error bound (both the k-th and the last candidate may be off) plus room for float32 rounding
-        tol = (2 * self._unit_err + 2.0 ** -20) * qnorm * self._max_norm
+        tol = self._tolerance(q)
         kk = min(self.n, k_eff + max(8, k_eff // 8))
         if kk == self.n:  # every row is a candidate (a small shard, a night's added rows): nothing to select
             labels = np.broadcast_to(np.arange(self.n, dtype=np.int64), (b, self.n))
@@ -242,6 +242,37 @@ class _Shard:
         out_s = np.take_along_axis(np.where(keep, scores, -np.inf).astype(np.float32), order, axis=1)
         out_l = np.take_along_axis(np.where(keep, labels + self.offset, -1), order, axis=1)
         return out_s, out_l
+
+    def above(self, q: np.ndarray, floor: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Every row whose exact score is at least its query's `floor`: (scores f32, global rows), (b, w) in no
+        particular order, padded with -inf and -1. What a night's added rows need against last top-k's (`floor`: a
+        query's k-th score): a float32 matrix product finds the few rows within FAISS's error of the floor, and
+        only those are re-scored, exactly as `search` scores them."""
+        q = np.ascontiguousarray(q, dtype=np.float32)
+        floor = np.asarray(floor, np.float64)
+        low = (floor - self._tolerance(q))[:, None]
+        rows, cols = [], []
+        step = max(1, _ABOVE_BLOCK // max(len(q), 1))
+        for start in range(0, self.n, step):
+            r, c = np.nonzero(q @ self._vectors[start : start + step].T >= low)
+            rows.append(r)
+            cols.append(c + start)
+        rows, cols = np.concatenate(rows), np.concatenate(cols)
+        if step < self.n:  # each block's hits are grouped by query (row-major), the blocks' together are not
+            order = np.argsort(rows, kind="stable")
+            rows, cols = rows[order], cols[order]
+        counts = np.bincount(rows, minlength=len(q))
+        labels = np.full((len(q), max(int(counts.max(initial=0)), 1)), -1, np.int64)
+        labels[rows, np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)] = cols
+        scores = self._rescore(q, labels)
+        keep = (labels >= 0) & (scores >= floor[:, None])
+        return np.where(keep, scores, -np.inf).astype(np.float32), np.where(keep, labels + self.offset, -1)
+
+    def _tolerance(self, q: np.ndarray) -> np.ndarray:
+        """Per query: twice the float32 error bound of a score (both a candidate's and the k-th may be off) plus
+        room for float32 rounding."""
+        qnorm = np.sqrt(np.einsum("ij,ij->i", q, q, dtype=np.float64))
+        return (2 * self._unit_err + 2.0 ** -20) * qnorm * self._max_norm
 
     def _candidates(self, q: np.ndarray, kk: int, k_eff: int, tol: np.ndarray, exact: bool) -> np.ndarray:
         """FAISS's kk best rows per query, more for a query whose last one is within `tol` of its k-th."""
@@ -317,8 +348,8 @@ class _LocalBackend:
     def ready(self) -> list[dict[str, Any]]:
         return [s.stats() for s in self.shards]
 
-    def submit(self, q: np.ndarray, k: int, exact: bool = False) -> Any:
-        return [s.search(q, k, exact) for s in self.shards]
+    def submit(self, q: np.ndarray, *args: Any, method: str = "search") -> Any:
+        return [getattr(s, method)(q, *args) for s in self.shards]
 
     def fetch(self, handle: Any) -> list[tuple[np.ndarray, np.ndarray]]:
         return handle
@@ -356,9 +387,9 @@ class _RayBackend:
         self._refs.clear()  # built: let the object store free the shard copies the actors no longer hold
         return stats
 
-    def submit(self, q: np.ndarray, k: int, exact: bool = False) -> Any:
+    def submit(self, q: np.ndarray, *args: Any, method: str = "search") -> Any:
         ref = self.ray.put(q)  # one copy of the batch for all actors
-        return [a.search.remote(ref, k, exact) for a in self.actors]
+        return [getattr(a, method).remote(ref, *args) for a in self.actors]
 
     def fetch(self, handle: Any) -> list[tuple[np.ndarray, np.ndarray]]:
         return self.ray.get(handle)
@@ -624,6 +655,14 @@ class Index:
         if not answers:
             return np.empty((0, self.k), np.int64), np.empty((0, self.k), np.float32)
         return np.concatenate([a[0] for a in answers]), np.concatenate([a[1] for a in answers])
+
+    def above(self, vectors: np.ndarray, floors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(keys, scores) of every database row whose exact score is at least its query's floor, (b, w) in no
+        particular order, padded with PAD_KEY and -inf (see `_Shard.above`); one batch of queries."""
+        results = self._backend.fetch(self._backend.submit(np.ascontiguousarray(vectors, np.float32), floors,
+                                                           method="above"))
+        keys = [np.where(rows >= 0, self._rank_of_row[np.maximum(rows, 0)], PAD_KEY) for _, rows in results]
+        return np.concatenate(keys, axis=1), np.concatenate([s for s, _ in results], axis=1)
 
     def recall_at_k(self) -> float | None:
         """An approximate index's recall@k against exact search of the same shards, on a seeded sample of the

@@ -136,17 +136,20 @@ def _matrix(column: pa.ChunkedArray | pa.ListArray, dtype) -> np.ndarray:
     return pc.list_flatten(column).to_numpy(zero_copy_only=False).astype(dtype).reshape(len(column), -1)
 
 
-def merge_previous(previous: pa.Table, db_list: str, sorted_ids: pa.Array, added_keys: np.ndarray | None,
-                   added_scores: np.ndarray | None, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each query's last top-k (none of it deleted or changed) with its top-k among the added rows: its top-k now
-    as (keys, scores), keys being positions in `sorted_ids`, ordered by score desc, then id asc, exactly as a full
-    search orders them (both are re-scored exactly)."""
+def merge_previous(previous: pa.Table, db_list: str, sorted_ids: pa.Array, vectors: np.ndarray,
+                   added: search.Index | None, added_keys: np.ndarray | None, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each query's last top-k (none of it deleted or changed) merged with the added rows that score at least its
+    last k-th (all of them when it had fewer than k): its top-k now as (keys, scores), keys being positions in
+    `sorted_ids`, ordered by score desc, then id asc, exactly as a full search orders them (both re-score
+    exactly). `added_keys`: the added index's keys as positions in `sorted_ids`."""
     lists = previous.column(db_list).combine_chunks()
     keys = pc.index_in(pc.list_flatten(lists), value_set=sorted_ids).to_numpy(zero_copy_only=False)
     keys, scores = [keys.astype(np.int64).reshape(len(lists), -1)], [_matrix(previous.column("scores"), np.float32)]
-    if added_keys is not None:
-        keys.append(added_keys)
-        scores.append(added_scores)
+    if added is not None:
+        floors = scores[0][:, -1] if scores[0].shape[1] >= k else np.full(len(lists), -np.inf, np.float32)
+        more, more_scores = added.above(vectors, floors)
+        keys.append(np.where(more == search.PAD_KEY, search.PAD_KEY, added_keys[np.minimum(more, len(added_keys) - 1)]))
+        scores.append(more_scores)
     merged_scores, merged_keys = search.merge_topk(scores, keys, k)
     return merged_keys, merged_scores
 
@@ -236,7 +239,7 @@ def rank(cfg: JobConfig, backbone: str, direction: str) -> dict:
         schema = pa.schema([(query_id, pa.string()), (db_list, pa.list_(pa.string())),
                             ("scores", pa.list_(pa.float32())), ("query_hash", pa.string())],
                            metadata={DATABASE_DIGEST: file_sha256(database_tmp).encode()})
-        writer = stack.enter_context(pq.ParquetWriter(rankings_tmp, schema))
+        writer = stack.enter_context(pq.ParquetWriter(rankings_tmp, schema, use_dictionary=False))  # 2x faster
         tsv = stack.enter_context(open(tsv_tmp, "w"))
         for chunk in _in_id_order(folders[query_side], query_id, cfg.knn.query_batch_size, spill):
             qids = chunk.column(query_id).combine_chunks().cast(pa.string())
@@ -248,11 +251,8 @@ def rank(cfg: JobConfig, backbone: str, direction: str) -> dict:
                 mine = last.upto(qids[-1].as_py())
                 merge, intact = _intact(mine, chunk, gone, query_id, db_list)
                 if merge.any():
-                    more = added.search(vectors[merge]) if added is not None else (None, None)
-                    more_keys = None if more[0] is None else np.where(
-                        more[0] == search.PAD_KEY, search.PAD_KEY, added_keys[np.minimum(more[0], len(added_keys) - 1)])
-                    keys[merge], scores[merge] = merge_previous(intact, db_list, sorted_ids, more_keys, more[1],
-                                                                index.k)
+                    keys[merge], scores[merge] = merge_previous(intact, db_list, sorted_ids, vectors[merge], added,
+                                                                added_keys, index.k)
             if not merge.all():
                 keys[~merge], scores[~merge] = index.search(vectors[~merge])
             lists = ranked_lists(keys, sorted_ids)
