@@ -239,16 +239,14 @@ def _stages_only(stages: list[str], output: Path, result: Path, settings: list[s
     result.write_text(json.dumps({"stages": done}))
 
 
-def rankings_equal_full(output: Path, settings: list[str]) -> tuple[bool, dict]:
-    """Whether the kNN rankings in `output` (a nightly's) equal a full search's: the knn stage alone in a fresh
-    folder holding the same embeddings (hard links) and encode entries, with no last rankings to build on."""
+def fresh_copy(output: Path, suffix: str) -> Path:
+    """A folder beside `output` holding its embeddings (hard links) and encode entries, and no rankings: the knn
+    stage there is a full search."""
     import shutil
-
-    import pyarrow.parquet as pq
 
     from newsclip.runtime.store import read_manifest, record_stage
 
-    fresh = output.with_name(output.name + "-full-check")
+    fresh = output.with_name(f"{output.name}-{suffix}")
     shutil.rmtree(fresh, ignore_errors=True)
     for path in sorted((output / "embeddings").rglob("*.parquet")):
         target = fresh / path.relative_to(output)
@@ -258,6 +256,16 @@ def rankings_equal_full(output: Path, settings: list[str]) -> tuple[bool, dict]:
         if name.startswith("encode:"):
             facts = {k: v for k, v in entry.items() if k not in ("committed_at", "files", "sha256")}
             record_stage(fresh, name, [fresh / f for f in entry["files"]], **facts)
+    return fresh
+
+
+def rankings_equal_full(output: Path, settings: list[str]) -> tuple[bool, dict]:
+    """Whether the kNN rankings in `output` (a nightly's) equal a full search's, run in a `fresh_copy`."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    fresh = fresh_copy(output, "full-check")
     check = run_stages(fresh, ("knn",), settings)
     stems = sorted(p.name for p in (output / "rankings").glob("*.parquet") if not p.name.endswith(".database.parquet"))
     equal = bool(stems) and all(pq.read_table(output / "rankings" / s).equals(pq.read_table(fresh / "rankings" / s))
@@ -266,8 +274,19 @@ def rankings_equal_full(output: Path, settings: list[str]) -> tuple[bool, dict]:
     return equal, check
 
 
+def approximate_search(output: Path, settings: list[str], approximate: list[str]) -> dict:
+    """The kNN stage over the nightly's archive with an approximate index (`approximate`: settings such as
+    knn.index=ivf), as a full search in a `fresh_copy`: its time, memory and recall@k against exact search."""
+    import shutil
+
+    fresh = fresh_copy(output, "approximate")
+    result = {"settings": approximate, **run_stages(fresh, ("knn",), [*settings, *approximate])}
+    shutil.rmtree(fresh)
+    return result
+
+
 def from_embeddings(root: Path, size: int, new_share: float, seed: int, check: bool | None,
-                    settings: list[str]) -> dict:
+                    settings: list[str], approximate: list[str] = ()) -> dict:
     """One size of --from-embeddings: the full run over `size` synthetic pairs, then the nightly after 1% more."""
     output = root / f"emb-{size}"
     if output.exists() and any(output.iterdir()):
@@ -282,6 +301,8 @@ def from_embeddings(root: Path, size: int, new_share: float, seed: int, check: b
     row["nightly_over_full"] = round(row["nightly"]["seconds"] / row["full"]["seconds"], 3)
     if check if check is not None else size <= CHECK_EQUAL_UP_TO:
         row["rankings_equal_full"], row["full_search_check"] = rankings_equal_full(output, settings)
+    if approximate:
+        row["approximate"] = approximate_search(output, settings, approximate)
     return row
 
 
@@ -300,6 +321,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="--from-embeddings: a job setting for the timed stages, e.g. "
                              "eval.directions=[text_to_image] (repeatable)")
+    parser.add_argument("--approximate", action="append", default=[], metavar="KEY=VALUE",
+                        help="--from-embeddings: also time a full kNN with these settings after the nightly, e.g. "
+                             "knn.index=ivf (repeatable), with its recall@k against exact search")
     parser.add_argument("--stages-only", help=argparse.SUPPRESS)  # internal: one timed run of run_stages
     parser.add_argument("--output", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
@@ -312,7 +336,8 @@ def main(argv: list[str] | None = None) -> dict:
         root = args.workdir or Path(tempfile.mkdtemp(prefix="newsclip-scale-"))
         rows = []
         for size in (int(s) for s in args.sizes.split(",")):
-            rows.append(from_embeddings(root, size, args.new_share, args.seed, args.check_equal, args.set))
+            rows.append(from_embeddings(root, size, args.new_share, args.seed, args.check_equal, args.set,
+                                        args.approximate))
             print(json.dumps(rows[-1]), flush=True)
         return _result(args, rows, mode="from-embeddings", settings=args.set)
 

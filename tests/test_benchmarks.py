@@ -102,12 +102,14 @@ def test_every_module_the_benchmarks_import_is_declared():
 
 def test_scale_from_embeddings_times_a_full_and_a_nightly_knn_and_evaluate(tmp_path):
     """`scale.py --from-embeddings` at 3,000 pairs: both runs recorded, the nightly searched in full only the new
-    queries and merged the old ones, its rankings equal a full search's, and the plot was written."""
+    queries and merged the old ones, its rankings equal a full search's, an IVF search reports its recall, and the
+    plot was written."""
     import json
 
     out = tmp_path / "x.json"
     done = subprocess.run([sys.executable, "benchmarks/scale.py", "--from-embeddings", "--sizes", "3000",
-                           "--workdir", str(tmp_path / "work"), "--out", str(out)],
+                           "--workdir", str(tmp_path / "work"), "--out", str(out), "--approximate", "knn.index=ivf",
+                           "--approximate", "knn.nprobe=2"],
                           cwd=REPO, capture_output=True, text=True, timeout=300,
                           env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
     assert done.returncode == 0, done.stderr[-3000:]
@@ -122,4 +124,6 @@ def test_scale_from_embeddings_times_a_full_and_a_nightly_knn_and_evaluate(tmp_p
     assert nightly["searched_in_full"] == 30 and nightly["merged"] == 3000 and nightly["queries"] == 3030, nightly
     assert row["rankings_equal_full"] is True
     assert row["nightly_over_full"] > 0
+    approximate = row["approximate"]["knn"]["text_to_image"]  # IVF, 2 of 38 lists per shard: recall below 1
+    assert approximate["searched_in_full"] == 3030 and 0 < approximate["recall_at_k"] < 1, approximate
     assert out.with_suffix(".svg").read_text().startswith("<svg")
