@@ -299,6 +299,29 @@ def test_above_finds_every_row_at_or_over_the_floor(data, shards, backend, monke
     assert np.array_equal(np.sort(scores, axis=1)[:, ::-1][:, :20], np.sort(exact, axis=1)[:, ::-1][:, :20])
 
 
+def test_the_database_streams_its_vectors_once_per_id(tmp_path):
+    import pyarrow as pa
+
+    from newsclip.runtime.store import embedding_table, write_table
+    from newsclip.stages.knn import _Database
+
+    vectors = np.arange(12, dtype=np.float32).reshape(6, 2)
+    for part, (ids, rows) in enumerate([(["b", "a", "c"], [0, 1, 2]), (["a", "d", "e"], [3, 4, 5])]):
+        table = embedding_table(ids, vectors[rows], "image_id").append_column("hash", pa.array(ids))
+        write_table(table, tmp_path / f"part-{part}.parquet")
+    db = _Database(tmp_path, "image_id")
+    assert db.table.column("id").to_pylist() == ["b", "a", "c", "d", "e"]  # the second "a" is left out
+
+    def read(rows=None):
+        ids, vecs = zip(*db.chunks(rows))
+        return np.concatenate(ids).tolist(), np.concatenate(vecs)
+
+    ids, vecs = read()
+    assert ids == ["b", "a", "c", "d", "e"] and np.array_equal(vecs, vectors[[0, 1, 2, 4, 5]])
+    ids, vecs = read(np.array([False, True, False, True, False]))
+    assert ids == ["a", "d"] and np.array_equal(vecs, vectors[[1, 4]])
+
+
 @pytest.mark.parametrize("spill", [False, True])
 def test_a_nightly_rank_merges_into_the_last_top_k_as_a_full_rank_would(tmp_path, monkeypatch, spill):
     import shutil

@@ -43,17 +43,36 @@ ORDER_BYTES = 256 * 2**20
 DATABASE_DIGEST = b"newsclip.database_sha256"
 
 
-def _database(folder, id_column: str) -> tuple[np.ndarray, np.ndarray, pa.Table]:
-    """The database side's ids, vectors and (id, hash) table, read once; an id encoded twice (duplicate input
-    rows) counts once."""
-    db = pq.read_table(parquet_files(folder, f"embeddings {folder}"), columns=[id_column, "embedding", "hash"])
-    ids = db.column(id_column).to_numpy(zero_copy_only=False)
-    _, first = np.unique(ids, return_index=True)
-    if len(first) < len(ids):
-        keep = np.sort(first)
-        db, ids = db.take(pa.array(keep)), ids[keep]
-    database = pa.table({"id": db.column(id_column).cast(pa.string()), "hash": db.column("hash").cast(pa.string())})
-    return ids, vectors_of(db.column("embedding")), database
+class _Database:
+    """The database side of an embeddings folder: its (id, hash) table, read whole, and its vectors, read as a
+    stream of (ids, vectors) chunks, so that with `knn.max_shard_rows` (and `backend: ray`) the driver never holds
+    them all. An id encoded twice (duplicate input rows) counts once."""
+
+    def __init__(self, folder, id_column: str):
+        self.files, self.id_column = parquet_files(folder, f"embeddings {folder}"), id_column
+        table = pq.read_table(self.files, columns=[id_column, "hash"])
+        _, first = np.unique(table.column(id_column).to_numpy(zero_copy_only=False), return_index=True)
+        self.first = np.zeros(len(table), bool)
+        self.first[first] = True
+        table = table.filter(pa.array(self.first))
+        self.table = pa.table({"id": table.column(id_column).cast(pa.string()),
+                               "hash": table.column("hash").cast(pa.string())})
+
+    def chunks(self, rows: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(ids, vectors) of every row, or of those `rows` (a mask over `table`) picks, in `table` order."""
+        seen = kept = 0
+        for path in self.files:
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=65536, columns=[self.id_column, "embedding"]):
+                first = mask = self.first[seen : seen + batch.num_rows]
+                seen += batch.num_rows
+                if rows is not None:
+                    mask = first.copy()
+                    mask[first] = rows[kept : kept + int(first.sum())]
+                    kept += int(first.sum())
+                batch = batch.filter(pa.array(mask))
+                if batch.num_rows:
+                    yield (batch.column(self.id_column).to_numpy(zero_copy_only=False),
+                           vectors_of(batch.column("embedding")))
 
 
 def _in_id_order(folder, id_column: str, batch_rows: int, spill) -> Iterator[pa.Table]:
@@ -211,7 +230,8 @@ def rank(cfg: JobConfig, backbone: str, direction: str) -> dict:
     query_side, query_id, db_side, db_id = DIRECTIONS[direction]
     db_list = f"{db_id}s"
     folders = {side: out / "embeddings" / name / side for side in (query_side, db_side)}
-    db_ids, db_vectors, database = _database(folders[db_side], db_id)
+    db = _Database(folders[db_side], db_id)
+    database = db.table
     stores = [read_manifest(out)["stages"][encode_entry(backbone, side)]["store"] for side in ("texts", "images")]
     previous = _previous(cfg, stem, knn_entry(backbone, direction), stores)
     paths = [out / "rankings" / f"{stem}{suffix}" for suffix in (".parquet", ".tsv", ".database.parquet")]
@@ -227,10 +247,9 @@ def rank(cfg: JobConfig, backbone: str, direction: str) -> dict:
             rows = pc.is_in(database.column("id"), value_set=_changed(database, last_db)).to_numpy(zero_copy_only=False)
             counts["added_candidates"] = int(rows.sum())
             if rows.any():
-                added = stack.enter_context(search.Index(db_ids[rows], db_vectors[rows], cfg.knn))
+                added = stack.enter_context(search.Index(None, db.chunks(rows), cfg.knn))
             last = _LastRankings(last_path, query_id, cfg.knn.query_batch_size)
-        index = stack.enter_context(search.Index(db_ids, db_vectors, cfg.knn))
-        del db_ids, db_vectors
+        index = stack.enter_context(search.Index(None, db.chunks(), cfg.knn))
         sorted_ids = pa.array(index.sorted_ids, pa.string())
         if added is not None:  # the added index's keys as keys of the whole database
             added_keys = pc.index_in(pa.array(added.sorted_ids, pa.string()), value_set=sorted_ids).to_numpy()
