@@ -19,7 +19,7 @@ demo: setup
 
 test: setup
 	$(BIN)/ruff check newsclip tests benchmarks jobs cluster
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 clean:
 	rm -rf newsclip-demo .pytest_cache
