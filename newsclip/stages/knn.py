@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import shutil
 import time
 import uuid
@@ -36,8 +37,8 @@ from newsclip.runtime.store import (
 __all__ = ["run"]  # the stage; everything else here is its own business
 
 
-# query rows held at once while they are put in id order: more go through spill files, one per id range
-ORDER_BYTES = 256 * 2**20
+# query vectors held at once while they are put in id order: more go through spill files, one per id range
+ORDER_BYTES = 64 * 2**20
 # the last rankings carry the digest of the database they were ranked against, so a nightly run never merges
 # into rankings from another database (a crash between the two files' commits)
 DATABASE_DIGEST = b"newsclip.database_sha256"
@@ -73,6 +74,14 @@ class _Database:
                 if batch.num_rows:
                     yield (batch.column(self.id_column).to_numpy(zero_copy_only=False),
                            vectors_of(batch.column("embedding")))
+
+
+def _streamed(knn: search.KnnConfig, rows: int) -> search.KnnConfig:
+    """`knn` with its shards built one at a time as the database streams in (`max_shard_rows`): the driver then
+    never holds the database's vectors twice, nor at all with `backend: ray`."""
+    if knn.max_shard_rows is not None:
+        return knn
+    return dataclasses.replace(knn, max_shard_rows=max(1, -(-rows // knn.shards)))
 
 
 def _in_id_order(folder, id_column: str, batch_rows: int, spill) -> Iterator[pa.Table]:
@@ -247,9 +256,9 @@ def rank(cfg: JobConfig, backbone: str, direction: str) -> dict:
             rows = pc.is_in(database.column("id"), value_set=_changed(database, last_db)).to_numpy(zero_copy_only=False)
             counts["added_candidates"] = int(rows.sum())
             if rows.any():
-                added = stack.enter_context(search.Index(None, db.chunks(rows), cfg.knn))
+                added = stack.enter_context(search.Index(None, db.chunks(rows), _streamed(cfg.knn, int(rows.sum()))))
             last = _LastRankings(last_path, query_id, cfg.knn.query_batch_size)
-        index = stack.enter_context(search.Index(None, db.chunks(), cfg.knn))
+        index = stack.enter_context(search.Index(None, db.chunks(), _streamed(cfg.knn, len(database))))
         sorted_ids = pa.array(index.sorted_ids, pa.string())
         if added is not None:  # the added index's keys as keys of the whole database
             added_keys = pc.index_in(pa.array(added.sorted_ids, pa.string()), value_set=sorted_ids).to_numpy()
