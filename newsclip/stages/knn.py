@@ -291,6 +291,7 @@ def rank(cfg: JobConfig, backbone: str, direction: str) -> dict:
             counts["queries"] += len(chunk)
             counts["merged"] += int(merge.sum())
             counts["searched_in_full"] += int((~merge).sum())
+            pa.default_memory_pool().release_unused()  # Arrow's allocator keeps freed batches' pages otherwise
         recall = index.recall_at_k()
     return record_stage(out, knn_entry(backbone, direction), paths, backbone=backbone, direction=direction,
                         candidates=index.n, k=cfg.knn.k, shards=cfg.knn.shards, index=cfg.knn.index,
