@@ -249,7 +249,22 @@ def _kill_once(marker: Path) -> None:
 
     if not marker.exists():
         marker.touch()
+        _wait_until_reports_are_taken()
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _wait_until_reports_are_taken(timeout_s: float = 120.0) -> None:
+    """Ray Train's controller takes a worker's reports from a queue when it next polls the worker (every 2 s); a
+    checkpoint still in the queue dies with the worker. A test that kills a worker after a checkpoint waits for the
+    controller to have it, or on a busy machine the run restarts from step 0 (internal API: fault injection only)."""
+    import time
+
+    from ray.train.v2._internal.execution.context import get_train_context
+
+    queue = get_train_context().get_result_queue()
+    deadline = time.monotonic() + timeout_s
+    while not queue.empty() and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def _write_final(folder: Path, clip_model, best_model: dict | None, probe: dict, state: dict) -> None:
