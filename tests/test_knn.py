@@ -260,7 +260,7 @@ def test_incremental_merge_equals_a_full_ranking():
     import pyarrow as pa
 
     from newsclip.retrieval.search import Index
-    from newsclip.stages.knn import merge_previous
+    from newsclip.stages.knn import _Keys, merge_previous
 
     # one query; full scores a .9, b .5, c .5, d .7, e .5; last run ranked a, b, c; d and e are new: e ties the
     # last k-th score, so it is a candidate, and loses the tie to b by id
@@ -272,10 +272,25 @@ def test_incremental_merge_equals_a_full_ranking():
     sorted_ids = pa.array(list("abcde"))
     with Index(np.array(["e", "d"], object), added, KnnConfig(k=3)) as index:
         assert sorted(index.above(query, np.array([0.5]))[1][0].tolist()) == [0.5, pytest.approx(0.7)]
-        keys, scores = merge_previous(previous, "image_ids", sorted_ids, query, index, np.array([3, 4]), 3)
+        keys, scores = merge_previous(previous, "image_ids", _Keys(sorted_ids), query, index, np.array([3, 4]), 3)
     full = sorted(zip([-0.9, -0.5, -0.5, -0.7, -0.5], "abcde"))[:3]  # score desc, then id asc
     assert sorted_ids.take(pa.array(keys[0])).to_pylist() == [i for _, i in full] == ["a", "d", "b"]
     assert scores.tolist() == [[pytest.approx(-s) for s, _ in full]]
+
+
+def test_keys_are_positions_in_the_sorted_ids_found_by_binary_search_or_by_hash():
+    import pyarrow as pa
+
+    from newsclip.stages.knn import _Keys
+
+    ids = np.array([f"img-{i:05d}" for i in range(5000)] + ["é", "z\u00ff", "𝔸"], object)
+    sorted_ids = pa.array(np.sort(ids.astype(str)).astype(object), pa.string())
+    wanted = pa.array(np.random.default_rng(0).choice(ids, 3000).astype(object), pa.string())
+    keys = _Keys(sorted_ids).of(wanted)
+    assert keys.dtype == np.int64 and sorted_ids.take(pa.array(keys)).equals(wanted)
+    # ids out of byte order (numpy drops a trailing NUL when it sorts): found by hashing
+    unordered = pa.array(["b", "a", "c"])
+    assert _Keys(unordered).of(pa.array(["a", "c", "b", "a"])).tolist() == [1, 2, 0, 1]
 
 
 @pytest.mark.parametrize(("shards", "backend"), [(1, "local"), (3, "local"), (3, "ray")])

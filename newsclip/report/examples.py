@@ -15,7 +15,8 @@ import pyarrow.parquet as pq
 from newsclip.names import rankings_stem
 from newsclip.report.data import load_images
 from newsclip.report.escape import esc
-from newsclip.stages.evaluate import BATCH_ROWS, READ_BUFFER, truth_ranks
+from newsclip.runtime.store import read_batches
+from newsclip.stages.evaluate import BATCH_ROWS, truth_ranks
 from newsclip.workers.images import ImageDecodeError, decode_image
 
 THUMB = 160  # thumbnail bounding box in pixels: five per row fit a 1000 px page
@@ -57,10 +58,9 @@ def _rows_of(path: Path, article_ids: list[str]) -> pl.DataFrame:
     """The rankings rows of a few articles, found a batch at a time (a filtered `pq.read_table` buffers whole row
     groups: ~4.5 GB for a file of 1M rankings at k=100, which knn writes as one)."""
     wanted = pa.array(article_ids, pa.string())
-    with pq.ParquetFile(path, pre_buffer=False, buffer_size=READ_BUFFER) as file:
-        batches = [batch.filter(pc.is_in(batch.column("article_id"), value_set=wanted))
-                   for batch in file.iter_batches(batch_size=BATCH_ROWS)]
-        return pl.from_arrow(pa.Table.from_batches(batches, schema=file.schema_arrow))
+    batches = [batch.filter(pc.is_in(batch.column("article_id"), value_set=wanted))
+               for batch in read_batches(path, BATCH_ROWS)]
+    return pl.from_arrow(pa.Table.from_batches(batches, schema=pq.read_schema(path)))
 
 
 def _thumb(image_id: str, data: bytes | None, caption: str, css: str) -> str:

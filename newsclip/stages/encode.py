@@ -20,7 +20,7 @@ from newsclip.runtime.console import log, progress
 from newsclip.runtime.embedding_store import EmbeddingStore, content_keys, write_refs
 from newsclip.runtime.ray_setup import dataset_of, ensure_ray, map_actors
 from newsclip.runtime.rejects import write_rejects
-from newsclip.runtime.store import parquet_files, record_stage, staged_dir, write_table
+from newsclip.runtime.store import parquet_files, read_batches, record_stage, staged_dir, write_table
 from newsclip.workers.encoders import TASK_ROWS, ImageEncoder, TextEncoder, read_and_decode_images, tokenize_texts
 
 __all__ = ["run"]  # the stage; everything else here is its own business
@@ -62,7 +62,7 @@ def _side_rows(cfg: JobConfig, side: Side) -> Iterator[pa.Table]:
     """The rows a side needs, in batches: (article_id, query_text, hash), or (image_id, file, hash)."""
     if side is TEXTS:
         for path in parquet_files(cfg.query_texts, "query texts"):
-            for batch in pq.ParquetFile(path).iter_batches(columns=["article_id", "query_text"], batch_size=65536):
+            for batch in read_batches(path, columns=["article_id", "query_text"]):
                 table = pa.Table.from_batches([batch]).cast(pa.schema([("article_id", pa.string()),
                                                                        ("query_text", pa.string())]))
                 yield table.append_column("hash", content_keys(table.column("query_text").to_pylist()))

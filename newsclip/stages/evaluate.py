@@ -19,13 +19,12 @@ from newsclip.retrieval.backbones import OPENAI_NAMES
 from newsclip.retrieval.bootstrap import ci_columns, ci_rows, paired_rows
 from newsclip.retrieval.metrics import metric_names, scores
 from newsclip.runtime.rejects import read_rejects
-from newsclip.runtime.store import parquet_files, record_stage, write_text
+from newsclip.runtime.store import READ_BUFFER, parquet_files, record_stage, write_text
 
 __all__ = ["run"]  # the stage; everything else here is its own business
 
 
 BATCH_ROWS = 16_384  # rankings rows scored at a time: at k=100 about 1.6M ranked ids, ~100 MB of Arrow buffers
-READ_BUFFER = 8 << 20  # bytes read from a rankings file at a time
 
 
 def query_images(queries: pl.DataFrame, direction: str) -> pl.DataFrame:

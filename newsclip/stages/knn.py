@@ -26,6 +26,7 @@ from newsclip.runtime.store import (
     atomic_path,
     file_sha256,
     parquet_files,
+    read_batches,
     read_embeddings,
     read_manifest,
     record_stage,
@@ -63,7 +64,7 @@ class _Database:
         """(ids, vectors) of every row, or of those `rows` (a mask over `table`) picks, in `table` order."""
         seen = kept = 0
         for path in self.files:
-            for batch in pq.ParquetFile(path).iter_batches(batch_size=65536, columns=[self.id_column, "embedding"]):
+            for batch in read_batches(path, columns=[self.id_column, "embedding"]):
                 first = mask = self.first[seen : seen + batch.num_rows]
                 seen += batch.num_rows
                 if rows is not None:
@@ -101,7 +102,7 @@ def _in_id_order(folder, id_column: str, batch_rows: int, spill) -> Iterator[pa.
         spill.mkdir(parents=True)
         writers: dict[int, pa.ipc.RecordBatchFileWriter] = {}
         for path in files:
-            for batch in pq.ParquetFile(path).iter_batches(batch_size=65536, columns=columns):
+            for batch in read_batches(path, columns=columns):
                 which = np.searchsorted(bounds, batch.column(id_column).to_numpy(zero_copy_only=False), "right")
                 for r in np.unique(which):
                     if r not in writers:
@@ -120,7 +121,7 @@ class _LastRankings:
     """The last run's rankings, read forward in query id order beside this run's queries (a merge join)."""
 
     def __init__(self, path, id_column: str, batch_rows: int):
-        self._batches = pq.ParquetFile(path).iter_batches(batch_size=batch_rows)
+        self._batches = read_batches(path, batch_rows)
         self._id = id_column
         self._held: pa.Table | None = None
         self._done = False
@@ -164,15 +165,31 @@ def _matrix(column: pa.ChunkedArray | pa.ListArray, dtype) -> np.ndarray:
     return pc.list_flatten(column).to_numpy(zero_copy_only=False).astype(dtype).reshape(len(column), -1)
 
 
-def merge_previous(previous: pa.Table, db_list: str, sorted_ids: pa.Array, vectors: np.ndarray,
+class _Keys:
+    """Positions of ids in the sorted database ids, by binary search: a hash table of a 1M-id database built for
+    every batch of queries took more time than the rest of a nightly's merge."""
+
+    def __init__(self, sorted_ids: pa.Array):
+        self.sorted_ids, self._search = sorted_ids, pl.Series(sorted_ids)
+
+    def of(self, ids: pa.Array) -> np.ndarray:
+        """The position of each of `ids`, every one of which must be in the database."""
+        at = self._search.search_sorted(pl.Series(ids), side="left").to_numpy().astype(np.int64)
+        found = self.sorted_ids.take(pa.array(np.minimum(at, len(self.sorted_ids) - 1)))
+        if len(ids) and not pc.all(pc.equal(found, ids)).as_py():  # ids that sort differently as bytes: hash them
+            at = pc.index_in(ids, value_set=self.sorted_ids).to_numpy(zero_copy_only=False).astype(np.int64)
+        return at
+
+
+def merge_previous(previous: pa.Table, db_list: str, keys_of: _Keys, vectors: np.ndarray,
                    added: search.Index | None, added_keys: np.ndarray | None, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Each query's last top-k (none of it deleted or changed) merged with the added rows that score at least its
     last k-th (all of them when it had fewer than k): its top-k now as (keys, scores), keys being positions in
-    `sorted_ids`, ordered by score desc, then id asc, exactly as a full search orders them (both re-score
-    exactly). `added_keys`: the added index's keys as positions in `sorted_ids`."""
+    the sorted database ids, ordered by score desc, then id asc, exactly as a full search orders them (both
+    re-score exactly). `added_keys`: the added index's keys as positions in the sorted database ids."""
     lists = previous.column(db_list).combine_chunks()
-    keys = pc.index_in(pc.list_flatten(lists), value_set=sorted_ids).to_numpy(zero_copy_only=False)
-    keys, scores = [keys.astype(np.int64).reshape(len(lists), -1)], [_matrix(previous.column("scores"), np.float32)]
+    keys = keys_of.of(pc.list_flatten(lists))
+    keys, scores = [keys.reshape(len(lists), -1)], [_matrix(previous.column("scores"), np.float32)]
     if added is not None:
         floors = scores[0][:, -1] if scores[0].shape[1] >= k else np.full(len(lists), -np.inf, np.float32)
         more, more_scores = added.above(vectors, floors)
@@ -260,8 +277,9 @@ def rank(cfg: JobConfig, backbone: str, direction: str) -> dict:
             last = _LastRankings(last_path, query_id, cfg.knn.query_batch_size)
         index = stack.enter_context(search.Index(None, db.chunks(), _streamed(cfg.knn, len(database))))
         sorted_ids = pa.array(index.sorted_ids, pa.string())
+        keys_of = _Keys(sorted_ids)
         if added is not None:  # the added index's keys as keys of the whole database
-            added_keys = pc.index_in(pa.array(added.sorted_ids, pa.string()), value_set=sorted_ids).to_numpy()
+            added_keys = keys_of.of(pa.array(added.sorted_ids, pa.string()))
         rankings_tmp, tsv_tmp, database_tmp = (stack.enter_context(atomic_path(p)) for p in paths)
         pq.write_table(database, database_tmp)
         schema = pa.schema([(query_id, pa.string()), (db_list, pa.list_(pa.string())),
@@ -279,7 +297,7 @@ def rank(cfg: JobConfig, backbone: str, direction: str) -> dict:
                 mine = last.upto(qids[-1].as_py())
                 merge, intact = _intact(mine, chunk, gone, query_id, db_list)
                 if merge.any():
-                    keys[merge], scores[merge] = merge_previous(intact, db_list, sorted_ids, vectors[merge], added,
+                    keys[merge], scores[merge] = merge_previous(intact, db_list, keys_of, vectors[merge], added,
                                                                 added_keys, index.k)
             if not merge.all():
                 keys[~merge], scores[~merge] = index.search(vectors[~merge])
