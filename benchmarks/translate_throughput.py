@@ -53,7 +53,7 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="newsclip-translate-bench-"))
     packages_dir = work / "packages"
-    import_argos(packages_dir, "cpu", args.threads)
+    import_argos(packages_dir, "cpu", args.threads, also=("translate",))
     package = args.package or build_demo_translator(work / "build", log=lambda m: None)
     install_packages([package], packages_dir)
     rows = demo_articles(args.articles)

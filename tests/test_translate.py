@@ -58,7 +58,7 @@ def no_network(monkeypatch):
 def argos_home(tmp_path_factory):
     """Import argostranslate once with its folders in a temporary place (it reads them at import)."""
     packages = tmp_path_factory.mktemp("argos") / "packages"
-    import_argos(packages)
+    import_argos(packages, also=("translate",))
     return packages
 
 
@@ -146,6 +146,26 @@ def test_public_argos_api_in_a_fresh_process(packages_dir, tmp_path):
     assert lines[0] == str(packages_dir.resolve())
     assert lines[1] == f"{en} News from Berlin"
     assert not (Path.home() / ".local" / "share" / "argos-translate" / "packages" / PACKAGE_DIRNAME).exists()
+
+
+def test_translator_splits_as_argos_does_without_importing_spacy_or_stanza(packages_dir):
+    """In a fresh process the Translator loads the package's MiniSBD splitter itself (Argos' sbd module imports
+    spaCy, stanza and transformers: 5 s of every small night), and still translates as Argos' public API does."""
+    script = (
+        "import json, sys\n"
+        "from newsclip.translate.translator import TranslateConfig, Translator\n"
+        "texts = json.loads(sys.argv[2])\n"
+        "ours = Translator(TranslateConfig(packages_dir=sys.argv[1])).translate_texts('de', texts)\n"
+        "heavy = sorted(m for m in ('spacy', 'stanza', 'transformers') if m in sys.modules)\n"
+        "from argostranslate import translate\n"
+        "print(json.dumps({'heavy': heavy, 'equal': ours == [translate.translate(t, 'de', 'en') for t in texts]}))\n")
+    pairs = sample_pairs(6, "train", np.random.default_rng(5))
+    texts = [" ".join(de for de, _ in pairs[:3]), " ".join(de for de, _ in pairs[3:])]  # three sentences each
+    env = {**os.environ, **argos_env(packages_dir, "cpu", 1)}
+    out = subprocess.run([sys.executable, "-c", script, str(packages_dir), json.dumps(texts)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"heavy": [], "equal": True}
 
 
 def _batch(rows):

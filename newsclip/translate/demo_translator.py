@@ -332,7 +332,7 @@ def evaluate_package(path: Path, n_sentences: int = 500, n_paragraphs: int = 100
     """
     from newsclip.translate.packages import import_argos
 
-    argos = import_argos()
+    argos = import_argos(also=("translate",))
     from argostranslate.package import Package
     from argostranslate.translate import Language, PackageTranslation
 

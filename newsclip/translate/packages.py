@@ -57,37 +57,40 @@ def argos_env(packages_dir: str | Path, device: str = "cpu", threads: int = 1) -
     }
 
 
-def import_argos(packages_dir: str | Path | None = None, device: str = "cpu", threads: int = 1):
-    """Import argostranslate with `argos_env` applied first (when given a packages dir and not yet imported).
+def import_argos(packages_dir: str | Path | None = None, device: str = "cpu", threads: int = 1,
+                 also: tuple[str, ...] = ()):
+    """Import argostranslate's `package` and `settings`, and the submodules named in `also` (e.g. "sbd",
+    "translate"), with `argos_env` applied while they import (its ARGOS_* on the first import only).
 
     Returns the `argostranslate` module. If it was imported earlier with other settings, this module's own
-    functions still pass explicit paths, so they work on `packages_dir` regardless.
+    functions still pass explicit paths, so they work on `packages_dir` regardless. `translate` and `sbd` import
+    spaCy, stanza and transformers: 5 s a process, so they are imported only where they are used.
     """
+    import importlib
     import sys
 
-    if "argostranslate.settings" in sys.modules:
-        import argostranslate
-
-        return argostranslate
-    env = argos_env(packages_dir if packages_dir is not None else _default_packages_dir(), device, threads)
-    # XDG and stanza dirs matter only while Argos (and stanza, minisbd) import; put them back afterwards so the
-    # rest of this process (torch hub, other caches) keeps its own. ARGOS_* stay; thread settings are defaults.
-    scoped = {k: os.environ.get(k) for k in env if k.startswith(("XDG_", "STANZA_"))}
-    for key, value in env.items():
-        if key.startswith(("ARGOS_", "XDG_", "STANZA_")) or key not in os.environ:
-            os.environ[key] = value
-    try:
-        import argostranslate
-        import argostranslate.package
-        import argostranslate.settings
-        import argostranslate.translate  # noqa: F401  (imports sbd, stanza, minisbd)
-    finally:
-        for key, old in scoped.items():
-            if old is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = old
-    return argostranslate
+    names = ["argostranslate", "argostranslate.package", "argostranslate.settings",
+             *(f"argostranslate.{name}" for name in also)]
+    missing = [name for name in names if name not in sys.modules]
+    if missing:
+        first = "argostranslate.settings" in missing
+        env = argos_env(packages_dir if packages_dir is not None else _default_packages_dir(), device, threads)
+        # XDG and stanza dirs matter only while Argos (and stanza, minisbd) import; put them back afterwards so the
+        # rest of this process (torch hub, other caches) keeps its own. ARGOS_* stay; thread settings are defaults.
+        scoped = {k: os.environ.get(k) for k in env if k.startswith(("XDG_", "STANZA_"))}
+        for key, value in env.items():
+            if (first and key.startswith("ARGOS_")) or key.startswith(("XDG_", "STANZA_")) or key not in os.environ:
+                os.environ[key] = value
+        try:
+            for name in missing:
+                importlib.import_module(name)
+        finally:
+            for key, old in scoped.items():
+                if old is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = old
+    return sys.modules["argostranslate"]
 
 
 def _default_packages_dir() -> Path:
