@@ -176,3 +176,16 @@ def test_a_stage_that_starts_ray_prints_one_line(tmp_path):
     assert "Started a local Ray instance" in (out / "logs" / RAY_LOG).read_text()
     assert lines[0] in (out / "logs" / "newsclip.log").read_text()  # the log file has what the console showed
     assert (out / "logs" / "ray-session").is_dir()  # the local session's own logs (workers' output)
+
+
+def test_the_command_exits_without_teardown_but_after_atexit_and_flushed_output(tmp_path):
+    """`newsclip` ends with exit_now: atexit handlers still run (logging, Ray's shutdown), output is not lost, the
+    exit status is kept; only Python's module teardown (1-1.5 s with torch) is skipped."""
+    marker = tmp_path / "atexit-ran"
+    script = ("import atexit, pathlib, sys\n"
+              "from newsclip.cli import exit_now\n"
+              f"atexit.register(pathlib.Path({str(marker)!r}).touch)\n"
+              "sys.stdout.write('partial line without newline')\n"
+              "exit_now(3)\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert (out.returncode, out.stdout, marker.exists()) == (3, "partial line without newline", True)
