@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from newsclip.runtime.console import log, track
 from newsclip.runtime.embedding_store import content_key
@@ -34,10 +35,11 @@ def _previous(out: Path, key: str) -> pl.DataFrame | None:
     entry = read_manifest(out).get("stages", {}).get("translate", {})
     if entry.get("translator_key") != key or not (out / "translated").is_dir():
         return None
-    frame = pl.read_parquet(parquet_files(out / "translated", "translated"))
-    if "article_hash" not in frame.columns:
+    files = parquet_files(out / "translated", "translated")
+    if "article_hash" not in pq.read_schema(files[0]).names:
         return None
-    return frame.select("article_hash", *[c for c in OUTPUT_COLUMNS if c != "article_id"]).unique("article_hash")
+    columns = ["article_hash", *[c for c in OUTPUT_COLUMNS if c != "article_id"]]  # not the joined query_text
+    return pl.read_parquet(files, columns=columns).unique("article_hash")
 
 
 def _numpy(batch: pa.Table) -> dict[str, np.ndarray]:
@@ -76,19 +78,22 @@ def run(cfg) -> dict | None:
     if not cfg.translate.enabled:
         return None
     out, t = cfg.output, cfg.translate.resolved()
-    queries = pl.read_parquet(parquet_files(out / "prepared" / "queries", "prepared queries"))
+    files = parquet_files(out / "prepared" / "queries", "prepared queries")
+    queries = pl.read_parquet(files, columns=["article_id", "image_id", "source", "article_hash", "lang"])
     if t.on_missing_package == "error":  # fail at job start, not in the middle of the stage
         given = queries.filter(pl.col("lang").is_not_null()).with_columns(pl.col("lang").str.to_lowercase())
         require_packages(dict(given.group_by("lang").len().iter_rows()), t.packages_dir, t.target)
 
     key = translator_key(t)
-    ids = queries.select("article_id", "image_id", "source", "article_hash")
+    ids = queries.drop("lang")
     previous = _previous(out, key)
     reused = ids.join(previous, on="article_hash", how="inner") if previous is not None else None
-    todo = queries if reused is None else queries.join(reused.select("article_id"), on="article_id", how="anti")
+    todo = ids if reused is None else ids.join(reused.select("article_id"), on="article_id", how="anti")
     parts = [] if reused is None else [reused]
     if len(todo):
         log(f"translate: {len(todo)} new texts, {len(queries) - len(todo)} reused from the last run")
+        # the titles and bodies of the new texts only: a night does not read the archive's
+        todo = pl.scan_parquet(files).filter(pl.col("article_id").is_in(todo["article_id"].implode())).collect()
         parts.append(_translate(cfg, t, todo).join(ids, on="article_id", how="left"))
     # in article id order: the same articles give the same file, however many were reused
     frame = pl.concat([p.select(parts[-1].columns) for p in parts], how="vertical_relaxed").sort("article_id")
