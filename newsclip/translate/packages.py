@@ -59,8 +59,8 @@ def argos_env(packages_dir: str | Path, device: str = "cpu", threads: int = 1) -
 
 def import_argos(packages_dir: str | Path | None = None, device: str = "cpu", threads: int = 1,
                  also: tuple[str, ...] = ()):
-    """Import argostranslate's `package` and `settings`, and the submodules named in `also` (e.g. "sbd",
-    "translate"), with `argos_env` applied while they import (its ARGOS_* on the first import only).
+    """Import argostranslate's `package` and `settings`, and the submodules named in `also` (e.g. "translate"),
+    with `argos_env` applied while they import (its ARGOS_* on the first import only).
 
     Returns the `argostranslate` module. If it was imported earlier with other settings, this module's own
     functions still pass explicit paths, so they work on `packages_dir` regardless. `translate` and `sbd` import
