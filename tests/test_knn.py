@@ -249,6 +249,24 @@ def test_bad_input(data, args, cfg, message):
         search(*args(db[:50], db_ids[:50], q[:4], q_ids[:4]), cfg)
 
 
+def test_ids_sort_by_their_bytes_as_arrow_sorts_them():
+    """Index keys follow Arrow's (byte) order of the ids, the order the rankings' queries are written in; "a" and
+    "a\\x00" are two ids (a numpy unicode array would drop the NUL and call them duplicates); numbers stay numbers."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from newsclip.retrieval.search import Index
+
+    ids = np.array(["b", "a\x00", "é", "a", "Z", "𝔸", "aa"], object)
+    vectors = np.random.default_rng(0).standard_normal((len(ids), 4)).astype(np.float32)
+    with Index(ids, vectors, KnnConfig(k=3)) as index:
+        arrow = pa.array(ids)
+        assert index.sorted_ids.tolist() == arrow.take(pc.sort_indices(arrow)).to_pylist() \
+            == ["Z", "a", "a\x00", "aa", "b", "é", "𝔸"]
+    with Index(np.array([30, 2, 11]), vectors[:3], KnnConfig(k=3)) as index:
+        assert index.sorted_ids.tolist() == [2, 11, 30]
+
+
 @pytest.mark.parametrize(("key", "value"), [("k", 0), ("shards", 0), ("index", "lsh"), ("backend", "dask"),
                                             ("max_shard_rows", 0), ("query_batch_size", -1), ("recall_sample", -1)])
 def test_bad_config(key, value):
