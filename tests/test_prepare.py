@@ -86,6 +86,35 @@ def test_rows_without_ids_are_rejected_as_such_not_as_duplicates(tmp_path, ray_l
     assert pl.read_parquet(cfg.output / "prepared" / "articles.parquet")["article_id"].to_list() == ["a"]
 
 
+def test_articles_are_read_in_batches_and_queries_written_per_shard(tmp_path, ray_local, monkeypatch):
+    """Titles and bodies are read a batch at a time, twice (hashes, then the queries' texts): the queries must be the
+    kept rows, in the input's order, with the text of the row that was kept for a duplicated id."""
+    monkeypatch.setattr(prepare, "ARTICLE_BATCH", 2)
+    shards = [[{"article_id": f"a{i}", "title": f"T{i}", "text": f"body {i}", "image_id": f"i{i}", "lang": "en"}
+               for i in range(5)],
+              [{"article_id": "a1", "title": "dup", "text": "dup", "image_id": "i1", "source": "TW"},
+               {"article_id": "b", "title": None, "text": "only body", "image_id": "i0", "source": "RT"},
+               {"article_id": "c", "title": " ", "text": None, "image_id": "i2"}]]
+    (tmp_path / "a").mkdir()
+    for index, rows in enumerate(shards):
+        pq.write_table(pa.Table.from_pylist(rows), tmp_path / "a" / f"part-{index}.parquet")
+    (tmp_path / "x").mkdir()
+    cfg = _inputs(tmp_path / "x", [{"article_id": "unused"}], [f"i{i}" for i in range(5)])
+    cfg = config.load(None, [f"input.articles={tmp_path / 'a'}", f"input.images={tmp_path / 'x' / 'i'}",
+                             f"output_dir={tmp_path / 'out'}", "eval.sample_size=null"])
+    entry = prepare.run(cfg)
+    parts = sorted(p.name for p in (cfg.output / "prepared" / "queries").iterdir())
+    assert parts == ["part-00000.parquet", "part-00001.parquet"]
+    queries = pl.read_parquet(cfg.output / "prepared" / "queries")
+    assert queries["article_id"].to_list() == ["a0", "a1", "a2", "a3", "a4", "b"]
+    assert queries["query_text"].to_list() == [f"T{i} body {i}" for i in range(5)] + ["only body"]
+    assert queries["body"][1] == "body 1" and queries["source"][-2:].to_list() == ["unknown", "RT"]
+    every = pl.read_parquet(cfg.output / "prepared" / "articles_all.parquet")
+    assert every["article_hash"].n_unique() == len(every) == 8 and entry["rejected"] == 2  # the second a1; c: no text
+    kept = dict(every.unique("article_id", keep="first").iter_rows())  # the first a1's hash, not its duplicate's
+    assert dict(zip(queries["article_id"], queries["article_hash"])) == {k: kept[k] for k in queries["article_id"]}
+
+
 def test_small_data_used_whole(tmp_path, ray_local):
     rows = [{"article_id": "a", "title": "t", "text": "b", "image_id": "i"}]
     cfg = _inputs(tmp_path, rows, ["i"])
@@ -221,3 +250,11 @@ def test_check_worker_imports_neither_polars_nor_faiss():
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'polars', 'faiss'}))")
     out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_has_text_agrees_with_the_joined_text():
+    values = [None, "", " ", "\t\n", "\u00a0", "\u3000", "\u200b", "x", " x ", "\u00a0y"]
+    frame = pl.DataFrame({"title": [t for t in values for _ in values], "text": [b for _ in values for b in values]})
+    for mode in ("title", "body", "title_body"):
+        joined = frame.select(prepare.join_text(mode).fill_null("") != "").to_series()
+        assert frame.select(prepare.has_text(mode)).to_series().to_list() == joined.to_list(), mode

@@ -10,7 +10,7 @@ import polars as pl
 
 from newsclip.config import JobConfig
 from newsclip.finetune.config import FinetuneConfig
-from newsclip.stages.prepare import _read_articles, join_text, sample_pairs
+from newsclip.stages.prepare import article_texts, sample_pairs
 
 PREPARED = ("prepared/articles.parquet", "prepared/candidates.parquet")
 
@@ -44,8 +44,7 @@ def compute_split(cfg: JobConfig, ft: FinetuneConfig) -> Split:
         raise ValueError(f"finetune: {out / 'prepared'} was sampled with other eval settings than the job's "
                          f"(eval.sample_size={cfg.eval.sample_size}, eval.seed={cfg.eval.seed}): run "
                          f"`newsclip prepare JOB.yaml` again")
-    texts = _read_articles(cfg.input.articles).filter(pl.col("article_id").is_first_distinct()).select(
-        "article_id", join_text(cfg.prepare.text).alias("query_text"))
+    texts = article_texts(cfg.input.articles, cfg.prepare.text)
     pairs = usable.join(texts, on="article_id", how="left").join(images, on="image_id", how="left")
     if pairs["image_hash"].null_count() or pairs["query_text"].null_count():
         raise ValueError(f"finetune: {out / 'prepared'} does not match the input any more: run `newsclip prepare "

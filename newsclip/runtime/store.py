@@ -11,7 +11,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +65,21 @@ def write_table(table: pa.Table, path: Path) -> Path:
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
     return path
+
+
+def write_tables(tables: Iterable[pa.Table], path: Path) -> int:
+    """Write tables of one schema (at least one table, maybe empty) as one Parquet file, atomically, holding one
+    table at a time; the rows written."""
+    rows = 0
+    with atomic_path(path) as tmp, contextlib.ExitStack() as stack:
+        writer = None
+        for table in tables:
+            writer = writer or stack.enter_context(pq.ParquetWriter(tmp, table.schema))
+            writer.write_table(table)
+            rows += len(table)
+        if writer is None:
+            raise ValueError(f"{path}: no table to write")
+    return rows
 
 
 def write_text(path: Path, text: str) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from newsclip.runtime.console import progress
 from newsclip.runtime.embedding_store import content_keys
 from newsclip.runtime.ray_setup import ensure_ray
 from newsclip.runtime.rejects import write_rejects
-from newsclip.runtime.store import parquet_files, record_stage, staged_dir, write_table
+from newsclip.runtime.store import parquet_files, read_batches, record_stage, staged_dir, write_table, write_tables
 
 __all__ = ["run"]  # the stage; everything else here is its own business
 
@@ -28,14 +29,19 @@ class SchemaError(ValueError):
     """An input shard without a required column, or with a column of the wrong type."""
 
 
-def _read_articles(spec: str) -> pl.DataFrame:
-    frames = []
-    for path in parquet_files(spec, "input.articles"):
-        schema = pq.read_schema(path)
-        if "article_id" not in schema.names:
-            raise SchemaError(f"{path}: no 'article_id' column (has {', '.join(schema.names)}); "
-                              "articles need article_id, and title/text/image_id/source/lang when known")
-        frame = pl.read_parquet(path, columns=[c for c in ARTICLE_COLUMNS if c in schema.names])
+ARTICLE_BATCH = 8192  # article rows read at a time: the driver never holds every title and body at once
+
+
+def _shard_batches(path: Path) -> Iterator[pl.DataFrame]:
+    """One articles shard in batches of ARTICLE_COLUMNS (strings; null where the shard has none) and `row`, each
+    row's position in the shard."""
+    names = pq.read_schema(path).names
+    if "article_id" not in names:
+        raise SchemaError(f"{path}: no 'article_id' column (has {', '.join(names)}); "
+                          "articles need article_id, and title/text/image_id/source/lang when known")
+    row = 0
+    for batch in read_batches(path, ARTICLE_BATCH, [c for c in ARTICLE_COLUMNS if c in names]):
+        frame = pl.from_arrow(batch)
         for column, dtype in ARTICLE_COLUMNS.items():
             if column not in frame.columns:
                 frame = frame.with_columns(pl.lit(None, dtype).alias(column))
@@ -45,8 +51,40 @@ def _read_articles(spec: str) -> pl.DataFrame:
                 except pl.exceptions.PolarsError:
                     raise SchemaError(f"{path}: column {column!r} is {frame.schema[column]}, expected a string") \
                         from None
-        frames.append(frame.select(list(ARTICLE_COLUMNS)).with_columns(pl.lit(str(path)).alias("file")))
-    return pl.concat(frames)
+        yield frame.select(*ARTICLE_COLUMNS, pl.int_range(row, row + len(frame), dtype=pl.Int64).alias("row"))
+        row += len(frame)
+
+
+ARTICLE_ROWS = {"article_id": pl.String, "image_id": pl.String, "source": pl.String, "lang": pl.String,
+                "article_hash": pl.String, "has_text": pl.Boolean, "file": pl.String, "row": pl.Int64}
+
+
+def _read_articles(spec: str, text_mode: str) -> pl.DataFrame:
+    """Every article row without its title and body, so that memory grows with the rows and not with their text:
+    ARTICLE_ROWS, where `has_text` says whether `text_mode` finds any text and `file` and `row` where the row is."""
+    frames = [frame.with_columns(article_hashes(frame), has_text(text_mode).alias("has_text"),
+                                 pl.lit(str(path)).alias("file")).select(*ARTICLE_ROWS)
+              for path in parquet_files(spec, "input.articles") for frame in _shard_batches(path)]
+    return pl.concat(frames).rechunk() if frames else pl.DataFrame(schema=ARTICLE_ROWS)
+
+
+def article_texts(spec: str, text_mode: str) -> pl.DataFrame:
+    """The text the encoder reads (`query_text`) per article id, from the first row of each id."""
+    frames = [frame.select("article_id", join_text(text_mode).alias("query_text"))
+              for path in parquet_files(spec, "input.articles") for frame in _shard_batches(path)]
+    texts = pl.concat(frames) if frames else pl.DataFrame(schema={"article_id": pl.String, "query_text": pl.String})
+    return texts.filter(pl.col("article_id").is_first_distinct())
+
+
+def _query_rows(path: Path, queries: pl.DataFrame, text_mode: str) -> Iterator[pa.Table]:
+    """The rows of `queries` (ARTICLE_ROWS of this shard) with their titles, bodies and joined text, read again from
+    the shard a batch at a time, in the shard's order."""
+    known = queries.select("row", "source", "article_hash")
+    for frame in _shard_batches(path):
+        frame = frame.drop("source").filter(pl.col("row").is_in(known["row"].implode()))
+        yield frame.join(known, on="row", how="left").select(
+            "article_id", join_text(text_mode).alias("query_text"), "title", pl.col("text").alias("body"), "lang",
+            "image_id", "source", "article_hash").to_arrow()
 
 
 IMAGE_ROWS = {"image_id": pl.String, "image_hash": pl.String, "error": pl.String, "file": pl.String,
@@ -168,11 +206,19 @@ def _reject(frame: pl.DataFrame, id_column: str, kind: str, reason: str | pl.Exp
                         reason.cast(pl.String).alias("reason"), pl.col("file"))
 
 
+def _text_parts(mode: str, title: str, body: str) -> list[pl.Expr]:
+    return [pl.col(c) for c in {"title": [title], "body": [body], "title_body": [title, body]}[mode]]
+
+
 def join_text(mode: str, title: str = "title", body: str = "text") -> pl.Expr:
     """The text the encoder reads: title and body joined with a space (the paper), or one of them."""
-    title, body = pl.col(title).str.strip_chars(), pl.col(body).str.strip_chars()
-    parts = {"title": [title], "body": [body], "title_body": [title, body]}[mode]
+    parts = [part.str.strip_chars() for part in _text_parts(mode, title, body)]
     return pl.concat_str(parts, separator=" ", ignore_nulls=True).str.strip_chars()
+
+
+def has_text(mode: str) -> pl.Expr:
+    """Whether `join_text(mode)` is not empty, without building it: some part has a character that is not space."""
+    return pl.any_horizontal(part.str.contains(r"\S").fill_null(False) for part in _text_parts(mode, "title", "text"))
 
 
 def select(articles: pl.DataFrame, images: pl.DataFrame, text_mode: str) -> tuple[pl.DataFrame, pl.DataFrame,
@@ -199,9 +245,8 @@ def select(articles: pl.DataFrame, images: pl.DataFrame, text_mode: str) -> tupl
     rejects.append(_reject(broken, "image_id", "image", pl.col("error")))
     images = images.filter(pl.col("error").is_null()).drop("error")
 
-    articles = articles.with_columns(join_text(text_mode).alias("query_text"),
-                                     pl.col("source").fill_null("unknown"))
-    no_text = pl.col("query_text").is_null() | (pl.col("query_text") == "")
+    articles = articles.with_columns(pl.col("source").fill_null("unknown"))
+    no_text = ~pl.col("has_text")
     no_image_id = pl.col("image_id").is_null() | (pl.col("image_id") == "")
     known = pl.col("image_id").is_in(images["image_id"].implode())
     image_error = pl.col("image_id").replace_strict(broken["image_id"], broken["error"], default=None,
@@ -229,8 +274,7 @@ def sample_pairs(usable: pl.DataFrame, size: int | None, seed: int) -> pl.Series
 def run(cfg: JobConfig) -> dict:
     """Read, check and join the inputs; commit prepared/ and rejects/prepare.parquet; return the manifest entry."""
     out = cfg.output
-    articles = _read_articles(cfg.input.articles)
-    articles = articles.with_columns(article_hashes(articles))
+    articles = _read_articles(cfg.input.articles, cfg.prepare.text)
     image_rows = _read_images(cfg, out / "prepared" / "image_hashes.parquet")
     diff = {"articles": changes(out / "prepared" / "articles_all.parquet", articles, "article_id", "article_hash"),
             "images": changes(out / "prepared" / "image_hashes.parquet", image_rows, "image_id", "image_hash")}
@@ -254,9 +298,12 @@ def run(cfg: JobConfig) -> dict:
     with staged_dir(out, "prepared") as stage:
         write_table(usable.select("article_id", "image_id", "source", "lang", "in_eval", "file").to_arrow(),
                     stage / "articles.parquet")
-        write_table(queries.select("article_id", "query_text", "title", pl.col("text").alias("body"), "lang",
-                                   "image_id", "source", "article_hash").to_arrow(),
-                    stage / "queries" / "part-00000.parquet")
+        # one part per input shard with queries, in the input's order
+        by_file = queries.partition_by("file", as_dict=True)
+        for index, path in enumerate(parquet_files(cfg.input.articles, "input.articles")):
+            if (str(path),) in by_file:
+                write_tables(_query_rows(path, by_file[str(path),], cfg.prepare.text),
+                             stage / "queries" / f"part-{index:05d}.parquet")
         write_table(images.to_arrow(), stage / "candidates.parquet")
         # what the next run compares against (and the image hashes and checks it need not compute again)
         write_table(articles.select("article_id", "article_hash").to_arrow(), stage / "articles_all.parquet")
