@@ -287,3 +287,62 @@ def test_package_without_offline_splitter_falls_back_to_rules(variant, packages_
     (de1, en1), (de2, en2) = sample_pairs(2, "train", np.random.default_rng(3))
     assert stage.translate_texts("de", [f"{de1} {de2}"]) == [f"{en1} {en2}"]
     assert stage.splitters["de"].startswith("newsclip rule-based")
+
+
+def _job(output, packages_dir, inline_rows: int):
+    from newsclip import config
+
+    return config.load(None, [f"output_dir={output}", f"translate.packages_dir={packages_dir}",
+                              f"translate.cache_dir={output / 'cache'}", f"ray.inline_rows={inline_rows}"])
+
+
+def _prepared(output, shards: list[list[dict]]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = output / "prepared" / "queries"
+    folder.mkdir(parents=True)
+    for index, rows in enumerate(shards):
+        rows = [{**r, "image_id": f"i-{r['article_id']}", "source": "TW", "query_text": f"{r['title']} {r['body']}",
+                 "article_hash": f"{r['title']}|{r['body']}|{r['lang']}"} for r in rows]
+        pq.write_table(pa.Table.from_pylist(rows), folder / f"part-{index:05d}.parquet")
+
+
+@pytest.mark.slow
+def test_stage_writes_id_range_parts_and_a_night_equals_a_fresh_run(packages_dir, tmp_path, ray_local, monkeypatch):
+    """translated/ is written in parts of PART_ROWS rows sorted by id (an external sort: rows are bucketed by id range
+    as they come). A night reuses the last run's rows by content hash and translates the rest on the Ray pool, which
+    reads and filters the prepared texts itself: its translated/ must equal a fresh run's."""
+    import polars as pl
+
+    from newsclip.stages import translate
+
+    monkeypatch.setattr(translate, "PART_ROWS", 3)
+    german = [de for de, _ in eval_sentences(9)]
+    article = {f"a{i}": {"article_id": f"a{i}", "title": german[i], "body": german[i], "lang": "de" if i % 2 else "en"}
+               for i in range(9)}
+    first, night = tmp_path / "first", tmp_path / "night"
+    _prepared(first, [[article[i] for i in ("a5", "a1", "a7")], [article[i] for i in ("a0", "a3", "a6", "a2", "a4")]])
+    facts = translate.run(_job(first, packages_dir, inline_rows=1000))  # in this process
+    parts = sorted((first / "translated").glob("*.parquet"))
+    assert [len(pl.read_parquet(p)) for p in parts] == [3, 3, 2] and facts["new"] == 8
+    translated = pl.read_parquet(parts)
+    assert translated["article_id"].to_list() == [f"a{i}" for i in range(8)]
+    assert translated["translated"].to_list() == [i % 2 == 1 for i in range(8)]
+    assert translated["query_text"][1] == f"{translated['title_en'][1]} {translated['text_en'][1]}"
+
+    shutil.copytree(first, night)
+    shutil.rmtree(night / "prepared")
+    changed = {**article["a4"], "lang": "de"}  # another hash: translated again
+    _prepared(night, [[article["a5"], article["a8"], article["a1"]], [article["a0"], changed, article["a2"]],
+                      [article["a6"], article["a7"]]])  # a3 is gone
+    facts = translate.run(_job(night, packages_dir, inline_rows=0))  # the Ray pool, on the new texts only
+    assert (facts["new"], facts["reused"]) == (2, 6)
+    fresh = tmp_path / "fresh"
+    shutil.copytree(night / "prepared", fresh / "prepared")
+    translate.run(_job(fresh, packages_dir, inline_rows=1000))
+    for folder in (night, fresh):
+        assert sorted(p.name for p in (folder / "translated").iterdir()) == [f"part-0000{i}.parquet" for i in range(3)]
+    expected = pl.read_parquet(fresh / "translated")
+    assert expected.filter(article_id="a4")["translated"].item()
+    assert pl.read_parquet(night / "translated").equals(expected)

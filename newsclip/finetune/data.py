@@ -29,7 +29,7 @@ def decode_pairs(batch: pa.Table, resolution: int, context_length: int, max_pixe
         ids = by_file.setdefault(file, [])
         if image_id not in ids:
             ids.append(image_id)
-    units = pa.table({"file": list(by_file), "image_ids": list(by_file.values())})
+    units = pa.table({"file": list(by_file), "ids": list(by_file.values())})
     read = read_images(units)
     decoded = decode_images(read, resolution, max_pixels, draft=False, jpeg_to_actor=False, alpha=alpha)
     pixels = dict(zip(read.column("image_id").to_pylist(), decoded.column("pixels").to_pylist()))

@@ -22,6 +22,7 @@ from newsclip.runtime.ray_setup import dataset_of, ensure_ray, map_actors
 from newsclip.runtime.rejects import write_rejects
 from newsclip.runtime.store import parquet_files, read_batches, record_stage, staged_dir, write_table
 from newsclip.workers.encoders import TASK_ROWS, ImageEncoder, TextEncoder, read_and_decode_images, tokenize_texts
+from newsclip.workers.shard_rows import units_of
 
 __all__ = ["run"]  # the stage; everything else here is its own business
 
@@ -86,7 +87,7 @@ def prepared_rows(side: Side, todo: pa.Table, backbone: str, enc: EncodeConfig, 
     sets how often the store can commit. The tasks' own retry bound (`max_retries`, which actors do not take) also
     keeps Ray from fusing them into the model actors, where they would decode on the GPU worker again."""
     rows = min(TASK_ROWS, enc.commit_rows)
-    units = todo.select(["hash", "query_text"]) if side is TEXTS else image_units(todo, rows)
+    units = todo.select(["hash", "query_text"]) if side is TEXTS else units_of(todo, "image_id", rows)
     fn, kwargs = _preparation(side, backbone, enc)
     # map_batches would warn that max_retries (a remote arg) is deprecated: see map_actors
     return dataset_of(units, -(-len(todo) // rows) if side is TEXTS else len(units)).map_batches_internal(
@@ -109,23 +110,13 @@ def encode_here(enc: EncodeConfig, backbone: str, side: Side, todo: pa.Table) ->
     import torch
 
     fn, kwargs = _preparation(side, backbone, enc)
-    ready = fn(todo.select(["hash", "query_text"]) if side is TEXTS else image_units(todo, len(todo)), **kwargs)
+    units = todo.select(["hash", "query_text"]) if side is TEXTS else units_of(todo, "image_id", len(todo))
+    ready = fn(units, **kwargs)
     threads = torch.get_num_threads()  # the encoder sets the actors' thread count (same count, same bits)
     try:
         return side.encoder(backbone, enc)(ready)
     finally:
         torch.set_num_threads(threads)
-
-
-def image_units(todo: pa.Table, rows: int) -> pa.Table:
-    """The images to encode as units of work: (file, image_ids), at most `rows` ids of one shard each."""
-    files, ids = [], []
-    by_file = todo.select(["file", "image_id"]).group_by("file", use_threads=False).aggregate([("image_id", "list")])
-    for file, wanted in zip(by_file.column("file").to_pylist(), by_file.column("image_id_list").to_pylist()):
-        for start in range(0, len(wanted), rows):
-            files.append(file)
-            ids.append(wanted[start:start + rows])
-    return pa.table({"file": pa.array(files, pa.string()), "image_ids": pa.array(ids, pa.list_(pa.string()))})
 
 
 def model_rows(cfg: JobConfig, enc: EncodeConfig, backbone: str, side: Side, todo: pa.Table):

@@ -1,27 +1,40 @@
-"""The job's translate stage: every non-English query text to English with Argos, as a Ray Data actor pool."""
+"""The job's translate stage: every non-English query text to English with Argos, as a Ray Data actor pool.
+
+`translated/` holds the query rows in article id order, in parts of at most PART_ROWS rows. A run translates only
+the texts that the last run's translator has not (by content hash), and the driver never holds the archive's texts:
+the Ray Data pool reads them from `prepared/queries/` itself, and the last run's rows and the new translations stream
+into one file per part (an id range), each then sorted on its own."""
 
 from __future__ import annotations
 
 import json
+import shutil
+from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import polars as pl
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from newsclip.runtime.console import log, track
 from newsclip.runtime.embedding_store import content_key
 from newsclip.runtime.ray_setup import dataset_of, ensure_ray, map_actors
 from newsclip.runtime.rejects import write_rejects
-from newsclip.runtime.store import parquet_files, read_manifest, record_stage, staged_dir, write_table
+from newsclip.runtime.store import parquet_files, read_batches, read_manifest, record_stage, staged_dir, write_table
 from newsclip.stages.prepare import join_text
 from newsclip.translate.packages import installed_packages, require_packages
-from newsclip.translate.translator import NO_PACKAGE, OUTPUT_COLUMNS, Translator
+from newsclip.translate.translator import NO_PACKAGE, OUTPUT_COLUMNS, QueryTranslator
+from newsclip.workers.shard_rows import units_of
 
 __all__ = ["run"]  # the stage; everything else here is its own business
 
 BATCH = 256  # texts per Translator call
+UNIT_ROWS = 4096  # texts per unit of work (one actor call) at most
+PART_ROWS = 10_000  # rows per part of translated/, each sorted in the driver's memory
+# a translated row (then its joined query_text): the Translator's columns and the query's image, source and hash
+ROW = {c: {"lang_confidence": pl.Float32, "translated": pl.Boolean, "truncated": pl.Boolean}.get(c, pl.String)
+       for c in (*OUTPUT_COLUMNS, "image_id", "source", "article_hash")}
 
 
 def translator_key(t) -> str:
@@ -30,48 +43,79 @@ def translator_key(t) -> str:
     return content_key(json.dumps([packages, t.target, t.max_chars, t.on_missing_package], sort_keys=True))
 
 
-def _previous(out: Path, key: str) -> pl.DataFrame | None:
-    """Last run's translations by article content, when the same translator made them."""
+def _reusable(out: Path, key: str, hashes: pl.Series) -> tuple[list[Path], pl.DataFrame]:
+    """The last run's translated/ files and, per content hash in `hashes` that they hold, the position of its first
+    row in them; none when another translator made them."""
     entry = read_manifest(out).get("stages", {}).get("translate", {})
     if entry.get("translator_key") != key or not (out / "translated").is_dir():
-        return None
+        return [], pl.DataFrame(schema={"position": pl.UInt32, "article_hash": pl.String})
     files = parquet_files(out / "translated", "translated")
     if "article_hash" not in pq.read_schema(files[0]).names:
-        return None
-    columns = ["article_hash", *[c for c in OUTPUT_COLUMNS if c != "article_id"]]  # not the joined query_text
-    return pl.read_parquet(files, columns=columns).unique("article_hash")
+        return [], pl.DataFrame(schema={"position": pl.UInt32, "article_hash": pl.String})
+    known = pl.read_parquet(files, columns=["article_hash"]).with_row_index("position")
+    return files, known.unique("article_hash", keep="first").filter(pl.col("article_hash").is_in(hashes.implode()))
 
 
-def _numpy(batch: pa.Table) -> dict[str, np.ndarray]:
-    """A batch as Ray Data's "numpy" format hands it to the Translator."""
-    return {name: batch.column(name).to_numpy(zero_copy_only=False) for name in batch.column_names}
+def _reused_rows(files: list[Path], known: pl.DataFrame, ids: pl.DataFrame) -> Iterator[pl.DataFrame]:
+    """The last run's rows at `known` positions, read forward, as the rows of this run's ids with the same hash."""
+    columns = [c for c in ROW if c not in ("article_id", "image_id", "source")]
+    positions, start = np.sort(known["position"].to_numpy()), 0
+    for file in files:
+        for batch in read_batches(file, columns=columns):
+            wanted = positions[np.searchsorted(positions, start):np.searchsorted(positions, start + len(batch))] - start
+            start += len(batch)
+            if len(wanted):
+                yield pl.from_arrow(batch.take(wanted)).join(ids, on="article_hash", how="inner")
 
 
-def _translate(cfg, t, queries: pl.DataFrame) -> pl.DataFrame:
-    """Translate the query rows on a Ray Data actor pool, or in this process when they are few (`ray.inline_rows`)
-    and the pool would run on CPUs: the same Translator on batches of the same size."""
-    rows = queries.select("article_id", "title", pl.col("body").alias("text"), "lang").to_arrow()
-    if len(rows) <= cfg.ray.inline_rows and not t.num_gpus_per_actor:
-        log(f"translate: {len(rows)} texts, translated in this process (ray.inline_rows)")
-        translator = Translator(cfg=t, device="cpu")
-        batches = (rows.slice(start, BATCH) for start in range(0, len(rows), BATCH))
-        frames = [pl.from_arrow(pa.table({k: pa.array(v) for k, v in translator(_numpy(batch)).items()}))
-                  for batch in batches]
-        return pl.concat(frames, how="vertical_relaxed").with_columns(
-            pl.col("translate_note", "splitter", "title_en", "text_en").cast(pl.String))
+def _translated(cfg, t, todo: pl.DataFrame) -> Iterator[pl.DataFrame]:
+    """The Translator's rows for the `todo` queries (article_id, file), as they come: in this process when they are
+    few (`ray.inline_rows`) and the pool would run on CPUs, else on a Ray Data actor pool. Either way on units of work
+    (file, ids) whose texts the translator reads itself, in batches of the same size."""
+    size = min(UNIT_ROWS, max(BATCH, -(-len(todo) // (4 * t.actors))))  # so that every actor of the pool gets work
+    units = units_of(todo.select("article_id", "file").to_arrow(), "article_id", size)
+    if len(todo) <= cfg.ray.inline_rows and not t.num_gpus_per_actor:
+        log(f"translate: {len(todo)} texts, translated in this process (ray.inline_rows)")
+        yield pl.from_arrow(QueryTranslator(t, "cpu", BATCH)(units))
+        return
     import ray
 
     ensure_ray(cfg.ray)
-    ds = dataset_of(rows, 4 * t.actors)
-    device = "cuda" if t.num_gpus_per_actor else "cpu"
-    ds = map_actors(ds, cfg.ray, Translator, fn_constructor_kwargs={"cfg": t, "device": device},  # bounded retries
-                    batch_size=BATCH, batch_format="numpy",
-                    compute=ray.data.ActorPoolStrategy(size=t.actors),
+    ds = map_actors(dataset_of(units, len(units)), cfg.ray, QueryTranslator,  # bounded retries
+                    fn_constructor_kwargs={"cfg": t, "device": "cuda" if t.num_gpus_per_actor else "cpu",
+                                           "batch_size": BATCH},
+                    batch_size=1, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=t.actors),
                     num_cpus=t.num_cpus_per_actor, num_gpus=t.num_gpus_per_actor)
-    # a batch whose notes are all empty has a null-typed column: relax to the common types
-    batches = track(ds.iter_batches(batch_size=None, batch_format="pyarrow"), len(queries), unit="texts")
-    frame = pl.concat([pl.from_arrow(b) for b in batches], how="vertical_relaxed")
-    return frame.with_columns(pl.col("translate_note", "splitter", "title_en", "text_en").cast(pl.String))
+    for batch in track(ds.iter_batches(batch_size=None, batch_format="pyarrow"), len(todo), unit="texts"):
+        yield pl.from_arrow(batch)
+
+
+class _Parts:
+    """An external sort by article id: rows go to the file of their id range as they come; `sorted` then reads back
+    one range at a time, sorted. Memory: one batch while rows come, one part (PART_ROWS rows) after."""
+
+    def __init__(self, folder: Path, ids: pl.Series):
+        self.folder = folder
+        folder.mkdir()
+        self.bounds = ids.sort().gather(range(PART_ROWS, len(ids), PART_ROWS))  # the first id of parts 1, 2, ...
+        self.writers: dict[int, pq.ParquetWriter] = {}
+        self.schema = pl.DataFrame(schema=ROW).to_arrow().schema
+
+    def add(self, rows: pl.DataFrame) -> None:
+        # a batch whose notes are all empty has a null-typed column: every part gets ROW's types
+        rows = rows.select(pl.col(c).cast(dtype) for c, dtype in ROW.items())
+        part = self.bounds.search_sorted(rows["article_id"], side="right").alias("part")
+        for (index,), frame in rows.with_columns(part).partition_by("part", as_dict=True, include_key=False).items():
+            if index not in self.writers:
+                self.writers[index] = pq.ParquetWriter(self.folder / f"{index:05d}.parquet", self.schema)
+            self.writers[index].write_table(frame.to_arrow())
+
+    def sorted(self) -> Iterator[pl.DataFrame]:
+        for writer in self.writers.values():
+            writer.close()
+        for index in sorted(self.writers):
+            yield pl.read_parquet(self.folder / f"{index:05d}.parquet").sort("article_id")
+        shutil.rmtree(self.folder)
 
 
 def run(cfg) -> dict | None:
@@ -79,34 +123,40 @@ def run(cfg) -> dict | None:
         return None
     out, t = cfg.output, cfg.translate.resolved()
     files = parquet_files(out / "prepared" / "queries", "prepared queries")
-    queries = pl.read_parquet(files, columns=["article_id", "image_id", "source", "article_hash", "lang"])
+    queries = pl.concat([pl.read_parquet(f, columns=["article_id", "image_id", "source", "article_hash", "lang"])
+                         .with_columns(file=pl.lit(str(f))) for f in files])
     if t.on_missing_package == "error":  # fail at job start, not in the middle of the stage
         given = queries.filter(pl.col("lang").is_not_null()).with_columns(pl.col("lang").str.to_lowercase())
         require_packages(dict(given.group_by("lang").len().iter_rows()), t.packages_dir, t.target)
 
     key = translator_key(t)
-    ids = queries.drop("lang")
-    previous = _previous(out, key)
-    reused = ids.join(previous, on="article_hash", how="inner") if previous is not None else None
-    todo = ids if reused is None else ids.join(reused.select("article_id"), on="article_id", how="anti")
-    parts = [] if reused is None else [reused]
-    if len(todo):
-        log(f"translate: {len(todo)} new texts, {len(queries) - len(todo)} reused from the last run")
-        # the titles and bodies of the new texts only: a night does not read the archive's
-        todo = pl.scan_parquet(files).filter(pl.col("article_id").is_in(todo["article_id"].implode())).collect()
-        parts.append(_translate(cfg, t, todo).join(ids, on="article_id", how="left"))
-    # in article id order: the same articles give the same file, however many were reused
-    frame = pl.concat([p.select(parts[-1].columns) for p in parts], how="vertical_relaxed").sort("article_id")
-    skipped = pl.col("translate_note").str.ends_with(NO_PACKAGE).fill_null(False)
-    kept = frame.filter(~skipped).with_columns(join_text(cfg.prepare.text, "title_en", "text_en").alias("query_text"))
+    ids = queries.drop("lang", "file")
+    last_files, known = _reusable(out, key, ids["article_hash"])
+    reused = pl.col("article_hash").is_in(known["article_hash"].implode())
+    todo = queries.filter(~reused).drop("lang")
+    facts = Counter()
+    rejected, by_lang, splitters = [], Counter(), set()
     with staged_dir(out, "translated") as stage:
-        write_table(kept.to_arrow(), stage / "part-00000.parquet")
-    rejected = frame.filter(skipped).select(pl.col("article_id").alias("id"), pl.lit("article").alias("kind"),
-                                            pl.col("translate_note").alias("reason"))
+        parts = _Parts(stage / ".parts", ids["article_id"])  # gone before the stage is committed
+        for rows in _reused_rows(last_files, known, ids.filter(reused)):
+            parts.add(rows)
+        if len(todo):
+            log(f"translate: {len(todo)} new texts, {len(queries) - len(todo)} reused from the last run")
+            for rows in _translated(cfg, t, todo):
+                parts.add(rows.join(todo.drop("file"), on="article_id", how="left"))
+        skipped = pl.col("translate_note").str.ends_with(NO_PACKAGE).fill_null(False)
+        for index, frame in enumerate(parts.sorted()):
+            kept = frame.filter(~skipped).with_columns(
+                join_text(cfg.prepare.text, "title_en", "text_en").alias("query_text"))
+            write_table(kept.to_arrow(), stage / f"part-{index:05d}.parquet")
+            rejected.append(frame.filter(skipped).select(
+                id=pl.col("article_id"), kind=pl.lit("article"), reason=pl.col("translate_note")))
+            facts.update(rows=len(kept), truncated=int(kept["truncated"].sum()))
+            by_lang.update(dict(kept.filter("translated").group_by("lang").len().iter_rows()))
+            splitters.update(kept["splitter"].drop_nulls())
+    rejected = pl.concat(rejected)
     write_rejects(out, "translate", "translate", rejected)
-    by_lang = kept.filter("translated").group_by("lang").len().sort("lang")
-    splitters = sorted(set(kept["splitter"].drop_nulls()))
-    return record_stage(out, "translate", parquet_files(out / "translated"), rows=len(kept),
-                        translated=dict(by_lang.iter_rows()), truncated=int(kept["truncated"].sum()),
-                        skipped=len(rejected), splitters=splitters, packages_dir=t.packages_dir,
+    return record_stage(out, "translate", parquet_files(out / "translated"), rows=facts["rows"],
+                        translated=dict(sorted(by_lang.items())), truncated=facts["truncated"],
+                        skipped=len(rejected), splitters=sorted(splitters), packages_dir=t.packages_dir,
                         translator_key=key, new=len(todo), reused=len(queries) - len(todo))

@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import pyarrow as pa
 
 from newsclip.runtime.store import files_sha256
 from newsclip.translate.detect import normalize_lang, resolve_lang
 from newsclip.translate.packages import MissingLanguagePackageError, import_argos, installed_packages
+from newsclip.workers.shard_rows import read_units
 
 log = logging.getLogger(__name__)
 
@@ -383,6 +385,23 @@ class Translator:
             "translated": translated, "truncated": truncated, "translate_note": _objects(note),
             "splitter": _objects(splitter),
         }
+
+
+class QueryTranslator:
+    """The Translator over units of work (file, ids): it reads the prepared query rows a unit names from their shard
+    itself (the driver never holds the archive's texts) and translates them `batch_size` at a time."""
+
+    def __init__(self, cfg: TranslateConfig, device: str = "cpu", batch_size: int = 256):
+        self.translator = Translator(cfg, device)
+        self.batch_size = batch_size
+
+    def __call__(self, units: pa.Table) -> pa.Table:
+        rows = read_units(units, "article_id", ["article_id", "title", "body", "lang"])
+        rows = rows.rename_columns(["article_id", "title", "text", "lang"]).combine_chunks()
+        out = [pa.table(self.translator({name: column.to_numpy(zero_copy_only=False) for name, column in
+                                         zip(rows.column_names, rows.slice(start, self.batch_size).columns)}))
+               for start in range(0, len(rows), self.batch_size)]
+        return pa.concat_tables(out, promote_options="permissive")  # a column all null in one batch has no type
 
 
 def _objects(values: list) -> np.ndarray:

@@ -17,13 +17,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from newsclip.retrieval.backbones import load_backbone
 from newsclip.runtime.embedding_store import content_key
 from newsclip.runtime.store import embedding_table, vectors_of
 from newsclip.workers.images import ImageDecodeError, decode_image, open_image
+from newsclip.workers.shard_rows import read_units
 
 if TYPE_CHECKING:
     import torch
@@ -52,28 +51,13 @@ def clip_pixels(image, resolution: int) -> np.ndarray:
 
 
 def read_images(units: pa.Table) -> pa.Table:
-    """(file, image_ids) units -> the (image_id, image) rows they name, read straight from their shard (only the
-    row groups that hold them): the encoded bytes never pass through Ray's object store, only the pixels do."""
-    parts = []
-    for file, ids in zip(units.column("file").to_pylist(), units.column("image_ids").to_pylist()):
-        shard = pq.ParquetFile(file)
-        in_file = shard.read(columns=["image_id"]).column("image_id")
-        position = pc.index_in(pa.array(ids, pa.string()), value_set=in_file)  # the first row of each id
-        if position.null_count:
-            missing = pc.filter(pa.array(ids, pa.string()), pc.is_null(position))[0].as_py()
-            raise ValueError(f"{file}: image_id {missing!r} is not in this shard any more; it changed after the "
-                             f"prepare stage: run the job again (prepare sees the change)")
-        position = position.to_numpy()
-        starts = np.cumsum([0] + [shard.metadata.row_group(g).num_rows for g in range(shard.num_row_groups)])
-        groups = np.unique(np.searchsorted(starts, position, side="right") - 1)
-        local = np.concatenate([np.arange(starts[g], starts[g + 1]) for g in groups])  # file rows of the read
-        table = shard.read_row_groups(groups.tolist(), columns=["image_id", "image"])
-        parts.append(table.take(pa.array(np.searchsorted(local, position))))
-    return pa.concat_tables(parts)
+    """(file, ids) units -> the (image_id, image) rows they name, read straight from their shard (only the row
+    groups that hold them): the encoded bytes never pass through Ray's object store, only the pixels do."""
+    return read_units(units, "image_id", ["image_id", "image"])
 
 
 def read_and_decode_images(units: pa.Table, **options) -> pa.Table:
-    """CPU task: the images of some (file, image_ids) units, read and decoded (see `decode_images`)."""
+    """CPU task: the images of some (file, ids) units, read and decoded (see `decode_images`)."""
     return decode_images(read_images(units), **options)
 
 
