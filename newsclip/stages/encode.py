@@ -21,7 +21,13 @@ from newsclip.runtime.embedding_store import EmbeddingStore, content_keys, write
 from newsclip.runtime.ray_setup import dataset_of, ensure_ray, map_actors
 from newsclip.runtime.rejects import write_rejects
 from newsclip.runtime.store import parquet_files, read_batches, record_stage, staged_dir, write_table
-from newsclip.workers.encoders import TASK_ROWS, ImageEncoder, TextEncoder, read_and_decode_images, tokenize_texts
+from newsclip.workers.encoders import (
+    TASK_ROWS,
+    ImageEncoder,
+    TextEncoder,
+    read_and_decode_images,
+    read_and_tokenize_texts,
+)
 from newsclip.workers.shard_rows import units_of
 
 __all__ = ["run"]  # the stage; everything else here is its own business
@@ -47,8 +53,8 @@ IMAGES = Side("images", ImageEncoder, "image_id", "image")
 
 def wanted_rows(cfg: JobConfig, side: Side, stored: pa.Array | None = None) -> tuple[pa.Table, pa.Table]:
     """(id, hash) of every row this run needs embedded, and the rows among them to encode: one per hash not in
-    `stored`, with `query_text` for texts and `file` for images. The texts are read batch by batch and only those
-    to encode are kept, so a night holds the archive's ids and hashes, not its texts."""
+    `stored`, with the `file` that holds it (the CPU tasks read texts and images from there). The texts are read
+    batch by batch to hash them, so the driver holds the archive's ids and hashes, never its texts."""
     stored = pa.array([], pa.string()) if stored is None else stored
     wanted, todo = [], []
     for batch in _side_rows(cfg, side):
@@ -60,13 +66,13 @@ def wanted_rows(cfg: JobConfig, side: Side, stored: pa.Array | None = None) -> t
 
 
 def _side_rows(cfg: JobConfig, side: Side) -> Iterator[pa.Table]:
-    """The rows a side needs, in batches: (article_id, query_text, hash), or (image_id, file, hash)."""
+    """The rows a side needs, in batches: (article_id | image_id, file, hash)."""
     if side is TEXTS:
         for path in parquet_files(cfg.query_texts, "query texts"):
             for batch in read_batches(path, columns=["article_id", "query_text"]):
-                table = pa.Table.from_batches([batch]).cast(pa.schema([("article_id", pa.string()),
-                                                                       ("query_text", pa.string())]))
-                yield table.append_column("hash", content_keys(table.column("query_text").to_pylist()))
+                yield pa.table({"article_id": batch.column("article_id").cast(pa.string()),
+                                "file": pa.array([str(path)] * len(batch), pa.string()),
+                                "hash": content_keys(batch.column("query_text").to_pylist())})
         return
     images = pq.read_table(cfg.output / "prepared" / "candidates.parquet",
                            columns=["image_id", "file", "image_hash", "candidate"])
@@ -80,17 +86,16 @@ def _side_rows(cfg: JobConfig, side: Side) -> Iterator[pa.Table]:
 
 
 def prepared_rows(side: Side, todo: pa.Table, backbone: str, enc: EncodeConfig, max_retries: int):
-    """Ray Data rows ready for the model actors, made by CPU tasks: (hash, tokens) for texts; for images
-    (hash, uint8 pixels or JPEG bytes, error), each task reading its images from their shard.
+    """Ray Data rows ready for the model actors, made by CPU tasks, each reading its texts or images from their
+    shard: (hash, tokens) for texts; for images (hash, uint8 pixels or JPEG bytes, error).
 
     A task takes TASK_ROWS rows, or `commit_rows` if fewer: an actor hands back a task's rows together, so this also
     sets how often the store can commit. The tasks' own retry bound (`max_retries`, which actors do not take) also
     keeps Ray from fusing them into the model actors, where they would decode on the GPU worker again."""
-    rows = min(TASK_ROWS, enc.commit_rows)
-    units = todo.select(["hash", "query_text"]) if side is TEXTS else units_of(todo, "image_id", rows)
+    units = units_of(todo, side.id_column, min(TASK_ROWS, enc.commit_rows))
     fn, kwargs = _preparation(side, backbone, enc)
     # map_batches would warn that max_retries (a remote arg) is deprecated: see map_actors
-    return dataset_of(units, -(-len(todo) // rows) if side is TEXTS else len(units)).map_batches_internal(
+    return dataset_of(units, len(units)).map_batches_internal(
         fn, fn_kwargs=kwargs, batch_format="pyarrow", num_cpus=1, max_retries=max_retries)
 
 
@@ -98,7 +103,7 @@ def _preparation(side: Side, backbone: str, enc: EncodeConfig) -> tuple:
     """The CPU tasks' function and its arguments: tokenise texts, or read and decode images."""
     resolution, context_length = input_sizes(backbone, enc.download_root)
     if side is TEXTS:
-        return tokenize_texts, {"context_length": context_length}
+        return read_and_tokenize_texts, {"context_length": context_length}
     return read_and_decode_images, {"resolution": resolution, "max_pixels": enc.max_image_pixels,
                                     "draft": enc.jpeg_draft, "jpeg_to_actor": enc.decode == "gpu", "alpha": enc.alpha}
 
@@ -110,8 +115,7 @@ def encode_here(enc: EncodeConfig, backbone: str, side: Side, todo: pa.Table) ->
     import torch
 
     fn, kwargs = _preparation(side, backbone, enc)
-    units = todo.select(["hash", "query_text"]) if side is TEXTS else units_of(todo, "image_id", len(todo))
-    ready = fn(units, **kwargs)
+    ready = fn(units_of(todo, side.id_column, len(todo)), **kwargs)
     threads = torch.get_num_threads()  # the encoder sets the actors' thread count (same count, same bits)
     try:
         return side.encoder(backbone, enc)(ready)

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from newsclip.retrieval.backbones import load_backbone
-from newsclip.runtime.embedding_store import content_key
+from newsclip.runtime.embedding_store import content_key, content_keys
 from newsclip.runtime.store import embedding_table, vectors_of
 from newsclip.workers.images import ImageDecodeError, decode_image, open_image
 from newsclip.workers.shard_rows import read_units
@@ -99,6 +99,13 @@ def tokenize_texts(batch: pa.Table, context_length: int) -> pa.Table:
     tokens = clip.tokenize(texts, context_length=context_length, truncate=True).numpy().astype(np.int32)
     column = pa.FixedSizeListArray.from_arrays(pa.array(tokens.reshape(-1)), context_length)
     return pa.table({"hash": batch.column("hash"), "tokens": column})
+
+
+def read_and_tokenize_texts(units: pa.Table, context_length: int) -> pa.Table:
+    """CPU task: the query texts of some (file, ids) units, read from their shard, keyed by their content hash and
+    tokenised (see `tokenize_texts`): the texts never pass through the driver."""
+    texts = read_units(units, "article_id", ["query_text"]).column("query_text")
+    return tokenize_texts(pa.table({"hash": content_keys(texts.to_pylist()), "query_text": texts}), context_length)
 
 
 def apply_precision(model: torch.nn.Module, precision: str, device: str) -> torch.nn.Module:
