@@ -258,3 +258,19 @@ def test_has_text_agrees_with_the_joined_text():
     for mode in ("title", "body", "title_body"):
         joined = frame.select(prepare.join_text(mode).fill_null("") != "").to_series()
         assert frame.select(prepare.has_text(mode)).to_series().to_list() == joined.to_list(), mode
+
+
+def test_a_shard_that_changes_between_the_two_reads_stops_prepare(tmp_path, ray_local, monkeypatch):
+    rows = [{"article_id": f"a{i}", "title": f"T{i}", "text": "b", "image_id": f"i{i}"} for i in range(3)]
+    cfg = _inputs(tmp_path, rows, [f"i{i}" for i in range(3)])
+    reads, original = [], prepare._shard_batches
+
+    def rewritten_on_second_read(path):
+        reads.append(path)
+        for frame in original(path):  # the second read finds other ids at the same rows
+            yield frame if len(reads) == 1 else frame.with_columns(pl.col("article_id") + "-new")
+
+    monkeypatch.setattr(prepare, "_shard_batches", rewritten_on_second_read)
+    with pytest.raises(ValueError, match=r"part-0.parquet: the shard changed while prepare read it"):
+        prepare.run(cfg)
+    assert len(reads) == 2 and not (cfg.output / "prepared").exists()

@@ -79,12 +79,16 @@ def article_texts(spec: str, text_mode: str) -> pl.DataFrame:
 def _query_rows(path: Path, queries: pl.DataFrame, text_mode: str) -> Iterator[pa.Table]:
     """The rows of `queries` (ARTICLE_ROWS of this shard) with their titles, bodies and joined text, read again from
     the shard a batch at a time, in the shard's order."""
-    known = queries.select("row", "source", "article_hash")
+    known = queries.select("row", pl.col("article_id").alias("known_id"), "source", "article_hash")
+    found = 0
     for frame in _shard_batches(path):
         frame = frame.drop("source").filter(pl.col("row").is_in(known["row"].implode()))
-        yield frame.join(known, on="row", how="left").select(
-            "article_id", join_text(text_mode).alias("query_text"), "title", pl.col("text").alias("body"), "lang",
-            "image_id", "source", "article_hash").to_arrow()
+        frame = frame.join(known, on="row", how="left")  # every row has its match: the shard's order is kept
+        found += int((frame["article_id"] == frame["known_id"]).sum())
+        yield frame.select("article_id", join_text(text_mode).alias("query_text"), "title",
+                           pl.col("text").alias("body"), "lang", "image_id", "source", "article_hash").to_arrow()
+    if found != len(known):
+        raise ValueError(f"{path}: the shard changed while prepare read it: run the job again")
 
 
 IMAGE_ROWS = {"image_id": pl.String, "image_hash": pl.String, "error": pl.String, "file": pl.String,
