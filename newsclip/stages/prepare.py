@@ -29,7 +29,7 @@ class SchemaError(ValueError):
     """An input shard without a required column, or with a column of the wrong type."""
 
 
-ARTICLE_BATCH = 8192  # article rows read at a time: the driver never holds every title and body at once
+ARTICLE_BATCH = 2048  # article rows read at a time: the driver never holds every title and body at once
 
 
 def _shard_batches(path: Path) -> Iterator[pl.DataFrame]:

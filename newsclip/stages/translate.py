@@ -30,8 +30,8 @@ from newsclip.workers.shard_rows import units_of
 __all__ = ["run"]  # the stage; everything else here is its own business
 
 BATCH = 256  # texts per Translator call
-UNIT_ROWS = 4096  # texts per unit of work (one actor call) at most
-PART_ROWS = 10_000  # rows per part of translated/, each sorted in the driver's memory
+UNIT_ROWS = 2048  # texts per unit of work (one actor call) at most
+PART_ROWS = 5_000  # rows per part of translated/, each sorted in the driver's memory
 # a translated row (then its joined query_text): the Translator's columns and the query's image, source and hash
 ROW = {c: {"lang_confidence": pl.Float32, "translated": pl.Boolean, "truncated": pl.Boolean}.get(c, pl.String)
        for c in (*OUTPUT_COLUMNS, "image_id", "source", "article_hash")}
