@@ -11,7 +11,6 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from newsclip.config import JobConfig
 from newsclip.names import DIRECTIONS, knn_entry, rankings_stem, slug
@@ -19,7 +18,7 @@ from newsclip.retrieval.backbones import OPENAI_NAMES
 from newsclip.retrieval.bootstrap import ci_columns, ci_rows, paired_rows
 from newsclip.retrieval.metrics import metric_names, scores
 from newsclip.runtime.rejects import read_rejects
-from newsclip.runtime.store import READ_BUFFER, parquet_files, record_stage, write_text
+from newsclip.runtime.store import parquet_files, read_batches, record_stage, write_text
 
 __all__ = ["run"]  # the stage; everything else here is its own business
 
@@ -98,12 +97,13 @@ def _ranking_batches(rankings: pl.DataFrame | str | Path, query_col: str, list_c
         return
     # buffered reads of a column chunk, not all of it at once: knn writes 1M rankings rows as one row group, whose
     # ranked ids pre-buffered whole take ~600 MB at k=100
-    with pq.ParquetFile(rankings, pre_buffer=False, buffer_size=READ_BUFFER) as file:
-        row_query = _codes(_large(file.read(columns=[query_col]).column(query_col)), query_ids)
-        start = 0
-        for batch in file.iter_batches(batch_size=batch_size, columns=[list_col]):
-            yield row_query[start: start + batch.num_rows], batch.column(list_col)
-            start += batch.num_rows
+    query = pa.concat_arrays([b.column(0) for b in read_batches(rankings, batch_size, [query_col])] or
+                             [pa.array([], pa.string())])
+    row_query = _codes(_large(query), query_ids)
+    start = 0
+    for batch in read_batches(rankings, batch_size, [list_col]):
+        yield row_query[start: start + batch.num_rows], batch.column(list_col)
+        start += batch.num_rows
 
 
 def _large(ids: pa.Array | pa.ChunkedArray) -> pa.Array:

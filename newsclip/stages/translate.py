@@ -46,12 +46,13 @@ def translator_key(t) -> str:
 def _reusable(out: Path, key: str, hashes: pl.Series) -> tuple[list[Path], pl.DataFrame]:
     """The last run's translated/ files and, per content hash in `hashes` that they hold, the position of its first
     row in them; none when another translator made them."""
+    none = [], pl.DataFrame(schema={"position": pl.UInt32, "article_hash": pl.String})
     entry = read_manifest(out).get("stages", {}).get("translate", {})
     if entry.get("translator_key") != key or not (out / "translated").is_dir():
-        return [], pl.DataFrame(schema={"position": pl.UInt32, "article_hash": pl.String})
+        return none
     files = parquet_files(out / "translated", "translated")
     if "article_hash" not in pq.read_schema(files[0]).names:
-        return [], pl.DataFrame(schema={"position": pl.UInt32, "article_hash": pl.String})
+        return none
     known = pl.read_parquet(files, columns=["article_hash"]).with_row_index("position")
     return files, known.unique("article_hash", keep="first").filter(pl.col("article_hash").is_in(hashes.implode()))
 
