@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test test-fast clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ demo: setup
 test: setup
 	$(BIN)/ruff check newsclip tests benchmarks jobs cluster
 	$(BIN)/python -m pytest -q --durations=15
+
+# the `not slow` subset: no whole job, no model trained (about 2 minutes)
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow" --durations=10
 
 clean:
 	rm -rf newsclip-demo .pytest_cache

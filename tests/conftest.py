@@ -1,10 +1,16 @@
-"""Shared fixtures: a private model cache, the test variant of demo-tiny, one local Ray per session."""
+"""Shared fixtures: a private model cache, the test builds of demo-tiny and the demo translator (made in background
+processes while the tests that need neither run), one local Ray per session."""
 
 import os
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
+
+from newsclip.translate.demo_translator import PACKAGE_FILENAME
 
 # Before anything imports torch or starts Ray, so that Ray's workers inherit both.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -12,17 +18,96 @@ os.environ["NEWSCLIP_CACHE"] = tempfile.mkdtemp(prefix="newsclip-test-cache-")
 
 REPO = Path(__file__).resolve().parents[1]
 
+# The test build of demo-tiny: TEST_STEPS of training (see newsclip/demo/model.py for what it scores).
+# The test build of the demo translator trains 250 steps on 40,000 pairs with 2 threads instead of the real 400
+# on 100,000 (the suite must stay short). Measured on this 2-core machine, seed 0: 499/500 held-out sentences
+# exact (0.998) and 29/40 held-out 4-sentence bodies (0.725; one held-out filler the short run gets wrong recurs
+# in many bodies); the build takes ~90 s. The real build: 500/500 and 100/100 for seeds 0, 1 and 2.
+TEST_TRANSLATOR = {"steps": 250, "n_pairs": 40_000, "threads": 2}
+BUILD_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "PYTHONUNBUFFERED": "1"}
 
+
+class Build:
+    """A model the session's tests share, made by a background process that starts when collection ends, so that
+    its ~1-1.5 minutes of training overlap the tests that need no model (they run first: see ordering below)."""
+
+    def __init__(self, name: str, fixture: str, code: str, target: Path):
+        self.name, self.fixture, self.code, self.target = name, fixture, code, target
+        self.process: subprocess.Popen | None = None
+        self.log = target.parent / f"{target.name}.build.log"
+
+    def start(self) -> None:
+        if self.process is None and not self.target.exists():
+            self.target.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.log, "w") as log:
+                self.process = subprocess.Popen([sys.executable, "-c", self.code, str(self.target)],
+                                                env={**os.environ, **BUILD_ENV}, stdout=log, stderr=subprocess.STDOUT)
+
+    def wait(self) -> Path:
+        """The built file, once its process has ended (started now if collection did not start it)."""
+        self.start()
+        if self.process is not None:
+            started = time.perf_counter()
+            code = self.process.wait()
+            waited = time.perf_counter() - started
+            if waited > 1:
+                print(f"\n{self.name}: waited {waited:.0f} s for its background build")
+            if code != 0 or not self.target.exists():
+                raise RuntimeError(f"building {self.name} failed (exit {code}):\n{self.log.read_text()[-3000:]}")
+        return self.target
+
+
+def _cache() -> Path:
+    return Path(os.environ["NEWSCLIP_CACHE"])
+
+
+BUILDS = {
+    # where `load_backbone("demo-tiny")` finds it
+    "demo_tiny": Build("demo-tiny", "demo_tiny", (
+        "import sys; from pathlib import Path; from newsclip.demo.model import TEST_STEPS, train_demo_model; "
+        "train_demo_model(Path(sys.argv[1]), seed=0, steps=TEST_STEPS, log=print)"), _cache() / "demo-tiny.pt"),
+    "demo_package": Build("the demo translator", "demo_package", (
+        "import sys; from pathlib import Path; from newsclip.translate.demo_translator import build_demo_translator; "
+        f"build_demo_translator(Path(sys.argv[1]).parent, seed=0, **{TEST_TRANSLATOR!r})"),
+        _cache() / "demo-translator" / PACKAGE_FILENAME),
+}
+
+
+def _needs(item: pytest.Item) -> set[str]:
+    return set(BUILDS) & set(getattr(item, "fixturenames", ()))
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects: a test that needs a built model is `slow`
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `cuda` skip cleanly on a machine without a GPU."""
+    """Tests marked `cuda` skip cleanly on a machine without a GPU; a test that needs a built model is marked
+    `slow`; modules whose tests need no built model run first (each module's tests stay together and in order, so
+    module fixtures are set up once)."""
     import torch
 
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
     for item in items:
-        if "cuda" in item.keywords:
-            item.add_marker(skip)
+        if _needs(item):
+            item.add_marker(pytest.mark.slow)
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+        for item in items:
+            if "cuda" in item.keywords:
+                item.add_marker(skip)
+    waits = {item.module.__name__ for item in items if _needs(item)}
+    items.sort(key=lambda item: item.module.__name__ in waits)  # stable: the order within each group is kept
+
+
+def pytest_collection_finish(session):
+    """Start the background builds the collected tests need (none for a run that needs no model)."""
+    needed = set().union(*(_needs(item) for item in session.items)) if session.items else set()
+    for name in needed:
+        BUILDS[name].start()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    for build in BUILDS.values():
+        if build.process is not None and build.process.poll() is None:
+            build.process.kill()
 
 
 @pytest.fixture(scope="session")
@@ -43,28 +128,13 @@ def ray_local():
 @pytest.fixture(scope="session")
 def demo_tiny() -> Path:
     """The test variant of demo-tiny (TEST_STEPS of training), where `load_backbone("demo-tiny")` finds it."""
-    from newsclip.demo.model import TEST_STEPS, train_demo_model
-    from newsclip.retrieval.backbones import cache_dir
-
-    path = cache_dir() / "demo-tiny.pt"
-    if not path.exists():
-        train_demo_model(path, seed=0, steps=TEST_STEPS)
-    return path
-
-
-# The test build of the demo translator trains 250 steps on 40,000 pairs with 2 threads instead of the real 400
-# on 100,000 (the suite must stay short). Measured on this 2-core machine, seed 0: 499/500 held-out sentences
-# exact (0.998) and 29/40 held-out 4-sentence bodies (0.725; one held-out filler the short run gets wrong recurs
-# in many bodies); the build takes ~90 s. The real build: 500/500 and 100/100 for seeds 0, 1 and 2.
-TEST_TRANSLATOR = {"steps": 250, "n_pairs": 40_000, "threads": 2}
+    return BUILDS["demo_tiny"].wait()
 
 
 @pytest.fixture(scope="session")
-def demo_package(tmp_path_factory) -> Path:
-    """The test build of the demo de->en `.argosmodel`, built once per session."""
-    from newsclip.translate.demo_translator import build_demo_translator
-
-    return build_demo_translator(tmp_path_factory.mktemp("demo-translator"), seed=0, log=print, **TEST_TRANSLATOR)
+def demo_package() -> Path:
+    """The test build of the demo de->en `.argosmodel` (TEST_TRANSLATOR)."""
+    return BUILDS["demo_package"].wait()
 
 
 @pytest.fixture(scope="session")

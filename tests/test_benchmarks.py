@@ -100,6 +100,7 @@ def test_every_module_the_benchmarks_import_is_declared():
     assert not missing, f"imported by benchmarks/ but not declared in pyproject.toml: {missing}"
 
 
+@pytest.mark.slow  # two whole knn + evaluate runs in a process of their own
 def test_scale_from_embeddings_times_a_full_and_a_nightly_knn_and_evaluate(tmp_path):
     """`scale.py --from-embeddings` at 3,000 pairs: both runs recorded, the nightly searched in full only the new
     queries and merged the old ones, its rankings equal a full search's, an IVF search reports its recall, and the

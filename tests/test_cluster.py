@@ -264,7 +264,11 @@ def test_runtime_env_is_valid_for_ray_and_ships_no_data():
     RuntimeEnv(**raw)  # Ray's own validation of the fields
     assert "working_dir" not in raw  # given on the command line: --working-dir .
     assert {"/.venv", "/.git", "*.parquet"} <= set(raw["excludes"])
-    assert all(isinstance(v, str) for v in raw.get("env_vars", {}).values())
+    # the job's workers get what newsclip's own local Ray gives its workers (OpenMP's wait policy above all)
+    from newsclip.runtime.ray_setup import WORKER_ENV
+
+    assert raw["env_vars"]["OMP_WAIT_POLICY"] == WORKER_ENV["OMP_WAIT_POLICY"]
+    assert all(isinstance(v, str) for v in raw["env_vars"].values())
 
 
 def test_cluster_readme_commands_name_existing_files():

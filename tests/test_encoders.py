@@ -85,12 +85,17 @@ def _todays_path(model, preprocess, datas: list[bytes]) -> tuple[np.ndarray, lis
         except ImageDecodeError as e:
             errors.append(str(e))
     pixels, out = torch.stack(tensors), []
-    with torch.inference_mode():
-        for start in range(0, len(pixels), BATCH):
-            chunk = pixels[start:start + BATCH]
-            padded = torch.cat([chunk, chunk.new_zeros((BATCH - len(chunk), *chunk.shape[1:]))])
-            features = model.encode_image(padded)[:len(chunk)].float()
-            out.append((features / features.norm(dim=-1, keepdim=True).clamp_min(1e-12)).numpy())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(_cfg().torch_threads)  # the encoder's thread count: another count sums in another order
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(pixels), BATCH):
+                chunk = pixels[start:start + BATCH]
+                padded = torch.cat([chunk, chunk.new_zeros((BATCH - len(chunk), *chunk.shape[1:]))])
+                features = model.encode_image(padded)[:len(chunk)].float()
+                out.append((features / features.norm(dim=-1, keepdim=True).clamp_min(1e-12)).numpy())
+    finally:
+        torch.set_num_threads(threads)
     vectors = np.zeros((len(datas), out[0].shape[1]), np.float32)
     vectors[[i for i, e in enumerate(errors) if e is None]] = np.concatenate(out)
     return vectors, errors

@@ -2,7 +2,8 @@
 on this machine (tests/node_cluster.py), loses a worker node (its raylet and every Ray worker on it, SIGKILLed at
 once) in the middle of the encode stage, or of the translate stage, and finishes with the embeddings, translations
 and rankings of an undisturbed run; a head killed in the middle of encode takes the job with it, and the job
-submitted again to a new head reuses what was committed.
+submitted again to a new head reuses what was committed. The same cluster answers the test of `ray job submit`
+itself (the shipped package, one run per submission id).
 
 Cheap by design (the suite's budget is tight): one cluster and one undisturbed run serve every test; the
 undisturbed run is the demo job run in this process (its 200 articles are under `ray.inline_rows`: no Ray, the
@@ -234,6 +235,25 @@ def _kill_mid_batch(setup: Setup, submission_id: str, what: str, actor: str, bef
 
 
 # -------------------------------------------------------------------------------------------------- tests
+def test_a_submitted_job_runs_the_shipped_package_once_per_submission_id(setup):
+    """`ray job submit` as the README has it runs the checkout's copy of the package (not the one installed beside
+    the cluster's Python) with the runtime env's variables, `ray job status` reports it, and a second submission
+    under the same id is refused: what keeps a retried nightly run from running twice."""
+    submission_id = f"probe-{uuid.uuid4().hex[:6]}"
+    submit = ["job", "submit", "--address", setup.cluster.address, "--working-dir", ".", "--runtime-env",
+              "jobs/runtime_env.yaml", "--submission-id", submission_id]
+    code = "import os, newsclip; print('AT', newsclip.__file__); print('CACHE', os.environ['NEWSCLIP_CACHE'])"
+    probe = setup.cluster.ray(*submit, "--", "python", "-c", code, cwd=setup.checkout)
+    assert probe.returncode == 0, probe.stdout + probe.stderr
+    at = next(line.split(" ", 1)[1] for line in probe.stdout.splitlines() if line.startswith("AT "))
+    assert "runtime_resources" in at and not at.startswith(str(REPO)), at
+    assert f"CACHE {os.environ['NEWSCLIP_CACHE']}" in probe.stdout
+    status = setup.cluster.ray("job", "status", "--address", setup.cluster.address, submission_id)
+    assert f"Job '{submission_id}' succeeded" in status.stdout + status.stderr
+    again = setup.cluster.ray(*submit, "--no-wait", "--", "true", cwd=setup.checkout)
+    assert again.returncode != 0 and "already exists" in again.stdout + again.stderr
+
+
 def test_worker_node_killed_mid_encode(setup):
     started = time.time()
     name = "encode-node-kill"
