@@ -44,9 +44,10 @@ class EmbeddingStore:
     def parts(self) -> list[Path]:
         return sorted(self.dir.glob("part-*.parquet")) if self.dir.is_dir() else []
 
-    def hashes(self) -> list[pa.Array]:
-        """The stored hashes of each part, in part order."""
-        return [pq.read_table(p, columns=["hash"]).column("hash").combine_chunks() for p in self.parts()]
+    def hashes(self, parts: list[Path] | None = None) -> list[pa.Array]:
+        """The stored hashes of each of `parts` (default: the parts now), in their order."""
+        return [pq.read_table(p, columns=["hash"]).column("hash").combine_chunks()
+                for p in (self.parts() if parts is None else parts)]
 
     def append(self, table: pa.Table) -> Path:
         """Commit one part (hash, embedding, error)."""
@@ -54,8 +55,9 @@ class EmbeddingStore:
 
     def lookup(self, ids: pa.Array, hashes: pa.Array, id_name: str) -> Iterator[pa.Table]:
         """(id, embedding, hash, error) for each (id, hash), part by part; a hash not stored raises KeyError."""
+        # one listing: a part another job commits meanwhile would shift the positions below onto other rows
         parts = self.parts()
-        stored = self.hashes()
+        stored = self.hashes(parts)
         sizes = np.cumsum([0, *map(len, stored)])
         # a hash stored twice (two runs at once): index_in takes the first, so one row per id either way
         position = pc.index_in(hashes, value_set=pa.concat_arrays(stored) if stored else pa.array([], pa.string()))
