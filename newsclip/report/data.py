@@ -97,6 +97,7 @@ class ReportData:
     t2i: list[dict]  # metric rows, text to image
     i2t: list[dict]  # metric rows, image to text
     paired: list[dict]  # paired comparisons, text to image
+    paired_i2t: list[dict]  # paired comparisons, image to text (the same Holm family)
     costs: list[dict]
     training: dict[str, dict]  # a fine-tuned backbone's losses.json (`newsclip finetune` writes it beside model.pt)
 
@@ -132,11 +133,12 @@ def read_report_data(output_dir: Path, cfg=None) -> ReportData:
     t2i = [r for r in rows if r.get("direction", "text_to_image") == "text_to_image"]
     i2t = [r for r in rows if r.get("direction") == "image_to_text"]
     paired = [p for p in metrics.get("paired", []) if p.get("direction", "text_to_image") == "text_to_image"]
+    paired_i2t = [p for p in metrics.get("paired", []) if p.get("direction") == "image_to_text"]
     return ReportData(output_dir=output_dir, name=getattr(cfg, "name", None) or output_dir.name,
                       images_spec=getattr(getattr(cfg, "input", None), "images", None), metrics=metrics,
                       stages=stages, labels=labels, backbones=[labels[b] for b in names],
                       t2i=relabel(t2i, labels, "backbone"), i2t=relabel(i2t, labels, "backbone"),
-                      paired=relabel(paired, labels, "a", "b"),
+                      paired=relabel(paired, labels, "a", "b"), paired_i2t=relabel(paired_i2t, labels, "a", "b"),
                       costs=relabel(cost_rows(stages, names), labels, "backbone"),
                       training={labels[b]: losses for b in names if (losses := read_training(b))})
 

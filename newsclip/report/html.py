@@ -175,10 +175,15 @@ def _quality(data: ReportData, colors: dict[str, str]) -> list[str]:
 
 
 def _paired(data: ReportData) -> list[str]:
-    if not data.paired:
+    """Both directions' comparisons (one Holm family, one note): text to image first, image to text below it."""
+    if not data.paired and not data.paired_i2t:
         return []
-    return ["<h2>Paired comparisons</h2>", f'<p class="note">{esc(paired_note(data.paired))}</p>',
-            paired_table_html(data.paired)]
+    out = ["<h2>Paired comparisons</h2>", f'<p class="note">{esc(paired_note(data.paired + data.paired_i2t))}</p>']
+    if data.paired:
+        out.append(paired_table_html(data.paired))
+    if data.paired_i2t:
+        out += ["<h3>Image to text</h3>", paired_table_html(data.paired_i2t)]
+    return out
 
 
 def _training(data: ReportData) -> list[str]:

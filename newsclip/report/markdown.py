@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from newsclip.config import JobConfig
+from newsclip.names import DIRECTIONS
 from newsclip.report.data import metric_keys, read_training
 from newsclip.report.notes import INTERVALS, evaluation_notes, paired_note, scope_sentence, training_note
 from newsclip.retrieval.metrics import metric_label
@@ -81,9 +82,13 @@ def render_markdown(cfg: JobConfig) -> str:
     lines += [f"- `{x['index']}` index for {x['backbone']} {x['direction']}: recall@{k} "
               f"{x['recall_at_k_vs_exact']:.4f} against exact search on a sample of queries"
               for x in metrics.get("knn", []) if x["recall_at_k_vs_exact"] is not None]
-    paired = [p for p in metrics.get("paired", []) if p["direction"] == "text_to_image"]
-    if paired:
-        lines += ["", "## Paired comparisons (text to image)", "", paired_note(paired), "", paired_table(paired)]
+    paired, note = metrics.get("paired", []), True
+    for direction in DIRECTIONS:  # one Holm family across the directions: the note once, before the first table
+        pairs = [p for p in paired if p["direction"] == direction]
+        if pairs:
+            lines += ["", f"## Paired comparisons ({direction.replace('_', ' ')})", ""]
+            lines += [paired_note(paired), "", paired_table(pairs)] if note else [paired_table(pairs)]
+            note = False
     trained = [(b, losses) for b in cfg.backbones if (losses := read_training(b))]
     if trained:
         lines += ["", "## Fine-tuning", "", *[f"- {training_note(b, losses)} The curve is in report.html."

@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 from newsclip.config import JobConfig
 from newsclip.names import DIRECTIONS, knn_entry, rankings_stem, slug
 from newsclip.retrieval.backbones import OPENAI_NAMES
-from newsclip.retrieval.bootstrap import ci_columns, ci_rows, paired_rows
+from newsclip.retrieval.bootstrap import ci_columns, ci_rows, decide_as_one_family, paired_rows
 from newsclip.retrieval.metrics import metric_names, scores
 from newsclip.runtime.rejects import read_rejects
 from newsclip.runtime.store import parquet_files, read_batches, record_stage, write_text
@@ -229,6 +229,7 @@ def run(cfg: JobConfig) -> dict:
                   "n_unscoreable": n_unscoreable.get(row["source"], 0)}
                  for row in ci_rows(ranks, sources, cfg.eval.k, direction, b=cfg.eval.bootstrap, seed=cfg.eval.seed)]
         paired += paired_rows(ranks, cfg.eval.k, b=cfg.eval.bootstrap, seed=cfg.eval.seed, direction=direction)
+    paired = decide_as_one_family(paired)  # every verdict the report prints, both directions: one Holm family
     frame = pl.DataFrame(rows).select(csv_columns(cfg.eval.k))
     results = [_clip_benchmark_result(cfg, backbone, rows) for backbone in [*cfg.backbones, *cfg.fusion]]
     csv_path = write_text(out / "metrics.csv", frame.write_csv())
