@@ -27,7 +27,7 @@ SHOWN = 5  # images shown per article: the top of its ranking
 def _thumbnail_uri(data: bytes | None) -> str | None:
     """A JPEG data URI of the image scaled into THUMB x THUMB, or None when it cannot be decoded."""
     try:
-        image = decode_image(data, alpha="white")  # a thumbnail: as a viewer shows it
+        image = decode_image(data, alpha="white").convert("RGB")  # a thumbnail: as a viewer shows it
     except ImageDecodeError:
         return None
     image.thumbnail((THUMB, THUMB))
