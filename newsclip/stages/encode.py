@@ -15,11 +15,12 @@ import pyarrow.parquet as pq
 
 from newsclip.config import EncodeConfig, JobConfig
 from newsclip.names import encode_entry, slug
-from newsclip.retrieval.backbones import checkpoint_id, input_sizes
+from newsclip.retrieval.backbones import checkpoint_id, input_sizes, missing_weights
 from newsclip.runtime.console import log, progress
 from newsclip.runtime.embedding_store import EmbeddingStore, content_keys, write_refs
 from newsclip.runtime.ray_setup import dataset_of, ensure_ray, map_actors
 from newsclip.runtime.rejects import write_rejects
+from newsclip.runtime.stage import ActorRequest, Needs, Stage
 from newsclip.runtime.store import parquet_files, read_batches, record_stage, staged_dir, write_table
 from newsclip.workers.encoders import (
     TASK_ROWS,
@@ -178,7 +179,6 @@ def _commit(store: EmbeddingStore, pending: list[pa.Table]) -> int:
 
 def encode_side(cfg: JobConfig, backbone: str, side: Side) -> dict:
     """Bring the store up to date for one backbone and side, then commit this run's embeddings from it."""
-    started = time.time()
     out, name, enc = cfg.output, slug(backbone), cfg.encode.for_backbone(backbone)
     store = EmbeddingStore(cfg.store, name, checkpoint_id(backbone, enc.download_root), store_label(enc), side.name)
     stored = store.hashes()
@@ -208,8 +208,7 @@ def encode_side(cfg: JobConfig, backbone: str, side: Side) -> dict:
                         rows=rows, rejected=len(rejects), **stats, reused=reused, store=str(store.dir),
                         refs=write_refs(out, store, wanted.column("hash")),  # the store rows this run uses
                         batch_size=enc.batch_size, device=enc.device, precision=enc.precision, decode=enc.decode,
-                        jpeg_draft=enc.jpeg_draft, num_gpus_per_actor=enc.num_gpus_per_actor,
-                        seconds=round(time.time() - started, 2))
+                        jpeg_draft=enc.jpeg_draft, num_gpus_per_actor=enc.num_gpus_per_actor)
 
 
 def store_label(enc: EncodeConfig) -> str:
@@ -220,7 +219,7 @@ def store_label(enc: EncodeConfig) -> str:
     return "-".join([enc.precision, *variants])
 
 
-def run(cfg: JobConfig) -> list[dict]:
+def _run(cfg: JobConfig) -> list[dict]:
     """Encode both sides for every backbone: `encode.parallel_backbones` backbones at a time, each with its own
     actor pools (side by side on a cluster; one after another on one GPU or a laptop)."""
     from concurrent.futures import ThreadPoolExecutor
@@ -230,3 +229,23 @@ def run(cfg: JobConfig) -> list[dict]:
 
     with ThreadPoolExecutor(max_workers=cfg.encode.parallel_backbones) as pool:
         return [entry for entries in pool.map(both_sides, cfg.backbones) for entry in entries]
+
+
+def _checkpoints(cfg: JobConfig) -> dict[str, str]:
+    """The backbones' weights as they are now: retrained or replaced weights under the same name rerun the stage."""
+    return {b: checkpoint_id(b, cfg.encode.download_root) for b in cfg.backbones}
+
+
+def _needs(cfg: JobConfig) -> Needs:
+    """Every backbone's weights, and its model actors' CPUs and GPUs (its own GPU key where it has one)."""
+    actors = []
+    for backbone in cfg.backbones:
+        enc, own = cfg.encode.for_backbone(backbone), cfg.encode.per_backbone.get(backbone)
+        gpu_key = "num_gpus_per_actor" if own is None or own.num_gpus_per_actor is None else \
+            f"per_backbone.{backbone}.num_gpus_per_actor"
+        actors.append(ActorRequest(f"encode {backbone}", enc.num_cpus_per_actor, enc.num_gpus_per_actor,
+                                   "encode.num_cpus_per_actor", f"encode.{gpu_key}"))
+    return Needs(tuple(missing_weights(cfg.backbones, cfg.encode.download_root)), tuple(actors))
+
+
+run = Stage("encode", _run, external_inputs=_checkpoints, needs=_needs)

@@ -18,6 +18,7 @@ from newsclip.retrieval.backbones import OPENAI_NAMES
 from newsclip.retrieval.bootstrap import ci_columns, ci_rows, paired_rows
 from newsclip.retrieval.metrics import metric_names, scores
 from newsclip.runtime.rejects import read_rejects
+from newsclip.runtime.stage import Stage
 from newsclip.runtime.store import parquet_files, read_batches, record_stage, write_text
 
 __all__ = ["run"]  # the stage; everything else here is its own business
@@ -200,7 +201,7 @@ def csv_columns(k: int) -> list[str]:
     return [*ci_columns(k), "n_sampled", "n_unscoreable"]
 
 
-def run(cfg: JobConfig) -> dict:
+def _run(cfg: JobConfig) -> dict:
     out = cfg.output
     # sorted: the bootstrap resamples by position, so its intervals must not depend on the order of the files
     queries = pl.read_parquet(parquet_files(cfg.query_texts, "query texts"),
@@ -250,3 +251,6 @@ def _clip_benchmark_result(cfg: JobConfig, backbone: str, rows: list[dict]) -> P
     result = {"dataset": cfg.name, "model": backbone, "pretrained": pretrained, "task": "zeroshot_retrieval",
               "language": "en", "k": cfg.eval.k, "metrics": metrics}
     return write_text(cfg.output / "results" / f"{slug(backbone)}.json", json.dumps(result, indent=2))
+
+
+run = Stage("evaluate", _run)

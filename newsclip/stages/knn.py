@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import shutil
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +20,7 @@ from newsclip.names import DIRECTIONS, encode_entry, knn_entry, parse_fusion_nam
 from newsclip.retrieval import search
 from newsclip.retrieval.fusion import RRF_K, Embeddings, fuse
 from newsclip.runtime.console import warn
+from newsclip.runtime.stage import ActorRequest, Needs, Stage
 from newsclip.runtime.store import (
     STAGING,
     atomic_path,
@@ -258,7 +258,6 @@ def rank(cfg: JobConfig, backbone: str, direction: str) -> dict:
     rows only and merged with its last top-k, read beside it from the last rankings; every other query is searched
     in full. Both give what a full search gives, bit for bit. Ranked ids are positions into the sorted database
     ids until they are written: the driver holds the database and one batch of queries, not k ids per query."""
-    started = time.time()
     out, name, stem = cfg.output, slug(backbone), rankings_stem(backbone, direction)
     query_side, query_id, db_side, db_id = DIRECTIONS[direction]
     db_list = f"{db_id}s"
@@ -321,7 +320,6 @@ def rank(cfg: JobConfig, backbone: str, direction: str) -> dict:
     return record_stage(out, knn_entry(backbone, direction), paths, backbone=backbone, direction=direction,
                         candidates=index.n, k=cfg.knn.k, shards=cfg.knn.shards, index=cfg.knn.index,
                         backend=cfg.knn.backend, recall_at_k=recall, stores=stores, **counts,
-                        seconds=round(time.time() - started, 2),
                         **short_lines(np.concatenate(filled) if filled else np.zeros(0, int), cfg.knn.k, index.n,
                                       f"knn {backbone} {direction}"))
 
@@ -349,7 +347,7 @@ def _intact(last: pa.Table, chunk: pa.Table, gone: pa.Array, query_id: str, db_l
     return merge, last.take(pa.array(rows[merge]))
 
 
-def run(cfg: JobConfig) -> list[dict]:
+def _run(cfg: JobConfig) -> list[dict]:
     entries = [rank(cfg, backbone, direction) for backbone in cfg.backbones for direction in cfg.eval.directions]
     return entries + [fuse_stage(cfg, name, direction) for name in cfg.fusion for direction in cfg.eval.directions]
 
@@ -359,7 +357,6 @@ def fuse_stage(cfg: JobConfig, name: str, direction: str = "text_to_image", resc
     """Fuse the members' committed rankings into `rankings/<slug(name)>` (+ `.tsv`) and a `knn:<slug>:<dir>` entry.
 
     z-mean re-scores from `embeddings/<member>/` when `rescore` and the folders exist, else imputes (see module)."""
-    started = time.time()
     out = cfg.output
     method, members = parse_fusion_name(name)
     query_side, query_col, db_side, db_col = DIRECTIONS[direction]
@@ -385,7 +382,17 @@ def fuse_stage(cfg: JobConfig, name: str, direction: str = "text_to_image", resc
                         members=members, method=method, rrf_k=rrf_k if method == "rrf" else None,
                         rescored=[e is not None for e in embeddings] if method == "zmean" else None,
                         queries=len(fused), k=cfg.eval.k, index="fusion", recall_at_k=None,
-                        seconds=round(time.time() - started, 2),
                         **short_lines(fused[list_col].list.len().to_numpy(), cfg.eval.k,
                                       pl.concat([r[list_col].explode() for r in rankings]).n_unique(),
                                       f"knn {name} {direction}"))
+
+
+def _needs(cfg: JobConfig) -> Needs:
+    """With `backend: ray`, one actor per shard."""
+    if cfg.knn.backend != "ray":
+        return Needs()
+    return Needs(actors=(ActorRequest("knn shards", cfg.knn.num_cpus_per_actor, cfg.knn.num_gpus_per_actor,
+                                      "knn.num_cpus_per_actor", "knn.num_gpus_per_actor"),))
+
+
+run = Stage("knn", _run, needs_ray=lambda cfg: cfg.knn.backend == "ray", needs=_needs)

@@ -16,6 +16,7 @@ from newsclip.runtime.console import progress
 from newsclip.runtime.embedding_store import content_keys
 from newsclip.runtime.ray_setup import ensure_ray
 from newsclip.runtime.rejects import write_rejects
+from newsclip.runtime.stage import Needs, Stage
 from newsclip.runtime.store import parquet_files, read_batches, record_stage, staged_dir, write_table, write_tables
 
 __all__ = ["run"]  # the stage; everything else here is its own business
@@ -275,7 +276,7 @@ def sample_pairs(usable: pl.DataFrame, size: int | None, seed: int) -> pl.Series
     return ids.gather(np.sort(rng.choice(len(ids), size=size, replace=False)))
 
 
-def run(cfg: JobConfig) -> dict:
+def _run(cfg: JobConfig) -> dict:
     """Read, check and join the inputs; commit prepared/ and rejects/prepare.parquet; return the manifest entry."""
     out = cfg.output
     articles = _read_articles(cfg.input.articles, cfg.prepare.text)
@@ -324,3 +325,25 @@ def run(cfg: JobConfig) -> dict:
              "images_broken": int(image_rows["error"].is_not_null().sum()),
              "changes": diff}
     return record_stage(out, "prepare", sorted((out / "prepared").rglob("*.parquet")), **facts)
+
+
+def _input_shards(cfg: JobConfig) -> list[tuple[str, int, int]]:
+    """The input shards as they are on disk now: a shard added, replaced or touched reruns the stage."""
+    shards = parquet_files(cfg.input.articles, "input.articles") + parquet_files(cfg.input.images, "input.images")
+    return [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in shards]
+
+
+def _needs(cfg: JobConfig) -> Needs:
+    """Input shards under both input keys."""
+    missing = []
+    for spec, key in ((cfg.input.articles, "input.articles"), (cfg.input.images, "input.images")):
+        try:
+            parquet_files(spec, key)
+        except FileNotFoundError as e:
+            missing.append(str(e))
+    return Needs(tuple(missing))
+
+
+# the sections it reads: another backbone list (`newsclip finetune`'s comparison, a backbone added) reuses its work
+run = Stage("prepare", _run, external_inputs=_input_shards, sections=("input", "prepare", "eval", "encode"),
+            needs=_needs)

@@ -21,6 +21,7 @@ from newsclip.runtime.console import log, track
 from newsclip.runtime.embedding_store import content_key
 from newsclip.runtime.ray_setup import dataset_of, ensure_ray, map_actors
 from newsclip.runtime.rejects import write_rejects
+from newsclip.runtime.stage import ActorRequest, Needs, Stage
 from newsclip.runtime.store import parquet_files, read_batches, read_manifest, record_stage, staged_dir, write_table
 from newsclip.stages.prepare import join_text
 from newsclip.translate.packages import installed_packages, require_packages
@@ -119,7 +120,7 @@ class _Parts:
         shutil.rmtree(self.folder)
 
 
-def run(cfg) -> dict | None:
+def _run(cfg) -> dict | None:
     if not cfg.translate.enabled:
         return None
     out, t = cfg.output, cfg.translate.resolved()
@@ -161,3 +162,21 @@ def run(cfg) -> dict | None:
                         translated=dict(sorted(by_lang.items())), truncated=facts["truncated"],
                         skipped=len(rejected), splitters=sorted(splitters), packages_dir=t.packages_dir,
                         translator_key=key, new=len(todo), reused=len(queries) - len(todo))
+
+
+def _translator(cfg) -> str | None:
+    """The installed packages and the settings that change a translation: another translator reruns the stage."""
+    return translator_key(cfg.translate.resolved()) if cfg.translate.enabled else None
+
+
+def _needs(cfg) -> Needs:
+    """The translator actors' CPUs and GPUs."""
+    if not cfg.translate.enabled:
+        return Needs()
+    t = cfg.translate
+    return Needs(actors=(ActorRequest("translate", t.num_cpus_per_actor, t.num_gpus_per_actor,
+                                      "translate.num_cpus_per_actor", "translate.num_gpus_per_actor"),))
+
+
+run = Stage("translate", _run, external_inputs=_translator,
+            sections=("input", "prepare", "eval", "encode", "translate"), needs=_needs)
