@@ -40,7 +40,7 @@ def _external_inputs(cfg: JobConfig, name: str) -> object:
         shards = parquet_files(cfg.input.articles, "input.articles") + parquet_files(cfg.input.images, "input.images")
         return [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in shards]
     if name == "translate" and cfg.translate.enabled:
-        from newsclip.stages.translate import translator_key
+        from newsclip.translate.packages import translator_key
 
         return translator_key(cfg.translate.resolved())
     if name == "encode":  # retrained or replaced weights under the same name
