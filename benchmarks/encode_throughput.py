@@ -183,8 +183,8 @@ def model_only(checkpoint: str, batch: int, device: str, images: int, text_batch
 
 
 def newsclip_stage(cfg, enc, checkpoint: str, side, todo, store_root: Path) -> dict:
+    from newsclip.encoding import encode_new
     from newsclip.runtime.embedding_store import EmbeddingStore
-    from newsclip.stages.encode import encode_new
 
     store = EmbeddingStore(store_root, "bench", "random", enc.precision, side.name)
     started = time.perf_counter()
@@ -222,9 +222,9 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from newsclip import config
+    from newsclip.encoding import IMAGES, TEXTS
     from newsclip.runtime.embedding_store import content_keys
     from newsclip.runtime.ray_setup import ensure_ray
-    from newsclip.stages.encode import IMAGES, TEXTS
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     width, height = map(int, args.photo_size.lower().split("x"))
