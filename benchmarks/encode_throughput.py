@@ -5,7 +5,7 @@ same news-photo-like JPEGs in one run; prints JSON (and writes it with --out).
     python3 benchmarks/encode_throughput.py --backbone ViT-B/32 --random-weights --device cuda --images 8192
 
 What is timed, each over the same Parquet shards of JPEGs (800x533, quality 85 by default):
-  newsclip_stage   the encode stage's own path (encode.encode_new: CPU decode tasks -> model actors -> the store)
+  newsclip_stage   the encode stage's own path (encoding.encode_new: CPU decode tasks -> model actors -> the store)
                    on Ray; start-up (actors, model loads, first inputs) is its first_batch_seconds, and the steady
                    rate counts the rows after the first batch. Ray itself is started before the clock.
   plain_loop       one process: read, PIL decode, clip's preprocess, model, in batches (only with --device cpu: on a
