@@ -5,7 +5,7 @@ same news-photo-like JPEGs in one run; prints JSON (and writes it with --out).
     python3 benchmarks/encode_throughput.py --backbone ViT-B/32 --random-weights --device cuda --images 8192
 
 What is timed, each over the same Parquet shards of JPEGs (800x533, quality 85 by default):
-  newsclip_stage   the encode stage's own path (encode.encode_new: CPU decode tasks -> model actors -> the store)
+  newsclip_stage   the encode stage's own path (encoding.encode_new: CPU decode tasks -> model actors -> the store)
                    on Ray; start-up (actors, model loads, first inputs) is its first_batch_seconds, and the steady
                    rate counts the rows after the first batch. Ray itself is started before the clock.
   plain_loop       one process: read, PIL decode, clip's preprocess, model, in batches (only with --device cpu: on a
@@ -183,8 +183,8 @@ def model_only(checkpoint: str, batch: int, device: str, images: int, text_batch
 
 
 def newsclip_stage(cfg, enc, checkpoint: str, side, todo, store_root: Path) -> dict:
+    from newsclip.encoding import encode_new
     from newsclip.runtime.embedding_store import EmbeddingStore
-    from newsclip.stages.encode import encode_new
 
     store = EmbeddingStore(store_root, "bench", "random", enc.precision, side.name)
     started = time.perf_counter()
@@ -222,9 +222,9 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from newsclip import config
+    from newsclip.encoding import IMAGES, TEXTS
     from newsclip.runtime.embedding_store import content_keys
     from newsclip.runtime.ray_setup import ensure_ray
-    from newsclip.stages.encode import IMAGES, TEXTS
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     width, height = map(int, args.photo_size.lower().split("x"))

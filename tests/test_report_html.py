@@ -19,8 +19,8 @@ from newsclip.report.html import checkpoints_note, render_html, write_html
 from newsclip.report.notes import INTERVALS, evaluation_notes, paired_note
 from newsclip.retrieval.bootstrap import ci_rows, paired_rows
 from newsclip.retrieval.paper import paper_scores
+from newsclip.retrieval.ranks import query_ranks
 from newsclip.runtime.store import write_table, write_text
-from newsclip.stages.evaluate import query_ranks
 from newsclip.stages.knn import fuse_stage
 
 HOSTILE_TITLE = "<script>alert('x')</script> Flood & storm \"warning\""

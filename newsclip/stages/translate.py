@@ -7,7 +7,6 @@ into one file per part (an id range), each then sorted on its own."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections import Counter
 from collections.abc import Iterator
@@ -17,14 +16,13 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 
+from newsclip.articles import join_text
 from newsclip.runtime.console import log, track
-from newsclip.runtime.embedding_store import content_key
 from newsclip.runtime.ray_setup import dataset_of, ensure_ray, map_actors
 from newsclip.runtime.rejects import write_rejects
 from newsclip.runtime.stage import ActorRequest, Needs, Stage
 from newsclip.runtime.store import parquet_files, read_batches, read_manifest, record_stage, staged_dir, write_table
-from newsclip.stages.prepare import join_text
-from newsclip.translate.packages import installed_packages, require_packages
+from newsclip.translate.packages import require_packages, translator_key
 from newsclip.translate.translator import NO_PACKAGE, OUTPUT_COLUMNS, QueryTranslator
 from newsclip.workers.shard_rows import units_of
 
@@ -36,12 +34,6 @@ PART_ROWS = 5_000  # rows per part of translated/, each sorted in the driver's m
 # a translated row (then its joined query_text): the Translator's columns and the query's image, source and hash
 ROW = {c: {"lang_confidence": pl.Float32, "translated": pl.Boolean, "truncated": pl.Boolean}.get(c, pl.String)
        for c in (*OUTPUT_COLUMNS, "image_id", "source", "article_hash")}
-
-
-def translator_key(t) -> str:
-    """What decides a translation besides the text: the installed packages and the settings that change output."""
-    packages = [{k: v for k, v in meta.items() if k != "path"} for meta in installed_packages(t.packages_dir)]
-    return content_key(json.dumps([packages, t.target, t.max_chars, t.on_missing_package], sort_keys=True))
 
 
 def _reusable(out: Path, key: str, hashes: pl.Series) -> tuple[list[Path], pl.DataFrame]:
