@@ -34,6 +34,7 @@ def rankings_paths(out: Path, stem: str) -> tuple[Path, Path, Path]:
 
 
 def rankings_schema(query_id: str, db_list: str, metadata: dict | None = None) -> pa.Schema:
+    """The Parquet schema of rankings: query id, ranked db ids, scores (float32), query_hash."""
     return pa.schema([(query_id, pa.string()), (db_list, pa.list_(pa.string())), ("scores", pa.list_(pa.float32())),
                       ("query_hash", pa.string())], metadata=metadata)
 
