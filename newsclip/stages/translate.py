@@ -1,23 +1,24 @@
 """The job's translate stage: every non-English query text to English with Argos, as a Ray Data actor pool.
 
-`translated/` holds the query rows in article id order, in parts of at most PART_ROWS rows. A run translates only
-the texts that the last run's translator has not (by content hash), and the driver never holds the archive's texts:
-the Ray Data pool reads them from `prepared/queries/` itself, and the last run's rows and the new translations stream
-into one file per part (an id range), each then sorted on its own."""
+`translated/` holds the query rows in article id order, in parts of at most `translate.part_rows` rows. A run
+translates only the texts that the last run's translator has not (by content hash), and the driver never holds the
+archive's texts: the Ray Data pool reads them from `prepared/queries/` itself, and the last run's rows and the new
+translations stream into one file per part (an id range), each then sorted on its own."""
 
 from __future__ import annotations
 
-import shutil
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from newsclip.articles import join_text
 from newsclip.runtime.console import log, track
+from newsclip.runtime.external_sort import ExternalSort
 from newsclip.runtime.ray_setup import dataset_of, ensure_ray, map_actors
 from newsclip.runtime.rejects import write_rejects
 from newsclip.runtime.stage import ActorRequest, Needs, Stage
@@ -30,7 +31,6 @@ __all__ = ["run"]  # the stage; everything else here is its own business
 
 BATCH = 256  # texts per Translator call
 UNIT_ROWS = 2048  # texts per unit of work (one actor call) at most
-PART_ROWS = 5_000  # rows per part of translated/, each sorted in the driver's memory
 # a translated row (then its joined query_text): the Translator's columns and the query's image, source and hash
 ROW = {c: {"lang_confidence": pl.Float32, "translated": pl.Boolean, "truncated": pl.Boolean}.get(c, pl.String)
        for c in (*OUTPUT_COLUMNS, "image_id", "source", "article_hash")}
@@ -84,32 +84,9 @@ def _translated(cfg, t, todo: pl.DataFrame) -> Iterator[pl.DataFrame]:
         yield pl.from_arrow(batch)
 
 
-class _Parts:
-    """An external sort by article id: rows go to the file of their id range as they come; `sorted` then reads back
-    one range at a time, sorted. Memory: one batch while rows come, one part (PART_ROWS rows) after."""
-
-    def __init__(self, folder: Path, ids: pl.Series):
-        self.folder = folder
-        folder.mkdir()
-        self.bounds = ids.sort().gather(range(PART_ROWS, len(ids), PART_ROWS))  # the first id of parts 1, 2, ...
-        self.writers: dict[int, pq.ParquetWriter] = {}
-        self.schema = pl.DataFrame(schema=ROW).to_arrow().schema
-
-    def add(self, rows: pl.DataFrame) -> None:
-        # a batch whose notes are all empty has a null-typed column: every part gets ROW's types
-        rows = rows.select(pl.col(c).cast(dtype) for c, dtype in ROW.items())
-        part = self.bounds.search_sorted(rows["article_id"], side="right").alias("part")
-        for (index,), frame in rows.with_columns(part).partition_by("part", as_dict=True, include_key=False).items():
-            if index not in self.writers:
-                self.writers[index] = pq.ParquetWriter(self.folder / f"{index:05d}.parquet", self.schema)
-            self.writers[index].write_table(frame.to_arrow())
-
-    def sorted(self) -> Iterator[pl.DataFrame]:
-        for writer in self.writers.values():
-            writer.close()
-        for index in sorted(self.writers):
-            yield pl.read_parquet(self.folder / f"{index:05d}.parquet").sort("article_id")
-        shutil.rmtree(self.folder)
+def _typed(rows: pl.DataFrame) -> pa.Table:
+    """`rows` with ROW's types: a batch whose notes are all empty has a null-typed column, and every part gets one."""
+    return rows.select(pl.col(c).cast(dtype) for c, dtype in ROW.items()).to_arrow()
 
 
 def _run(cfg) -> dict | None:
@@ -131,15 +108,16 @@ def _run(cfg) -> dict | None:
     facts = Counter()
     rejected, by_lang, splitters = [], Counter(), set()
     with staged_dir(out, "translated") as stage:
-        parts = _Parts(stage / ".parts", ids["article_id"])  # gone before the stage is committed
+        # an external sort by article id: one part in memory at a time; its files are gone before the commit
+        parts = ExternalSort(stage / ".parts", "article_id", ids["article_id"], t.part_rows)
         for rows in _reused_rows(last_files, known, ids.filter(reused)):
-            parts.add(rows)
+            parts.add(_typed(rows))
         if len(todo):
             log(f"translate: {len(todo)} new texts, {len(queries) - len(todo)} reused from the last run")
             for rows in _translated(cfg, t, todo):
-                parts.add(rows.join(todo.drop("file"), on="article_id", how="left"))
+                parts.add(_typed(rows.join(todo.drop("file"), on="article_id", how="left")))
         skipped = pl.col("translate_note").str.ends_with(NO_PACKAGE).fill_null(False)
-        for index, frame in enumerate(parts.sorted()):
+        for index, frame in enumerate(map(pl.from_arrow, parts.ranges())):
             kept = frame.filter(~skipped).with_columns(
                 join_text(cfg.prepare.text, "title_en", "text_en").alias("query_text"))
             write_table(kept.to_arrow(), stage / f"part-{index:05d}.parquet")
