@@ -312,8 +312,8 @@ def _prepared(output, shards: list[list[dict]]) -> None:
 @pytest.mark.slow
 def test_stage_writes_id_range_parts_and_a_night_equals_a_fresh_run(packages_dir, tmp_path, ray_local):
     """translated/ is written in parts of `translate.part_rows` rows sorted by id (an external sort: rows are bucketed
-    by id range as they come). A night reuses the last run's rows by content hash and translates the rest on the Ray pool, which
-    reads and filters the prepared texts itself: its translated/ must equal a fresh run's."""
+    by id range as they come). A night reuses the last run's rows by content hash and translates the rest on the Ray
+    pool, which reads and filters the prepared texts itself: its translated/ must equal a fresh run's."""
     import polars as pl
 
     from newsclip.stages import translate
