@@ -5,9 +5,12 @@ same news-photo-like JPEGs in one run; prints JSON (and writes it with --out).
     python3 benchmarks/encode_throughput.py --backbone ViT-B/32 --random-weights --device cuda --images 8192
 
 What is timed, each over the same Parquet shards of JPEGs (800x533, quality 85 by default):
-  newsclip_stage   the encode stage's own path (encode.encode_new: CPU decode tasks -> model actors -> the store)
-                   on Ray; start-up (actors, model loads, first inputs) is its first_batch_seconds, and the steady
-                   rate counts the rows after the first batch. Ray itself is started before the clock.
+  newsclip_stage   the encode stage's own path on the rows it picks itself (encoding.wanted_rows, from inputs written
+                   as the stages before it commit them): CPU decode tasks -> model actors -> the store
+                   (encoding.encode_new) on Ray, unless --inline-rows lets it encode a small todo in this process;
+                   start-up (actors, model loads, first inputs) is its first_batch_seconds, and the steady rate counts
+                   the rows after the first batch (none when the first batch held them all). Ray itself is started
+                   before the clock.
   plain_loop       one process: read, PIL decode, clip's preprocess, model, in batches (only with --device cpu: on a
                    GPU machine it measures one core's decoding)
   dataloader_loop  torch DataLoader with CPUs - 1 workers (PIL decode + clip's preprocess), pinned memory on a GPU:
@@ -72,6 +75,40 @@ def write_photos(folder: Path, n: int, width: int, height: int, quality: int) ->
         files.append(folder / f"part-{start // SHARD_ROWS:05d}.parquet")
         pq.write_table(table, files[-1])
     return files
+
+
+def write_texts(folder: Path, n: int) -> list[Path]:
+    """`n` query texts as the translate stage commits them, (article_id, query_text) in shards of SHARD_ROWS: the
+    stage's CPU tasks read them from there."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder.mkdir(parents=True)
+    queries, files = texts(n), []
+    for start in range(0, n, SHARD_ROWS):
+        rows = range(start, min(n, start + SHARD_ROWS))
+        files.append(folder / f"part-{start // SHARD_ROWS:05d}.parquet")
+        pq.write_table(pa.table({"article_id": [str(i) for i in rows], "query_text": queries[start:rows.stop]}),
+                       files[-1])
+    return files
+
+
+def write_candidates(path: Path, files: list[Path]) -> Path:
+    """The image shards' rows as the prepare stage lists its candidates: (image_id, file, image_hash, candidate)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from newsclip.runtime.embedding_store import content_keys
+
+    parts = []
+    for f in files:
+        shard = pq.read_table(f, columns=["image_id", "image"])
+        parts.append(pa.table({"image_id": shard.column("image_id"), "file": pa.array([str(f)] * len(shard)),
+                               "image_hash": content_keys(shard.column("image").to_pylist()),
+                               "candidate": pa.array([True] * len(shard))}))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.concat_tables(parts), path)
+    return path
 
 
 def texts(n: int) -> list[str]:
@@ -182,10 +219,12 @@ def model_only(checkpoint: str, batch: int, device: str, images: int, text_batch
     return out
 
 
-def newsclip_stage(cfg, enc, checkpoint: str, side, todo, store_root: Path) -> dict:
+def newsclip_stage(cfg, enc, checkpoint: str, side, store_root: Path) -> dict:
+    """The encode stage on one side: its own choice of the rows to encode (untimed), then its encode on Ray."""
+    from newsclip.encoding import encode_new, wanted_rows
     from newsclip.runtime.embedding_store import EmbeddingStore
-    from newsclip.stages.encode import encode_new
 
+    _, todo = wanted_rows(cfg, side)
     store = EmbeddingStore(store_root, "bench", "random", enc.precision, side.name)
     started = time.perf_counter()
     stats = encode_new(cfg, enc, checkpoint, side, todo, store)
@@ -193,8 +232,8 @@ def newsclip_stage(cfg, enc, checkpoint: str, side, todo, store_root: Path) -> d
     steady, rest = seconds - stats["first_batch_seconds"], stats["encoded"] - stats["first_batch_rows"]
     return {"seconds": round(seconds, 2), "rows_per_s": round(stats["encoded"] / seconds, 1),
             "startup_seconds": stats["first_batch_seconds"],
-            "steady_rows_per_s": round(rest / steady, 1) if steady > 0 else None,
-            "encoded": stats["encoded"]}
+            "steady_rows_per_s": round(rest / steady, 1) if rest > 0 and steady > 0 else None,
+            "encoded": stats["encoded"], "in_process": stats.get("in_process", False)}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -213,26 +252,28 @@ def main(argv: list[str] | None = None) -> dict:
                         help="default: the stage's (0 on CPUs, 1 on GPUs)")
     parser.add_argument("--decode", choices=["cpu", "gpu"], default="cpu")
     parser.add_argument("--jpeg-draft", action="store_true")
+    parser.add_argument("--inline-rows", type=int, default=0,
+                        help="the job's ray.inline_rows: on CPUs the stage encodes a todo of at most this many rows in "
+                             "this process, with the pool's own code (default 0: on Ray at every size)")
     parser.add_argument("--skip", default="", help="comma-separated: plain_loop,dataloader_loop,model_only")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args(argv)
 
-    import pyarrow as pa
     import ray
     import torch
 
     from newsclip import config
-    from newsclip.runtime.embedding_store import content_keys
+    from newsclip.encoding import IMAGES, TEXTS
     from newsclip.runtime.ray_setup import ensure_ray
-    from newsclip.stages.encode import IMAGES, TEXTS
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     width, height = map(int, args.photo_size.lower().split("x"))
     skip = set(filter(None, args.skip.split(",")))
     gpus = args.actors if device == "cuda" else 0
+    # eval.candidates=all: every image written is one the stage encodes
     settings = [f"backbones=[{args.backbone}]", f"encode.actors={args.actors}", f"encode.decode={args.decode}",
                 f"encode.num_gpus_per_actor={1 if gpus else 0}", f"encode.jpeg_draft={str(args.jpeg_draft).lower()}",
-                "encode.commit_rows=1000000"]
+                "encode.commit_rows=1000000", f"ray.inline_rows={args.inline_rows}", "eval.candidates=all"]
     if args.batch_size:
         settings.append(f"encode.batch_size={args.batch_size}")
     if args.cpus_per_actor is not None:
@@ -254,26 +295,22 @@ def main(argv: list[str] | None = None) -> dict:
                 from newsclip.demo.model import ensure_demo_model
 
                 ensure_demo_model()
+        cfg = config.load(None, [*settings, f"output_dir={tmp / 'out'}"])
         started = time.perf_counter()
         files = write_photos(tmp / "images", args.images, width, height, args.quality)
         result["photo_kb"] = round(sum(f.stat().st_size for f in files) / args.images / 1024, 1)
+        # the inputs as the stages before encode commit them, so that the stage picks its rows (with the shard each
+        # is read from) by its own code
+        write_candidates(cfg.output / "prepared" / "candidates.parquet", files)
+        if args.texts:
+            write_texts(cfg.query_texts, args.texts)
         result["data_seconds"] = round(time.perf_counter() - started, 1)
 
-        cfg = config.load(None, [*settings, f"output_dir={tmp / 'out'}"])
-        ensure_ray(cfg.ray)
-        ids = [f"img-{i:07d}" for i in range(args.images)]
-        import pyarrow.parquet as pq
-
-        hashes = pa.concat_arrays([content_keys(pq.read_table(f, columns=["image"]).column("image").to_pylist())
-                                   for f in files])
-        per_file = [str(f) for f in files for _ in range(pq.read_metadata(f).num_rows)]
-        todo = pa.table({"image_id": ids, "file": per_file, "hash": hashes})
-        stage = result["newsclip_stage"] = newsclip_stage(cfg, enc, checkpoint, IMAGES, todo, tmp / "store")
+        if device == "cuda" or max(args.images, args.texts) > args.inline_rows:  # else the stage needs no Ray
+            ensure_ray(cfg.ray)
+        stage = result["newsclip_stage"] = newsclip_stage(cfg, enc, checkpoint, IMAGES, tmp / "store")
         if args.texts:
-            queries = texts(args.texts)
-            todo = pa.table({"article_id": [str(i) for i in range(args.texts)], "query_text": queries,
-                             "hash": content_keys(queries)})
-            result["newsclip_stage_texts"] = newsclip_stage(cfg, enc, checkpoint, TEXTS, todo, tmp / "store")
+            result["newsclip_stage_texts"] = newsclip_stage(cfg, enc, checkpoint, TEXTS, tmp / "store")
         ray.shutdown()
 
         if device == "cpu" and "plain_loop" not in skip:

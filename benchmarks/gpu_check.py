@@ -4,9 +4,11 @@ JSON. Run it through benchmarks/gpu_check.sh.
 
     benchmarks/gpu_check.sh                      # on a GPU machine: the full check (under 6 minutes on one H200)
     benchmarks/gpu_check.sh --device cpu         # a dry run of every step on a CPU, at toy sizes
+    benchmarks/gpu_check.sh --tiny               # every step with demo-tiny's architecture: the plumbing, fast
 
 Needs torch, torchvision, pyarrow, pillow, Ray and clip: no polars, no faiss (the GPU machine has neither).
-Every step is guarded, so one failure does not lose the others; the JSON is rewritten after each step.
+Every step is guarded, so one failure does not lose the others; the JSON is rewritten after each step. The exit
+status is 1 when any step recorded an error (each is named on stderr), so a broken step never passes for a result.
 """
 
 from __future__ import annotations
@@ -30,9 +32,12 @@ sys.path.insert(0, str(HERE.parent))
 THROUGHPUT = [("ViT-B/32", []), ("ViT-B/32", ["--jpeg-draft"]), ("ViT-B/32", ["--decode", "gpu"]), ("ViT-L/14", [])]
 DRY_RUN = ["--images", "32", "--texts", "32", "--batch-size", "16", "--photo-size", "320x213"]  # ViT-L/14 left out:
 # on two CPU cores its three model loads alone take minutes
+TINY = "demo-tiny"  # --tiny: newsclip's own small CLIP (random weights) in place of every backbone above
+STEPS = ("cuda_tests", "correctness", "throughput", "finetune", "bars")
+FAIL = "NEWSCLIP_GPU_CHECK_FAIL"  # a step's name: that step raises at once (to test that a failure is reported)
 
 
-def correctness(device: str) -> dict:
+def correctness(device: str, backbone: str = "ViT-B/32") -> dict:
     """Each precision's text and image embeddings against the fp32 CPU reference, and the recipe that crashed."""
     import numpy as np
     import pyarrow as pa
@@ -40,20 +45,22 @@ def correctness(device: str) -> dict:
     from random_clip import random_checkpoint
 
     from newsclip.config import EncodeConfig
+    from newsclip.retrieval.backbones import input_sizes
     from newsclip.workers.encoders import ImageEncoder, TextEncoder, decode_images, tokenize_texts
 
     out: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = str(random_checkpoint("ViT-B/32", Path(tmp) / "vit-b-32.pt"))
+        checkpoint = str(random_checkpoint(backbone, Path(tmp) / "random.pt"))
+        resolution, context_length = input_sizes(checkpoint)
         import encode_throughput
 
         photos = [encode_throughput.photo(i, 800, 533, 85) for i in range(8)]
-        decoded = decode_images(pa.table({"image": pa.array(photos, pa.binary())}), resolution=224,
+        decoded = decode_images(pa.table({"image": pa.array(photos, pa.binary())}), resolution=resolution,
                                 max_pixels=40_000_000, draft=False, jpeg_to_actor=False)
-        jpegs = decode_images(pa.table({"image": pa.array(photos, pa.binary())}), resolution=224,
+        jpegs = decode_images(pa.table({"image": pa.array(photos, pa.binary())}), resolution=resolution,
                               max_pixels=40_000_000, draft=False, jpeg_to_actor=True)
         tokens = tokenize_texts(pa.table({"hash": [str(i) for i in range(8)],
-                                          "query_text": encode_throughput.texts(8)}), 77)
+                                          "query_text": encode_throughput.texts(8)}), context_length)
 
         def vectors(table):
             return table.column("embedding").combine_chunks().flatten().to_numpy().reshape(len(table), -1)
@@ -67,12 +74,12 @@ def correctness(device: str) -> dict:
             return {f"{side}_min_cosine": round(float(np.min(np.sum(got * want, 1))), 5),
                     f"{side}_min_centred_cosine": round(float(np.min(np.sum(centred[0] * centred[1], 1))), 4)}
 
-        cpu = EncodeConfig(batch_size=8).for_backbone("ViT-B/32")
+        cpu = EncodeConfig(batch_size=8).for_backbone(backbone)
         reference = {"images": vectors(ImageEncoder(checkpoint, cpu)(decoded)),
                      "texts": vectors(TextEncoder(checkpoint, cpu)(tokens))}
         gpus = 1 if device == "cuda" else 0
         for precision in ("fp16", "fp32", "bf16"):
-            cfg = EncodeConfig(batch_size=8, num_gpus_per_actor=gpus, precision=precision).for_backbone("ViT-B/32")
+            cfg = EncodeConfig(batch_size=8, num_gpus_per_actor=gpus, precision=precision).for_backbone(backbone)
             try:
                 images, texts = ImageEncoder(checkpoint, cfg), TextEncoder(checkpoint, cfg)
                 out[precision] = {"label": images.precision, "device": images.device,
@@ -80,7 +87,7 @@ def correctness(device: str) -> dict:
                                   **agreement(vectors(texts(tokens)), "texts")}
                 if precision == "fp16":
                     gpu_decode = ImageEncoder(checkpoint, EncodeConfig(batch_size=8, num_gpus_per_actor=gpus,
-                                                                       decode="gpu").for_backbone("ViT-B/32"))
+                                                                       decode="gpu").for_backbone(backbone))
                     out["fp16"]["gpu_decode"] = agreement(vectors(gpu_decode(jpegs)), "images")
             except Exception as e:  # noqa: BLE001 - the check reports, it does not stop
                 out[precision] = {"error": f"{type(e).__name__}: {e}"}
@@ -106,13 +113,19 @@ def cuda_tests() -> dict:
     return {"exit_status": run.returncode, "summary": run.stdout.strip().splitlines()[-1:], "stderr": run.stderr[-500:]}
 
 
-def throughput(device: str) -> list[dict]:
+def throughput(device: str, tiny: bool = False) -> list[dict]:
     import encode_throughput
 
+    full = device == "cuda" and not tiny
     rows = []
-    for backbone, flags in THROUGHPUT if device == "cuda" else THROUGHPUT[:-1]:
-        sizes = ["--images", "8192", "--texts", "16384"] if device == "cuda" else DRY_RUN
-        argv = ["--backbone", backbone, "--random-weights", "--device", device, *sizes, *flags]
+    for i, (backbone, flags) in enumerate(THROUGHPUT if full else THROUGHPUT[:-1]):
+        backbone = TINY if tiny else backbone
+        sizes = ["--images", "8192", "--texts", "16384"] if full else DRY_RUN
+        # on CPUs the first row of a dry run runs the stage's Ray pool as a GPU does; the others (and every --tiny
+        # row) encode their few rows in this process with the pool's own code (the tasks' function, the actor's
+        # class), which saves a minute of actor start-ups a row on two cores
+        inline = ["--inline-rows", "1000"] if device == "cpu" and (i or tiny) else []
+        argv = ["--backbone", backbone, "--random-weights", "--device", device, *sizes, *inline, *flags]
         started = time.time()
         try:
             result = encode_throughput.main(argv)
@@ -124,30 +137,28 @@ def throughput(device: str) -> list[dict]:
     return rows
 
 
-def finetune(device: str) -> dict:
+def finetune(device: str, tiny: bool = False) -> dict:
     """newsclip finetune's training step: steps and images per second, peak GPU memory (issue 14)."""
     import finetune_throughput
 
-    argv = (["--backbone", "ViT-B/32", "--batch-size", "256", "--precision", "bf16"] if device == "cuda" else
-            ["--backbone", "demo-tiny", "--batch-size", "16", "--steps", "3", "--warmup", "1"])
+    argv = (["--backbone", "ViT-B/32", "--batch-size", "256", "--precision", "bf16"] if device == "cuda" and not tiny
+            else ["--backbone", TINY, "--batch-size", "16", "--steps", "3", "--warmup", "1"])
     return finetune_throughput.main([*argv, "--device", device])
 
 
 def bars(result: dict) -> dict:
-    """Issue 11's GPU bars, read off this run (only meaningful on a GPU)."""
-    table = {(r["backbone"], tuple(r["flags"])): r for r in result.get("throughput", []) if "error" not in r}
-    best = {b: max((r for (name, _), r in table.items() if name == b),
-                   key=lambda r: r["newsclip_stage"]["steady_rows_per_s"] or 0, default=None)
-            for b in ("ViT-B/32", "ViT-L/14")}
+    """Issue 11's GPU bars, read off this run (only meaningful on a GPU): per backbone, its fastest row."""
+    rows = [r for r in result.get("throughput", []) if "error" not in r]
     out = {}
-    for name, r in best.items():
-        if r is None:
-            continue
-        steady, overall = r["newsclip_stage"]["steady_rows_per_s"] or 0, r["newsclip_stage"]["rows_per_s"]
+    for name in dict.fromkeys(r["backbone"] for r in rows):
+        # by the steady rate where there is one (a dry run's few rows arrive in one batch: none)
+        r = max((r for r in rows if r["backbone"] == name),
+                key=lambda r: r["newsclip_stage"]["steady_rows_per_s"] or r["newsclip_stage"]["rows_per_s"])
+        steady, overall = r["newsclip_stage"]["steady_rows_per_s"], r["newsclip_stage"]["rows_per_s"]
         out[name] = {"flags": r["flags"], "steady_images_per_s": steady, "images_per_s_with_startup": overall,
                      "over_dataloader": r["ratios"].get("stage_over_dataloader_loop"),
                      "over_model_only_steady": round(steady / r["model_only"]["images_per_s"], 3)
-                     if "model_only" in r else None,
+                     if steady and "model_only" in r else None,
                      "texts_steady_per_s": r.get("newsclip_stage_texts", {}).get("steady_rows_per_s")}
     goals = {"ViT-B/32": 5000, "ViT-L/14": 1500}
     for name, goal in goals.items():
@@ -156,11 +167,51 @@ def bars(result: dict) -> dict:
     return out
 
 
+def failures(result: dict) -> list[str]:
+    """Every error the steps recorded, each as 'where: error' (a step's own, a throughput row's, a precision's), a
+    CUDA test run that did not pass, and a throughput table that gave no bar."""
+    found = []
+
+    def walk(value, where: str) -> None:
+        if isinstance(value, dict):
+            if "error" in value:
+                found.append(f"{where}: {value['error']}")
+                return
+            for key, inner in value.items():
+                walk(inner, f"{where}.{key}")
+        elif isinstance(value, list):
+            for i, inner in enumerate(value):
+                label = (f" ({' '.join([inner['backbone'], *inner.get('flags', [])])})"
+                         if isinstance(inner, dict) and "backbone" in inner else "")
+                walk(inner, f"{where}[{i}]{label}")
+
+    for step in STEPS:
+        if step in result:
+            walk(result[step], step)
+    tests = result.get("cuda_tests", {})
+    if tests.get("exit_status") not in (None, 0):
+        found.append(f"cuda_tests: pytest exited {tests['exit_status']}: {tests.get('summary')} "
+                     f"{tests.get('stderr', '')[-300:]}")
+    throughput_ran = isinstance(result.get("throughput"), list) and result["throughput"]
+    if throughput_ran and result.get("bars") == {}:
+        found.append("bars: none computed from the throughput table")
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when torch sees one")
+    parser.add_argument("--tiny", action="store_true",
+                        help=f"{TINY}'s architecture (random weights) in place of every backbone, at the dry run's "
+                             "sizes, and on CPUs no actor pool: each step's plumbing in about a minute (on a GPU "
+                             "too, before the full check)")
+    parser.add_argument("--steps", default=",".join(STEPS),
+                        help=f"the steps to run, comma-separated, of {','.join(STEPS)} (default: all)")
     parser.add_argument("out", nargs="?", type=Path, help="the JSON (default benchmarks/results/gpu_check-<time>.json)")
     args = parser.parse_args()
+    steps = set(filter(None, args.steps.split(",")))
+    if steps - set(STEPS):
+        parser.error(f"--steps: {', '.join(sorted(steps - set(STEPS)))} is not a step; the steps: {', '.join(STEPS)}")
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -168,19 +219,28 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     result: dict = {"device": device, "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None,
                     "torch": torch.__version__, "python": sys.version.split()[0], "cpus": os.cpu_count(),
-                    "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    for name, step in (("cuda_tests", cuda_tests), ("correctness", lambda: correctness(device)),
-                       ("throughput", lambda: throughput(device)), ("finetune", lambda: finetune(device)),
-                       ("bars", lambda: bars(result))):
+                    "tiny": args.tiny, "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    run = {"cuda_tests": cuda_tests, "correctness": lambda: correctness(device, TINY if args.tiny else "ViT-B/32"),
+           "throughput": lambda: throughput(device, args.tiny), "finetune": lambda: finetune(device, args.tiny),
+           "bars": lambda: bars(result)}
+    for name in (s for s in STEPS if s in steps):
         started = time.time()
         try:
-            result[name] = step()
+            if os.environ.get(FAIL) == name:
+                raise RuntimeError(f"a failure injected by {FAIL}={name}")
+            result[name] = run[name]()
         except Exception as e:  # noqa: BLE001 - keep going: one broken step must not lose the others
             result[name] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-1500:]}
         result.setdefault("seconds", {})[name] = round(time.time() - started, 1)
         out.write_text(json.dumps(result, indent=1) + "\n")
         print(f"gpu_check {name}: {json.dumps(result[name])[:400]}", flush=True)
     print(f"gpu_check: wrote {out}")
+    problems = failures(result)
+    for problem in problems:
+        print(f"gpu_check: FAILED {problem}", file=sys.stderr)
+    if problems:
+        print(f"gpu_check: {len(problems)} failure(s), each with its trace in {out}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -22,14 +22,20 @@ ARCHITECTURES = {
 
 
 def random_checkpoint(name: str, path: Path, seed: int = 0) -> Path:
-    """Save `name`'s architecture with random weights (fp16 like the released files) as a state dict at `path`."""
+    """Save `name`'s architecture with random weights (fp16 like the released files) as a state dict at `path`;
+    `demo-tiny` is newsclip's own small CLIP (4.6M parameters), for checks that must take seconds on a CPU."""
     import torch
     from clip.model import CLIP, convert_weights
 
-    if name not in ARCHITECTURES:
-        raise SystemExit(f"--random-weights: {name!r} is not one of {', '.join(ARCHITECTURES)}")
+    if name not in ARCHITECTURES and name != "demo-tiny":
+        raise SystemExit(f"--random-weights: {name!r} is not one of {', '.join(ARCHITECTURES)}, demo-tiny")
     torch.manual_seed(seed)
-    model = CLIP(*ARCHITECTURES[name])
+    if name == "demo-tiny":
+        from newsclip.demo.model import build_demo_clip
+
+        model = build_demo_clip()
+    else:
+        model = CLIP(*ARCHITECTURES[name])
     convert_weights(model)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), path)

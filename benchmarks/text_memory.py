@@ -71,7 +71,7 @@ def run_stage(stage: str, data: Path, output: Path) -> None:
 
         rows = translate.run(cfg)["rows"]
     else:
-        from newsclip.stages.encode import TEXTS, wanted_rows
+        from newsclip.encoding import TEXTS, wanted_rows
 
         rows = len(wanted_rows(cfg, TEXTS)[1])
     print(json.dumps({"stage": stage, "rows": rows, "seconds": round(time.perf_counter() - started, 1),

@@ -214,6 +214,8 @@ def _translate(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console.configure(verbose=getattr(args, "verbose", False))
+    from newsclip.runtime.preflight import PreflightError
+    from newsclip.runtime.ray_setup import ResourcesUnavailableError
     from newsclip.runtime.runner import RunLockedError
     from newsclip.translate.packages import MissingLanguagePackageError
     from newsclip.yaml_config import ConfigError
@@ -271,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(evaluate_demo_model(path))
         else:
             _run_job(args, STAGE_NAMES if args.command == "run" else (args.command,))
-    except (ConfigError, FileNotFoundError, ValueError, MissingLanguagePackageError, RunLockedError) as e:
+    except (ConfigError, FileNotFoundError, ValueError, MissingLanguagePackageError, RunLockedError, PreflightError,
+            ResourcesUnavailableError) as e:
         print(f"newsclip {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

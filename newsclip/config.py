@@ -156,6 +156,14 @@ class RayConfig:
     # the image check, translation, and encoding when its actors would run on CPUs. A small night then starts no
     # Ray at all; starting a pool and loading its model cost seconds per stage and side. 0: always Ray.
     inline_rows: int = 1000
+    # On a cluster that may grow (an address is given), an actor pool that no node can hold yet waits this long for
+    # one (the autoscaler is asked for it), then the job stops, naming the setting. A local Ray never grows: a request
+    # it can never meet stops the job before its first stage.
+    wait_timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if not self.wait_timeout_s > 0:
+            raise ValueError(f"wait_timeout_s: must be above 0 seconds, got {self.wait_timeout_s!r}")
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """benchmarks/: every script the README lists answers --help at once, and what the scripts import is declared."""
 
 import ast
+import json
 import os
 import re
 import subprocess
@@ -128,3 +129,97 @@ def test_scale_from_embeddings_times_a_full_and_a_nightly_knn_and_evaluate(tmp_p
     approximate = row["approximate"]["knn"]["text_to_image"]  # IVF, 2 of 38 lists per shard: recall below 1
     assert approximate["searched_in_full"] == 3030 and 0 < approximate["recall_at_k"] < 1, approximate
     assert out.with_suffix(".svg").read_text().startswith("<svg")
+
+
+# ---------------------------------------------------------------------------------------------- the GPU check
+# What the GPU machine lacks (shared/gpu/make-carry.sh): a sitecustomize on PYTHONPATH hides them from every process
+# of a run, Ray's workers included, as if they were not installed.
+HIDE_POLARS_AND_FAISS = '''import sys
+
+
+class _Absent:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {"polars", "faiss"}:
+            raise ModuleNotFoundError(f"No module named {name!r} (hidden: the GPU machine has none)", name=name)
+        return None
+
+
+sys.meta_path.insert(0, _Absent())
+'''
+
+
+def _gpu_check(tmp_path: Path, *args: str, **env: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """benchmarks/gpu_check.sh with this interpreter, polars and faiss hidden; (the run, its JSON)."""
+    hide = tmp_path / "hide"
+    hide.mkdir(exist_ok=True)
+    (hide / "sitecustomize.py").write_text(HIDE_POLARS_AND_FAISS)
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "PYTHON": sys.executable,
+           "PYTHONPATH": os.pathsep.join([str(hide), str(REPO)]), **env}
+    hidden = subprocess.run([sys.executable, "-c", "import polars"], env=env, capture_output=True, text=True)
+    assert hidden.returncode != 0 and "hidden" in hidden.stderr, "the sitecustomize did not hide polars"
+    out = tmp_path / "gpu_check.json"
+    done = subprocess.run([str(BENCHMARKS / "gpu_check.sh"), *args, str(out)], cwd=REPO, capture_output=True,
+                          text=True, timeout=600, env=env)
+    return done, json.loads(out.read_text()) if out.exists() else {}
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_fills_every_row_without_polars_or_faiss(tmp_path):
+    """The CPU dry run at its smallest (demo-tiny's architecture) passes every step with polars and faiss hidden:
+    every throughput row has rates for both sides and the baselines, and the bars are read off them (issue 22)."""
+    done, result = _gpu_check(tmp_path, "--device", "cpu", "--tiny")
+    assert done.returncode == 0, f"exit {done.returncode}\n{done.stderr[-3000:]}"
+    assert result["throughput"], result
+    for row in result["throughput"]:
+        assert "error" not in row, row
+        for part in ("newsclip_stage", "newsclip_stage_texts"):
+            assert row[part]["rows_per_s"] > 0 and row[part]["encoded"] == 32, (row["flags"], part, row[part])
+        assert row["plain_loop"]["images_per_s"] > 0 and row["dataloader_loop"]["images_per_s"] > 0, row
+        assert row["model_only"]["images_per_s"] > 0 and row["model_only"]["texts_per_s"] > 0, row
+    assert [row["flags"] for row in result["throughput"]] == [[], ["--jpeg-draft"], ["--decode", "gpu"]]
+    bar = result["bars"]["demo-tiny"]
+    assert bar["images_per_s_with_startup"] > 0 and bar["over_dataloader"] > 0, bar
+    for precision in ("fp16", "fp32", "bf16"):
+        assert "error" not in result["correctness"][precision], result["correctness"]
+    assert result["cuda_tests"]["exit_status"] == 0, result["cuda_tests"]
+    assert result["finetune"]["images_per_s"] > 0, result["finetune"]
+
+
+def test_gpu_check_exits_1_naming_the_step_that_failed(tmp_path):
+    """A step that raises is recorded, the steps after it still run, and the exit status is 1 with the step and its
+    error on stderr."""
+    done, result = _gpu_check(tmp_path, "--device", "cpu", "--steps", "finetune,bars",
+                              NEWSCLIP_GPU_CHECK_FAIL="finetune")
+    assert done.returncode == 1, f"exit {done.returncode}\n{done.stderr[-3000:]}"
+    assert "FAILED finetune: RuntimeError: a failure injected by NEWSCLIP_GPU_CHECK_FAIL=finetune" in done.stderr
+    assert "error" in result["finetune"] and result["bars"] == {}, result
+    bad = subprocess.run([str(BENCHMARKS / "gpu_check.sh"), "--steps", "throughput,nonsense"], cwd=REPO,
+                         capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHON": sys.executable})
+    assert bad.returncode == 2 and "nonsense is not a step" in bad.stderr, bad.stderr
+
+
+def test_gpu_check_counts_an_error_anywhere_in_its_result_as_a_failure():
+    """The errors of issue 22 (every throughput row's, recorded while the step itself returned) each fail the check,
+    named by step, row and flags; so does a CUDA test run that did not pass, or a table that gave no bar."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", BENCHMARKS / "gpu_check.py")
+    path = list(sys.path)
+    try:
+        gpu_check = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(gpu_check)
+    finally:
+        sys.path[:] = path  # it puts benchmarks/ first, for its own imports
+    keyerror = "KeyError: 'Field \"file\" does not exist in schema'"
+    result = {"cuda_tests": {"exit_status": 1, "summary": ["1 failed"], "stderr": ""},
+              "correctness": {"fp16": {"label": "fp16"}, "bf16": {"error": "RuntimeError: no bf16"}},
+              "throughput": [{"backbone": "ViT-B/32", "flags": [], "error": keyerror},
+                             {"backbone": "ViT-B/32", "flags": ["--jpeg-draft"], "error": keyerror}],
+              "finetune": {"images_per_s": 10.0}, "bars": {}}
+    assert gpu_check.failures(result) == [
+        "correctness.bf16: RuntimeError: no bf16",
+        f"throughput[0] (ViT-B/32): {keyerror}",
+        f"throughput[1] (ViT-B/32 --jpeg-draft): {keyerror}",
+        "cuda_tests: pytest exited 1: ['1 failed'] ",
+        "bars: none computed from the throughput table"]
+    assert gpu_check.failures({"finetune": {"images_per_s": 10.0}, "bars": {}}) == []

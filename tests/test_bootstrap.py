@@ -19,7 +19,7 @@ from newsclip.retrieval.bootstrap import (
     sign_flip_p,
 )
 from newsclip.retrieval.metrics import metric_names, per_query, scores
-from newsclip.stages.evaluate import query_ranks, score_rankings
+from newsclip.retrieval.ranks import query_ranks, score_rankings
 
 
 def synthetic_ranks(n: int, p_hit: float, seed: int) -> np.ndarray:

@@ -31,6 +31,7 @@ def _write(tmp_path, text: str) -> Path:
     ("encode:\n  device: cuda\n", "encode.device: cuda needs num_gpus_per_actor above 0"),
     ("encode:\n  precision: fp8\n", "encode.precision: 'fp8' is not one of"),
     ("encode:\n  fp16: true\n", "encode.fp16: unknown key; known keys of encode: actors, alpha, batch_size"),
+    ("ray:\n  wait_timeout_s: 0\n", "ray.wait_timeout_s: must be above 0 seconds"),
 ])
 def test_errors_name_the_key(tmp_path, text, key):
     with pytest.raises(ConfigError, match=key.replace("[", r"\[")) as info:

@@ -14,6 +14,7 @@ from newsclip import config
 from newsclip.runtime import console, runner
 from newsclip.runtime.console import CLEAR
 from newsclip.runtime.ray_setup import RAY_LOG, ray_logs
+from newsclip.runtime.stage import Stage
 from newsclip.runtime.store import record_stage
 
 LINE = re.compile(r"^\[newsclip \d\d:\d\d:\d\d\] (\w+): (.*)$")
@@ -32,7 +33,7 @@ def plain_console():
     console.configure()
 
 
-def _fake_stage(name: str):
+def _fake_stage(name: str) -> Stage:
     """A stage that reports as the real ones do: messages, progress, a manifest entry with counts."""
 
     def run(cfg):
@@ -41,14 +42,12 @@ def _fake_stage(name: str):
             console.progress(done, 10, part="side")
         return record_stage(cfg.output, name, [], rows=10, new=10)
 
-    return run
+    return Stage(name, run)
 
 
 @pytest.fixture
 def fake_stages(monkeypatch):
     monkeypatch.setattr(runner, "_stage", _fake_stage)
-    monkeypatch.setattr(runner, "_external_inputs", lambda cfg, name: None)
-    monkeypatch.setattr(runner, "ensure_ray", lambda cfg: None)
 
 
 def test_plain_run_prints_one_line_per_stage(tmp_path, fake_stages, capsys):
@@ -73,7 +72,8 @@ def test_a_failed_stage_says_so_on_its_line(tmp_path, fake_stages, monkeypatch, 
     def broken(cfg):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(runner, "_stage", lambda name: broken if name == "translate" else _fake_stage(name))
+    monkeypatch.setattr(runner, "_stage",
+                        lambda name: Stage(name, broken) if name == "translate" else _fake_stage(name))
     with pytest.raises(RuntimeError, match="boom"):
         runner.run_stages(config.load(None, [f"output_dir={tmp_path / 'out'}"]))
     lines = capsys.readouterr().err.splitlines()

@@ -228,7 +228,7 @@ def test_short_ranking_lines_are_never_padded_with_none_and_are_reported(demo_ru
 
     from newsclip import config
     from newsclip.report.markdown import render_markdown
-    from newsclip.stages.knn import list_column, short_lines, tsv_lines
+    from newsclip.runtime.rankings import list_column, short_lines, tsv_lines
 
     assert tsv_lines(["a", "b"], list_column([["x", None, None], ["y", "z", "w"]], pa.string())) == "a\tx\nb\ty\tz\tw\n"
     assert short_lines(np.array([2, 1]), k=2, pool=5, what="t") == {

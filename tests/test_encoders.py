@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from newsclip.config import EncodeConfig
-from newsclip.stages.encode import store_label
+from newsclip.encoding import store_label
 from newsclip.workers.encoders import (
     ImageEncoder,
     TextEncoder,
@@ -257,7 +257,7 @@ def test_draft_decoding_moves_pixels_little():
 
 
 def test_encode_workers_import_neither_polars_nor_faiss():
-    code = ("import sys, newsclip.stages.encode, newsclip.workers.encoders; "
+    code = ("import sys, newsclip.encoding, newsclip.stages.encode, newsclip.workers.encoders; "
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'polars', 'faiss'}))")
     out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
@@ -298,7 +298,7 @@ def test_decode_tasks_stay_out_of_the_model_actors(ray_local, checkpoint, tmp_pa
     import pyarrow.parquet as pq
 
     from newsclip import config
-    from newsclip.stages.encode import IMAGES, model_rows
+    from newsclip.encoding import IMAGES, model_rows
 
     pq.write_table(pa.table({"image_id": ["a", "b"], "image": list(_images().values())[:2]}), tmp_path / "s.parquet")
     cfg = config.load(None, [f"backbones=[{checkpoint}]", f"encode.num_cpus_per_actor={cpus_per_actor}"])
@@ -313,7 +313,7 @@ def test_a_sample_pool_holds_only_the_images_of_the_queries_that_reach_evaluatio
     import pyarrow.parquet as pq
 
     from newsclip import config
-    from newsclip.stages.encode import IMAGES, wanted_rows
+    from newsclip.encoding import IMAGES, wanted_rows
 
     def write(table: pa.Table, path):
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from newsclip.stages.evaluate import query_ranks, truth_ranks
+from newsclip.retrieval.ranks import query_ranks, truth_ranks
 
 K = 3
 # i2, i3, i8 are byte-identical (hash D), so are i4 and i5 (hash E)

@@ -129,7 +129,7 @@ def test_the_saved_model_loads_as_a_backbone_and_gives_the_trainers_embeddings(f
 
 @pytest.mark.slow  # a Ray Train run of demo-tiny
 def test_nothing_of_the_eval_sample_is_trained_or_validated_on(finetuned):
-    from newsclip.stages.prepare import sample_pairs
+    from newsclip.articles import sample_pairs
 
     cfg, _, folder, _ = finetuned
     split = json.loads((folder / "split.json").read_text())
@@ -153,9 +153,9 @@ def test_nothing_of_the_eval_sample_is_trained_or_validated_on(finetuned):
 @pytest.mark.slow  # a Ray Train run of demo-tiny
 def test_an_article_sharing_eval_image_bytes_is_excluded(tmp_path, data, demo_tiny, ray_local):
     """A byte-identical copy of an eval image under another id, with its own article, is never trained on."""
+    from newsclip.articles import sample_pairs
     from newsclip.finetune.split import compute_split
     from newsclip.runtime.runner import run_stages
-    from newsclip.stages.prepare import sample_pairs
 
     folder, articles, images = data
     copy = tmp_path / "data"

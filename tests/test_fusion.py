@@ -9,8 +9,8 @@ import pytest
 
 from newsclip.names import fusion_name, fusion_slug, is_fusion, parse_fusion_name, slug
 from newsclip.retrieval.fusion import Embeddings, exact_scores, fuse, rrf, zmean
+from newsclip.runtime.fused_rankings import fuse_rankings
 from newsclip.runtime.store import embedding_table, write_table
-from newsclip.stages.knn import fuse_stage
 
 
 def table(rows: dict[str, tuple[list[str], list[float]]]) -> pl.DataFrame:
@@ -144,12 +144,14 @@ def test_image_to_text_columns():
     assert out.columns == ["image_id", "article_ids", "scores"] and out["article_ids"].to_list() == [["a", "b"]]
 
 
-def test_fuse_stage_writes_rankings_under_the_fusion_slug(tmp_path):
+def test_fuse_rankings_writes_rankings_under_the_fusion_slug(tmp_path):
     k = 5
     _, _, members = random_case(n_queries=8, n_images=20, k=k)
     names = ["RN50", "ViT-B/32"]
     for name, (emb, _, rankings) in zip(names, members):
-        write_table(rankings.to_arrow(), tmp_path / "rankings" / f"{slug(name)}.parquet")
+        # the members' rankings carry each query's content hash (the same for every backbone)
+        hashed = rankings.with_columns(query_hash=pl.lit("h-") + pl.col("article_id"))
+        write_table(hashed.to_arrow(), tmp_path / "rankings" / f"{slug(name)}.parquet")
         write_table(embedding_table(emb.query_ids, emb.query_vectors, "article_id"),
                     tmp_path / "embeddings" / slug(name) / "texts" / "part-0.parquet")
         write_table(embedding_table(emb.candidate_ids, emb.candidate_vectors, "image_id"),
@@ -157,12 +159,13 @@ def test_fuse_stage_writes_rankings_under_the_fusion_slug(tmp_path):
     cfg = SimpleNamespace(output=tmp_path, eval=SimpleNamespace(k=k))
     for method in ("zmean", "rrf"):
         name = fusion_name(names, method)
-        entry = fuse_stage(cfg, name)
+        entry = fuse_rankings(cfg, name)
         stem = tmp_path / "rankings" / slug(name)
         written = pl.read_parquet(f"{stem}.parquet")
         expected = fuse([m[2] for m in members], method, k, embeddings=[m[0] for m in members])
         assert written["image_ids"].to_list() == expected["image_ids"].to_list()
         assert written.schema["scores"] == pl.List(pl.Float32)
+        assert written["query_hash"].to_list() == ["h-" + q for q in written["article_id"]]
         lines = (tmp_path / "rankings" / f"{slug(name)}.tsv").read_text().splitlines()
         assert lines[0].split("\t") == [written["article_id"][0], *written["image_ids"][0]]
         assert entry["members"] == names and entry["method"] == method
@@ -177,9 +180,10 @@ def test_fuse_stage_writes_rankings_under_the_fusion_slug(tmp_path):
                                 "article_ids": [list(emb.query_ids[o]) for o in order],
                                 "scores": [list(sims.T[i, o].astype(np.float32)) for i, o in enumerate(order)]})
         write_table(reverse.to_arrow(), tmp_path / "rankings" / f"{slug(name)}.image_to_text.parquet")
-    entry = fuse_stage(cfg, fusion_name(names), "image_to_text")
+    entry = fuse_rankings(cfg, fusion_name(names), "image_to_text")
     written = pl.read_parquet(tmp_path / "rankings" / "fusion-rn50-vit-b-32.image_to_text.parquet")
-    assert written.columns == ["image_id", "article_ids", "scores"] and len(written) == 20
+    assert written.columns == ["image_id", "article_ids", "scores", "query_hash"] and len(written) == 20
+    assert written["query_hash"].null_count() == 20  # the members' files carry none
     assert entry["rescored"] == [True, True] and entry["direction"] == "image_to_text"
     swapped = [Embeddings(e.candidate_ids, e.candidate_vectors, e.query_ids, e.query_vectors) for e, _, _ in members]
     rankings = [pl.read_parquet(tmp_path / "rankings" / f"{slug(n)}.image_to_text.parquet") for n in names]

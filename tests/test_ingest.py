@@ -88,14 +88,15 @@ def test_newsimages2021_tsv_and_folder(tmp_path, release_2021):
     assert frame.filter(pl.col("article_id") == "a3")["text"].item() is None  # empty cells are null, not ""
     assert frame.filter(pl.col("article_id") == "a6")["image_id"].item() is None
     # the input contract, exactly: the schema the demo data and the prepare stage use
-    from newsclip.demo.data import ARTICLE_SCHEMA, IMAGE_SCHEMA
+    from newsclip.articles import ARTICLE_SCHEMA, IMAGE_SCHEMA
+    from newsclip.demo import data
     from newsclip.ingest import job
 
     written = pq.read_schema(next((out / "articles").glob("*.parquet")))
     assert written.names == ARTICLE_SCHEMA.names  # Parquet keeps timestamp[s] as [ms], like the demo's shards
     assert [f.type for f in written][:-1] == [f.type for f in ARTICLE_SCHEMA][:-1]
     assert pq.read_schema(next((out / "images").glob("*.parquet"))).remove_metadata() == IMAGE_SCHEMA
-    assert job.ARTICLE_SCHEMA == ARTICLE_SCHEMA and job.IMAGE_SCHEMA == IMAGE_SCHEMA
+    assert job.ARTICLE_SCHEMA is data.ARTICLE_SCHEMA is ARTICLE_SCHEMA and job.IMAGE_SCHEMA is data.IMAGE_SCHEMA
 
     got = images(out)
     assert got == {"i1": jpeg(1), "i2": jpeg(2)}  # bytes exactly as on disk

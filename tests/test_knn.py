@@ -277,39 +277,68 @@ def test_bad_config(key, value):
 def test_incremental_merge_equals_a_full_ranking():
     import pyarrow as pa
 
+    from newsclip.retrieval.nightly import NightlyMerge, added_rows
     from newsclip.retrieval.search import Index
-    from newsclip.stages.knn import _Keys, merge_previous
 
     # one query; full scores a .9, b .5, c .5, d .7, e .5; last run ranked a, b, c; d and e are new: e ties the
     # last k-th score, so it is a candidate, and loses the tie to b by id
-    previous = pa.table({"article_id": ["q"], "image_ids": [["a", "b", "c"]], "scores": [[0.9, 0.5, 0.5]]},
+    previous = pa.table({"article_id": ["q"], "image_ids": [["a", "b", "c"]], "scores": [[0.9, 0.5, 0.5]],
+                         "query_hash": ["hq"]},
                         schema=pa.schema([("article_id", pa.string()), ("image_ids", pa.list_(pa.string())),
-                                          ("scores", pa.list_(pa.float32()))]))
+                                          ("scores", pa.list_(pa.float32())), ("query_hash", pa.string())]))
+    last_database = pa.table({"id": list("abc"), "hash": list("ABC")})
+    database = pa.table({"id": list("abcde"), "hash": list("ABCDE")})
+    assert added_rows(last_database, database).tolist() == [False, False, False, True, True]
     query = np.array([[1.0, 0.0]], np.float32)
     added = np.array([[0.5, 0.75 ** 0.5], [0.7, 0.51 ** 0.5]], np.float32)  # e, d: scores .5 and .7
     sorted_ids = pa.array(list("abcde"))
     with Index(np.array(["e", "d"], object), added, KnnConfig(k=3)) as index:
         assert sorted(index.above(query, np.array([0.5]))[1][0].tolist()) == [0.5, pytest.approx(0.7)]
-        keys, scores = merge_previous(previous, "image_ids", _Keys(sorted_ids), query, index, np.array([3, 4]), 3)
+        nightly = NightlyMerge(iter(previous.to_batches()), last_database, database, sorted_ids, index, 3,
+                               "article_id", "image_ids")
+        merged, keys, scores = nightly.merge(pa.array(["q"]), pa.array(["hq"]), query)
+    assert merged.tolist() == [True]
     full = sorted(zip([-0.9, -0.5, -0.5, -0.7, -0.5], "abcde"))[:3]  # score desc, then id asc
     assert sorted_ids.take(pa.array(keys[0])).to_pylist() == [i for _, i in full] == ["a", "d", "b"]
     assert scores.tolist() == [[pytest.approx(-s) for s, _ in full]]
+
+
+def test_a_query_whose_content_or_last_top_k_changed_is_not_merged():
+    import pyarrow as pa
+
+    from newsclip.retrieval.nightly import NightlyMerge
+
+    last = pa.table({"article_id": ["p", "q", "r"], "image_ids": [["a", "b"], ["b", "c"], ["a", "c"]],
+                     "scores": pa.array([[0.75, 0.5]] * 3, pa.list_(pa.float32())), "query_hash": ["hp", "hq", "hr"]})
+    last_database = pa.table({"id": list("abc"), "hash": list("ABC")})
+    database = pa.table({"id": list("ab"), "hash": ["A", "B"]})  # c deleted
+    nightly = NightlyMerge(iter(last.to_batches(max_chunksize=1)), last_database, database, pa.array(list("ab")),
+                           None, 2, "article_id", "image_ids")
+    vectors = np.zeros((4, 2), np.float32)
+    # p unchanged and intact; q and r ranked c, which is gone; s has no last ranking
+    merged, keys, scores = nightly.merge(pa.array(["p", "q"]), pa.array(["hp", "hq"]), vectors[:2])
+    assert merged.tolist() == [True, False] and keys.tolist() == [[0, 1]] and scores.tolist() == [[0.75, 0.5]]
+    merged, keys, _ = nightly.merge(pa.array(["r", "s"]), pa.array(["hr", "hs"]), vectors[2:])
+    assert merged.tolist() == [False, False] and keys.shape == (0, 2)
+    changed = NightlyMerge(iter(last.to_batches()), last_database, last_database, pa.array(list("abc")), None, 2,
+                           "article_id", "image_ids")
+    assert changed.merge(pa.array(["p", "q"]), pa.array(["hp-new", "hq"]), vectors[:2])[0].tolist() == [False, True]
 
 
 def test_keys_are_positions_in_the_sorted_ids_found_by_hash(monkeypatch):
     import polars as pl
     import pyarrow as pa
 
-    from newsclip.stages.knn import _Keys
+    from newsclip.retrieval.nightly import IdPositions
 
     ids = np.array([f"img-{i:05d}" for i in range(5000)] + ["é", "z\u00ff", "𝔸"], object)
     sorted_ids = pa.array(np.sort(ids.astype(str)).astype(object), pa.string())
     wanted = pa.array(np.random.default_rng(0).choice(ids, 3000).astype(object), pa.string())
-    keys = _Keys(sorted_ids).of(wanted)
+    keys = IdPositions(sorted_ids).of(wanted)
     assert keys.dtype == np.int64 and sorted_ids.take(pa.array(keys)).equals(wanted)
     # every id hashing alike (collisions): the positions are still right
     monkeypatch.setattr(pl.Series, "hash", lambda self, seed=0: pl.Series(np.zeros(len(self), np.uint64)))
-    assert sorted_ids.take(pa.array(_Keys(sorted_ids).of(wanted))).equals(wanted)
+    assert sorted_ids.take(pa.array(IdPositions(sorted_ids).of(wanted))).equals(wanted)
 
 
 @pytest.mark.parametrize(("shards", "backend"), [(1, "local"), (3, "local"), (3, "ray")])
@@ -336,14 +365,14 @@ def test_above_finds_every_row_at_or_over_the_floor(data, shards, backend, monke
 def test_the_database_streams_its_vectors_once_per_id(tmp_path):
     import pyarrow as pa
 
+    from newsclip.runtime.embedding_folders import DatabaseFolder
     from newsclip.runtime.store import embedding_table, write_table
-    from newsclip.stages.knn import _Database
 
     vectors = np.arange(12, dtype=np.float32).reshape(6, 2)
     for part, (ids, rows) in enumerate([(["b", "a", "c"], [0, 1, 2]), (["a", "d", "e"], [3, 4, 5])]):
         table = embedding_table(ids, vectors[rows], "image_id").append_column("hash", pa.array(ids))
         write_table(table, tmp_path / f"part-{part}.parquet")
-    db = _Database(tmp_path, "image_id")
+    db = DatabaseFolder(tmp_path, "image_id")
     assert db.table.column("id").to_pylist() == ["b", "a", "c", "d", "e"]  # the second "a" is left out
 
     def read(rows=None):
@@ -365,11 +394,12 @@ def test_a_nightly_rank_merges_into_the_last_top_k_as_a_full_rank_would(tmp_path
 
     from newsclip import config
     from newsclip.names import encode_entry
+    from newsclip.runtime import embedding_folders
     from newsclip.runtime.store import embedding_table, record_stage, write_table
     from newsclip.stages import knn
 
     if spill:  # queries put in id order through spill files of 3 rows, searched and merged 2 at a time
-        monkeypatch.setattr(knn, "ORDER_BYTES", 3 * 8 * 4)
+        monkeypatch.setattr(embedding_folders, "ORDER_BYTES", 3 * 8 * 4)
     rng = np.random.default_rng(0)
     vectors = rng.normal(size=(20, 8)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
@@ -384,8 +414,8 @@ def test_a_nightly_rank_merges_into_the_last_top_k_as_a_full_rank_would(tmp_path
     embeddings("texts", "article_id", [f"q{i}" for i in (3, 0, 5, 1, 4, 2)], list(range(6)))
     embeddings("images", "image_id", [f"i{i:02d}" for i in range(10)], list(range(6, 16)))
     cfg = config.load(None, [f"output_dir={tmp_path}", "eval.k=3", "backbones=[demo-tiny]", "fusion=[]",
-                             f"knn.query_batch_size={2 if spill else 4096}"])
-    assert knn.rank(cfg, "demo-tiny", "text_to_image")["merged"] == 0
+                             "eval.directions=[text_to_image]", f"knn.query_batch_size={2 if spill else 4096}"])
+    assert knn.run(cfg)[0]["merged"] == 0
     first = pq.read_table(tmp_path / "rankings" / "demo-tiny.parquet")
     assert first.column("article_id").to_pylist() == [f"q{i}" for i in range(6)]
     scores = vectors[:6] @ vectors[6:16].T  # the plain answer: score desc, then id asc
@@ -395,7 +425,7 @@ def test_a_nightly_rank_merges_into_the_last_top_k_as_a_full_rank_would(tmp_path
     # a night: i03 deleted, two images added; the queries whose top 3 held i03 are searched in full
     images = [i for i in range(10) if i != 3] + [10, 11]
     embeddings("images", "image_id", [f"i{i:02d}" for i in images], [6 + i for i in images])
-    entry = knn.rank(cfg, "demo-tiny", "text_to_image")
+    entry = knn.run(cfg)[0]
     held_i03 = sum("i03" in ranked for ranked in first.column("image_ids").to_pylist())
     assert entry["merged"] == 6 - held_i03 > 0 and entry["searched_in_full"] == held_i03
     assert entry["added_candidates"] == 2  # the merged queries were searched against the two added images only
@@ -403,11 +433,11 @@ def test_a_nightly_rank_merges_into_the_last_top_k_as_a_full_rank_would(tmp_path
     tsv = (tmp_path / "rankings" / "demo-tiny.tsv").read_text()
 
     shutil.rmtree(tmp_path / "rankings")  # no last rankings: a full search
-    assert knn.rank(cfg, "demo-tiny", "text_to_image")["merged"] == 0
+    assert knn.run(cfg)[0]["merged"] == 0
     assert pq.read_table(tmp_path / "rankings" / "demo-tiny.parquet").equals(nightly)
     assert (tmp_path / "rankings" / "demo-tiny.tsv").read_text() == tsv
     assert not list((tmp_path / ".staging").glob("*")) if (tmp_path / ".staging").exists() else True
 
     # rankings that were not ranked against the database file beside them are never merged into
     (tmp_path / "rankings" / "demo-tiny.database.parquet").write_bytes(b"")
-    assert knn.rank(cfg, "demo-tiny", "text_to_image")["merged"] == 0
+    assert knn.run(cfg)[0]["merged"] == 0

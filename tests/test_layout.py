@@ -1,5 +1,5 @@
-"""The package's shape: no import cycles (lazy imports inside functions count too), and each stage module named
-as its stage, exposing `run` and nothing else."""
+"""The package's shape: no import cycles (lazy imports inside functions count too), and each stage a room with one
+door: a module named as its stage, from which nothing else takes anything but `run`."""
 
 import ast
 import importlib
@@ -9,7 +9,12 @@ import pytest
 
 from newsclip.runtime.runner import STAGE_NAMES
 
-PACKAGE = Path(__file__).resolve().parents[1] / "newsclip"
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "newsclip"
+CHECKED = ("newsclip", "tests", "benchmarks", "jobs", "cluster")  # every Python file of the project
+STAGES = "newsclip.stages"
+# the runner imports each stage's module by name (importlib) to call its `run`
+DYNAMIC_IMPORTS = {"newsclip/runtime/runner.py"}
 
 
 def _module_name(path: Path) -> str:
@@ -71,6 +76,184 @@ def test_the_cycle_finder_finds_one():
 
 
 @pytest.mark.parametrize("stage", STAGE_NAMES)
-def test_each_stage_is_a_module_of_its_name_exposing_run(stage):
-    module = importlib.import_module(f"newsclip.stages.{stage}")
-    assert module.__all__ == ["run"] and callable(module.run)
+def test_each_stage_is_a_module_of_its_name_with_a_run(stage):
+    assert callable(importlib.import_module(f"newsclip.stages.{stage}").run)
+
+
+def _dotted(node: ast.AST) -> str | None:
+    """`a.b.c` for a chain of attributes on a name, else None."""
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    return ".".join([node.id, *reversed(parts)]) if isinstance(node, ast.Name) else None
+
+
+def _stage_of(module: str) -> str | None:
+    """`newsclip.stages.x...` -> `newsclip.stages.x`; None for other modules (and the package itself)."""
+    parts = module.split(".")
+    return ".".join(parts[:3]) if parts[:2] == STAGES.split(".") and len(parts) > 2 else None
+
+
+class _StageReach(ast.NodeVisitor):
+    """Collects where a module takes something other than `run` from a stage module (`own`: the stage it is, if any).
+
+    Names that imports bind to stage modules (or to `newsclip`/`newsclip.stages` on the way to one) are followed
+    through their scope, nested functions included unless one rebinds the name as a parameter: each use must be an
+    attribute chain that reaches a stage's `run`. Passing the module itself on (to `monkeypatch.setattr`, `getattr`,
+    a dict) reaches into it too, so that is a violation as well."""
+
+    def __init__(self, own: str | None):
+        self.own = own
+        self.found: list[tuple[int, str]] = []
+
+    def visit_Module(self, node: ast.Module) -> None:
+        self._scope(node)
+
+    def visit_FunctionDef(self, node: ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda) -> None:
+        self._scope(node)
+
+    visit_AsyncFunctionDef = visit_Lambda = visit_FunctionDef
+
+    def _scope(self, scope: ast.AST) -> None:
+        bound: dict[str, str] = {}  # name -> the module it stands for: newsclip, newsclip.stages or a stage
+        for node in _own_nodes(scope):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                self._import_from(node, bound)
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name == STAGES or _stage_of(alias.name):  # binds `newsclip`, or its `as` name
+                        bound[alias.asname or "newsclip"] = alias.name if alias.asname else "newsclip"
+        for name, module in bound.items():
+            self._uses(scope, name, module)
+        self.generic_visit(scope)
+
+    def _import_from(self, node: ast.ImportFrom, bound: dict[str, str]) -> None:
+        if _stage_of(node.module):
+            if _stage_of(node.module) != self.own:
+                self.found += [(node.lineno, f"from {node.module} import {alias.name}")
+                               for alias in node.names if alias.name != "run"]
+            return
+        if node.module in (STAGES, "newsclip"):  # from newsclip.stages import x; from newsclip import stages
+            for alias in node.names:
+                module = f"{node.module}.{alias.name}"
+                if module == STAGES or _stage_of(module):
+                    bound[alias.asname or alias.name] = module
+
+    def _uses(self, scope: ast.AST, name: str, module: str) -> None:
+        """Each use of `name` (standing for `module`) must be a chain of attributes that ends at a stage's `run`."""
+        for node in _reachable(scope, name):
+            if not (isinstance(node, ast.Name) and node.id == name and isinstance(node.ctx, ast.Load)):
+                continue
+            top = node
+            while isinstance(getattr(top, "parent", None), ast.Attribute):
+                top = top.parent
+            path = module + _dotted(top)[len(name):]
+            if not (path == STAGES or path.startswith(f"{STAGES}.")):
+                continue  # newsclip.config...: no stage
+            parts = path.split(".")
+            if _stage_of(path) == self.own and self.own:
+                continue
+            if len(parts) < 4 or parts[3] != "run":
+                self.found.append((node.lineno, f"uses {path}" if len(parts) > 3 else f"passes {path} on"))
+
+
+def _own_nodes(scope: ast.AST):
+    """The nodes of `scope` that are not inside a function nested in it."""
+    todo = list(ast.iter_child_nodes(scope))
+    while todo:
+        node = todo.pop()
+        yield node
+        if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda | ast.ClassDef):
+            todo.extend(ast.iter_child_nodes(node))
+
+
+def _reachable(scope: ast.AST, name: str):
+    """The nodes under `scope` where `name` still means what the scope bound, skipping functions whose parameters
+    rebind it."""
+    todo = list(ast.iter_child_nodes(scope))
+    while todo:
+        node = todo.pop()
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
+            arguments = node.args
+            if name in {a.arg for a in [*arguments.posonlyargs, *arguments.args, *arguments.kwonlyargs,
+                                        arguments.vararg, arguments.kwarg] if a}:
+                continue
+        yield node
+        todo.extend(ast.iter_child_nodes(node))
+
+
+def _called(func: ast.expr) -> str | None:
+    return func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else None
+
+
+def _leading_text(node: ast.expr) -> str:
+    """A string constant, or the constant start of an f-string; else ''."""
+    if isinstance(node, ast.JoinedStr) and node.values:
+        node = node.values[0]
+    return node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else ""
+
+
+def stage_reaches(source: str, path: str = "<snippet>") -> list[str]:
+    """`path:line: what` for every place `source` takes from a stage module anything but `run`."""
+    tree = ast.parse(source, path)
+    for node in ast.walk(tree):
+        for child in ast.iter_child_nodes(node):
+            child.parent = node
+    parts = Path(path).with_suffix("").parts
+    own = ".".join(parts) if len(parts) == 3 and ".".join(parts[:2]) == STAGES else None
+    visitor = _StageReach(own)
+    visitor.visit(tree)
+    if path not in DYNAMIC_IMPORTS:  # importlib.import_module("newsclip.stages.x"): its `run` at once, else only
+        for node in ast.walk(tree):  # the runner may
+            if isinstance(node, ast.Call) and _called(node.func) in ("import_module", "__import__") and node.args \
+                    and _leading_text(node.args[0]).startswith(STAGES) \
+                    and not (isinstance(node.parent, ast.Attribute) and node.parent.attr == "run"):
+                visitor.found.append((node.lineno, f"imports {_leading_text(node.args[0])}... by name"))
+    return [f"{path}:{line}: {what}" for line, what in sorted(set(visitor.found))]
+
+
+def test_nothing_takes_anything_but_run_from_a_stage():
+    """Library code two places use lives outside the stages (DESIGN.md, convention 12): no module, test, benchmark
+    or job takes from `newsclip/stages/<x>.py` anything but its `run`, eagerly or lazily."""
+    files = sorted(p for folder in CHECKED for p in (ROOT / folder).rglob("*.py"))
+    found = [line for p in files for line in stage_reaches(p.read_text(), p.relative_to(ROOT).as_posix())]
+    assert not found, "taken from a stage, which exposes only run:\n" + "\n".join(found)
+
+
+@pytest.mark.parametrize("snippet", [
+    "from newsclip.stages.knn import _Keys",
+    "from newsclip.stages.knn import run, _Keys",
+    "def f():\n    from newsclip.stages import knn\n    return knn._Keys",
+    "from newsclip.stages import knn as k\nk._Keys()",
+    "from newsclip.stages import knn\ndef f(monkeypatch):\n    monkeypatch.setattr(knn, '_Keys', None)",
+    "import newsclip.stages.knn\nnewsclip.stages.knn._Keys",
+    "import newsclip.stages.knn as k\nk._Keys",
+    "from newsclip import stages\nstages.knn._Keys",
+    "import importlib\nimportlib.import_module('newsclip.stages.knn')._Keys",
+])
+def test_the_stage_checker_fails_on_taking_keys_from_a_stage(snippet):
+    assert stage_reaches(snippet), snippet
+
+
+@pytest.mark.parametrize("snippet", [
+    "from newsclip.stages.knn import run",
+    "from newsclip.stages.knn import run as knn",
+    "from newsclip.stages import knn\nknn.run(cfg)\nsteps = {'knn': knn.run}",
+    "import newsclip.stages.knn\nnewsclip.stages.knn.run(cfg)\nnewsclip.config.load(None)",
+    "from newsclip import stages\nstages.knn.run(cfg)",
+    "from newsclip.stages import knn\ndef f(knn):\n    return knn._Keys",  # another knn: the parameter
+    "from newsclip.retrieval import fusion\nfusion.rrf",
+])
+def test_the_stage_checker_passes_on_taking_only_run(snippet):
+    assert stage_reaches(snippet) == [], snippet
+
+
+def test_a_stage_may_use_its_own_names_and_only_the_runner_imports_stages_by_name():
+    assert stage_reaches("from newsclip.stages import knn\nknn._Keys", "newsclip/stages/knn.py") == []
+    assert stage_reaches("from newsclip.stages import knn\nknn._Keys", "newsclip/stages/evaluate.py")
+    dynamic = "import importlib\nmodule = importlib.import_module(f'newsclip.stages.{name}')"
+    assert stage_reaches(dynamic, "newsclip/runtime/runner.py") == []
+    assert stage_reaches(dynamic, "newsclip/cli.py")
+    at_once = "import importlib\nimportlib.import_module(f'newsclip.stages.{name}').run(cfg)"
+    assert stage_reaches(at_once, "newsclip/cli.py") == []

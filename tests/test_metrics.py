@@ -9,7 +9,7 @@ from newsclip.retrieval.metrics import csv_metric_groups, metric_names, scores
 def test_hand_computed_case():
     import polars as pl
 
-    from newsclip.stages.evaluate import query_ranks
+    from newsclip.retrieval.ranks import query_ranks
 
     queries = pl.DataFrame({"article_id": ["q1", "q2", "q3", "q4"], "image_id": ["a"] * 4, "source": ["TW"] * 4})
     rankings = pl.DataFrame({"article_id": ["q1", "q2", "q3", "q4"],
@@ -50,7 +50,7 @@ def test_rank_beyond_k_scores_zero():
 def test_image_to_text_counts_any_article_of_the_image():
     import polars as pl
 
-    from newsclip.stages.evaluate import score_rankings
+    from newsclip.retrieval.ranks import score_rankings
 
     queries = pl.DataFrame({"article_id": ["a1", "a2", "a3"], "image_id": ["i1", "i1", "i2"],
                             "source": ["TW", "TW", "RT"]})
@@ -64,7 +64,7 @@ def test_image_to_text_counts_any_article_of_the_image():
 def test_text_to_image_query_without_ranking_is_a_miss():
     import polars as pl
 
-    from newsclip.stages.evaluate import score_rankings
+    from newsclip.retrieval.ranks import score_rankings
 
     queries = pl.DataFrame({"article_id": ["a1", "a2"], "image_id": ["i1", "i2"], "source": ["TW", "TW"]})
     rankings = pl.DataFrame({"article_id": ["a1"], "image_ids": [["i1", "i2"]]})
@@ -74,7 +74,7 @@ def test_text_to_image_query_without_ranking_is_a_miss():
 def test_exact_duplicates_of_the_truth_rank_as_eval_ties_says():
     import polars as pl
 
-    from newsclip.stages.evaluate import duplicate_truths, query_ranks
+    from newsclip.retrieval.ranks import duplicate_truths, query_ranks
 
     # i2, i3, i4 are byte-identical (hash D), so are i5 and i6 (hash E): rankings list them side by side, in id order
     hashes = {"i1": "A", "i2": "D", "i3": "D", "i4": "D", "i5": "E", "i6": "E", "i7": "F", "i8": "G", "i9": "H"}
@@ -94,7 +94,7 @@ def test_exact_duplicates_of_the_truth_rank_as_eval_ties_says():
 def test_sampled_and_unscoreable_counts_per_source():
     import polars as pl
 
-    from newsclip.stages.evaluate import counts
+    from newsclip.retrieval.ranks import counts
 
     queries = pl.DataFrame({"article_id": ["a1", "a2", "a3", "a4"], "image_id": ["i1", "i1", "i2", "i3"],
                             "source": ["TW", "TW", "RT", "RT"]})

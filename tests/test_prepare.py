@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from newsclip import config
+from newsclip import articles, config
+from newsclip.runtime.embedding_store import content_keys
 from newsclip.stages import prepare
 from newsclip.workers.image_check import check_images
 from newsclip.workers.images import ImageDecodeError, decode_image
@@ -71,7 +72,7 @@ def test_rejects_and_sample(tmp_path, ray_local):
     assert sorted(images.filter("candidate")["image_id"]) == sorted(queries["image_id"])
     assert entry["queries"] == 3 and entry["sample_note"] is None
 
-    again = prepare.sample_pairs(kept, 3, cfg.eval.seed)
+    again = articles.sample_pairs(kept, 3, cfg.eval.seed)
     assert sorted(again) == sorted(queries["article_id"])  # seeded: the same sample every run
 
 
@@ -89,7 +90,7 @@ def test_rows_without_ids_are_rejected_as_such_not_as_duplicates(tmp_path, ray_l
 def test_articles_are_read_in_batches_and_queries_written_per_shard(tmp_path, ray_local, monkeypatch):
     """Titles and bodies are read a batch at a time, twice (hashes, then the queries' texts): the queries must be the
     kept rows, in the input's order, with the text of the row that was kept for a duplicated id."""
-    monkeypatch.setattr(prepare, "ARTICLE_BATCH", 2)
+    monkeypatch.setattr(articles, "ARTICLE_BATCH", 2)
     shards = [[{"article_id": f"a{i}", "title": f"T{i}", "text": f"body {i}", "image_id": f"i{i}", "lang": "en"}
                for i in range(5)],
               [{"article_id": "a1", "title": "dup", "text": "dup", "image_id": "i1", "source": "TW"},
@@ -129,11 +130,12 @@ def test_schema_error_names_file_and_column(tmp_path):
     cfg = _inputs(tmp_path / "x", [{"article_id": "a"}], ["i"])
     cfg = config.load(None, [f"input.articles={tmp_path / 'a'}", f"input.images={tmp_path / 'x' / 'i'}",
                              f"output_dir={tmp_path / 'out'}"])
-    with pytest.raises(prepare.SchemaError, match=r"bad.parquet: no 'article_id' column"):
+    with pytest.raises(articles.SchemaError, match=r"bad.parquet: no 'article_id' column"):
         prepare.run(cfg)
 
 
 MAX_PIXELS = 10_000  # the job's bound, so that an image "too large" is a small file here
+CHECK_KEY = b"newsclip.image_check"  # prepared/image_hashes.parquet's metadata: the bound its checks used
 BROKEN = {"trunc-head": (_jpeg(100)[:200], "corrupt image"),  # the header, cut short
           "trunc-late": (_jpeg(101, (100, 80))[:-400], "corrupt image"),  # most of the scan: only the end is lost
           "empty": (b"", "empty image bytes"),
@@ -222,7 +224,7 @@ def test_image_hashes_from_before_the_check_are_no_cache(tmp_path, ray_local):
     cfg = _job(tmp_path)
     prepare.run(cfg)
     hashes = cfg.output / "prepared" / "image_hashes.parquet"
-    assert json.loads(pq.read_schema(hashes).metadata[prepare.CHECK_KEY]) == {"max_image_pixels": MAX_PIXELS}
+    assert json.loads(pq.read_schema(hashes).metadata[CHECK_KEY]) == {"max_image_pixels": MAX_PIXELS}
     old = pq.read_table(hashes).drop_columns(["error"]).replace_schema_metadata(None)  # as an older prepare wrote it
     pq.write_table(old, hashes)
     entry = prepare.run(cfg)
@@ -233,13 +235,13 @@ def test_image_hashes_from_before_the_check_are_no_cache(tmp_path, ray_local):
 def test_check_task_reuses_known_hashes_and_decodes_a_new_hash_once(tmp_path):
     data = {"a": _jpeg(0), "b": _jpeg(0), "c": _jpeg(1), "d": b"\xff\xd8junk"}
     _shard(tmp_path, "s.parquet", data)
-    known = pa.table({"image_hash": [prepare.content_keys([_jpeg(1)])[0].as_py()], "error": pa.array(["stale"])})
+    known = pa.table({"image_hash": [content_keys([_jpeg(1)])[0].as_py()], "error": pa.array(["stale"])})
     rows = check_images(str(tmp_path / "s.parquet"), [0], known, MAX_PIXELS).to_pylist()
     assert [r["image_id"] for r in rows] == list(data)
     assert [r["checked"] for r in rows] == [True, False, False, True]  # b: a's bytes; c: known
     assert [r["error"] for r in rows][:3] == [None, None, "stale"]
     assert rows[3]["error"].startswith("corrupt image") or rows[3]["error"].startswith("not a decodable")
-    assert rows[0]["image_hash"] == rows[1]["image_hash"] == prepare.content_keys([_jpeg(0)])[0].as_py()
+    assert rows[0]["image_hash"] == rows[1]["image_hash"] == content_keys([_jpeg(0)])[0].as_py()
 
 
 def test_check_worker_imports_neither_polars_nor_faiss():
@@ -256,21 +258,21 @@ def test_has_text_agrees_with_the_joined_text():
     values = [None, "", " ", "\t\n", "\u00a0", "\u3000", "\u200b", "x", " x ", "\u00a0y"]
     frame = pl.DataFrame({"title": [t for t in values for _ in values], "text": [b for _ in values for b in values]})
     for mode in ("title", "body", "title_body"):
-        joined = frame.select(prepare.join_text(mode).fill_null("") != "").to_series()
-        assert frame.select(prepare.has_text(mode)).to_series().to_list() == joined.to_list(), mode
+        joined = frame.select(articles.join_text(mode).fill_null("") != "").to_series()
+        assert frame.select(articles.has_text(mode)).to_series().to_list() == joined.to_list(), mode
 
 
 def test_a_shard_that_changes_between_the_two_reads_stops_prepare(tmp_path, ray_local, monkeypatch):
     rows = [{"article_id": f"a{i}", "title": f"T{i}", "text": "b", "image_id": f"i{i}"} for i in range(3)]
     cfg = _inputs(tmp_path, rows, [f"i{i}" for i in range(3)])
-    reads, original = [], prepare._shard_batches
+    reads, original = [], articles.shard_batches
 
     def rewritten_on_second_read(path):
         reads.append(path)
         for frame in original(path):  # the second read finds other ids at the same rows
             yield frame if len(reads) == 1 else frame.with_columns(pl.col("article_id") + "-new")
 
-    monkeypatch.setattr(prepare, "_shard_batches", rewritten_on_second_read)
+    monkeypatch.setattr(articles, "shard_batches", rewritten_on_second_read)
     with pytest.raises(ValueError, match=r"part-0.parquet: the shard changed while prepare read it"):
         prepare.run(cfg)
     assert len(reads) == 2 and not (cfg.output / "prepared").exists()

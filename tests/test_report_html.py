@@ -19,9 +19,9 @@ from newsclip.report.html import checkpoints_note, render_html, write_html
 from newsclip.report.notes import INTERVALS, evaluation_notes, paired_note
 from newsclip.retrieval.bootstrap import ci_rows, decide_as_one_family, paired_rows
 from newsclip.retrieval.paper import paper_scores
+from newsclip.retrieval.ranks import query_ranks
+from newsclip.runtime.fused_rankings import fuse_rankings
 from newsclip.runtime.store import write_table, write_text
-from newsclip.stages.evaluate import query_ranks
-from newsclip.stages.knn import fuse_stage
 
 HOSTILE_TITLE = "<script>alert('x')</script> Flood & storm \"warning\""
 K = 10
@@ -85,7 +85,7 @@ def build_output(root: Path, n: int = 24, backbones=("RN50", "ViT-B/32")) -> tup
     cfg = SimpleNamespace(name="html-test", output=out, eval=SimpleNamespace(k=K),
                           input=SimpleNamespace(images=str(data)))
     fused = fusion_name(list(backbones), "rrf")
-    fuse_stage(cfg, fused)
+    fuse_rankings(cfg, fused)
     names = [*backbones, fused]
     cfg.backbones = tuple(names)
 

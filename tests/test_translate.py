@@ -293,7 +293,8 @@ def _job(output, packages_dir, inline_rows: int):
     from newsclip import config
 
     return config.load(None, [f"output_dir={output}", f"translate.packages_dir={packages_dir}",
-                              f"translate.cache_dir={output / 'cache'}", f"ray.inline_rows={inline_rows}"])
+                              f"translate.cache_dir={output / 'cache'}", f"ray.inline_rows={inline_rows}",
+                              "translate.part_rows=3"])
 
 
 def _prepared(output, shards: list[list[dict]]) -> None:
@@ -309,15 +310,14 @@ def _prepared(output, shards: list[list[dict]]) -> None:
 
 
 @pytest.mark.slow
-def test_stage_writes_id_range_parts_and_a_night_equals_a_fresh_run(packages_dir, tmp_path, ray_local, monkeypatch):
-    """translated/ is written in parts of PART_ROWS rows sorted by id (an external sort: rows are bucketed by id range
-    as they come). A night reuses the last run's rows by content hash and translates the rest on the Ray pool, which
-    reads and filters the prepared texts itself: its translated/ must equal a fresh run's."""
+def test_stage_writes_id_range_parts_and_a_night_equals_a_fresh_run(packages_dir, tmp_path, ray_local):
+    """translated/ is written in parts of `translate.part_rows` rows sorted by id (an external sort: rows are bucketed
+    by id range as they come). A night reuses the last run's rows by content hash and translates the rest on the Ray
+    pool, which reads and filters the prepared texts itself: its translated/ must equal a fresh run's."""
     import polars as pl
 
     from newsclip.stages import translate
 
-    monkeypatch.setattr(translate, "PART_ROWS", 3)
     german = [de for de, _ in eval_sentences(9)]
     article = {f"a{i}": {"article_id": f"a{i}", "title": german[i], "body": german[i], "lang": "de" if i % 2 else "en"}
                for i in range(9)}

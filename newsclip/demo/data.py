@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from newsclip.articles import ARTICLE_SCHEMA, IMAGE_SCHEMA
 from newsclip.demo import news
 from newsclip.demo.scenes import Scene, render
 
@@ -22,12 +23,6 @@ ORPHAN_IMAGES = 0.05
 PNG_SHARE = 0.1
 IMAGE_SIZE = 64
 SHARD_ROWS = 500
-
-ARTICLE_SCHEMA = pa.schema([
-    ("article_id", pa.string()), ("title", pa.string()), ("text", pa.string()), ("image_id", pa.string()),
-    ("source", pa.string()), ("lang", pa.string()), ("published", pa.timestamp("s")),
-])
-IMAGE_SCHEMA = pa.schema([("image_id", pa.string()), ("image", pa.binary())])
 
 
 def _encode(image, fmt: str) -> bytes:

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
+from newsclip.articles import article_texts, sample_pairs
 from newsclip.config import JobConfig
 from newsclip.finetune.config import FinetuneConfig
-from newsclip.stages.prepare import article_texts, sample_pairs
 
 PREPARED = ("prepared/articles.parquet", "prepared/candidates.parquet")
 

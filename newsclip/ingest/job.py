@@ -13,18 +13,13 @@ from pathlib import Path
 import polars as pl
 import pyarrow as pa
 
+from newsclip.articles import ARTICLE_SCHEMA, IMAGE_SCHEMA
 from newsclip.ingest.columns import read_part
 from newsclip.ingest.config import IngestConfig
 from newsclip.ingest.download import Fetched
 from newsclip.ingest.images import Folders, ImageTask, image_folder, image_tasks, load_image
 from newsclip.runtime.store import staged_dir, write_table, write_text
 
-# The input contract (docs/architecture.md); tests keep these equal to the demo data's schemas.
-ARTICLE_SCHEMA = pa.schema([
-    ("article_id", pa.string()), ("title", pa.string()), ("text", pa.string()), ("image_id", pa.string()),
-    ("source", pa.string()), ("lang", pa.string()), ("published", pa.timestamp("s")),
-])
-IMAGE_SCHEMA = pa.schema([("image_id", pa.string()), ("image", pa.binary())])
 REJECT_SCHEMA = pa.schema([("kind", pa.string()), ("id", pa.string()), ("source", pa.string()),
                            ("row", pa.int64()), ("reason", pa.string())])
 
@@ -83,7 +78,7 @@ def _write_images(tasks: list[ImageTask], folders: Folders, cfg: IngestConfig, s
     def flush() -> None:
         nonlocal shards, buffer
         ids, blobs = zip(*buffer, strict=True) if buffer else ((), ())
-        table = pa.table({"image_id": pa.array(ids, pa.string()), "image": pa.array(blobs, pa.binary())})
+        table = pa.table([pa.array(ids, pa.string()), pa.array(blobs, pa.binary())], schema=IMAGE_SCHEMA)
         write_table(table, stage / f"part-{shards:05d}.parquet")
         shards, buffer = shards + 1, []
 

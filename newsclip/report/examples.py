@@ -15,8 +15,8 @@ import pyarrow.parquet as pq
 from newsclip.names import rankings_stem
 from newsclip.report.data import load_images
 from newsclip.report.escape import esc
+from newsclip.retrieval.ranks import BATCH_ROWS, truth_ranks
 from newsclip.runtime.store import read_batches
-from newsclip.stages.evaluate import BATCH_ROWS, truth_ranks
 from newsclip.workers.images import ImageDecodeError, decode_image
 
 THUMB = 160  # thumbnail bounding box in pixels: five per row fit a 1000 px page

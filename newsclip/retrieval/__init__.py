@@ -1,1 +1,1 @@
-"""Pure retrieval: backbones, kNN search, fusion, metrics and the bootstrap."""
+"""Pure retrieval: backbones, kNN search, fusion, the truths' ranks, metrics and the bootstrap."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -115,6 +115,29 @@ def resolve_weights(name_or_path: str, download_root: str | Path | None = None) 
     if not path.is_file():
         raise FileNotFoundError(f"backbone path {path.resolve()} is not a file (expected a CLIP checkpoint)")
     return path
+
+
+def missing_weights(names: Iterable[str], download_root: str | Path | None = None) -> list[str]:
+    """What `load_backbone` would not find for `names`, one message per file (the OpenAI names' together): what is
+    missing, where it was looked for, and how to get it. Files are found, not read (the loader checks them)."""
+    messages, openai = [], []
+    for name in names:
+        try:
+            resolve_weights(name, download_root)
+        except FileNotFoundError as e:
+            if name in _OPENAI_URLS:
+                openai.append(name)
+            else:
+                messages.append(str(e))
+    if openai:
+        where = Path(download_root or default_clip_root()).expanduser()
+        files = ", ".join(openai_weights_file(name, where).name for name in openai)
+        messages.insert(0, f"weights for {len(openai)} OpenAI backbone{'s' if len(openai) > 1 else ''} not found in "
+                        f"{where} (encode.download_root): {files}. newsclip never downloads at job time: fetch them "
+                        f"on a machine with network access (python -c \"from newsclip.retrieval.backbones import "
+                        f"prefetch; [prefetch(n, '{where}') for n in {openai!r}]\"), bake them into the container "
+                        f"image (cluster/bake.py), or point encode.download_root at a folder that holds them.")
+    return messages
 
 
 def prefetch(name: str, download_root: str | Path | None = None) -> Path:

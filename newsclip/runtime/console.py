@@ -184,6 +184,12 @@ def log(message: str) -> None:
         _console.print(line)
 
 
+def running_stage() -> str | None:
+    """The name of the stage whose line the console shows now; None between stages."""
+    with _console.lock:
+        return _console.stages[-1].name if _console.stages else None
+
+
 def note(message: str) -> None:
     """A line on the console only, for what did not happen (`knn: up to date`): a run with nothing to do leaves
     the log file as it was."""

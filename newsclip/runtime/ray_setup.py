@@ -8,6 +8,8 @@ import functools
 import logging
 import os
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -55,6 +57,100 @@ def ensure_ray(cfg: RayConfig) -> None:
         _routing.ray_in_use()
 
 
+def may_grow(cfg: RayConfig) -> bool:
+    """Whether the job runs on a cluster that may gain nodes (an address is given), not on a local Ray it starts."""
+    return bool(cfg.address or os.environ.get("RAY_ADDRESS"))
+
+
+class ResourcesUnavailableError(RuntimeError):
+    """An actor pool asks for more than any node of the Ray cluster has, and no such node came."""
+
+
+WAIT_POLL_SECONDS = 2.0  # how often a waiting pool looks at the cluster's nodes again
+_asked: list[dict[str, float]] = []  # the bundles waiting pools ask the autoscaler for (backbones wait side by side)
+_asked_lock = threading.Lock()
+
+
+def wait_for_resources(cfg: RayConfig, pool: str, cpus: float, gpus: float, cpu_setting: str, gpu_setting: str
+                       ) -> None:
+    """Return once some node of the cluster could hold one actor of `pool` (`cpus` and `gpus` each); Ray must be up.
+
+    Ray itself waits in silence for a node that fits (and a local Ray never gets one). On a local Ray this raises
+    ResourcesUnavailableError at once; on a cluster that may grow it says on the console what the pool waits for,
+    asks the autoscaler for such a node (a wait that only watched would never make one come), and raises after
+    `cfg.wait_timeout_s`. Each error names the settings to change."""
+    ask = {key: amount for key, amount in (("CPU", cpus), ("GPU", gpus)) if amount}
+    largest = _largest_node(ask)
+    if largest is None:
+        return
+    if not may_grow(cfg):
+        raise ResourcesUnavailableError(never_fits(pool, ask, largest, cpu_setting, gpu_setting))
+    wanted = f"{_amounts(ask)} per actor"
+    started = time.monotonic()
+    console.warn(f"{pool}: waiting for {wanted} (the largest node has {_amounts(largest, ask)}; "
+                 f"ray.wait_timeout_s={cfg.wait_timeout_s:g})")
+    with _asking(ask):
+        while (largest := _largest_node(ask)) is not None:
+            left = cfg.wait_timeout_s - (time.monotonic() - started)
+            if left <= 0:
+                raise ResourcesUnavailableError(
+                    f"{pool}: no node of the Ray cluster offered {wanted} within ray.wait_timeout_s="
+                    f"{cfg.wait_timeout_s:g} seconds (the largest node has {_amounts(largest, ask)}); add such nodes "
+                    f"(or let the autoscaler add them), {_lower_settings(ask, largest, cpu_setting, gpu_setting)}, "
+                    "or raise ray.wait_timeout_s")
+            time.sleep(min(WAIT_POLL_SECONDS, left))
+    console.log(f"{pool}: a node for its actors is there, after {time.monotonic() - started:.0f}s")
+
+
+def never_fits(pool: str, ask: dict[str, float], local: dict[str, float], cpu_setting: str, gpu_setting: str,
+               up_to: bool = False) -> str:
+    """The error for a pool (or pools, their largest `ask`: `up_to`) whose actors ask for more than the local Ray has
+    (`local`), which never grows."""
+    return (f"{pool}: each actor asks for {'up to ' if up_to else ''}{_amounts(ask)}, which the local Ray can never "
+            f"give (it has "
+            f"{_amounts(local, ask)}); {_lower_settings(ask, local, cpu_setting, gpu_setting)}, or give ray.address "
+            f"of a cluster that has it")
+
+
+def _lower_settings(ask: dict[str, float], largest: dict[str, float], cpu_setting: str, gpu_setting: str) -> str:
+    """What to lower, for an error: the settings of the resources that no node has enough of."""
+    short = [key for key in ("GPU", "CPU") if ask.get(key, 0) > largest.get(key, 0)] or list(ask)
+    settings = " or ".join({"GPU": gpu_setting, "CPU": cpu_setting}[key] for key in short)
+    return f"lower {settings}" + (f" (--set {gpu_setting}=0 runs it on CPUs)" if "GPU" in short else "")
+
+
+def _largest_node(ask: dict[str, float]) -> dict[str, float] | None:
+    """None when a live node has every resource of `ask`; else the most a node has of each (for the message)."""
+    import ray
+
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    if any(all(node.get(key, 0.0) >= amount for key, amount in ask.items()) for node in nodes):
+        return None
+    return {key: max((node.get(key, 0.0) for node in nodes), default=0.0) for key in ("CPU", "GPU")}
+
+
+def _amounts(resources: dict[str, float], keys=None) -> str:
+    """e.g. `1 GPU and 1 CPU`, `0 GPUs`, for the keys of `keys` (default: all)."""
+    return " and ".join(f"{resources[key]:g} {key}{'' if resources[key] == 1 else 's'}" for key in ("GPU", "CPU")
+                        if key in (keys or resources))
+
+
+@contextlib.contextmanager
+def _asking(bundle: dict[str, float]) -> Iterator[None]:
+    """The autoscaler is asked for a node that holds `bundle` while this lasts (with the other waiting pools')."""
+    from ray.autoscaler.sdk import request_resources
+
+    with _asked_lock:
+        _asked.append(bundle)
+        request_resources(bundles=list(_asked))
+    try:
+        yield
+    finally:
+        with _asked_lock:
+            _asked.remove(bundle)
+            request_resources(bundles=list(_asked))  # the pool's own actors ask from now on
+
+
 def actor_retries(cfg: RayConfig) -> dict:
     """The remote args that bound an actor pool's restarts and task retries (see RayConfig and `map_actors`)."""
     return {"max_restarts": cfg.max_actor_restarts, "max_task_retries": cfg.max_task_retries}
@@ -81,6 +177,10 @@ def map_actors(ds, cfg: RayConfig, fn, **kwargs):
     the actors, the job fails there, loudly, instead of retrying forever. (It also skips map_batches' check that
     a GPU map sets a batch_size; the stages always set one.)"""
     check_retry_bounds(cfg)
+    # the stage's own keys, e.g. encode.num_gpus_per_actor (encode's per-backbone values resolve into that one)
+    stage = console.running_stage() or "<stage>"
+    wait_for_resources(cfg, f"{stage} {getattr(fn, '__name__', fn)}", kwargs.get("num_cpus") or 0.0,
+                       kwargs.get("num_gpus") or 0.0, f"{stage}.num_cpus_per_actor", f"{stage}.num_gpus_per_actor")
     return _map_actors(ds, cfg, fn, **kwargs)
 
 

@@ -8,23 +8,25 @@ import json
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 from newsclip.config import JobConfig, dump
-from newsclip.runtime import console
+from newsclip.runtime import console, stage_clock
 from newsclip.runtime.embedding_store import content_key, store_refs
-from newsclip.runtime.ray_setup import ensure_ray, ray_logs
-from newsclip.runtime.store import STAGING, parquet_files, read_manifest, record_completed, record_run, write_text
+from newsclip.runtime.preflight import preflight
+from newsclip.runtime.ray_setup import ensure_ray, ray_logs, wait_for_resources
+from newsclip.runtime.stage import Stage
+from newsclip.runtime.store import STAGING, read_manifest, record_completed, record_run, write_text
 from newsclip.yaml_config import to_dict
 
 STAGE_NAMES = ("prepare", "translate", "encode", "knn", "evaluate", "report")
 LOGS = "logs"  # under output_dir: newsclip.log (every message of the runs that did work) and Ray's logs
 
 
-def _stage(name: str) -> Callable[[JobConfig], object]:
-    """A stage's `run`: the stage `x` is `newsclip.stages.x`, imported when it runs (prepare needs no torch, the
-    report no Ray)."""
+def _stage(name: str) -> Stage:
+    """A stage: the module `newsclip.stages.<name>`'s `run`, imported when a run names it (so a run of the last
+    stages alone imports no torch, and none imports Ray before it uses it)."""
     if name not in STAGE_NAMES:
         raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGE_NAMES)}")
     return importlib.import_module(f"newsclip.stages.{name}").run
@@ -34,36 +36,16 @@ class RunLockedError(RuntimeError):
     """Another run holds the output folder."""
 
 
-def _external_inputs(cfg: JobConfig, name: str) -> object:
-    """What a stage reads besides the config and the earlier stages' outputs (so a change there reruns it)."""
-    if name == "prepare":  # the input shards as they are on disk now
-        shards = parquet_files(cfg.input.articles, "input.articles") + parquet_files(cfg.input.images, "input.images")
-        return [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in shards]
-    if name == "translate" and cfg.translate.enabled:
-        from newsclip.stages.translate import translator_key
-
-        return translator_key(cfg.translate.resolved())
-    if name == "encode":  # retrained or replaced weights under the same name
-        from newsclip.retrieval.backbones import checkpoint_id
-
-        return {b: checkpoint_id(b, cfg.encode.download_root) for b in cfg.backbones}
-    return None
-
-
-# The config sections the first stages read; the later ones take the whole config (less where Ray runs). So another
-# backbone list (`newsclip finetune`'s comparison, a backbone added) reuses the prepared and translated texts.
-STAGE_SECTIONS = {"prepare": ("input", "prepare", "eval", "encode"),
-                  "translate": ("input", "prepare", "eval", "encode", "translate")}
-
-
-def stage_key(cfg: JobConfig, name: str, completed: dict) -> str:
-    """The identity of a stage's work: config (the sections it reads), earlier stages' outputs, external inputs."""
+def stage_key(cfg: JobConfig, stage: Stage, completed: dict) -> str:
+    """The identity of a stage's work: the config (the sections it reads; all but `ray` if it does not say), the
+    earlier stages' outputs, and its inputs outside the output folder. So another backbone list (`newsclip
+    finetune`'s comparison, a backbone added) reuses the stages that read no backbone."""
     settings = to_dict(cfg)
     settings.pop("ray")
-    if name in STAGE_SECTIONS:
-        settings = {section: settings[section] for section in STAGE_SECTIONS[name]}
-    upstream = {n: completed.get(n, {}).get("digest") for n in STAGE_NAMES[: STAGE_NAMES.index(name)]}
-    return content_key(json.dumps([name, settings, upstream, _external_inputs(cfg, name)], sort_keys=True))
+    if stage.sections is not None:
+        settings = {section: settings[section] for section in stage.sections}
+    upstream = {n: completed.get(n, {}).get("digest") for n in STAGE_NAMES[: STAGE_NAMES.index(stage.name)]}
+    return content_key(json.dumps([stage.name, settings, upstream, stage.inputs_outside(cfg)], sort_keys=True))
 
 
 COUNTS = ("rows", "new", "encoded", "reused", "rejected", "skipped")  # summed over a stage's entries in the run log
@@ -96,6 +78,8 @@ def run_stages(cfg: JobConfig, names: tuple[str, ...] = STAGE_NAMES, force: bool
     After a crash, the same command redoes only what had not been committed. The run's record (per stage: done
     or up to date, seconds, counts) goes to `runs/<run id>.json` as it goes and to `manifest.json` at the end.
     The console gets one line per stage; every message, and Ray's own logs, go to `logs/` (see console, ray_logs)."""
+    stages = [_stage(name) for name in names]
+    preflight(cfg, stages)  # what they need and would not get: before anything starts, all of it at once
     out = cfg.output
     out.mkdir(parents=True, exist_ok=True)
     with _exclusive(out), console.log_file(out / LOGS / "newsclip.log"), ray_logs(out / LOGS):
@@ -110,8 +94,8 @@ def run_stages(cfg: JobConfig, names: tuple[str, ...] = STAGE_NAMES, force: bool
                   "started_at": _now(), "status": "running", "stages": {}}
         path = out / "runs" / f"{record['run_id']}.json"
         try:
-            for name in names:
-                record["stages"][name] = _run_stage(cfg, name, force)
+            for stage in stages:
+                record["stages"][stage.name] = _run_stage(cfg, stage, force)
                 write_text(path, json.dumps(record, indent=2))
             record["status"] = "finished"
         except BaseException as e:
@@ -125,23 +109,26 @@ def run_stages(cfg: JobConfig, names: tuple[str, ...] = STAGE_NAMES, force: bool
     return record
 
 
-def _run_stage(cfg: JobConfig, name: str, force: bool) -> dict:
-    out = cfg.output
+def _run_stage(cfg: JobConfig, stage: Stage, force: bool) -> dict:
+    out, name = cfg.output, stage.name
     completed = read_manifest(out).get("completed", {})
-    key = stage_key(cfg, name, completed)
+    key = stage_key(cfg, stage, completed)
     previous = completed.get(name, {})
     if not force and previous.get("key") == key and all((out / f).exists() for f in previous.get("files", [])):
         console.note(f"{name}: up to date")
         return {"status": "up to date"}
     with console.stage(name) as line:
         starting = time.time()
-        if name == "knn" and cfg.knn.backend == "ray":  # the others start Ray when they use it (not for small work)
+        if stage.starts_ray(cfg):  # the others start Ray when they use it (not for small work)
             ensure_ray(cfg.ray)
+            for actor in stage.needs_of(cfg).actors:  # on a cluster that grows, it says what it waits for
+                wait_for_resources(cfg.ray, actor.pool, actor.cpus, actor.gpus, actor.cpu_setting, actor.gpu_setting)
         started = time.time()  # Ray's start-up is not the stage's time (the line says it when it took a while)
         ray_start = f" (after {started - starting:.1f}s starting Ray)" if started - starting > 1 else ""
         record_completed(out, name, None)
         _reset_peak_rss()
-        result = _stage(name)(cfg)
+        with stage_clock.running():  # each manifest entry the stage records gets its own seconds
+            result = stage(cfg)
         entries = result if isinstance(result, list) else [result] if result else []
         record_completed(out, name, key, entries)
         seconds = round(time.time() - started, 1)

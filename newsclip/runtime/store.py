@@ -18,6 +18,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from newsclip.runtime.stage_clock import lap
+
 STAGING = ".staging"
 # bytes read from a Parquet file at a time when it is streamed: Arrow's default pre-buffering caches every row group
 # it has read until the file is closed (a 1.1 GB rankings file read forward took 1.1 GB of the driver)
@@ -139,7 +141,8 @@ def _update_manifest(output: Path, update) -> None:
 
 
 def record_stage(output: Path, stage: str, files: list[Path], **facts) -> dict:
-    """Add a committed stage to `manifest.json` with its files, row counts and content hash."""
+    """Add a committed stage to `manifest.json` with its files, row counts and content hash, and, in a stage the runner
+    runs, the seconds its work took (see stage_clock)."""
     files = sorted(files)
     entry = {
         "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -147,6 +150,9 @@ def record_stage(output: Path, stage: str, files: list[Path], **facts) -> dict:
         "sha256": files_sha256(files),
         **facts,
     }
+    seconds = lap()
+    if seconds is not None:
+        entry.setdefault("seconds", seconds)
     _update_manifest(output, lambda m: m["stages"].__setitem__(stage, entry))
     return entry
 

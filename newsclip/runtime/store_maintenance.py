@@ -45,7 +45,7 @@ class Folder:
         return self.name.split("/")[1].split("-")[0]  # 16 hex digits (checkpoint_id): no dash in it
 
     @property
-    def precision(self) -> str:  # with the preprocess variants, e.g. fp16-nvjpeg (encode's store_label)
+    def precision(self) -> str:  # with the preprocess variants, e.g. fp16-nvjpeg (encoding.store_label)
         return self.name.split("/")[1].partition("-")[2]
 
     @property

@@ -6,54 +6,20 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from newsclip import articles as contract  # its shard_batches by module: tests stand in for the reader
+from newsclip.articles import IMAGE_SCHEMA, SchemaError, article_hashes, has_text, join_text, sample_pairs
 from newsclip.config import JobConfig
 from newsclip.runtime.console import progress
-from newsclip.runtime.embedding_store import content_keys
 from newsclip.runtime.ray_setup import ensure_ray
 from newsclip.runtime.rejects import write_rejects
-from newsclip.runtime.store import parquet_files, read_batches, record_stage, staged_dir, write_table, write_tables
+from newsclip.runtime.stage import Needs, Stage
+from newsclip.runtime.store import parquet_files, record_stage, staged_dir, write_table, write_tables
 
 __all__ = ["run"]  # the stage; everything else here is its own business
-
-ARTICLE_COLUMNS = {"article_id": pl.String, "title": pl.String, "text": pl.String, "image_id": pl.String,
-                   "source": pl.String, "lang": pl.String}
-REQUIRED = {"articles": "article_id", "images": "image_id"}
-
-
-class SchemaError(ValueError):
-    """An input shard without a required column, or with a column of the wrong type."""
-
-
-ARTICLE_BATCH = 2048  # article rows read at a time: the driver never holds every title and body at once
-
-
-def _shard_batches(path: Path) -> Iterator[pl.DataFrame]:
-    """One articles shard in batches of ARTICLE_COLUMNS (strings; null where the shard has none) and `row`, each
-    row's position in the shard."""
-    names = pq.read_schema(path).names
-    if "article_id" not in names:
-        raise SchemaError(f"{path}: no 'article_id' column (has {', '.join(names)}); "
-                          "articles need article_id, and title/text/image_id/source/lang when known")
-    row = 0
-    for batch in read_batches(path, ARTICLE_BATCH, [c for c in ARTICLE_COLUMNS if c in names]):
-        frame = pl.from_arrow(batch)
-        for column, dtype in ARTICLE_COLUMNS.items():
-            if column not in frame.columns:
-                frame = frame.with_columns(pl.lit(None, dtype).alias(column))
-            elif frame.schema[column] != dtype:
-                try:
-                    frame = frame.with_columns(pl.col(column).cast(dtype, strict=True))
-                except pl.exceptions.PolarsError:
-                    raise SchemaError(f"{path}: column {column!r} is {frame.schema[column]}, expected a string") \
-                        from None
-        yield frame.select(*ARTICLE_COLUMNS, pl.int_range(row, row + len(frame), dtype=pl.Int64).alias("row"))
-        row += len(frame)
-
 
 ARTICLE_ROWS = {"article_id": pl.String, "image_id": pl.String, "source": pl.String, "lang": pl.String,
                 "article_hash": pl.String, "has_text": pl.Boolean, "file": pl.String, "row": pl.Int64}
@@ -64,16 +30,8 @@ def _read_articles(spec: str, text_mode: str) -> pl.DataFrame:
     ARTICLE_ROWS, where `has_text` says whether `text_mode` finds any text and `file` and `row` where the row is."""
     frames = [frame.with_columns(article_hashes(frame), has_text(text_mode).alias("has_text"),
                                  pl.lit(str(path)).alias("file")).select(*ARTICLE_ROWS)
-              for path in parquet_files(spec, "input.articles") for frame in _shard_batches(path)]
+              for path in parquet_files(spec, "input.articles") for frame in contract.shard_batches(path)]
     return pl.concat(frames).rechunk() if frames else pl.DataFrame(schema=ARTICLE_ROWS)
-
-
-def article_texts(spec: str, text_mode: str) -> pl.DataFrame:
-    """The text the encoder reads (`query_text`) per article id, from the first row of each id."""
-    frames = [frame.select("article_id", join_text(text_mode).alias("query_text"))
-              for path in parquet_files(spec, "input.articles") for frame in _shard_batches(path)]
-    texts = pl.concat(frames) if frames else pl.DataFrame(schema={"article_id": pl.String, "query_text": pl.String})
-    return texts.filter(pl.col("article_id").is_first_distinct())
 
 
 def _query_rows(path: Path, queries: pl.DataFrame, text_mode: str) -> Iterator[pa.Table]:
@@ -81,7 +39,7 @@ def _query_rows(path: Path, queries: pl.DataFrame, text_mode: str) -> Iterator[p
     the shard a batch at a time, in the shard's order."""
     known = queries.select("row", pl.col("article_id").alias("known_id"), "source", "article_hash")
     found = 0
-    for frame in _shard_batches(path):
+    for frame in contract.shard_batches(path):
         frame = frame.drop("source").filter(pl.col("row").is_in(known["row"].implode()))
         frame = frame.join(known, on="row", how="left")  # every row has its match: the shard's order is kept
         found += int((frame["article_id"] == frame["known_id"]).sum())
@@ -139,7 +97,7 @@ def _row_group_units(path: Path) -> list[list[int]]:
     """A shard's row groups in runs of at least CHECK_ROWS rows, each the work of one check task."""
     shard = pq.ParquetFile(path)
     names = shard.schema_arrow.names
-    missing = [c for c in ("image_id", "image") if c not in names]
+    missing = [c for c in IMAGE_SCHEMA.names if c not in names]
     if missing:
         raise SchemaError(f"{path}: no {missing[0]!r} column (has {', '.join(names)}); "
                           "images need image_id (string) and image (binary: the encoded file)")
@@ -186,13 +144,6 @@ def _check_shards(cfg: JobConfig, files: list[str], cached: pl.DataFrame) -> dic
     return {file: pa.concat_tables(tables) for file, tables in parts.items()}
 
 
-def article_hashes(articles: pl.DataFrame) -> pl.Series:
-    """What makes an article the same article: its title, text and language (the translate stage's cache key)."""
-    return pl.Series("article_hash", content_keys(
-        "\x1f".join("\x00" if v is None else v for v in row)
-        for row in articles.select("title", "text", "lang").iter_rows()), pl.String)
-
-
 def changes(previous: Path, current: pl.DataFrame, id_column: str, hash_column: str) -> dict:
     """Rows seen, new, changed and deleted since the last committed prepare (all new on a first run)."""
     current = current.unique(id_column, keep="first").select(id_column, hash_column)
@@ -208,21 +159,6 @@ def _reject(frame: pl.DataFrame, id_column: str, kind: str, reason: str | pl.Exp
     reason = pl.lit(reason) if isinstance(reason, str) else reason
     return frame.select(pl.col(id_column).cast(pl.String).alias("id"), pl.lit(kind).alias("kind"),
                         reason.cast(pl.String).alias("reason"), pl.col("file"))
-
-
-def _text_parts(mode: str, title: str, body: str) -> list[pl.Expr]:
-    return [pl.col(c) for c in {"title": [title], "body": [body], "title_body": [title, body]}[mode]]
-
-
-def join_text(mode: str, title: str = "title", body: str = "text") -> pl.Expr:
-    """The text the encoder reads: title and body joined with a space (the paper), or one of them."""
-    parts = [part.str.strip_chars() for part in _text_parts(mode, title, body)]
-    return pl.concat_str(parts, separator=" ", ignore_nulls=True).str.strip_chars()
-
-
-def has_text(mode: str) -> pl.Expr:
-    """Whether `join_text(mode)` is not empty, without building it: some part has a character that is not space."""
-    return pl.any_horizontal(part.str.contains(r"\S").fill_null(False) for part in _text_parts(mode, "title", "text"))
 
 
 def select(articles: pl.DataFrame, images: pl.DataFrame, text_mode: str) -> tuple[pl.DataFrame, pl.DataFrame,
@@ -266,16 +202,7 @@ def select(articles: pl.DataFrame, images: pl.DataFrame, text_mode: str) -> tupl
     return usable, images, pl.concat(rejects)
 
 
-def sample_pairs(usable: pl.DataFrame, size: int | None, seed: int) -> pl.Series:
-    """A seeded sample of article ids; order-independent (sorted first), so the same data gives the same sample."""
-    ids = usable["article_id"].sort()
-    if size is None or size >= len(ids):
-        return ids
-    rng = np.random.default_rng(seed)
-    return ids.gather(np.sort(rng.choice(len(ids), size=size, replace=False)))
-
-
-def run(cfg: JobConfig) -> dict:
+def _run(cfg: JobConfig) -> dict:
     """Read, check and join the inputs; commit prepared/ and rejects/prepare.parquet; return the manifest entry."""
     out = cfg.output
     articles = _read_articles(cfg.input.articles, cfg.prepare.text)
@@ -324,3 +251,25 @@ def run(cfg: JobConfig) -> dict:
              "images_broken": int(image_rows["error"].is_not_null().sum()),
              "changes": diff}
     return record_stage(out, "prepare", sorted((out / "prepared").rglob("*.parquet")), **facts)
+
+
+def _input_shards(cfg: JobConfig) -> list[tuple[str, int, int]]:
+    """The input shards as they are on disk now: a shard added, replaced or touched reruns the stage."""
+    shards = parquet_files(cfg.input.articles, "input.articles") + parquet_files(cfg.input.images, "input.images")
+    return [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in shards]
+
+
+def _needs(cfg: JobConfig) -> Needs:
+    """Input shards under both input keys."""
+    missing = []
+    for spec, key in ((cfg.input.articles, "input.articles"), (cfg.input.images, "input.images")):
+        try:
+            parquet_files(spec, key)
+        except FileNotFoundError as e:
+            missing.append(str(e))
+    return Needs(tuple(missing))
+
+
+# the sections it reads: another backbone list (`newsclip finetune`'s comparison, a backbone added) reuses its work
+run = Stage("prepare", _run, external_inputs=_input_shards, sections=("input", "prepare", "eval", "encode"),
+            needs=_needs)

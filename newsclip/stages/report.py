@@ -5,11 +5,15 @@ from __future__ import annotations
 from newsclip.config import JobConfig
 from newsclip.report.html import write_html
 from newsclip.report.markdown import render_markdown
+from newsclip.runtime.stage import Stage
 from newsclip.runtime.store import record_stage, write_text
 
 __all__ = ["run"]  # the stage; the rendering lives in newsclip.report
 
 
-def run(cfg: JobConfig) -> dict:
+def _run(cfg: JobConfig) -> dict:
     path = write_text(cfg.output / "report.md", render_markdown(cfg))
     return record_stage(cfg.output, "report", [path, write_html(cfg.output, cfg)])
+
+
+run = Stage("report", _run)

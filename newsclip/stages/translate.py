@@ -1,29 +1,29 @@
 """The job's translate stage: every non-English query text to English with Argos, as a Ray Data actor pool.
 
-`translated/` holds the query rows in article id order, in parts of at most PART_ROWS rows. A run translates only
-the texts that the last run's translator has not (by content hash), and the driver never holds the archive's texts:
-the Ray Data pool reads them from `prepared/queries/` itself, and the last run's rows and the new translations stream
-into one file per part (an id range), each then sorted on its own."""
+`translated/` holds the query rows in article id order, in parts of at most `translate.part_rows` rows. A run
+translates only the texts that the last run's translator has not (by content hash), and the driver never holds the
+archive's texts: the Ray Data pool reads them from `prepared/queries/` itself, and the last run's rows and the new
+translations stream into one file per part (an id range), each then sorted on its own."""
 
 from __future__ import annotations
 
-import json
-import shutil
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 import pyarrow.parquet as pq
 
+from newsclip.articles import join_text
 from newsclip.runtime.console import log, track
-from newsclip.runtime.embedding_store import content_key
+from newsclip.runtime.external_sort import ExternalSort
 from newsclip.runtime.ray_setup import dataset_of, ensure_ray, map_actors
 from newsclip.runtime.rejects import write_rejects
+from newsclip.runtime.stage import ActorRequest, Needs, Stage
 from newsclip.runtime.store import parquet_files, read_batches, read_manifest, record_stage, staged_dir, write_table
-from newsclip.stages.prepare import join_text
-from newsclip.translate.packages import installed_packages, require_packages
+from newsclip.translate.packages import require_packages, translator_key
 from newsclip.translate.translator import NO_PACKAGE, OUTPUT_COLUMNS, QueryTranslator
 from newsclip.workers.shard_rows import units_of
 
@@ -31,16 +31,9 @@ __all__ = ["run"]  # the stage; everything else here is its own business
 
 BATCH = 256  # texts per Translator call
 UNIT_ROWS = 2048  # texts per unit of work (one actor call) at most
-PART_ROWS = 5_000  # rows per part of translated/, each sorted in the driver's memory
 # a translated row (then its joined query_text): the Translator's columns and the query's image, source and hash
 ROW = {c: {"lang_confidence": pl.Float32, "translated": pl.Boolean, "truncated": pl.Boolean}.get(c, pl.String)
        for c in (*OUTPUT_COLUMNS, "image_id", "source", "article_hash")}
-
-
-def translator_key(t) -> str:
-    """What decides a translation besides the text: the installed packages and the settings that change output."""
-    packages = [{k: v for k, v in meta.items() if k != "path"} for meta in installed_packages(t.packages_dir)]
-    return content_key(json.dumps([packages, t.target, t.max_chars, t.on_missing_package], sort_keys=True))
 
 
 def _reusable(out: Path, key: str, hashes: pl.Series) -> tuple[list[Path], pl.DataFrame]:
@@ -91,35 +84,12 @@ def _translated(cfg, t, todo: pl.DataFrame) -> Iterator[pl.DataFrame]:
         yield pl.from_arrow(batch)
 
 
-class _Parts:
-    """An external sort by article id: rows go to the file of their id range as they come; `sorted` then reads back
-    one range at a time, sorted. Memory: one batch while rows come, one part (PART_ROWS rows) after."""
-
-    def __init__(self, folder: Path, ids: pl.Series):
-        self.folder = folder
-        folder.mkdir()
-        self.bounds = ids.sort().gather(range(PART_ROWS, len(ids), PART_ROWS))  # the first id of parts 1, 2, ...
-        self.writers: dict[int, pq.ParquetWriter] = {}
-        self.schema = pl.DataFrame(schema=ROW).to_arrow().schema
-
-    def add(self, rows: pl.DataFrame) -> None:
-        # a batch whose notes are all empty has a null-typed column: every part gets ROW's types
-        rows = rows.select(pl.col(c).cast(dtype) for c, dtype in ROW.items())
-        part = self.bounds.search_sorted(rows["article_id"], side="right").alias("part")
-        for (index,), frame in rows.with_columns(part).partition_by("part", as_dict=True, include_key=False).items():
-            if index not in self.writers:
-                self.writers[index] = pq.ParquetWriter(self.folder / f"{index:05d}.parquet", self.schema)
-            self.writers[index].write_table(frame.to_arrow())
-
-    def sorted(self) -> Iterator[pl.DataFrame]:
-        for writer in self.writers.values():
-            writer.close()
-        for index in sorted(self.writers):
-            yield pl.read_parquet(self.folder / f"{index:05d}.parquet").sort("article_id")
-        shutil.rmtree(self.folder)
+def _typed(rows: pl.DataFrame) -> pa.Table:
+    """`rows` with ROW's types: a batch whose notes are all empty has a null-typed column, and every part gets one."""
+    return rows.select(pl.col(c).cast(dtype) for c, dtype in ROW.items()).to_arrow()
 
 
-def run(cfg) -> dict | None:
+def _run(cfg) -> dict | None:
     if not cfg.translate.enabled:
         return None
     out, t = cfg.output, cfg.translate.resolved()
@@ -138,15 +108,16 @@ def run(cfg) -> dict | None:
     facts = Counter()
     rejected, by_lang, splitters = [], Counter(), set()
     with staged_dir(out, "translated") as stage:
-        parts = _Parts(stage / ".parts", ids["article_id"])  # gone before the stage is committed
+        # an external sort by article id: one part in memory at a time; its files are gone before the commit
+        parts = ExternalSort(stage / ".parts", "article_id", ids["article_id"], t.part_rows)
         for rows in _reused_rows(last_files, known, ids.filter(reused)):
-            parts.add(rows)
+            parts.add(_typed(rows))
         if len(todo):
             log(f"translate: {len(todo)} new texts, {len(queries) - len(todo)} reused from the last run")
             for rows in _translated(cfg, t, todo):
-                parts.add(rows.join(todo.drop("file"), on="article_id", how="left"))
+                parts.add(_typed(rows.join(todo.drop("file"), on="article_id", how="left")))
         skipped = pl.col("translate_note").str.ends_with(NO_PACKAGE).fill_null(False)
-        for index, frame in enumerate(parts.sorted()):
+        for index, frame in enumerate(map(pl.from_arrow, parts.ranges())):
             kept = frame.filter(~skipped).with_columns(
                 join_text(cfg.prepare.text, "title_en", "text_en").alias("query_text"))
             write_table(kept.to_arrow(), stage / f"part-{index:05d}.parquet")
@@ -161,3 +132,21 @@ def run(cfg) -> dict | None:
                         translated=dict(sorted(by_lang.items())), truncated=facts["truncated"],
                         skipped=len(rejected), splitters=sorted(splitters), packages_dir=t.packages_dir,
                         translator_key=key, new=len(todo), reused=len(queries) - len(todo))
+
+
+def _translator(cfg) -> str | None:
+    """The installed packages and the settings that change a translation: another translator reruns the stage."""
+    return translator_key(cfg.translate.resolved()) if cfg.translate.enabled else None
+
+
+def _needs(cfg) -> Needs:
+    """The translator actors' CPUs and GPUs."""
+    if not cfg.translate.enabled:
+        return Needs()
+    t = cfg.translate
+    return Needs(actors=(ActorRequest("translate", t.num_cpus_per_actor, t.num_gpus_per_actor,
+                                      "translate.num_cpus_per_actor", "translate.num_gpus_per_actor"),))
+
+
+run = Stage("translate", _run, external_inputs=_translator,
+            sections=("input", "prepare", "eval", "encode", "translate"), needs=_needs)

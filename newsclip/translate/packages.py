@@ -9,6 +9,8 @@ import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from newsclip.runtime.embedding_store import content_key
+
 ARGOS_SUFFIX = ".argosmodel"
 INSTALL_COMMAND = "newsclip translate install PATH"
 _install_lock = threading.Lock()
@@ -181,6 +183,13 @@ def installed_pairs(packages_dir: str | Path) -> set[tuple[str, str]]:
     """(from_code, to_code) of the translate packages installed in `packages_dir`; reads metadata.json only."""
     return {(m["from_code"], m["to_code"]) for m in installed_packages(packages_dir)
             if m.get("from_code") and m.get("to_code")}
+
+
+def translator_key(t) -> str:
+    """What decides a translation besides the text: the installed packages and the settings that change output
+    (`t`: a resolved TranslateConfig)."""
+    packages = [{k: v for k, v in meta.items() if k != "path"} for meta in installed_packages(t.packages_dir)]
+    return content_key(json.dumps([packages, t.target, t.max_chars, t.on_missing_package], sort_keys=True))
 
 
 def require_packages(lang_counts: Mapping[str, int], packages_dir: str | Path, target: str = "en") -> None:

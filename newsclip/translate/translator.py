@@ -50,6 +50,7 @@ class TranslateConfig:
     actors: int = 1  # translator actor pool size
     num_cpus_per_actor: float = 1.0
     num_gpus_per_actor: float = 0.0  # > 0: CTranslate2 runs on CUDA in the actor
+    part_rows: int = 5_000  # rows per part of translated/ at most, each part sorted in the driver's memory
 
     def resolved(self) -> TranslateConfig:
         """This config with its folders made absolute, so every actor on every node reads the same ones."""
@@ -63,7 +64,7 @@ class TranslateConfig:
         # messages start with the key: the job-config loader prefixes the section ("translate.")
         if self.on_missing_package not in ON_MISSING:
             raise ValueError(f"on_missing_package: {self.on_missing_package!r} is not one of 'error', 'skip'")
-        for key in ("max_chars", "batch_size", "threads", "actors"):
+        for key in ("max_chars", "batch_size", "threads", "actors", "part_rows"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 raise ValueError(f"{key}: must be at least 1, got {getattr(self, key)!r}")
         if not self.target:
