@@ -92,7 +92,7 @@ class EncodeConfig:
     # model actor, resize and crop there; other formats on the CPU) | auto (gpu on GPUs, cpu on CPUs)
     decode: Literal["auto", "cpu", "gpu"] = "cpu"
     jpeg_draft: bool = False  # CPU decoding of JPEGs at a reduced DCT scale (2x faster on photos; other pixels)
-    # transparent images: drop (clip's convert("RGB"), the paper's preprocess) | white (composited onto white)
+    # transparent images: drop (left to clip's preprocess: resize, then convert("RGB")) | white (onto white)
     alpha: Literal["drop", "white"] = "drop"
     download_root: str | None = None  # where OpenAI weights are cached (clip's default: ~/.cache/clip)
     max_image_pixels: int = 40_000_000  # decompression-bomb bound for image decoding
