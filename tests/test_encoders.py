@@ -210,10 +210,10 @@ def test_an_actor_that_would_run_in_another_precision_fails(checkpoint, monkeypa
 
 
 def test_store_label_names_precision_and_preprocess():
-    assert store_label(_cfg()) == "fp32"
-    assert store_label(_cfg(precision="bf16", jpeg_draft=True, alpha="white")) == "bf16-draft-white"
+    assert store_label(_cfg()) == "fp32-v2"
+    assert store_label(_cfg(precision="bf16", jpeg_draft=True, alpha="white")) == "bf16-draft-white-v2"
     gpu = EncodeConfig(num_gpus_per_actor=1, decode="auto").for_backbone("RN50")
-    assert (gpu.device, gpu.precision, gpu.decode, store_label(gpu)) == ("cuda", "fp16", "gpu", "fp16-nvjpeg")
+    assert (gpu.device, gpu.precision, gpu.decode, store_label(gpu)) == ("cuda", "fp16", "gpu", "fp16-nvjpeg-v2")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
