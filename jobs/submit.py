@@ -21,12 +21,15 @@ def publish(output: Path, uri: str) -> list[str]:
     """Copy every committed file under `output` to `uri` (a path or a pyarrow URI); the manifest goes last."""
     import pyarrow.fs as pafs
 
+    from newsclip.runtime.layout import STAGING, Layout
+
     if "://" not in uri:
         uri = str(Path(uri).expanduser().absolute())
     filesystem, root = pafs.FileSystem.from_uri(uri)
-    files = sorted(p for p in output.rglob("*") if p.is_file() and ".staging" not in p.relative_to(output).parts
+    files = sorted(p for p in output.rglob("*") if p.is_file() and STAGING not in p.relative_to(output).parts
                    and not p.name.endswith(".tmp"))
-    files.sort(key=lambda p: p.relative_to(output).as_posix() == "manifest.json")
+    manifest = Layout(output).manifest
+    files.sort(key=lambda p: p == manifest)
     copied = []
     for path in files:
         relative = path.relative_to(output).as_posix()

@@ -140,7 +140,7 @@ def _demo(args: argparse.Namespace) -> None:
         _ensure_demo_translator(Path(cfg.translate.resolved().packages_dir))
     run_stages(cfg)
     print_metrics(cfg.output)
-    print(f"report: {cfg.output / 'report.md'}")
+    print(f"report: {cfg.layout.report_md}")
 
 
 def _backbones(args: argparse.Namespace) -> None:
@@ -172,12 +172,13 @@ def _rejects(args: argparse.Namespace) -> None:
     from newsclip import config
     from newsclip.runtime.rejects import read_rejects, rejects_summary
 
-    out = config.load(args.job, args.overrides).output
+    cfg = config.load(args.job, args.overrides)
+    out = cfg.output
     if args.csv:
         sys.stdout.write(read_rejects(out).write_csv())
         return
     summary = rejects_summary(out, args.examples)
-    print(f"{summary['rows'].sum()} rejected rows in {out / 'rejects'}")
+    print(f"{summary['rows'].sum()} rejected rows in {cfg.layout.rejects}")
     with pl.Config(tbl_rows=1000, tbl_width_chars=200, fmt_str_lengths=80, tbl_hide_dataframe_shape=True,
                    tbl_hide_column_data_types=True):
         print(summary)

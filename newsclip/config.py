@@ -11,6 +11,7 @@ import yaml
 
 from newsclip.names import parse_fusion_name, slug
 from newsclip.retrieval.search import KnnConfig
+from newsclip.runtime.layout import Layout
 from newsclip.translate.translator import TranslateConfig
 from newsclip.yaml_config import ConfigError, build, read_yaml, to_dict
 
@@ -188,13 +189,18 @@ class JobConfig:
         return Path(self.output_dir).expanduser()
 
     @property
+    def layout(self) -> Layout:
+        """Every path under `output_dir`."""
+        return Layout(self.output)
+
+    @property
     def store(self) -> Path:
-        return Path(self.store_dir).expanduser() if self.store_dir else self.output / "store"
+        return Path(self.store_dir).expanduser() if self.store_dir else self.layout.store
 
     @property
     def query_texts(self) -> Path:
         """Where the encode and evaluate stages read the query texts (`query_text`, in English when translated)."""
-        return self.output / ("translated" if self.translate.enabled else "prepared/queries")
+        return self.layout.query_texts(self.translate.enabled)
 
 
 def _validate(cfg: JobConfig) -> None:

@@ -71,7 +71,7 @@ def _side_rows(cfg: JobConfig, side: Side) -> Iterator[pa.Table]:
                                 "file": pa.array([str(path)] * len(batch), pa.string()),
                                 "hash": content_keys(batch.column("query_text").to_pylist())})
         return
-    images = pq.read_table(cfg.output / "prepared" / "candidates.parquet",
+    images = pq.read_table(cfg.layout.prepared.candidates,
                            columns=["image_id", "file", "image_hash", "candidate"])
     images = images.filter(pc.field("candidate"))
     if cfg.eval.candidates == "sample":

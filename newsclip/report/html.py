@@ -20,6 +20,7 @@ from newsclip.report.svg import (
 )
 from newsclip.retrieval.metrics import metric_label
 from newsclip.retrieval.paper import paper_scores
+from newsclip.runtime.layout import Layout
 from newsclip.runtime.rejects import rejects_summary
 from newsclip.runtime.store import write_text
 
@@ -272,4 +273,4 @@ def render_html(output_dir: Path, cfg=None, examples: int = 5, example_backbone:
 
 def write_html(output_dir: Path, cfg=None, **kwargs) -> Path:
     """Render and write `report.html` atomically."""
-    return write_text(Path(output_dir) / "report.html", render_html(output_dir, cfg, **kwargs))
+    return write_text(Layout(Path(output_dir)).report_html, render_html(output_dir, cfg, **kwargs))

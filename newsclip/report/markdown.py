@@ -11,6 +11,7 @@ from newsclip.report.notes import INTERVALS, evaluation_notes, paired_note, scop
 from newsclip.retrieval.metrics import metric_label
 from newsclip.retrieval.paper import paper_scores
 from newsclip.runtime.rejects import rejects_summary
+from newsclip.runtime.store import read_manifest
 
 
 def _row(label: str, n: int | str, values: dict, keys: list[str]) -> str:
@@ -65,8 +66,8 @@ def _rejects(cfg: JobConfig, prep: dict) -> list[str]:
 
 def render_markdown(cfg: JobConfig) -> str:
     """The whole of report.md; backbones keep their full names (the page shortens checkpoint paths)."""
-    metrics = json.loads((cfg.output / "metrics.json").read_text())
-    stages = json.loads((cfg.output / "manifest.json").read_text())["stages"]
+    metrics = json.loads(cfg.layout.metrics_json.read_text())
+    stages = read_manifest(cfg.output)["stages"]
     k = metrics["k"]
     rows = [r for r in metrics["rows"] if r["direction"] == "text_to_image"]
     overall = [r for r in rows if r["source"] == "all"]

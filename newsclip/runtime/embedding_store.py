@@ -13,10 +13,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from newsclip.runtime.layout import Layout
 from newsclip.runtime.store import read_manifest, write_table
 
 HASH_HEX = 32  # 128 bits of sha256: collisions are out of reach for any archive
-REFS = "store-refs"  # under output_dir: which store rows each encode used (see write_refs)
 
 
 def content_key(data: str | bytes) -> str:
@@ -80,10 +80,11 @@ def write_refs(output: Path, store: EmbeddingStore, hashes: pa.Array | pa.Chunke
     same rows as the last writes nothing. Returns its path relative to `output`."""
     keys = pc.drop_null(pc.unique(hashes))
     keys = keys.take(pc.sort_indices(keys))
-    relative = f"{REFS}/{store.name}/{content_key(' '.join(keys.to_pylist()))}.parquet"
-    if not (output / relative).exists():
-        write_table(pa.table({"hash": keys}), output / relative)
-    return relative
+    layout = Layout(output)
+    path = layout.store_refs_file(store.name, content_key(" ".join(keys.to_pylist())))
+    if not path.exists():
+        write_table(pa.table({"hash": keys}), path)
+    return layout.relative(path)
 
 
 def store_refs(output: Path, backbones: Iterable[str]) -> list[str]:

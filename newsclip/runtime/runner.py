@@ -14,14 +14,14 @@ from pathlib import Path
 from newsclip.config import JobConfig, dump
 from newsclip.runtime import console, stage_clock
 from newsclip.runtime.embedding_store import content_key, store_refs
+from newsclip.runtime.layout import Layout
 from newsclip.runtime.preflight import preflight
 from newsclip.runtime.ray_setup import ensure_ray, ray_logs, wait_for_resources
 from newsclip.runtime.stage import Stage
-from newsclip.runtime.store import STAGING, read_manifest, record_completed, record_run, write_text
+from newsclip.runtime.store import read_manifest, record_completed, record_run, write_text
 from newsclip.yaml_config import to_dict
 
 STAGE_NAMES = ("prepare", "translate", "encode", "knn", "evaluate", "report")
-LOGS = "logs"  # under output_dir: newsclip.log (every message of the runs that did work) and Ray's logs
 
 
 def _stage(name: str) -> Stage:
@@ -63,7 +63,7 @@ def _exclusive(output: Path) -> Iterator[None]:
     """One run per output folder at a time; the kernel drops the lock when the process dies, however it dies."""
     import fcntl
 
-    with open(output / ".lock", "a") as handle:  # "a": taking the lock changes no file
+    with open(Layout(output).lock, "a") as handle:  # "a": taking the lock changes no file
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -80,19 +80,19 @@ def run_stages(cfg: JobConfig, names: tuple[str, ...] = STAGE_NAMES, force: bool
     The console gets one line per stage; every message, and Ray's own logs, go to `logs/` (see console, ray_logs)."""
     stages = [_stage(name) for name in names]
     preflight(cfg, stages)  # what they need and would not get: before anything starts, all of it at once
-    out = cfg.output
+    out, layout = cfg.output, cfg.layout
     out.mkdir(parents=True, exist_ok=True)
-    with _exclusive(out), console.log_file(out / LOGS / "newsclip.log"), ray_logs(out / LOGS):
+    with _exclusive(out), console.log_file(layout.log_file), ray_logs(layout.logs):
         _mark_interrupted(out)
-        shutil.rmtree(out / STAGING, ignore_errors=True)  # what a dead run left half-written: never committed
+        shutil.rmtree(layout.staging, ignore_errors=True)  # what a dead run left half-written: never committed
         resolved = dump(cfg)
-        if not (out / "config.resolved.yaml").exists() or (out / "config.resolved.yaml").read_text() != resolved:
-            write_text(out / "config.resolved.yaml", resolved)
+        if not layout.resolved_config.exists() or layout.resolved_config.read_text() != resolved:
+            write_text(layout.resolved_config, resolved)
         now = time.time()  # run ids sort in start order, also for runs in one second (a small night takes less)
         record = {"run_id": time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f".{int(now % 1 * 1e6):06d}Z-"
                   + uuid.uuid4().hex[:6],
                   "started_at": _now(), "status": "running", "stages": {}}
-        path = out / "runs" / f"{record['run_id']}.json"
+        path = layout.run_record(record["run_id"])
         try:
             for stage in stages:
                 record["stages"][stage.name] = _run_stage(cfg, stage, force)
@@ -169,7 +169,7 @@ def _now() -> str:
 
 def _mark_interrupted(out: Path) -> None:
     """Run records still `running` when the lock was free belong to runs that died (driver killed, machine lost)."""
-    for path in sorted((out / "runs").glob("*.json")):
+    for path in sorted(Layout(out).runs.glob("*.json")):
         record = json.loads(path.read_text())
         if record.get("status") == "running":
             record["status"] = "interrupted"
