@@ -16,7 +16,7 @@ from newsclip.cli import main
 from newsclip.runtime import console, runner
 from newsclip.runtime.rejects import write_rejects
 from newsclip.runtime.stage import Stage
-from newsclip.runtime.store import record_stage
+from newsclip.runtime.store import read_manifest, record_stage
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -88,6 +88,8 @@ def _truncate_a_shard(tmp_path: Path, data: Path) -> Path:
 MISTAKES = [
     ("output_dir is a file", lambda t, d: ["prepare", _job(t, d), "--set", f"output_dir={_file(t)}"], None,
      ["output_dir:", "a-file is a file, not a folder", "choose a folder"]),
+    ("output_dir is a file, for a later stage", lambda t, d: ["report", _job(t, d), "--set", f"output_dir={_file(t)}"],
+     None, ["output_dir:", "a-file is a file, not a folder"]),
     ("a read-only output folder", lambda t, d: ["prepare", _job(t, d)], lambda t, d, m: _refuse_the_lock(m),
      ["output_dir: cannot write in", "Permission denied", "make it writable"]),
     ("a section that is no mapping", lambda t, d: ["run", _job(t, d), "--set", "eval=3"], None,
@@ -172,6 +174,7 @@ def test_a_stage_commit_removes_what_it_no_longer_makes_and_publish_ships_only_t
     crash.clear()
     runner.run_stages(one)
     assert sorted(p.name for p in rankings.iterdir()) == ["demo-tiny.text_to_image.tsv"]
+    assert "knn:image_to_text" not in read_manifest(tmp_path / "out")["stages"]  # nor its facts
 
     spec = importlib.util.spec_from_file_location("newsclip_jobs_submit", REPO / "jobs" / "submit.py")
     submit = importlib.util.module_from_spec(spec)

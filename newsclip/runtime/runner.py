@@ -110,7 +110,7 @@ def run_stages(cfg: JobConfig, names: tuple[str, ...] = STAGE_NAMES, force: bool
     or up to date, seconds, counts) goes to `runs/<run id>.json` as it goes and to `manifest.json` at the end.
     The console gets one line per stage; every message, and Ray's own logs, go to `logs/` (see console, ray_logs)."""
     stages = [_stage(name) for name in names]
-    out = cfg.output
+    out = output_folder(cfg.output, "output_dir", make=False)
     _check_order(out, names)
     preflight(cfg, stages)  # what they need and would not get: before anything starts, all of it at once
     output_folder(out, "output_dir")
@@ -188,6 +188,8 @@ def _remove(out: Path, files: list[str]) -> None:
     """Delete files no longer current, and the folders that they leave empty (a backbone's embeddings)."""
     for relative in files:
         path = out / relative
+        if out not in path.parents:  # the manifest names files under out only; never act on anything else
+            continue
         path.unlink(missing_ok=True)
         for folder in path.parents:
             if folder == out or not folder.is_dir() or any(folder.iterdir()):

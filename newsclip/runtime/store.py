@@ -30,11 +30,13 @@ class OutputFolderError(ValueError):
     """An output folder that is a file, or that cannot be made or written."""
 
 
-def output_folder(path: Path, what: str) -> Path:
-    """`path` as a folder to write in, made if missing; OutputFolderError naming `what` (the setting or argument
-    that gave it) and what to do when it is a file or cannot be made."""
+def output_folder(path: Path, what: str, make: bool = True) -> Path:
+    """`path` as a folder to write in, made if missing (unless not `make`); OutputFolderError naming `what` (the
+    setting or argument that gave it) and what to do when it is a file or cannot be made."""
     if path.exists() and not path.is_dir():
         raise OutputFolderError(f"{what}: {path} is a file, not a folder; choose a folder (a new one is made)")
+    if not make:
+        return path
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -177,7 +179,8 @@ def record_stage(output: Path, stage: str, files: list[Path], **facts) -> dict:
 def record_completed(output: Path, stage: str, key: str | None, entries: list[dict] = ()) -> list[str]:
     """Mark a pipeline stage finished: the key of the work it did, a digest of what it committed, and its files
     (those its entries name, and their `rejects` file). Returns the files its earlier commits named that this one
-    does not (a fusion or direction no longer configured): no longer current, for the caller to delete.
+    does not (a fusion or direction no longer configured): no longer current, for the caller to delete; the
+    manifest entries that name only such files are dropped.
 
     A key of None marks it unfinished (it is running): a crash then leaves it to be redone, and the files of its
     last commit are kept under `superseded` until a commit of the stage replaces them."""
@@ -195,6 +198,9 @@ def record_completed(output: Path, stage: str, key: str | None, entries: list[di
             del m["superseded"]
         m["completed"][stage] = {"key": key, "digest": digest, "files": files}
         stale.extend(sorted(before - set(files)))
+        # the entries of what is gone go too: a report must not read the facts of rankings that no longer exist
+        for name in [n for n, e in m["stages"].items() if e.get("files") and set(e["files"]) <= set(stale)]:
+            del m["stages"][name]
 
     if key is None:
         _update_manifest(output, start)
