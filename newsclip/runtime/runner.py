@@ -187,9 +187,9 @@ def _check_order(out: Path, names: tuple[str, ...]) -> None:
 def _remove(out: Path, files: list[str]) -> None:
     """Delete files no longer current, and the folders that they leave empty (a backbone's embeddings)."""
     for relative in files:
-        path = out / relative
-        if out not in path.parents:  # the manifest names files under out only; never act on anything else
+        if Path(relative).is_absolute() or ".." in Path(relative).parts:  # the manifest names files under out only
             continue
+        path = out / relative
         path.unlink(missing_ok=True)
         for folder in path.parents:
             if folder == out or not folder.is_dir() or any(folder.iterdir()):
