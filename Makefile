@@ -8,7 +8,8 @@ BIN := $(VENV)/bin
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip "setuptools<82" wheel
-	$(BIN)/pip install --quiet -e ".[test]"
+	# --no-compile: Python compiles what is imported when it is first imported, not all of torch and Ray up front
+	$(BIN)/pip install --quiet --no-compile -e ".[test]"
 	touch $@
 
 setup: $(BIN)/.installed

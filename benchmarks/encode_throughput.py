@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> dict:
         result["photo_kb"] = round(sum(f.stat().st_size for f in files) / args.images / 1024, 1)
         # the inputs as the stages before encode commit them, so that the stage picks its rows (with the shard each
         # is read from) by its own code
-        write_candidates(cfg.output / "prepared" / "candidates.parquet", files)
+        write_candidates(cfg.layout.prepared.candidates, files)
         if args.texts:
             write_texts(cfg.query_texts, args.texts)
         result["data_seconds"] = round(time.perf_counter() - started, 1)

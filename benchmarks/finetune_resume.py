@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> dict:
         for run, kill in (("undisturbed", None), ("killed", args.kill_at)):
             if kill:
                 os.environ[KILL_ENV] = str(kill)
-            folder_of_run = cfg.output / "finetune" / run
+            folder_of_run = cfg.layout.finetune(run)
             if not (folder_of_run / "model.pt").exists():  # a --workdir keeps what an earlier call trained
                 finetune(cfg, replace(ft, run=run, evaluate=False))
             os.environ.pop(KILL_ENV, None)
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
         models = [runs["undisturbed"]["model"], runs["killed"]["model"]]
         compared = replace(cfg, backbones=(ft.backbone, *models))
         run_stages(compared)
-        metrics = json.loads((compared.output / "metrics.json").read_text())
+        metrics = json.loads(compared.layout.metrics_json.read_text())
     overall = {r["backbone"]: r for r in metrics["rows"] if r["source"] == "all" and r["direction"] == "text_to_image"}
     result = {"articles": ARTICLES, "eval_pairs": overall[ft.backbone]["n"], "kill_at_step": args.kill_at,
               "mrr": {name: {key: round(overall[model][key], 4) for key in ("mrr", "mrr_lo", "mrr_hi")}

@@ -29,6 +29,8 @@ JOB = Path(__file__).resolve().parents[1] / "jobs" / "nightly.yaml"
 
 
 def _run(data: Path, output: Path) -> tuple[float, dict]:
+    from newsclip.runtime.store import read_manifest
+
     # a translation cache per output folder: the full run must not find the nightly run's translations
     settings = [f"input.articles={data / 'articles'}", f"input.images={data / 'images'}", f"output_dir={output}",
                 f"translate.cache_dir={output / 'translation-cache'}"]
@@ -37,7 +39,7 @@ def _run(data: Path, output: Path) -> tuple[float, dict]:
     command = [sys.executable, "-m", "newsclip.cli", "run", str(JOB), *(a for s in settings for a in ("--set", s))]
     subprocess.run(command, check=True, env=env)
     seconds = time.perf_counter() - started
-    return seconds, json.loads((output / "manifest.json").read_text())["runs"][-1]
+    return seconds, read_manifest(output)["runs"][-1]
 
 
 def _facts(seconds: float, record: dict) -> dict:
@@ -58,6 +60,7 @@ def main() -> None:
     from newsclip.cli import _ensure_demo_translator
     from newsclip.demo.data import append_demo_data, write_demo_data
     from newsclip.demo.model import ensure_demo_model
+    from newsclip.runtime.layout import Layout
     from newsclip.translate.translator import TranslateConfig
 
     ensure_demo_model()
@@ -75,9 +78,8 @@ def main() -> None:
         "nightly": nightly, "full": full,
         "seconds_ratio": round(nightly["seconds"] / full["seconds"], 3),
         "encoded_ratio": round(nightly["encoded"] / max(1, full["encoded"]), 4),
-        "rankings_equal": all(
-            (root / "nightly" / "rankings" / f).read_bytes() == (root / "full" / "rankings" / f).read_bytes()
-            for f in ("demo-tiny.tsv",)),
+        "rankings_equal": Layout(root / "nightly").rankings_tsv("demo-tiny").read_bytes()
+        == Layout(root / "full").rankings_tsv("demo-tiny").read_bytes(),
     }, indent=2)
     print(result)
     if args.out:

@@ -33,9 +33,12 @@ def reciprocal_ranks(out: Path) -> dict[str, float]:
     """article_id -> 1/rank of its own image in its text_to_image ranking (0 outside the top k)."""
     import pyarrow.parquet as pq
 
-    truth = pq.read_table(out / "prepared" / "queries", columns=["article_id", "image_id"]).to_pydict()
+    from newsclip.runtime.layout import Layout
+
+    layout = Layout(out)
+    truth = pq.read_table(layout.prepared.queries, columns=["article_id", "image_id"]).to_pydict()
     truth = dict(zip(truth["article_id"], truth["image_id"]))
-    ranked = pq.read_table(out / "rankings" / "demo-tiny.parquet", columns=["article_id", "image_ids"]).to_pydict()
+    ranked = pq.read_table(layout.rankings_parquet("demo-tiny"), columns=["article_id", "image_ids"]).to_pydict()
     return {a: next((1 / (r + 1) for r, i in enumerate(ids) if i == truth[a]), 0.0)
             for a, ids in zip(ranked["article_id"], ranked["image_ids"])}
 
@@ -69,7 +72,8 @@ def main() -> None:
     from newsclip.cli import main as newsclip
     from newsclip.demo.data import write_demo_data
     from newsclip.demo.model import ensure_demo_model
-    from newsclip.runtime.store import read_embeddings
+    from newsclip.runtime.layout import Layout
+    from newsclip.runtime.store import read_embeddings, read_manifest
 
     ensure_demo_model()
     result: dict = {"articles": args.articles, "image_size": args.image_size, "options": {}}
@@ -92,8 +96,9 @@ def main() -> None:
         queries = sorted(exact_rr)
         rng = np.random.default_rng(0)
         resamples = rng.integers(0, len(queries), (args.bootstrap, len(queries)))
-        ids, exact_vectors = read_embeddings(runs["exact"] / "embeddings" / "demo-tiny" / "images", "image_id")
-        candidates = pq.read_table(runs["exact"] / "prepared" / "candidates.parquet").filter(pc.field("candidate"))
+        exact = Layout(runs["exact"])
+        ids, exact_vectors = read_embeddings(exact.embeddings_of("demo-tiny", "images"), "image_id")
+        candidates = pq.read_table(exact.prepared.candidates).filter(pc.field("candidate"))
         files = sorted(set(candidates.column("file").to_pylist()))
         images = pq.read_table(files, columns=["image_id", "image"])
         images = images.filter(pc.is_in(images.column("image_id"), value_set=candidates.column("image_id")))
@@ -105,7 +110,7 @@ def main() -> None:
             b = np.array([exact_rr[q] for q in queries])
             means = a[resamples].mean(1)
             differences = (a - b)[resamples].mean(1)
-            option_ids, vectors = read_embeddings(out / "embeddings" / "demo-tiny" / "images", "image_id")
+            option_ids, vectors = read_embeddings(Layout(out).embeddings_of("demo-tiny", "images"), "image_id")
             order = {i: k for k, i in enumerate(option_ids)}
             cosines = np.array([vectors[order[i]] @ exact_vectors[k] for k, i in enumerate(ids) if i in order])
             result["options"][option] = {
@@ -118,8 +123,7 @@ def main() -> None:
                 "mrr_minus_exact_95": [round(float(np.percentile(differences, 2.5)), 4),
                                        round(float(np.percentile(differences, 97.5)), 4)],
                 "queries": len(queries),
-                "encode_seconds": json.loads((out / "manifest.json").read_text())["stages"][
-                    "encode:demo-tiny:images"].get("seconds"),
+                "encode_seconds": read_manifest(out)["stages"]["encode:demo-tiny:images"].get("seconds"),
             }
     text = json.dumps(result, indent=2)
     print(text)

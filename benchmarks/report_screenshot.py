@@ -32,7 +32,9 @@ def find_chromium(explicit: str | None = None) -> str | None:
 
 def report_path(target: Path) -> Path:
     """report.html of an output folder, or the file itself."""
-    path = target / "report.html" if target.is_dir() else target
+    from newsclip.runtime.layout import Layout
+
+    path = Layout(target).report_html if target.is_dir() else target
     if not path.is_file():
         raise FileNotFoundError(f"no report at {path}: run `newsclip report JOB.yaml` first")
     return path

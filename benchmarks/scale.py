@@ -105,6 +105,8 @@ def _rss(process) -> int:
 
 def run_job(data: Path, output: Path) -> dict:
     """`newsclip run jobs/nightly.yaml` over `data` into `output`, in a process of its own: seconds, memory, stages."""
+    from newsclip.runtime.store import read_manifest
+
     settings = [f"input.articles={data / 'articles'}", f"input.images={data / 'images'}", f"output_dir={output}",
                 f"translate.cache_dir={output / 'translation-cache'}"]
     command = [sys.executable, "-m", "newsclip.cli", "run", str(JOB), *(a for s in settings for a in ("--set", s))]
@@ -115,7 +117,7 @@ def run_job(data: Path, output: Path) -> dict:
     if process.wait() != 0:
         raise SystemExit(f"{' '.join(command)} failed with exit status {process.returncode}")
     seconds = time.perf_counter() - started
-    record = json.loads((output / "manifest.json").read_text())["runs"][-1]
+    record = read_manifest(output)["runs"][-1]
     stages = {name: {k: v for k, v in stage.items() if k in ("status", "seconds", "driver_peak_rss_mb")}
               for name, stage in record["stages"].items()}
     return {"seconds": round(seconds, 2), **memory.stop(), "stages": stages,
@@ -161,11 +163,13 @@ def write_synthetic(output: Path, first: int, count: int, seed: int = 0) -> floa
     import pyarrow.parquet as pq
 
     from newsclip.names import encode_entry, slug
+    from newsclip.runtime.layout import Layout
     from newsclip.runtime.store import atomic_path, parquet_files, record_stage, write_table
 
     started = time.perf_counter()
-    embeddings = output / "embeddings" / slug(BACKBONE)
-    candidates = output / "prepared" / "candidates.parquet"
+    layout = Layout(output)
+    embeddings = {side: layout.embeddings_of(slug(BACKBONE), side) for side in ("texts", "images")}
+    candidates = layout.prepared.candidates
     with atomic_path(candidates) as tmp:
         writer = None
         if candidates.exists():
@@ -176,17 +180,17 @@ def write_synthetic(output: Path, first: int, count: int, seed: int = 0) -> floa
         for start in range(first, first + count, SYNTH_PART):
             texts, images, queries = synthetic_pairs(start, min(SYNTH_PART, first + count - start), seed)
             name = f"part-{start:08d}.parquet"
-            write_table(texts, embeddings / "texts" / name)
-            write_table(images, embeddings / "images" / name)
-            for folder in ("translated", "prepared/queries"):
-                write_table(queries, output / folder / name)
+            write_table(texts, embeddings["texts"] / name)
+            write_table(images, embeddings["images"] / name)
+            for folder in (layout.translated, layout.prepared.queries):
+                write_table(queries, folder / name)
             rows = pa.table({"image_id": images.column("image_id"), "image_hash": images.column("hash"),
                              "candidate": pa.array([True] * len(images), pa.bool_())})
             writer = writer or pq.ParquetWriter(tmp, rows.schema)
             writer.write_table(rows)
         writer.close()
     for side in ("texts", "images"):
-        files = parquet_files(embeddings / side)
+        files = parquet_files(embeddings[side])
         record_stage(output, encode_entry(BACKBONE, side), files, store=f"synthetic/{slug(BACKBONE)}/{side}",
                      rows=sum(pq.ParquetFile(f).metadata.num_rows for f in files), synthetic_seed=seed)
     return time.perf_counter() - started
@@ -198,6 +202,9 @@ KNN_FACTS = ("queries", "candidates", "searched_in_full", "merged", "recall_at_k
 def run_stages(output: Path, stages: tuple[str, ...] = ("knn", "evaluate"), settings: list[str] = ()) -> dict:
     """The job's `stages` over `output` in a process of its own (`--stages-only`): seconds (start-up included),
     the driver's peak memory per stage and sampled, each kNN direction's facts, and the MRR@k per direction."""
+    from newsclip.runtime.layout import Layout
+    from newsclip.runtime.store import read_manifest
+
     result = output / f".stages-{time.time_ns()}.json"
     command = [sys.executable, str(Path(__file__).resolve()), "--stages-only", ",".join(stages),
                "--output", str(output), "--result", str(result), *(a for s in settings for a in ("--set", s))]
@@ -211,11 +218,11 @@ def run_stages(output: Path, stages: tuple[str, ...] = ("knn", "evaluate"), sett
     seconds = time.perf_counter() - started
     done = {"seconds": round(seconds, 2), **memory.stop(), **json.loads(result.read_text())}
     result.unlink()
-    entries = json.loads((output / "manifest.json").read_text())["stages"]
+    entries = read_manifest(output)["stages"]
     done["knn"] = {name.rsplit(":", 1)[1]: {k: entry.get(k) for k in KNN_FACTS}
                    for name, entry in entries.items() if name.startswith("knn:")}
     if "evaluate" in stages:
-        rows = json.loads((output / "metrics.json").read_text())["rows"]
+        rows = json.loads(Layout(output).metrics_json.read_text())["rows"]
         done["mrr"] = {r["direction"]: round(r["mrr"], 4) for r in rows
                        if r.get("backbone") == BACKBONE and r["source"] == "all"}
     return done
@@ -244,11 +251,12 @@ def fresh_copy(output: Path, suffix: str) -> Path:
     stage there is a full search."""
     import shutil
 
+    from newsclip.runtime.layout import Layout
     from newsclip.runtime.store import read_manifest, record_stage
 
     fresh = output.with_name(f"{output.name}-{suffix}")
     shutil.rmtree(fresh, ignore_errors=True)
-    for path in sorted((output / "embeddings").rglob("*.parquet")):
+    for path in sorted(Layout(output).embeddings.rglob("*.parquet")):
         target = fresh / path.relative_to(output)
         target.parent.mkdir(parents=True, exist_ok=True)
         os.link(path, target)
@@ -265,10 +273,16 @@ def rankings_equal_full(output: Path, settings: list[str]) -> tuple[bool, dict]:
 
     import pyarrow.parquet as pq
 
+    from newsclip.names import rankings_stem
+    from newsclip.runtime.layout import Layout
+    from newsclip.runtime.store import read_manifest
+
     fresh = fresh_copy(output, "full-check")
     check = run_stages(fresh, ("knn",), settings)
-    stems = sorted(p.name for p in (output / "rankings").glob("*.parquet") if not p.name.endswith(".database.parquet"))
-    equal = bool(stems) and all(pq.read_table(output / "rankings" / s).equals(pq.read_table(fresh / "rankings" / s))
+    stems = sorted(rankings_stem(e["backbone"], e["direction"]) for name, e in read_manifest(output)["stages"].items()
+                   if name.startswith("knn:"))
+    mine, full = Layout(output), Layout(fresh)
+    equal = bool(stems) and all(pq.read_table(mine.rankings_parquet(s)).equals(pq.read_table(full.rankings_parquet(s)))
                                 for s in stems)
     shutil.rmtree(fresh)
     return equal, check

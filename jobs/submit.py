@@ -24,16 +24,18 @@ def publish(output: Path, uri: str) -> list[str]:
     lock, `.staging/`, logs, run records, the embedding store) is copied."""
     import pyarrow.fs as pafs
 
+    from newsclip.runtime.layout import Layout
     from newsclip.runtime.store import current_files
 
-    if not (output / "manifest.json").is_file():
-        raise FileNotFoundError(f"{output / 'manifest.json'} does not exist: nothing was committed to publish")
+    layout = Layout(output)
+    if not layout.manifest.is_file():
+        raise FileNotFoundError(f"{layout.manifest} does not exist: nothing was committed to publish")
     if "://" not in uri:
         uri = str(Path(uri).expanduser().absolute())
     filesystem, root = pafs.FileSystem.from_uri(uri)
-    files = [f for f in [*current_files(output), "config.resolved.yaml"] if (output / f).is_file()]
+    files = [f for f in [*current_files(output), layout.relative(layout.resolved_config)] if (output / f).is_file()]
     copied = []
-    for relative in [*files, "manifest.json"]:
+    for relative in [*files, layout.relative(layout.manifest)]:
         target = f"{root.rstrip('/')}/{relative}"
         filesystem.create_dir(target.rsplit("/", 1)[0], recursive=True)
         pafs.copy_files(str(output / relative), target, source_filesystem=pafs.LocalFileSystem(),

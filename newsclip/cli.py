@@ -147,7 +147,7 @@ def _demo(args: argparse.Namespace) -> None:
         _ensure_demo_translator(Path(cfg.translate.resolved().packages_dir))
     run_stages(cfg)
     print_metrics(cfg.output)
-    print(f"report: {cfg.output / 'report.md'}")
+    print(f"report: {cfg.layout.report_md}")
 
 
 def _demo_articles(data: Path) -> int | None:
@@ -208,15 +208,16 @@ def _rejects(args: argparse.Namespace) -> None:
 
     if args.examples < 0:
         raise ValueError(f"--examples: must be 0 or more, got {args.examples}")
-    out = config.load(args.job, args.overrides).output
-    if not (out / "rejects").is_dir():
-        raise ValueError(f"{out / 'rejects'} does not exist: no stage of this job has run in {out}; run `newsclip "
-                         f"run {args.job}` (or `newsclip prepare {args.job}`) first, or check output_dir")
+    cfg = config.load(args.job, args.overrides)
+    out = cfg.output
+    if not cfg.layout.rejects.is_dir():
+        raise ValueError(f"{cfg.layout.rejects} does not exist: no stage of this job has run in {out}; run "
+                         f"`newsclip run {args.job}` (or `newsclip prepare {args.job}`) first, or check output_dir")
     if args.csv:
         sys.stdout.write(read_rejects(out).write_csv())
         return
     summary = rejects_summary(out, args.examples)
-    print(f"{summary['rows'].sum()} rejected rows in {out / 'rejects'}")
+    print(f"{summary['rows'].sum()} rejected rows in {cfg.layout.rejects}")
     with pl.Config(tbl_rows=1000, tbl_width_chars=200, fmt_str_lengths=80, tbl_hide_dataframe_shape=True,
                    tbl_hide_column_data_types=True):
         print(summary)

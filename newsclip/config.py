@@ -11,6 +11,7 @@ import yaml
 
 from newsclip.names import parse_fusion_name, slug
 from newsclip.retrieval.search import KnnConfig
+from newsclip.runtime.layout import Layout
 from newsclip.translate.translator import TranslateConfig
 from newsclip.yaml_config import ConfigError, build, read_yaml, to_dict
 
@@ -94,7 +95,7 @@ class EncodeConfig:
     # model actor, resize and crop there; other formats on the CPU) | auto (gpu on GPUs, cpu on CPUs)
     decode: Literal["auto", "cpu", "gpu"] = "cpu"
     jpeg_draft: bool = False  # CPU decoding of JPEGs at a reduced DCT scale (2x faster on photos; other pixels)
-    # transparent images: drop (clip's convert("RGB"), the paper's preprocess) | white (composited onto white)
+    # transparent images: drop (left to clip's preprocess: resize, then convert("RGB")) | white (onto white)
     alpha: Literal["drop", "white"] = "drop"
     download_root: str | None = None  # where OpenAI weights are cached (clip's default: ~/.cache/clip)
     max_image_pixels: int = 40_000_000  # decompression-bomb bound for image decoding
@@ -190,13 +191,18 @@ class JobConfig:
         return Path(self.output_dir).expanduser()
 
     @property
+    def layout(self) -> Layout:
+        """Every path under `output_dir`."""
+        return Layout(self.output)
+
+    @property
     def store(self) -> Path:
-        return Path(self.store_dir).expanduser() if self.store_dir else self.output / "store"
+        return Path(self.store_dir).expanduser() if self.store_dir else self.layout.store
 
     @property
     def query_texts(self) -> Path:
         """Where the encode and evaluate stages read the query texts (`query_text`, in English when translated)."""
-        return self.output / ("translated" if self.translate.enabled else "prepared/queries")
+        return self.layout.query_texts(self.translate.enabled)
 
 
 def _validate(cfg: JobConfig) -> None:

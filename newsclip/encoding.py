@@ -71,7 +71,7 @@ def _side_rows(cfg: JobConfig, side: Side) -> Iterator[pa.Table]:
                                 "file": pa.array([str(path)] * len(batch), pa.string()),
                                 "hash": content_keys(batch.column("query_text").to_pylist())})
         return
-    images = pq.read_table(cfg.output / "prepared" / "candidates.parquet",
+    images = pq.read_table(cfg.layout.prepared.candidates,
                            columns=["image_id", "file", "image_hash", "candidate"])
     images = images.filter(pc.field("candidate"))
     if cfg.eval.candidates == "sample":
@@ -173,9 +173,16 @@ def _commit(store: EmbeddingStore, pending: list[pa.Table]) -> int:
     return len(table)
 
 
+# What newsclip's own code makes of the same bytes and weights, so that a store filled by an older version is not
+# read as this one's: v2 loads weights bit for bit (they were rounded through fp16) and decodes transparent, palette,
+# 1-bit, CMYK and 16-bit images exactly as clip's preprocess does (issue 23). Raise it when the pixels or the loaded
+# weights change again.
+ENCODER_VERSION = "v2"
+
+
 def store_label(enc: EncodeConfig) -> str:
-    """What besides the weights decides an embedding: the precision the actors run in (they check it), and any
-    preprocess other than clip's own. Embeddings that differ there never share a store folder."""
+    """What besides the weights decides an embedding: the precision the actors run in (they check it), any
+    preprocess other than clip's own, and ENCODER_VERSION. Embeddings that differ there never share a store folder."""
     variants = ((["nvjpeg"] if enc.decode == "gpu" else []) + (["draft"] if enc.jpeg_draft else [])
                 + (["white"] if enc.alpha == "white" else []))
-    return "-".join([enc.precision, *variants])
+    return "-".join([enc.precision, *variants, ENCODER_VERSION])

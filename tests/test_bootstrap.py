@@ -1,6 +1,6 @@
 """Bootstrap intervals and the paired comparison, against the point estimates and synthetic ranks with known effects."""
 
-import math
+import itertools
 
 import numpy as np
 import polars as pl
@@ -11,10 +11,12 @@ from newsclip.retrieval.bootstrap import (
     bootstrap_ci,
     ci_columns,
     ci_rows,
+    decide_as_one_family,
     holm,
     paired_bootstrap,
     paired_rows,
     resampled_means,
+    sign_flip_p,
 )
 from newsclip.retrieval.metrics import metric_names, per_query, scores
 from newsclip.retrieval.ranks import query_ranks, score_rankings
@@ -171,13 +173,57 @@ def test_many_comparisons_of_equals_make_no_decision_after_holm():
     assert {r["decision"] for r in rows if r["b"] == "best"} == {"B beats A"}
 
 
-def test_the_p_value_is_the_normal_tail_at_the_bootstrap_standard_error():
+def test_four_of_2000_queries_one_rank_better_is_not_a_difference():
+    # the bootstrap standard error's normal tail gave p = 0.045 here ("A beats B"); the exact test gives 2/16:
+    # all four differences positive, or all four negative
+    b_ranks = synthetic_ranks(2000, 0.8, seed=8)
+    a_ranks = b_ranks.copy()
+    a_ranks[np.flatnonzero(b_ranks == 2)[:4]] = 1
+    result = paired_bootstrap(a_ranks, b_ranks, b=1000, seed=0)
+    assert (result["p_value"], result["test"], result["flips"], result["differing"]) == (0.125, "exact", 16, 4)
+    assert result["decision"] == "no significant difference"
+
+
+def test_a_standard_error_of_zero_is_not_a_p_of_zero():
+    # five queries, each one rank better: every resample has the same mean (standard error 0, once p = 0)
+    result = paired_bootstrap(np.ones(5, int), np.full(5, 2), b=200, seed=0)
+    assert result["lo"] == result["hi"] == 0.5 and result["p_value"] == 2 / 32
+    assert result["decision"] == "no significant difference"
+
+
+def test_the_exact_test_counts_every_sign_pattern():
+    rng = np.random.default_rng(9)
+    diff = np.zeros((300, 1))
+    diff[rng.choice(300, 9, replace=False), 0] = rng.normal(0.1, 0.3, 9)
+    nonzero = diff[diff != 0]
+    patterns = [abs(nonzero @ np.array(signs)) for signs in itertools.product([1, -1], repeat=9)]
+    expected = sum(p >= abs(nonzero.sum()) - 1e-12 for p in patterns) / 512
+    assert sign_flip_p(diff) == [{"p_value": pytest.approx(expected), "test": "exact", "flips": 512, "differing": 9}]
+    assert sign_flip_p(np.zeros((10, 1))) == [{"p_value": 1.0, "test": "exact", "flips": 1, "differing": 0}]
+
+
+def test_many_differences_take_seeded_random_flips_and_p_is_never_zero():
     a, b = synthetic_ranks(200, 0.8, seed=3), synthetic_ranks(200, 0.8, seed=4)
-    diff = per_query(a)[:, 0] - per_query(b)[:, 0]
-    se = resampled_means(diff, b=500, seed=2)[:, 0].std(ddof=1)
-    result = paired_bootstrap(a, b, b=500, seed=2)
-    assert result["p_value"] == pytest.approx(math.erfc(abs(diff.mean()) / se / math.sqrt(2)))
+    diff = per_query(a)[:, :1] - per_query(b)[:, :1]
+    (test,) = sign_flip_p(diff, flips=500, seed=2)
+    bits = np.unpackbits(np.random.default_rng(2).integers(0, 256, size=(500, 25), dtype=np.uint8), axis=1)
+    signs = 2 * bits.astype(int) - 1  # the same draws: 200 queries' signs from 25 random bytes a flip
+    count = (np.abs(signs @ diff[:, 0]) >= abs(diff.sum()) - 1e-9 * np.abs(diff).sum()).sum()
+    assert test == {"p_value": (1 + count) / 501, "test": "random flips", "flips": 500,
+                    "differing": int((diff != 0).sum())}
+    assert sign_flip_p(np.ones((50, 1)), flips=500)[0]["p_value"] == 1 / 501  # as far out as can be: still not 0
     assert paired_bootstrap(a, a.copy(), b=500)["p_value"] == 1.0
+
+
+def test_both_directions_are_one_family():
+    ranks = {name: synthetic_ranks(400, p, seed=i) for i, (name, p) in enumerate([("A", 0.9), ("B", 0.7), ("C", 0.5)])}
+    rows = [*paired_rows(ranks, b=300, seed=1),
+            *paired_rows({n: r[::-1] for n, r in ranks.items()}, b=300, seed=1, direction="image_to_text")]
+    family = decide_as_one_family(rows)
+    assert all(r["comparisons"] == 6 for r in family)
+    assert [r["p_holm"] for r in family] == holm([r["p_value"] for r in rows])
+    # each direction alone was a family of 3: its adjusted p-values were smaller
+    assert all(f["p_holm"] >= r["p_holm"] for f, r in zip(family, rows)) and family[:3] != rows[:3]
 
 
 def test_query_ranks_match_score_rankings():

@@ -26,7 +26,7 @@ def test_reload_matches_trained_model(demo_tiny):
     original = dm.build_demo_clip()
     original.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     original.eval()
-    loaded, preprocess = load_backbone(str(path))  # build_model re-infers the shapes and casts through fp16
+    loaded, preprocess = load_backbone(str(path))  # build_model re-infers the shapes; the weights load bit for bit
     spec = BACKBONES["demo-tiny"]
     assert loaded.visual.input_resolution == spec.input_resolution == dm.IMAGE_RESOLUTION
     assert loaded.text_projection.shape == (dm.TEXT_WIDTH, spec.embed_dim)

@@ -192,6 +192,15 @@ def test_the_actor_runs_in_the_precision_it_reports(checkpoint, precision):
     assert np.min(np.sum(vectors * fp32, axis=1)) > 0.99
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_an_fp32_model_computes_with_the_checkpoints_own_weights(checkpoint, precision):
+    # the store's fp32 label once named weights rounded through fp16 by clip's build_model
+    encoder = TextEncoder(checkpoint, _cfg(precision=precision))
+    weights = encoder.model.state_dict()
+    for key, tensor in torch.load(checkpoint, weights_only=True).items():
+        assert weights[key].dtype == tensor.dtype and torch.equal(weights[key], tensor), key
+
+
 def test_an_actor_that_would_run_in_another_precision_fails(checkpoint, monkeypatch):
     import newsclip.workers.encoders as encoders
 
@@ -201,10 +210,10 @@ def test_an_actor_that_would_run_in_another_precision_fails(checkpoint, monkeypa
 
 
 def test_store_label_names_precision_and_preprocess():
-    assert store_label(_cfg()) == "fp32"
-    assert store_label(_cfg(precision="bf16", jpeg_draft=True, alpha="white")) == "bf16-draft-white"
+    assert store_label(_cfg()) == "fp32-v2"
+    assert store_label(_cfg(precision="bf16", jpeg_draft=True, alpha="white")) == "bf16-draft-white-v2"
     gpu = EncodeConfig(num_gpus_per_actor=1, decode="auto").for_backbone("RN50")
-    assert (gpu.device, gpu.precision, gpu.decode, store_label(gpu)) == ("cuda", "fp16", "gpu", "fp16-nvjpeg")
+    assert (gpu.device, gpu.precision, gpu.decode, store_label(gpu)) == ("cuda", "fp16", "gpu", "fp16-nvjpeg-v2")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")

@@ -257,3 +257,107 @@ def test_a_stage_may_use_its_own_names_and_only_the_runner_imports_stages_by_nam
     assert stage_reaches(dynamic, "newsclip/cli.py")
     at_once = "import importlib\nimportlib.import_module(f'newsclip.stages.{name}').run(cfg)"
     assert stage_reaches(at_once, "newsclip/cli.py") == []
+
+
+# The output layout (DESIGN.md, convention 13): every path under output_dir is named in newsclip/runtime/layout.py.
+LAYOUT_MODULE = "newsclip/runtime/layout.py"
+# names that mean a path under output_dir wherever they stand as a whole string
+LAYOUT_NAMES = {"prepared", "articles.parquet", "candidates.parquet", "articles_all.parquet", "image_hashes.parquet",
+                "translated", "embeddings", "rankings", "metrics.json", "metrics.csv", "report.md", "report.html",
+                "config.resolved.yaml", "manifest.json", "newsclip.log", ".lock", ".staging", "store-refs"}
+# names that are also ordinary words (manifest keys, counts, commands, config sections): a path only where one is
+# built: as a `/` operand, an argument of Path(...) or staged_dir(...), or a part of a `/`-separated string (one
+# without spaces: a help text that shows users OUTPUT_DIR/logs/ is prose)
+PATH_WORDS = {"queries", "rejects", "results", "runs", "logs", "store", "finetune"}
+# (file, name) where the name is also a word, not a path: only its uses as a path count there
+WORDS = {("newsclip/stages/translate.py", "translated"),  # a column of translate's rows: was the text translated
+         ("newsclip/translate/translator.py", "translated"),
+         ("benchmarks/nightly.py", "translated")}  # a count in the benchmark's result
+# (file, name) where the name is a path outside output_dir
+ELSEWHERE = {("newsclip/runtime/ray_setup.py", "logs"),  # Ray's session folder
+             ("benchmarks/gpu_check.py", "results"),  # benchmarks/results/
+             ("benchmarks/encode_throughput.py", "store"),  # a store_dir of the benchmark's own
+             ("benchmarks/preprocess_fidelity.py", "store")}
+PATH_CALLS = {"Path", "PurePath", "joinpath", "staged_dir"}
+
+
+def _docstrings(tree: ast.AST) -> set[int]:
+    """ids of the string constants that stand alone as statements (docstrings): prose, not paths."""
+    return {id(node.value) for node in ast.walk(tree) if isinstance(node, ast.Expr)
+            and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)}
+
+
+def layout_literals(source: str, path: str = "<snippet>") -> list[str]:
+    """`path:line: 'name'` for every place `source` spells a name of the output layout as a string."""
+    tree = ast.parse(source, path)
+    for node in ast.walk(tree):
+        for child in ast.iter_child_nodes(node):
+            child.parent = node
+    prose, found = _docstrings(tree), []
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Constant) and isinstance(node.value, str)) or id(node) in prose:
+            continue
+        parent = getattr(node, "parent", None)
+        piece = isinstance(parent, ast.JoinedStr)  # the constant part of an f-string
+        holder = parent.parent if piece else parent
+        joined = "/" in node.value and not any(c.isspace() for c in node.value)
+        as_path = joined or (isinstance(holder, ast.BinOp) and isinstance(holder.op, ast.Div)) \
+            or (isinstance(holder, ast.Call) and _called(holder.func) in PATH_CALLS)
+        for name in set(node.value.split("/")) if joined else {node.value}:
+            if (path, name) in ELSEWHERE or (path, name) in WORDS and not as_path:
+                continue
+            if name in LAYOUT_NAMES or (name in PATH_WORDS and as_path):
+                found.append(f"{path}:{node.lineno}: {name!r}")
+    return sorted(set(found))
+
+
+def test_every_path_under_output_dir_is_named_by_the_layout():
+    """Stages, runtime, report, finetune, the CLI, jobs and benchmarks take their paths under output_dir from
+    `newsclip.runtime.layout` (tests may spell them: they check the contract from outside)."""
+    files = sorted(p for folder in ("newsclip", "jobs", "benchmarks") for p in (ROOT / folder).rglob("*.py")
+                   if p.relative_to(ROOT).as_posix() != LAYOUT_MODULE)
+    found = [line for p in files for line in layout_literals(p.read_text(), p.relative_to(ROOT).as_posix())]
+    assert not found, "a path under output_dir spelled out; name it with newsclip.runtime.layout:\n" + "\n".join(found)
+
+
+def test_the_checked_names_are_the_layouts():
+    """Each name the check looks for is one the layout module spells (so the two lists move together)."""
+    tree = ast.parse((ROOT / LAYOUT_MODULE).read_text())
+    spelled = {part for node in ast.walk(tree) if isinstance(node, ast.Constant) and isinstance(node.value, str)
+               for part in node.value.split("/")}
+    missing = (LAYOUT_NAMES | PATH_WORDS) - spelled
+    assert not missing, sorted(missing)
+
+
+@pytest.mark.parametrize("snippet", [
+    "out / 'prepared' / 'candidates.parquet'",
+    "json.loads((out / 'manifest.json').read_text())",
+    "f'embeddings/{name}/{side}'",
+    "f'{out}/metrics.json'",
+    "staged_dir(out, 'translated')",
+    "out / 'runs' / f'{run_id}.json'",
+    "Path(out, 'rejects')",
+    "PREPARED = ('prepared/articles.parquet',)",
+    "for folder in ('translated', 'prepared/queries'): pass",
+])
+def test_the_layout_check_finds_a_spelled_path(snippet):
+    assert layout_literals(snippet), snippet
+
+
+@pytest.mark.parametrize("snippet", [
+    "counts = {'queries': 0, 'runs': []}",  # dict keys: words, not paths
+    "record['runs'][-1]",
+    "sub.add_parser('rejects', help='summarise the rejected rows')",
+    "raise ValueError(f'no rankings under {folder}: run knn first')",
+    "p.add_argument('-v', help='besides OUTPUT_DIR/logs/ where they always go')",
+    "def f():\n    '''Reads prepared/queries and writes rankings/<stem>.tsv.'''",
+    "out = layout.prepared.candidates",
+])
+def test_the_layout_check_passes_words_that_are_no_paths(snippet):
+    assert layout_literals(snippet) == [], snippet
+
+
+def test_a_column_named_as_a_folder_is_a_path_only_where_one_is_built():
+    assert layout_literals("kept.filter('translated')", "newsclip/stages/translate.py") == []
+    assert layout_literals("staged_dir(out, 'translated')", "newsclip/stages/translate.py")
+    assert layout_literals("kept.filter('translated')", "newsclip/stages/knn.py")

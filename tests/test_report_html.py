@@ -17,7 +17,7 @@ from newsclip.names import fusion_name, slug
 from newsclip.report.data import display_names
 from newsclip.report.html import checkpoints_note, render_html, write_html
 from newsclip.report.notes import INTERVALS, evaluation_notes, paired_note
-from newsclip.retrieval.bootstrap import ci_rows, paired_rows
+from newsclip.retrieval.bootstrap import ci_rows, decide_as_one_family, paired_rows
 from newsclip.retrieval.paper import paper_scores
 from newsclip.retrieval.ranks import query_ranks
 from newsclip.runtime.fused_rankings import fuse_rankings
@@ -230,6 +230,25 @@ def test_paired_table_shows_each_pairs_decision(rendered):
                                                    ("RN50", fused): "no significant difference",
                                                    ("ViT-B/32", fused): "B beats A"}
     assert document.count('decision-yes">') == 2  # a decision is green; no decision is not
+
+
+def test_both_directions_verdicts_are_printed_as_one_family(tmp_path):
+    from newsclip.report.markdown import render_markdown
+
+    out, cfg = build_output(tmp_path)
+    metrics = _metrics(out)
+    reverse = [{**p, "direction": "image_to_text", "difference": -p["difference"]} for p in metrics["paired"]]
+    metrics["paired"] = decide_as_one_family(metrics["paired"] + reverse)
+    write_text(out / "metrics.json", json.dumps(metrics))
+    page = parse(render_html(out, cfg))
+    note = paired_note(metrics["paired"])
+    assert "all 6 comparisons of this report" in note and note in page.text
+    assert len(page.tables["Paired comparisons"]) == len(page.tables["Image to text"]) == 4  # a header, 3 pairs
+    assert [row[-1] for row in page.tables["Image to text"][1:]] == [_decision(p) for p in metrics["paired"][3:]]
+    cfg.fusion = ()
+    markdown = render_markdown(cfg)
+    assert "## Paired comparisons (text to image)" in markdown and "## Paired comparisons (image to text)" in markdown
+    assert markdown.count(note) == 1
 
 
 def test_cost_table_from_manifest(rendered):

@@ -127,6 +127,26 @@ def test_compact_drops_a_key_stored_twice_and_unused_folders(job):
     assert not (out / "store" / "demo-tiny" / "fedcba9876543210-fp32").exists()
 
 
+def test_lookup_lists_the_parts_once_while_another_job_appends(job, monkeypatch):
+    out, _ = job
+    texts, keys = _store(out, "texts"), pa.array([content_key(v) for v in ["b", "c", "d"]])
+    expected = _lookup(out, "texts", ["b", "c", "d"])
+    stranger = pa.table({"hash": [content_key(v) for v in "xyz"], "embedding": [[9.0] * 8] * 3,
+                         "error": [None] * 3}, schema=pq.read_schema(texts.parts()[0]))
+    real, calls = EmbeddingStore.parts, []
+
+    def appending(self):  # another job commits a part (sorted first) right after the first listing
+        listed = real(self)
+        calls.append(listed)
+        if len(calls) == 1:
+            pq.write_table(stranger, self.dir / "part-0.parquet")
+        return listed
+
+    monkeypatch.setattr(EmbeddingStore, "parts", appending)
+    table = pa.concat_tables(texts.lookup(keys, keys, "id")).sort_by("id")
+    assert np.array_equal(vectors_of(table.column("embedding")), expected)  # no row of the new part attached
+
+
 @pytest.mark.parametrize("step, call", [("_write_staged", 2), ("_bring_in", 2), ("_retire", 1), ("_retire", 3)])
 def test_a_crash_inside_compaction_loses_nothing(job, monkeypatch, step, call):
     out, args = job

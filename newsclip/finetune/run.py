@@ -16,14 +16,15 @@ import yaml
 from newsclip.config import JobConfig
 from newsclip.finetune.config import FinetuneConfig, load
 from newsclip.finetune.loop import KILL_ENV, MODEL, PROBE, train_loop
-from newsclip.finetune.split import PREPARED, Split, compute_split
+from newsclip.finetune.split import Split, compute_split, prepared_inputs
 from newsclip.runtime.console import log, print_metrics
+from newsclip.runtime.layout import Layout
 from newsclip.runtime.store import atomic_path, write_text
 from newsclip.yaml_config import to_dict
 
 
 def run_dir(cfg: JobConfig, ft: FinetuneConfig) -> Path:
-    return cfg.output.resolve() / "finetune" / ft.run
+    return Layout(cfg.output.resolve()).finetune(ft.run)
 
 
 def _datasets(split: Split, cfg: JobConfig, resolution: int, context_length: int, workers: int) -> dict:
@@ -54,10 +55,10 @@ def finetune(cfg: JobConfig, ft: FinetuneConfig) -> dict:
 
     started = time.perf_counter()
     resolve_weights(ft.backbone, cfg.encode.download_root)  # fail now, not in a worker, if the weights are missing
-    if not all((cfg.output / p).exists() for p in PREPARED):
+    if not all(p.exists() for p in prepared_inputs(cfg)):
         from newsclip.runtime.runner import run_stages
 
-        log(f"finetune: no {cfg.output / 'prepared'} yet: running the prepare stage first")
+        log(f"finetune: no {cfg.layout.prepared.dir} yet: running the prepare stage first")
         run_stages(cfg, ("prepare",))
     ensure_ray(cfg.ray)
     split = compute_split(cfg, ft)
@@ -130,7 +131,7 @@ def finetune_and_compare(cfg: JobConfig, ft: FinetuneConfig) -> None:
         compared = comparison_job(cfg, ft, summary["model"])
         run_stages(compared)
         print_metrics(compared.output)
-        print(f"report: {compared.output / 'report.html'}")
+        print(f"report: {compared.layout.report_html}")
     print(f"model: {summary['model']}")
 
 

@@ -4,6 +4,7 @@ images), then a seeded train/validation split of the rest by image."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -12,7 +13,10 @@ from newsclip.articles import article_texts, sample_pairs
 from newsclip.config import JobConfig
 from newsclip.finetune.config import FinetuneConfig
 
-PREPARED = ("prepared/articles.parquet", "prepared/candidates.parquet")
+
+def prepared_inputs(cfg: JobConfig) -> tuple[Path, Path]:
+    """What the split reads of prepare's output: the usable articles and the images."""
+    return cfg.layout.prepared.articles, cfg.layout.prepared.candidates
 
 
 @dataclass(frozen=True)
@@ -32,23 +36,23 @@ class Split:
 def compute_split(cfg: JobConfig, ft: FinetuneConfig) -> Split:
     """Read prepared/ and the input texts; hold out the eval sample and everything that shares an image, its bytes
     or its text with it; split the rest into train and validation (whole image groups, seeded)."""
-    out = cfg.output
-    missing = [p for p in PREPARED if not (out / p).exists()]
+    articles, candidates = prepared_inputs(cfg)
+    missing = [p for p in (articles, candidates) if not p.exists()]
     if missing:
-        raise FileNotFoundError(f"finetune: {out / missing[0]} is missing: run `newsclip prepare JOB.yaml` first")
-    usable = pl.read_parquet(out / PREPARED[0], columns=["article_id", "image_id", "in_eval"])
-    images = pl.read_parquet(out / PREPARED[1], columns=["image_id", "image_hash", "file"])
+        raise FileNotFoundError(f"finetune: {missing[0]} is missing: run `newsclip prepare JOB.yaml` first")
+    usable = pl.read_parquet(articles, columns=["article_id", "image_id", "in_eval"])
+    images = pl.read_parquet(candidates, columns=["image_id", "image_hash", "file"])
     # the eval sample exactly as prepare draws it; prepared/ from other eval settings would leak
     eval_ids = sample_pairs(usable, cfg.eval.sample_size, cfg.eval.seed)
     if set(eval_ids.to_list()) != set(usable.filter("in_eval")["article_id"].to_list()):
-        raise ValueError(f"finetune: {out / 'prepared'} was sampled with other eval settings than the job's "
+        raise ValueError(f"finetune: {cfg.layout.prepared.dir} was sampled with other eval settings than the job's "
                          f"(eval.sample_size={cfg.eval.sample_size}, eval.seed={cfg.eval.seed}): run "
                          f"`newsclip prepare JOB.yaml` again")
     texts = article_texts(cfg.input.articles, cfg.prepare.text)
     pairs = usable.join(texts, on="article_id", how="left").join(images, on="image_id", how="left")
     if pairs["image_hash"].null_count() or pairs["query_text"].null_count():
-        raise ValueError(f"finetune: {out / 'prepared'} does not match the input any more: run `newsclip prepare "
-                         f"JOB.yaml` again")
+        raise ValueError(f"finetune: {cfg.layout.prepared.dir} does not match the input any more: run "
+                         f"`newsclip prepare JOB.yaml` again")
     held = pairs.filter(pl.col("article_id").is_in(eval_ids.implode()))
     rest = pairs.filter(~pl.col("article_id").is_in(eval_ids.implode()))
     same_image = pl.col("image_id").is_in(held["image_id"].implode())

@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 from newsclip.names import checkpoint_label, encode_entry, is_fusion, looks_like_path, parse_fusion_name
 from newsclip.retrieval.backbones import BACKBONES
 from newsclip.retrieval.metrics import metric_names
-from newsclip.runtime.store import parquet_files
+from newsclip.runtime.layout import Layout
+from newsclip.runtime.store import parquet_files, read_manifest
 
 GPU_MEMORY_KEYS = ("gpu_memory_bytes", "gpu_peak_memory_bytes", "gpu_memory_mb")  # manifest encode entry facts
 
@@ -97,6 +98,7 @@ class ReportData:
     t2i: list[dict]  # metric rows, text to image
     i2t: list[dict]  # metric rows, image to text
     paired: list[dict]  # paired comparisons, text to image
+    paired_i2t: list[dict]  # paired comparisons, image to text (the same Holm family)
     costs: list[dict]
     training: dict[str, dict]  # a fine-tuned backbone's losses.json (`newsclip finetune` writes it beside model.pt)
 
@@ -122,8 +124,8 @@ def read_report_data(output_dir: Path, cfg=None) -> ReportData:
     """Read metrics.json and manifest.json; `cfg` (anything with `name`, `backbones`, `input.images`) is optional:
     without it the backbones come from metrics.json in its order."""
     output_dir = Path(output_dir)
-    metrics = read_json(output_dir / "metrics.json")
-    stages = read_json(output_dir / "manifest.json").get("stages", {})
+    metrics = read_json(Layout(output_dir).metrics_json)
+    stages = read_manifest(output_dir).get("stages", {})
     rows = metrics.get("rows", [])
     ordered = list(dict.fromkeys(r["backbone"] for r in rows))
     wanted = list(getattr(cfg, "backbones", None) or [])
@@ -132,11 +134,12 @@ def read_report_data(output_dir: Path, cfg=None) -> ReportData:
     t2i = [r for r in rows if r.get("direction", "text_to_image") == "text_to_image"]
     i2t = [r for r in rows if r.get("direction") == "image_to_text"]
     paired = [p for p in metrics.get("paired", []) if p.get("direction", "text_to_image") == "text_to_image"]
+    paired_i2t = [p for p in metrics.get("paired", []) if p.get("direction") == "image_to_text"]
     return ReportData(output_dir=output_dir, name=getattr(cfg, "name", None) or output_dir.name,
                       images_spec=getattr(getattr(cfg, "input", None), "images", None), metrics=metrics,
                       stages=stages, labels=labels, backbones=[labels[b] for b in names],
                       t2i=relabel(t2i, labels, "backbone"), i2t=relabel(i2t, labels, "backbone"),
-                      paired=relabel(paired, labels, "a", "b"),
+                      paired=relabel(paired, labels, "a", "b"), paired_i2t=relabel(paired_i2t, labels, "a", "b"),
                       costs=relabel(cost_rows(stages, names), labels, "backbone"),
                       training={labels[b]: losses for b in names if (losses := read_training(b))})
 
@@ -157,7 +160,7 @@ def read_training(backbone: str) -> dict:
 
 def read_queries(output_dir: Path) -> pl.DataFrame:
     """The prepared queries with the columns an example shows (those an older prepare did not write are null)."""
-    files = parquet_files(output_dir / "prepared" / "queries", "prepared queries")
+    files = parquet_files(Layout(output_dir).prepared.queries, "prepared queries")
     frame = pl.concat([pl.read_parquet(f) for f in files], how="diagonal_relaxed")
     for column in ("title", "body", "lang", "source"):
         if column not in frame.columns:
@@ -167,7 +170,7 @@ def read_queries(output_dir: Path) -> pl.DataFrame:
 
 def read_translated(output_dir: Path) -> pl.DataFrame | None:
     """The translate stage's English query texts, or None when there are none (or they cannot be read)."""
-    folder = output_dir / "translated"
+    folder = Layout(output_dir).translated
     files = sorted(folder.rglob("*.parquet")) if folder.is_dir() else []
     if not files:
         return None
@@ -179,7 +182,7 @@ def read_translated(output_dir: Path) -> pl.DataFrame | None:
 
 def _image_shards(output_dir: Path, image_ids: set[str]) -> dict[str, list[str]]:
     """shard file -> the wanted image ids that `prepared/candidates.parquet` says it holds."""
-    candidates = output_dir / "prepared" / "candidates.parquet"
+    candidates = Layout(output_dir).prepared.candidates
     if not candidates.exists():
         return {}
     where = pl.read_parquet(candidates, columns=["image_id", "file"]).filter(pl.col("image_id").is_in(list(image_ids)))

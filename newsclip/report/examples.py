@@ -16,6 +16,7 @@ from newsclip.names import rankings_stem
 from newsclip.report.data import load_images
 from newsclip.report.escape import esc
 from newsclip.retrieval.ranks import BATCH_ROWS, truth_ranks
+from newsclip.runtime.layout import Layout
 from newsclip.runtime.store import read_batches
 from newsclip.workers.images import ImageDecodeError, decode_image
 
@@ -27,7 +28,7 @@ SHOWN = 5  # images shown per article: the top of its ranking
 def _thumbnail_uri(data: bytes | None) -> str | None:
     """A JPEG data URI of the image scaled into THUMB x THUMB, or None when it cannot be decoded."""
     try:
-        image = decode_image(data, alpha="white")  # a thumbnail: as a viewer shows it
+        image = decode_image(data, alpha="white").convert("RGB")  # a thumbnail: as a viewer shows it
     except ImageDecodeError:
         return None
     image.thumbnail((THUMB, THUMB))
@@ -102,7 +103,7 @@ def _thumbs(row: dict, rank: int, data: dict[str, bytes]) -> list[str]:
 def examples_html(output_dir: Path, backbone: str, queries: pl.DataFrame, images_spec: str | None,
                   count: int = 5, translated: pl.DataFrame | None = None) -> str:
     """`count` articles ranked by `backbone` (see `_pick_examples`), each with its top images as thumbnails."""
-    path = output_dir / "rankings" / f"{rankings_stem(backbone, 'text_to_image')}.parquet"
+    path = Layout(output_dir).rankings_parquet(rankings_stem(backbone, "text_to_image"))
     if not path.exists() or count <= 0:
         return "<p class=\"note\">No rankings to show.</p>"
     # the truths' ranks streamed from the file (the whole ranking counts), then only the chosen rows read whole

@@ -20,6 +20,7 @@ from newsclip.report.svg import (
 )
 from newsclip.retrieval.metrics import metric_label
 from newsclip.retrieval.paper import paper_scores
+from newsclip.runtime.layout import Layout
 from newsclip.runtime.rejects import rejects_summary
 from newsclip.runtime.store import write_text
 
@@ -175,10 +176,15 @@ def _quality(data: ReportData, colors: dict[str, str]) -> list[str]:
 
 
 def _paired(data: ReportData) -> list[str]:
-    if not data.paired:
+    """Both directions' comparisons (one Holm family, one note): text to image first, image to text below it."""
+    if not data.paired and not data.paired_i2t:
         return []
-    return ["<h2>Paired comparisons</h2>", f'<p class="note">{esc(paired_note(data.paired))}</p>',
-            paired_table_html(data.paired)]
+    out = ["<h2>Paired comparisons</h2>", f'<p class="note">{esc(paired_note(data.paired + data.paired_i2t))}</p>']
+    if data.paired:
+        out.append(paired_table_html(data.paired))
+    if data.paired_i2t:
+        out += ["<h3>Image to text</h3>", paired_table_html(data.paired_i2t)]
+    return out
 
 
 def _training(data: ReportData) -> list[str]:
@@ -267,4 +273,4 @@ def render_html(output_dir: Path, cfg=None, examples: int = 5, example_backbone:
 
 def write_html(output_dir: Path, cfg=None, **kwargs) -> Path:
     """Render and write `report.html` atomically."""
-    return write_text(Path(output_dir) / "report.html", render_html(output_dir, cfg, **kwargs))
+    return write_text(Layout(Path(output_dir)).report_html, render_html(output_dir, cfg, **kwargs))

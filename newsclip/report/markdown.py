@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 
 from newsclip.config import JobConfig
+from newsclip.names import DIRECTIONS
 from newsclip.report.data import metric_keys, read_training
 from newsclip.report.notes import INTERVALS, evaluation_notes, paired_note, scope_sentence, training_note
 from newsclip.retrieval.metrics import metric_label
 from newsclip.retrieval.paper import paper_scores
 from newsclip.runtime.rejects import rejects_summary
+from newsclip.runtime.store import read_manifest
 
 
 def _row(label: str, n: int | str, values: dict, keys: list[str]) -> str:
@@ -64,8 +66,8 @@ def _rejects(cfg: JobConfig, prep: dict) -> list[str]:
 
 def render_markdown(cfg: JobConfig) -> str:
     """The whole of report.md; backbones keep their full names (the page shortens checkpoint paths)."""
-    metrics = json.loads((cfg.output / "metrics.json").read_text())
-    stages = json.loads((cfg.output / "manifest.json").read_text())["stages"]
+    metrics = json.loads(cfg.layout.metrics_json.read_text())
+    stages = read_manifest(cfg.output)["stages"]
     k = metrics["k"]
     rows = [r for r in metrics["rows"] if r["direction"] == "text_to_image"]
     overall = [r for r in rows if r["source"] == "all"]
@@ -81,9 +83,13 @@ def render_markdown(cfg: JobConfig) -> str:
     lines += [f"- `{x['index']}` index for {x['backbone']} {x['direction']}: recall@{k} "
               f"{x['recall_at_k_vs_exact']:.4f} against exact search on a sample of queries"
               for x in metrics.get("knn", []) if x["recall_at_k_vs_exact"] is not None]
-    paired = [p for p in metrics.get("paired", []) if p["direction"] == "text_to_image"]
-    if paired:
-        lines += ["", "## Paired comparisons (text to image)", "", paired_note(paired), "", paired_table(paired)]
+    paired, note = metrics.get("paired", []), True
+    for direction in DIRECTIONS:  # one Holm family across the directions: the note once, before the first table
+        pairs = [p for p in paired if p["direction"] == direction]
+        if pairs:
+            lines += ["", f"## Paired comparisons ({direction.replace('_', ' ')})", ""]
+            lines += [paired_note(paired), "", paired_table(pairs)] if note else [paired_table(pairs)]
+            note = False
     trained = [(b, losses) for b in cfg.backbones if (losses := read_training(b))]
     if trained:
         lines += ["", "## Fine-tuning", "", *[f"- {training_note(b, losses)} The curve is in report.html."

@@ -54,11 +54,19 @@ def evaluation_notes(metrics: dict, prep: dict) -> list[tuple[str, str]]:
 
 
 def paired_note(paired: list[dict]) -> str:
-    """How the paired comparisons (at least one) decide, and that they are corrected as one family."""
-    return (f"Paired bootstrap of the {paired[0].get('metric', 'mrr')} difference on the same articles. A decision is "
-            f"made when the Holm-adjusted p-value is below 0.05: Holm's correction over the "
-            f"{paired[0].get('comparisons', len(paired))} comparisons of this direction keeps the chance of any false "
-            "decision under 5%. The intervals shown are the uncorrected 95% intervals of A − B.")
+    """How the paired comparisons (at least one, of any direction) decide, and that they are one family."""
+    metric, family = paired[0].get("metric", "mrr"), paired[0].get("comparisons", len(paired))
+    if "test" not in paired[0]:  # metrics.json of an evaluate from before the permutation test
+        return (f"Paired bootstrap of the {metric} difference on the same articles; p from the bootstrap standard "
+                f"error. A decision is made when the Holm-adjusted p-value is below 0.05 (Holm over {family} "
+                "comparisons). The intervals shown are the uncorrected 95% intervals of A − B.")
+    flips = max((p["flips"] for p in paired if p["test"] == "random flips"), default=None)
+    how = f"{flips:,} random sign flips otherwise" if flips else "as here, exact"
+    return (f"Paired comparison of the {metric} difference on the same articles: a sign-flip permutation test "
+            f"(exact over every sign pattern when at most 20 articles differ, {how}; p is never 0). A decision is made "
+            f"when the Holm-adjusted p-value is below 0.05: all {family} comparisons of this report (every pair, in "
+            "each direction) are one family, so the chance of any false decision stays under 5%. The intervals "
+            "shown are the uncorrected 95% paired bootstrap intervals of A − B.")
 
 
 def training_note(label: str, losses: dict) -> str:

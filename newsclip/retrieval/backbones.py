@@ -209,18 +209,26 @@ def _load_state_dict(path: Path) -> dict:
     return obj
 
 
+# keys of OpenAI's state dicts that only size the model: build_model reads and drops them, load_state_dict refuses them
+_BUILD_ONLY_KEYS = ("input_resolution", "context_length", "vocab_size")
+
+
+def _checkpoint_state(path: Path) -> dict:
+    """The tensors of a checkpoint file, as it holds them: a TorchScript archive's (all OpenAI files) or a state
+    dict's."""
+    if _is_torchscript(path):
+        import torch
+
+        return torch.jit.load(str(path), map_location="cpu").state_dict()
+    return _load_state_dict(path)
+
+
 def input_sizes(name_or_path: str, download_root: str | Path | None = None) -> tuple[int, int]:
     """(image side, text context length) of a backbone's inputs: from the registry, or read off a checkpoint's
     weights the way `clip.model.build_model` infers them (without building the model)."""
     if name_or_path in BACKBONES:
         return BACKBONES[name_or_path].input_resolution, CONTEXT_LENGTH
-    import torch
-
-    path = resolve_weights(name_or_path, download_root)
-    if _is_torchscript(path):
-        state = torch.jit.load(str(path), map_location="cpu").state_dict()
-    else:
-        state = _load_state_dict(path)
+    state = _checkpoint_state(resolve_weights(name_or_path, download_root))
     context = state["positional_embedding"].shape[0]
     if "visual.proj" in state:  # ViT: patch size x grid
         grid = round((state["visual.positional_embedding"].shape[0] - 1) ** 0.5)
@@ -234,7 +242,9 @@ def load_backbone(
 ) -> tuple[torch.nn.Module, Callable[[Image.Image], torch.Tensor]]:
     """Load a CLIP backbone and its image preprocess, never touching the network.
 
-    The model is in eval mode; on CPU it is float32 (as `clip.load` does), elsewhere it keeps clip's fp16 weights.
+    The model is in eval mode. On CPU it is float32 (as `clip.load` gives) and holds the checkpoint's tensors bit
+    for bit (fp16 and bf16 values are exact in fp32); elsewhere it has clip's mixed fp16 weights, as `clip.load`
+    gives on a GPU.
     """
     path = resolve_weights(name_or_path, download_root)
     if name_or_path in _OPENAI_URLS:
@@ -245,16 +255,17 @@ def load_backbone(
                 f"{path} is not the published {name_or_path} checkpoint (sha256 {actual[:16]}..., expected "
                 f"{_expected_sha256(name_or_path)[:16]}...): a partial or corrupted download? Delete it and fetch it "
                 f"again on a machine with network access.")
-    import clip
     from clip.clip import _transform
+    from clip.model import build_model, convert_weights
 
-    if _is_torchscript(path):
-        # clip's non-JIT path: it rebuilds a plain nn.Module from the archive's weights (all OpenAI files)
-        model, preprocess = clip.load(str(path), device=device, jit=False)
-        return model.eval(), preprocess
-    # clip.load cannot read plain state dicts in openai-clip 1.0.1 (openai/CLIP#396: the failed
-    # torch.jit.load leaves the file at EOF), so do its state-dict branch here
-    model = clip.model.build_model(_load_state_dict(path)).to(device)
-    if str(device) == "cpu":
-        model.float()
+    # clip.load's non-JIT path (it rebuilds a plain nn.Module from any file's weights; it cannot read plain state
+    # dicts in openai-clip 1.0.1, openai/CLIP#396), but build_model loads the weights into an fp16 model: an
+    # fp32 checkpoint (a fine-tune: most of its updates are under fp16's resolution) would come back rounded. So
+    # the model it builds gives only the architecture, and the file's tensors are loaded again into its fp32 copy.
+    state = _checkpoint_state(path)
+    model = build_model(dict(state)).float()
+    model.load_state_dict({k: v for k, v in state.items() if k not in _BUILD_ONLY_KEYS})
+    model = model.to(device)
+    if str(device) != "cpu":
+        convert_weights(model)
     return model.eval(), _transform(model.visual.input_resolution)

@@ -16,6 +16,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, TextIO
 
+from newsclip.runtime.layout import Layout
+
 # a terminal line is redrawn at most this often when work reports progress, and once a second when it does not
 # (so that the elapsed time moves while an actor pool starts)
 REDRAW_SECONDS = 0.1
@@ -302,9 +304,10 @@ def print_metrics(output: Path) -> None:
 
     from newsclip.report.data import display_names
 
-    metrics = json.loads((output / "metrics.json").read_text())["metrics"]
+    layout = Layout(output)
+    metrics = json.loads(layout.metrics_json.read_text())["metrics"]
     columns = ["backbone", "direction", "source", "n", *metrics]
-    frame = pl.read_csv(output / "metrics.csv").select(columns)
+    frame = pl.read_csv(layout.metrics_csv).select(columns)
     frame = frame.with_columns(pl.col("backbone").replace(display_names(frame["backbone"].unique().to_list())))
     with pl.Config(tbl_rows=1000, tbl_cols=len(columns), tbl_width_chars=200, tbl_hide_dataframe_shape=True,
                    tbl_hide_column_data_types=True, float_precision=3):

@@ -13,10 +13,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from newsclip.runtime.layout import Layout
 from newsclip.runtime.store import read_manifest, write_table
 
 HASH_HEX = 32  # 128 bits of sha256: collisions are out of reach for any archive
-REFS = "store-refs"  # under output_dir: which store rows each encode used (see write_refs)
 
 
 def content_key(data: str | bytes) -> str:
@@ -44,9 +44,10 @@ class EmbeddingStore:
     def parts(self) -> list[Path]:
         return sorted(self.dir.glob("part-*.parquet")) if self.dir.is_dir() else []
 
-    def hashes(self) -> list[pa.Array]:
-        """The stored hashes of each part, in part order."""
-        return [pq.read_table(p, columns=["hash"]).column("hash").combine_chunks() for p in self.parts()]
+    def hashes(self, parts: list[Path] | None = None) -> list[pa.Array]:
+        """The stored hashes of each of `parts` (default: the parts now), in their order."""
+        return [pq.read_table(p, columns=["hash"]).column("hash").combine_chunks()
+                for p in (self.parts() if parts is None else parts)]
 
     def append(self, table: pa.Table) -> Path:
         """Commit one part (hash, embedding, error)."""
@@ -54,8 +55,9 @@ class EmbeddingStore:
 
     def lookup(self, ids: pa.Array, hashes: pa.Array, id_name: str) -> Iterator[pa.Table]:
         """(id, embedding, hash, error) for each (id, hash), part by part; a hash not stored raises KeyError."""
+        # one listing: a part another job commits meanwhile would shift the positions below onto other rows
         parts = self.parts()
-        stored = self.hashes()
+        stored = self.hashes(parts)
         sizes = np.cumsum([0, *map(len, stored)])
         # a hash stored twice (two runs at once): index_in takes the first, so one row per id either way
         position = pc.index_in(hashes, value_set=pa.concat_arrays(stored) if stored else pa.array([], pa.string()))
@@ -78,10 +80,11 @@ def write_refs(output: Path, store: EmbeddingStore, hashes: pa.Array | pa.Chunke
     same rows as the last writes nothing. Returns its path relative to `output`."""
     keys = pc.drop_null(pc.unique(hashes))
     keys = keys.take(pc.sort_indices(keys))
-    relative = f"{REFS}/{store.name}/{content_key(' '.join(keys.to_pylist()))}.parquet"
-    if not (output / relative).exists():
-        write_table(pa.table({"hash": keys}), output / relative)
-    return relative
+    layout = Layout(output)
+    path = layout.store_refs_file(store.name, content_key(" ".join(keys.to_pylist())))
+    if not path.exists():
+        write_table(pa.table({"hash": keys}), path)
+    return layout.relative(path)
 
 
 def store_refs(output: Path, backbones: Iterable[str]) -> list[str]:

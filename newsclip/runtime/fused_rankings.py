@@ -7,6 +7,7 @@ import polars as pl
 
 from newsclip.names import DIRECTIONS, knn_entry, parse_fusion_name, rankings_stem, slug
 from newsclip.retrieval.fusion import RRF_K, Embeddings, fuse
+from newsclip.runtime.layout import Layout
 from newsclip.runtime.rankings import RankingsWriter, rankings_paths
 from newsclip.runtime.store import read_embeddings, record_stage
 
@@ -25,10 +26,10 @@ def fuse_rankings(cfg, name: str, direction: str = "text_to_image", rescore: boo
     rankings = [pl.read_parquet(rankings_paths(out, rankings_stem(m, direction))[0]) for m in members]
     embeddings: list[Embeddings | None] = []
     for member in members:
-        folder = out / "embeddings" / slug(member)
-        if method == "zmean" and rescore and (folder / query_side).is_dir() and (folder / db_side).is_dir():
-            q_ids, q_vec = read_embeddings(folder / query_side, query_col)
-            c_ids, c_vec = read_embeddings(folder / db_side, db_col)
+        queries, database = (Layout(out).embeddings_of(slug(member), side) for side in (query_side, db_side))
+        if method == "zmean" and rescore and queries.is_dir() and database.is_dir():
+            q_ids, q_vec = read_embeddings(queries, query_col)
+            c_ids, c_vec = read_embeddings(database, db_col)
             embeddings.append(Embeddings(q_ids, q_vec, c_ids, c_vec))
         else:
             embeddings.append(None)

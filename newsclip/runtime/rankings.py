@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from newsclip.retrieval.search import PAD_KEY
 from newsclip.runtime.console import warn
+from newsclip.runtime.layout import Layout
 from newsclip.runtime.store import atomic_path, file_sha256
 
 # the last rankings carry the digest of the database they were ranked against, so a nightly run never merges
@@ -30,7 +31,8 @@ DATABASE_DIGEST = b"newsclip.database_sha256"
 
 def rankings_paths(out: Path, stem: str) -> tuple[Path, Path, Path]:
     """The rankings (`.parquet`), the official `.tsv` and the database ranked against (`.database.parquet`)."""
-    return tuple(out / "rankings" / f"{stem}{suffix}" for suffix in (".parquet", ".tsv", ".database.parquet"))
+    layout = Layout(out)
+    return layout.rankings_parquet(stem), layout.rankings_tsv(stem), layout.rankings_database(stem)
 
 
 def rankings_schema(query_id: str, db_list: str, metadata: dict | None = None) -> pa.Schema:

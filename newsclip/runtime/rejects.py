@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
+from newsclip.runtime.layout import Layout
 from newsclip.runtime.store import parquet_files, write_table
 
 if TYPE_CHECKING:  # polars stays out of the encode stage's imports, which its workers share
@@ -23,7 +24,7 @@ def write_rejects(out: Path, name: str, stage: str, rows: pa.Table | pl.DataFram
     if missing:
         raise ValueError(f"rejects of {stage}: no {missing} column")
     return write_table(rows.append_column("stage", pa.array([stage] * len(rows), pa.string())),
-                       out / "rejects" / f"{name}.parquet")
+                       Layout(out).rejects_file(name))
 
 
 def read_rejects(out: Path) -> pl.DataFrame:
@@ -31,7 +32,7 @@ def read_rejects(out: Path) -> pl.DataFrame:
     import polars as pl
 
     try:
-        files = parquet_files(out / "rejects", "rejects")
+        files = parquet_files(Layout(out).rejects, "rejects")
     except FileNotFoundError:
         return pl.DataFrame(schema=dict.fromkeys(COLUMNS, pl.String))
     frames = []

@@ -14,11 +14,11 @@ from pathlib import Path
 from newsclip.config import JobConfig, dump
 from newsclip.runtime import console, stage_clock
 from newsclip.runtime.embedding_store import content_key, store_refs
+from newsclip.runtime.layout import Layout
 from newsclip.runtime.preflight import preflight
 from newsclip.runtime.ray_setup import ensure_ray, ray_logs, wait_for_resources
 from newsclip.runtime.stage import Stage
 from newsclip.runtime.store import (
-    STAGING,
     OutputFolderError,
     output_folder,
     read_manifest,
@@ -29,7 +29,6 @@ from newsclip.runtime.store import (
 from newsclip.yaml_config import to_dict
 
 STAGE_NAMES = ("prepare", "translate", "encode", "knn", "evaluate", "report")
-LOGS = "logs"  # under output_dir: newsclip.log (every message of the runs that did work) and Ray's logs
 
 
 def _stage(name: str) -> Stage:
@@ -89,11 +88,12 @@ def _exclusive(output: Path) -> Iterator[None]:
     """One run per output folder at a time; the kernel drops the lock when the process dies, however it dies."""
     import fcntl
 
+    lock = Layout(output).lock
     try:
-        handle = open(output / ".lock", "a")  # noqa: SIM115 - "a": taking the lock changes no file
+        handle = open(lock, "a")  # noqa: SIM115 - "a": taking the lock changes no file
     except OSError as e:
-        raise OutputFolderError(f"output_dir: cannot write in {output} ({e.strerror}: {output / '.lock'}); make it "
-                                "writable, or set output_dir to a folder you can write in") from None
+        raise OutputFolderError(f"output_dir: cannot write in {output} ({e.strerror}: {lock}); make it writable, or "
+                                "set output_dir to a folder you can write in") from None
     with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -113,18 +113,19 @@ def run_stages(cfg: JobConfig, names: tuple[str, ...] = STAGE_NAMES, force: bool
     out = output_folder(cfg.output, "output_dir", make=False)
     _check_order(out, names)
     preflight(cfg, stages)  # what they need and would not get: before anything starts, all of it at once
+    layout = cfg.layout
     output_folder(out, "output_dir")
-    with _exclusive(out), console.log_file(out / LOGS / "newsclip.log"), ray_logs(out / LOGS):
+    with _exclusive(out), console.log_file(layout.log_file), ray_logs(layout.logs):
         _mark_interrupted(out)
-        shutil.rmtree(out / STAGING, ignore_errors=True)  # what a dead run left half-written: never committed
+        shutil.rmtree(layout.staging, ignore_errors=True)  # what a dead run left half-written: never committed
         resolved = dump(cfg)
-        if not (out / "config.resolved.yaml").exists() or (out / "config.resolved.yaml").read_text() != resolved:
-            write_text(out / "config.resolved.yaml", resolved)
+        if not layout.resolved_config.exists() or layout.resolved_config.read_text() != resolved:
+            write_text(layout.resolved_config, resolved)
         now = time.time()  # run ids sort in start order, also for runs in one second (a small night takes less)
         record = {"run_id": time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f".{int(now % 1 * 1e6):06d}Z-"
                   + uuid.uuid4().hex[:6],
                   "started_at": _now(), "status": "running", "stages": {}}
-        path = out / "runs" / f"{record['run_id']}.json"
+        path = layout.run_record(record["run_id"])
         running = None
         try:
             for stage in stages:
@@ -229,7 +230,7 @@ def _now() -> str:
 
 def _mark_interrupted(out: Path) -> None:
     """Run records still `running` when the lock was free belong to runs that died (driver killed, machine lost)."""
-    for path in sorted((out / "runs").glob("*.json")):
+    for path in sorted(Layout(out).runs.glob("*.json")):
         record = json.loads(path.read_text())
         if record.get("status") == "running":
             record["status"] = "interrupted"

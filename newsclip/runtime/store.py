@@ -1,4 +1,4 @@
-"""On-disk layout: finding input shards, atomic commits, the manifest, and embedding tables."""
+"""Files on disk: finding input shards, atomic commits, the manifest, and embedding tables."""
 
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from newsclip.runtime.layout import STAGING, Layout
 from newsclip.runtime.stage_clock import lap
 
-STAGING = ".staging"
 # bytes read from a Parquet file at a time when it is streamed: Arrow's default pre-buffering caches every row group
 # it has read until the file is closed (a 1.1 GB rankings file read forward took 1.1 GB of the driver)
 READ_BUFFER = 8 << 20
@@ -116,7 +116,7 @@ def staged_dir(output: Path, relative: str) -> Iterator[Path]:
 
     Readers never see a half-written folder: the old one stays until the new one is complete."""
     final = output / relative
-    stage = output / STAGING / f"{relative.replace('/', '__')}-{uuid.uuid4().hex[:8]}"
+    stage = Layout(output).staging / f"{relative.replace('/', '__')}-{uuid.uuid4().hex[:8]}"
     stage.mkdir(parents=True)
     try:
         yield stage
@@ -145,7 +145,8 @@ def files_sha256(paths: list[Path]) -> str:
 
 
 def read_manifest(output: Path) -> dict:
-    path = output / "manifest.json"
+    """`output`'s manifest.json (what each stage committed); {} before anything was committed."""
+    path = Layout(output).manifest
     return json.loads(path.read_text()) if path.exists() else {}
 
 
@@ -156,7 +157,7 @@ def _update_manifest(output: Path, update) -> None:
     with _MANIFEST_LOCK:
         manifest = {"stages": {}, "completed": {}, "runs": [], **read_manifest(output)}
         update(manifest)
-        write_text(output / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True))
+        write_text(Layout(output).manifest, json.dumps(manifest, indent=2, sort_keys=True))
 
 
 def record_stage(output: Path, stage: str, files: list[Path], **facts) -> dict:

@@ -15,7 +15,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from newsclip.config import JobConfig
-from newsclip.runtime.embedding_store import REFS, store_refs
+from newsclip.runtime.embedding_store import store_refs
+from newsclip.runtime.layout import Layout
 from newsclip.runtime.runner import _exclusive
 from newsclip.runtime.store import read_manifest
 
@@ -69,7 +70,7 @@ def _parts(folder: Path) -> list[Path]:
 
 def run_records(output: Path) -> list[dict]:
     """The job's run records (`runs/<run id>.json`), oldest first: run ids begin with their UTC start time."""
-    return [json.loads(p.read_text()) for p in sorted((output / "runs").glob("*.json"))]
+    return [json.loads(p.read_text()) for p in sorted(Layout(output).runs.glob("*.json"))]
 
 
 def _committed(run: dict) -> bool:
@@ -81,8 +82,8 @@ def _committed(run: dict) -> bool:
 def stats(cfg: JobConfig) -> dict:
     """What the store holds, folder by folder, which of the job's runs reference each folder's rows, and per run
     how many rows it references (None: it recorded none, having died or run before runs recorded them)."""
-    if not cfg.store.is_dir() and not (cfg.output / "runs").is_dir():
-        raise StoreError(f"no store at {cfg.store} and no runs in {cfg.output / 'runs'}: check output_dir and "
+    if not cfg.store.is_dir() and not cfg.layout.runs.is_dir():
+        raise StoreError(f"no store at {cfg.store} and no runs in {cfg.layout.runs}: check output_dir and "
                          "store_dir (--set output_dir=...), or run the job first")
     users: dict[str, list[str]] = {}  # store folder -> ids of the runs whose refs name it
     runs = []
@@ -90,7 +91,7 @@ def stats(cfg: JobConfig) -> dict:
         refs = run.get("store_refs")
         present = [f for f in refs or [] if (cfg.output / f).is_file()]
         for f in present:
-            users.setdefault(_folder_of(f), []).append(run["run_id"])
+            users.setdefault(_folder_of(cfg.output, f), []).append(run["run_id"])
         runs.append({"run_id": run["run_id"], "status": run.get("status", "?"),
                      "rows": None if refs is None else sum(pq.read_metadata(cfg.output / f).num_rows for f in present),
                      "pruned": len(refs or []) - len(present)})
@@ -128,9 +129,9 @@ def _own_store(cfg: JobConfig) -> bool:
     return cfg.store.resolve().is_relative_to(cfg.output.resolve())
 
 
-def _folder_of(refs: str) -> str:
-    """The store folder a refs file (`store-refs/<folder>/<digest>.parquet`) is about."""
-    return Path(refs).parent.relative_to(REFS).as_posix()
+def _folder_of(output: Path, refs: str) -> str:
+    """The store folder a refs file (`store-refs/<folder>/<digest>.parquet`, relative to `output`) is about."""
+    return (output / refs).parent.relative_to(Layout(output).store_refs).as_posix()
 
 
 def _referenced(cfg: JobConfig, keep_runs: int) -> tuple[list[dict], set[str]]:
@@ -139,7 +140,7 @@ def _referenced(cfg: JobConfig, keep_runs: int) -> tuple[list[dict], set[str]]:
     out = cfg.output
     runs = [run for run in run_records(out) if _committed(run)][-keep_runs:]
     if not runs:
-        raise StoreError(f"{out / 'runs'}: no run of this job is recorded, so nothing says which store rows are "
+        raise StoreError(f"{cfg.layout.runs}: no run of this job is recorded, so nothing says which store rows are "
                          "needed; run the job (`newsclip run JOB.yaml`) first, or check output_dir")
     stages = read_manifest(out).get("stages", {})
     unrecorded = sorted(name for name, e in stages.items()
@@ -163,7 +164,8 @@ def _keys_by_folder(output: Path, refs_files: set[str]) -> dict[str, pa.Array]:
     """Store folder -> the keys that the refs files name there."""
     by_folder: dict[str, list[pa.Array]] = {}
     for refs in sorted(refs_files):
-        by_folder.setdefault(_folder_of(refs), []).append(pq.read_table(output / refs).column("hash").combine_chunks())
+        keys = pq.read_table(output / refs).column("hash").combine_chunks()
+        by_folder.setdefault(_folder_of(output, refs), []).append(keys)
     return {name: pc.unique(pa.concat_arrays(keys)) for name, keys in by_folder.items()}
 
 
@@ -241,11 +243,12 @@ def _fsync(path: Path) -> None:
 def _prune_refs(output: Path, keep_files: set[str]) -> int:
     """Delete the refs files that no kept run names (their rows are gone); returns how many."""
     pruned = 0
-    for path in sorted((output / REFS).glob("*/*/*/*.parquet")):
+    refs = Layout(output).store_refs
+    for path in sorted(refs.glob("*/*/*/*.parquet")):
         if path.relative_to(output).as_posix() not in keep_files:
             path.unlink()
             pruned += 1
-    folders_left = [p for p in (output / REFS).rglob("*") if p.is_dir()]
+    folders_left = [p for p in refs.rglob("*") if p.is_dir()]
     for folder in sorted(folders_left, key=lambda p: -len(p.parts)):  # deepest first: a parent empties after
         if not any(folder.iterdir()):
             folder.rmdir()

@@ -26,7 +26,8 @@ def encode_side(cfg: JobConfig, backbone: str, side: Side) -> dict:
     stored = store.hashes()
     wanted, todo = wanted_rows(cfg, side, pa.concat_arrays(stored) if stored else None)
     stats = encode_new(cfg, enc, backbone, side, todo, store) if len(todo) else {"encoded": 0}
-    relative = f"embeddings/{name}/{side.name}"
+    folder = cfg.layout.embeddings_of(name, side.name)
+    relative = cfg.layout.relative(folder)
     rows, failures = 0, []
     with staged_dir(out, relative) as stage:
         for i, part in enumerate(store.lookup(wanted.column(side.id_column), wanted.column("hash"), side.id_column)):
@@ -45,7 +46,7 @@ def encode_side(cfg: JobConfig, backbone: str, side: Side) -> dict:
     rejects = rejects.append_column("kind", pa.array([side.kind] * len(rejects), pa.string()))
     rejected = write_rejects(out, f"encode-{name}-{side.name}", f"encode:{backbone}", rejects)
     reused = len(wanted) - int(pc.sum(pc.is_in(wanted.column("hash"), value_set=todo.column("hash"))).as_py() or 0)
-    return record_stage(out, encode_entry(backbone, side.name), parquet_files(out / relative, relative),
+    return record_stage(out, encode_entry(backbone, side.name), parquet_files(folder, relative),
                         backbone=backbone, rejects=str(rejected.relative_to(out)),
                         rows=rows, rejected=len(rejects), **stats, reused=reused, store=str(store.dir),
                         refs=write_refs(out, store, wanted.column("hash")),  # the store rows this run uses

@@ -11,12 +11,12 @@ import polars as pl
 from newsclip.config import JobConfig
 from newsclip.names import knn_entry, rankings_stem, slug
 from newsclip.retrieval.backbones import OPENAI_NAMES
-from newsclip.retrieval.bootstrap import ci_columns, ci_rows, paired_rows
+from newsclip.retrieval.bootstrap import ci_columns, ci_rows, decide_as_one_family, paired_rows
 from newsclip.retrieval.metrics import metric_names
 from newsclip.retrieval.ranks import counts, duplicate_truths, query_ranks
 from newsclip.runtime.rejects import read_rejects
 from newsclip.runtime.stage import Stage
-from newsclip.runtime.store import parquet_files, record_stage, write_text
+from newsclip.runtime.store import parquet_files, read_manifest, record_stage, write_text
 
 __all__ = ["run"]  # the stage; everything else here is its own business
 
@@ -28,22 +28,22 @@ def csv_columns(k: int) -> list[str]:
 
 
 def _run(cfg: JobConfig) -> dict:
-    out = cfg.output
+    out, layout = cfg.output, cfg.layout
     # sorted: the bootstrap resamples by position, so its intervals must not depend on the order of the files
     queries = pl.read_parquet(parquet_files(cfg.query_texts, "query texts"),
                               columns=["article_id", "image_id", "source"]).sort("article_id")
-    sampled = pl.read_parquet(parquet_files(out / "prepared" / "queries", "prepared queries"),
+    sampled = pl.read_parquet(parquet_files(layout.prepared.queries, "prepared queries"),
                               columns=["article_id", "image_id", "source"])
-    image_hashes = (pl.read_parquet(out / "prepared" / "candidates.parquet")
+    image_hashes = (pl.read_parquet(layout.prepared.candidates)
                     .filter("candidate").select("image_id", "image_hash"))
     rejects = read_rejects(out)
     failed = rejects.filter((pl.col("kind") == "image") & pl.col("stage").str.starts_with("encode"))["id"]
-    stages = json.loads((out / "manifest.json").read_text())["stages"]
+    stages = read_manifest(out)["stages"]
     rows, paired, knn = [], [], []
     for direction in cfg.eval.directions:
         ranks, sources = {}, None
         for backbone in [*cfg.backbones, *cfg.fusion]:
-            rankings = out / "rankings" / f"{rankings_stem(backbone, direction)}.parquet"  # read a batch at a time
+            rankings = layout.rankings_parquet(rankings_stem(backbone, direction))  # read a batch at a time
             ranks[backbone], sources = query_ranks(queries, rankings, cfg.eval.k, direction, cfg.eval.ties,
                                                    image_hashes)
             entry = stages.get(knn_entry(backbone, direction), {})
@@ -56,11 +56,12 @@ def _run(cfg: JobConfig) -> dict:
                   "n_unscoreable": n_unscoreable.get(row["source"], 0)}
                  for row in ci_rows(ranks, sources, cfg.eval.k, direction, b=cfg.eval.bootstrap, seed=cfg.eval.seed)]
         paired += paired_rows(ranks, cfg.eval.k, b=cfg.eval.bootstrap, seed=cfg.eval.seed, direction=direction)
+    paired = decide_as_one_family(paired)  # every verdict the report prints, both directions: one Holm family
     frame = pl.DataFrame(rows).select(csv_columns(cfg.eval.k))
     results = [_clip_benchmark_result(cfg, backbone, rows) for backbone in [*cfg.backbones, *cfg.fusion]]
-    csv_path = write_text(out / "metrics.csv", frame.write_csv())
+    csv_path = write_text(layout.metrics_csv, frame.write_csv())
     ties = {"policy": cfg.eval.ties, "duplicate_truths": duplicate_truths(queries, image_hashes)}
-    json_path = write_text(out / "metrics.json", json.dumps(
+    json_path = write_text(layout.metrics_json, json.dumps(
         {"k": cfg.eval.k, "bootstrap": cfg.eval.bootstrap, "metrics": metric_names(cfg.eval.k), "ties": ties,
          "rows": rows, "paired": paired, "knn": knn}, indent=2))
     return record_stage(out, "evaluate", [csv_path, json_path, *results], rows=len(rows), **ties)
@@ -76,7 +77,7 @@ def _clip_benchmark_result(cfg: JobConfig, backbone: str, rows: list[dict]) -> P
     pretrained = "openai" if backbone in OPENAI_NAMES else "newsclip"
     result = {"dataset": cfg.name, "model": backbone, "pretrained": pretrained, "task": "zeroshot_retrieval",
               "language": "en", "k": cfg.eval.k, "metrics": metrics}
-    return write_text(cfg.output / "results" / f"{slug(backbone)}.json", json.dumps(result, indent=2))
+    return write_text(cfg.layout.result(slug(backbone)), json.dumps(result, indent=2))
 
 
 run = Stage("evaluate", _run)

@@ -19,7 +19,7 @@ from newsclip.runtime.embedding_folders import DatabaseFolder, in_id_order
 from newsclip.runtime.fused_rankings import fuse_rankings
 from newsclip.runtime.rankings import RankingsWriter, last_rankings, ranked_lists
 from newsclip.runtime.stage import ActorRequest, Needs, Stage
-from newsclip.runtime.store import STAGING, read_batches, read_manifest, record_stage, vectors_of
+from newsclip.runtime.store import read_batches, read_manifest, record_stage, vectors_of
 
 __all__ = ["run"]  # the stage; everything else here is its own business
 
@@ -52,12 +52,12 @@ def rank(cfg: JobConfig, backbone: str, direction: str) -> dict:
     out, name, stem = cfg.output, slug(backbone), rankings_stem(backbone, direction)
     query_side, query_id, db_side, db_id = DIRECTIONS[direction]
     db_list = f"{db_id}s"
-    folders = {side: out / "embeddings" / name / side for side in (query_side, db_side)}
+    folders = {side: cfg.layout.embeddings_of(name, side) for side in (query_side, db_side)}
     db = DatabaseFolder(folders[db_side], db_id)
     database = db.table
     stores = [read_manifest(out)["stages"][encode_entry(backbone, side)]["store"] for side in ("texts", "images")]
     previous = _last(cfg, stem, knn_entry(backbone, direction), stores)
-    spill = out / STAGING / f"knn-{stem}-{uuid.uuid4().hex[:8]}"
+    spill = cfg.layout.staging / f"knn-{stem}-{uuid.uuid4().hex[:8]}"
     counts = {"queries": 0, "merged": 0, "searched_in_full": 0}
     with contextlib.ExitStack() as stack:
         stack.callback(shutil.rmtree, spill, ignore_errors=True)

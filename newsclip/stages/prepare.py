@@ -14,6 +14,7 @@ from newsclip import articles as contract  # its shard_batches by module: tests 
 from newsclip.articles import IMAGE_SCHEMA, SchemaError, article_hashes, has_text, join_text, sample_pairs
 from newsclip.config import JobConfig
 from newsclip.runtime.console import progress
+from newsclip.runtime.layout import Prepared
 from newsclip.runtime.ray_setup import ensure_ray
 from newsclip.runtime.rejects import write_rejects
 from newsclip.runtime.stage import Needs, Stage
@@ -222,11 +223,12 @@ def select(articles: pl.DataFrame, images: pl.DataFrame, text_mode: str) -> tupl
 
 def _run(cfg: JobConfig) -> dict:
     """Read, check and join the inputs; commit prepared/ and rejects/prepare.parquet; return the manifest entry."""
-    out = cfg.output
+    out, layout = cfg.output, cfg.layout
+    last = layout.prepared  # what the last run committed
     articles = _read_articles(cfg.input.articles, cfg.prepare.text)
-    image_rows = _read_images(cfg, out / "prepared" / "image_hashes.parquet")
-    diff = {"articles": changes(out / "prepared" / "articles_all.parquet", articles, "article_id", "article_hash"),
-            "images": changes(out / "prepared" / "image_hashes.parquet", image_rows, "image_id", "image_hash")}
+    image_rows = _read_images(cfg, last.image_hashes)
+    diff = {"articles": changes(last.articles_all, articles, "article_id", "article_hash"),
+            "images": changes(last.image_hashes, image_rows, "image_id", "image_hash")}
     usable, images, rejects = select(articles, image_rows.select("image_id", "image_hash", "error", "file"),
                                      cfg.prepare.text)
     sampled = sample_pairs(usable, cfg.eval.sample_size, cfg.eval.seed)
@@ -245,21 +247,22 @@ def _run(cfg: JobConfig) -> dict:
     note = None
     if cfg.eval.sample_size is not None and len(usable) < cfg.eval.sample_size:
         note = f"only {len(usable)} usable pairs, fewer than eval.sample_size={cfg.eval.sample_size}: all were used"
-    with staged_dir(out, "prepared") as stage:
+    with staged_dir(out, layout.relative(layout.prepared.dir)) as folder:
+        stage = Prepared(folder)  # the same names as the committed folder's
         write_table(usable.select("article_id", "image_id", "source", "lang", "in_eval", "file").to_arrow(),
-                    stage / "articles.parquet")
+                    stage.articles)
         # one part per input shard with queries, in the input's order
         by_file = queries.partition_by("file", as_dict=True)
         for index, path in enumerate(parquet_files(cfg.input.articles, "input.articles")):
             if (str(path),) in by_file:
                 write_tables(_query_rows(path, by_file[str(path),], cfg.prepare.text),
-                             stage / "queries" / f"part-{index:05d}.parquet")
-        write_table(images.to_arrow(), stage / "candidates.parquet")
+                             stage.queries / f"part-{index:05d}.parquet")
+        write_table(images.to_arrow(), stage.candidates)
         # what the next run compares against (and the image hashes and checks it need not compute again)
-        write_table(articles.select("article_id", "article_hash").to_arrow(), stage / "articles_all.parquet")
+        write_table(articles.select("article_id", "article_hash").to_arrow(), stage.articles_all)
         checks = image_rows.select(*IMAGE_ROWS).to_arrow()
         write_table(checks.replace_schema_metadata({CHECK_KEY: _check_settings(cfg.encode.max_image_pixels)}),
-                    stage / "image_hashes.parquet")
+                    stage.image_hashes)
     facts = {"rejects": str(rejected.relative_to(out)),
              "articles_in": len(articles), "images_in": len(images) + int((rejects["kind"] == "image").sum()),
              "usable_pairs": len(usable), "queries": len(queries), "candidates": int(images["candidate"].sum()),
@@ -269,7 +272,7 @@ def _run(cfg: JobConfig) -> dict:
              "images_reused": int((~image_rows["checked"]).sum()),
              "images_broken": int(image_rows["error"].is_not_null().sum()),
              "changes": diff}
-    return record_stage(out, "prepare", sorted((out / "prepared").rglob("*.parquet")), **facts)
+    return record_stage(out, "prepare", sorted(layout.prepared.dir.rglob("*.parquet")), **facts)
 
 
 def _input_shards(cfg: JobConfig) -> list[tuple[str, int, int]]:

@@ -12,7 +12,7 @@ __all__ = ["run"]  # the stage; the rendering lives in newsclip.report
 
 
 def _run(cfg: JobConfig) -> dict:
-    path = write_text(cfg.output / "report.md", render_markdown(cfg))
+    path = write_text(cfg.layout.report_md, render_markdown(cfg))
     return record_stage(cfg.output, "report", [path, write_html(cfg.output, cfg)])
 
 

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 from newsclip.articles import join_text
 from newsclip.runtime.console import log, track
 from newsclip.runtime.external_sort import ExternalSort
+from newsclip.runtime.layout import Layout
 from newsclip.runtime.ray_setup import dataset_of, ensure_ray, map_actors
 from newsclip.runtime.rejects import write_rejects
 from newsclip.runtime.stage import ActorRequest, Needs, Stage
@@ -41,9 +42,10 @@ def _reusable(out: Path, key: str, hashes: pl.Series) -> tuple[list[Path], pl.Da
     row in them; none when another translator made them."""
     none = [], pl.DataFrame(schema={"position": pl.UInt32, "article_hash": pl.String})
     entry = read_manifest(out).get("stages", {}).get("translate", {})
-    if entry.get("translator_key") != key or not (out / "translated").is_dir():
+    folder = Layout(out).translated
+    if entry.get("translator_key") != key or not folder.is_dir():
         return none
-    files = parquet_files(out / "translated", "translated")
+    files = parquet_files(folder, "translated")
     if "article_hash" not in pq.read_schema(files[0]).names:
         return none
     known = pl.read_parquet(files, columns=["article_hash"]).with_row_index("position")
@@ -92,8 +94,8 @@ def _typed(rows: pl.DataFrame) -> pa.Table:
 def _run(cfg) -> dict | None:
     if not cfg.translate.enabled:
         return None
-    out, t = cfg.output, cfg.translate.resolved()
-    files = parquet_files(out / "prepared" / "queries", "prepared queries")
+    out, layout, t = cfg.output, cfg.layout, cfg.translate.resolved()
+    files = parquet_files(layout.prepared.queries, "prepared queries")
     queries = pl.concat([pl.read_parquet(f, columns=["article_id", "image_id", "source", "article_hash", "lang"])
                          .with_columns(file=pl.lit(str(f))) for f in files])
     if t.on_missing_package == "error":  # fail at job start, not in the middle of the stage
@@ -107,7 +109,7 @@ def _run(cfg) -> dict | None:
     todo = queries.filter(~reused).drop("lang")
     facts = Counter()
     rejected, by_lang, splitters = [], Counter(), set()
-    with staged_dir(out, "translated") as stage:
+    with staged_dir(out, layout.relative(layout.translated)) as stage:
         # an external sort by article id: one part in memory at a time; its files are gone before the commit
         parts = ExternalSort(stage / ".parts", "article_id", ids["article_id"], t.part_rows)
         for rows in _reused_rows(last_files, known, ids.filter(reused)):
@@ -128,7 +130,7 @@ def _run(cfg) -> dict | None:
             splitters.update(kept["splitter"].drop_nulls())
     rejected = pl.concat(rejected)
     rejects = write_rejects(out, "translate", "translate", rejected)
-    return record_stage(out, "translate", parquet_files(out / "translated"), rejects=str(rejects.relative_to(out)),
+    return record_stage(out, "translate", parquet_files(layout.translated), rejects=str(rejects.relative_to(out)),
                         rows=facts["rows"],
                         translated=dict(sorted(by_lang.items())), truncated=facts["truncated"],
                         skipped=len(rejected), splitters=sorted(splitters), packages_dir=t.packages_dir,

@@ -21,7 +21,7 @@ import pyarrow as pa
 from newsclip.retrieval.backbones import load_backbone
 from newsclip.runtime.embedding_store import content_key, content_keys
 from newsclip.runtime.store import embedding_table, vectors_of
-from newsclip.workers.images import ImageDecodeError, decode_image, open_image
+from newsclip.workers.images import ImageDecodeError, decode_image, open_image, quiet_pillow
 from newsclip.workers.shard_rows import read_units
 
 if TYPE_CHECKING:
@@ -44,9 +44,11 @@ def _geometry(resolution: int):
 
 
 def clip_pixels(image, resolution: int) -> np.ndarray:
-    """A decoded image as clip's preprocess sees it before ToTensor: uint8, channels first (3, res, res)."""
-    for step in _geometry(resolution):
-        image = step(image)
+    """A decoded image (`decode_image`: in its own mode) as clip's preprocess sees it before ToTensor: resized and
+    cropped, then converted to RGB, in clip's order; uint8, channels first (3, res, res)."""
+    with quiet_pillow():
+        for step in _geometry(resolution):
+            image = step(image)
     return np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1))
 
 

@@ -1,4 +1,4 @@
-"""Bounded, forgiving image decoding: every image becomes RGB or a reason why it could not."""
+"""Bounded, forgiving image decoding: every image becomes one that clip's preprocess takes, or a reason why not."""
 
 from __future__ import annotations
 
@@ -9,9 +9,24 @@ from collections.abc import Iterator
 
 from PIL import Image, UnidentifiedImageError
 
+# Modes that go to clip's preprocess as they are: it resizes first and converts to RGB last, and the order shows
+# (RGBA and LA are resized premultiplied, so fully transparent pixels turn black; "1" and "P" are resized with
+# NEAREST; CMYK converts after the resize). Every one of them resizes and converts (a test checks). 16-bit grey is
+# scaled to 8 bits (see `_to_8_bit`); any other mode (F, LAB, HSV: rare in news) is converted to RGB first.
+CLIP_MODES = frozenset({"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr"})
+
 
 class ImageDecodeError(ValueError):
     """An image that cannot be used; the message is the reason recorded in rejects/."""
+
+
+@contextlib.contextmanager
+def quiet_pillow() -> Iterator[None]:
+    """Pillow's warnings about files it handles anyway off the console: a palette image whose transparency is a
+    table of alpha values (clip-art) warned on every conversion, once per image of a fine-tune."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Palette images with Transparency", UserWarning)
+        yield
 
 
 def open_image(data: bytes | None, max_pixels: int = 40_000_000) -> Image.Image:
@@ -28,33 +43,45 @@ def open_image(data: bytes | None, max_pixels: int = 40_000_000) -> Image.Image:
 
 def decode_image(data: bytes | None, max_pixels: int = 40_000_000, draft_size: int | None = None,
                  alpha: str = "drop") -> Image.Image:
-    """Decode encoded image bytes to an RGB image, refusing anything larger than `max_pixels`.
+    """Decode encoded image bytes, refusing anything larger than `max_pixels`, to an image that clip's preprocess
+    takes exactly as it takes `Image.open(file)`: in the file's own mode (the first frame of an animation; no EXIF
+    rotation, as clip), so that the pixels are clip's. Callers that want RGB convert it.
 
+    One deliberate exception: 16-bit grey, which clip's `convert("RGB")` clips to white, is scaled to 8 bits.
     `draft_size`: a JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8) that still covers a square of this
     side, which skips most of the decoding work before a downscale to that size.
-    `alpha`: "drop" converts a transparent image with `convert("RGB")`, as clip's preprocess does (the colours
-    under transparent pixels show); "white" composites it onto white, as a viewer shows it."""
+    `alpha`: "drop" leaves a transparent image to clip's preprocess; "white" composites it onto white (RGB), as a
+    viewer shows it."""
     image = open_image(data, max_pixels)
     with _reasons():
         if draft_size and image.format == "JPEG":
             image.draft("RGB", (draft_size, draft_size))
         image.seek(0)  # animated images: the first frame
         image.load()
-    transparent = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
-    if alpha == "white" and transparent:
-        background = Image.new("RGB", image.size, (255, 255, 255))
-        background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
-        return background
-    if image.mode.startswith("I;16") or image.mode == "I":
-        image = image.point(lambda v: v / 256).convert("L")  # 16-bit: scale to 8-bit rather than clip
-    return image.convert("RGB")
+        transparent = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
+        if alpha == "white" and transparent:
+            rgba = image.convert("RGBA")
+            background = Image.new("RGB", image.size, (255, 255, 255))
+            background.paste(rgba, mask=rgba.getchannel("A"))
+            return background
+        if image.mode.startswith("I"):
+            return _to_8_bit(image)
+        return image if image.mode in CLIP_MODES else image.convert("RGB")
+
+
+def _to_8_bit(image: Image.Image) -> Image.Image:
+    """16-bit grey (I;16*, or I from older Pillows) as 8-bit grey: the high byte, as libpng's 16-to-8 strip."""
+    import numpy as np
+
+    values = np.clip(np.asarray(image, dtype=np.int64), 0, 65535)
+    return Image.fromarray((values >> 8).astype(np.uint8), "L")
 
 
 @contextlib.contextmanager
 def _reasons() -> Iterator[None]:
     """PIL's many ways of failing on bad bytes, as an ImageDecodeError with the reason for rejects/."""
     try:
-        with warnings.catch_warnings():
+        with quiet_pillow():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             yield
     except ImageDecodeError:
