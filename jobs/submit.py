@@ -6,7 +6,8 @@
 
 The stages write `output_dir` with local paths, and Ray Data's workers write and read it too, so on a cluster
 of several nodes `output_dir` must be a shared mount (NFS, EFS, Filestore) at the same path on every node. On a
-single node any local folder works. `--publish` copies the committed files (never `.staging/`) through pyarrow's
+single node any local folder works. `--publish` copies the current outputs (the files the manifest says the stages
+committed last, and the resolved config; never the lock, `.staging/`, logs or the store) through pyarrow's
 filesystems once the job succeeded, `manifest.json` last, so a reader that sees the manifest sees everything.
 """
 
@@ -18,24 +19,27 @@ from pathlib import Path
 
 
 def publish(output: Path, uri: str) -> list[str]:
-    """Copy every committed file under `output` to `uri` (a path or a pyarrow URI); the manifest goes last."""
+    """Copy the job's current outputs under `output` to `uri` (a path or a pyarrow URI): the files the manifest says
+    the stages committed last, and the resolved config; the manifest goes last. Nothing else under `output` (the
+    lock, `.staging/`, logs, run records, the embedding store) is copied."""
     import pyarrow.fs as pafs
 
-    from newsclip.runtime.layout import STAGING, Layout
+    from newsclip.runtime.layout import Layout
+    from newsclip.runtime.store import current_files
 
+    layout = Layout(output)
+    if not layout.manifest.is_file():
+        raise FileNotFoundError(f"{layout.manifest} does not exist: nothing was committed to publish")
     if "://" not in uri:
         uri = str(Path(uri).expanduser().absolute())
     filesystem, root = pafs.FileSystem.from_uri(uri)
-    files = sorted(p for p in output.rglob("*") if p.is_file() and STAGING not in p.relative_to(output).parts
-                   and not p.name.endswith(".tmp"))
-    manifest = Layout(output).manifest
-    files.sort(key=lambda p: p == manifest)
+    files = [f for f in [*current_files(output), layout.relative(layout.resolved_config)] if (output / f).is_file()]
     copied = []
-    for path in files:
-        relative = path.relative_to(output).as_posix()
+    for relative in [*files, layout.relative(layout.manifest)]:
         target = f"{root.rstrip('/')}/{relative}"
         filesystem.create_dir(target.rsplit("/", 1)[0], recursive=True)
-        pafs.copy_files(str(path), target, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=filesystem)
+        pafs.copy_files(str(output / relative), target, source_filesystem=pafs.LocalFileSystem(),
+                        destination_filesystem=filesystem)
         copied.append(relative)
     return copied
 

@@ -34,12 +34,23 @@ class SchemaError(ValueError):
     """An input shard without a required column, or with a column of the wrong type."""
 
 
+def shard_file(path: Path) -> pq.ParquetFile:
+    """An input shard, opened (its footer read); SchemaError naming it when it is not a readable Parquet file."""
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as e:  # pyarrow's message names no file
+        raise SchemaError(f"{path}: not a readable Parquet file ({e}); it may be truncated or still being copied: "
+                          "write it again (copy it, or rerun `newsclip ingest`), or move it out of the input folder") \
+            from None
+
+
 def shard_batches(path: Path) -> Iterator[pl.DataFrame]:
     """One articles shard in batches of ARTICLE_COLUMNS (strings; null where the shard has none) and `row`, each
     row's position in the shard."""
     import polars as pl
 
-    names = pq.read_schema(path).names
+    with shard_file(path) as shard:
+        names = shard.schema_arrow.names
     if "article_id" not in names:
         raise SchemaError(f"{path}: no 'article_id' column (has {', '.join(names)}); "
                           "articles need article_id, and title/text/image_id/source/lang when known")

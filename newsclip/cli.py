@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import warnings
@@ -83,9 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where OpenAI weights are cached (default: clip's ~/.cache/clip)")
 
     p = sub.add_parser("demo-data", help="write synthetic news articles and images as Parquet shards")
-    p.add_argument("dir", type=Path, help="output folder: DIR/articles/ and DIR/images/")
-    p.add_argument("--articles", type=int, default=2000)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("dir", type=Path, help="output folder: DIR/articles/ and DIR/images/ (empty, unless --append)")
+    p.add_argument("--articles", type=int, default=2000, help="articles to write (default 2000); about 3%% of "
+                   "them lack a text or an image, like the real data")
+    p.add_argument("--seed", type=int, default=0, help="random seed: the same seed writes the same bytes (default 0)")
     p.add_argument("--append", action="store_true", help="add new articles (ids after the existing ones) and their "
                    "images as new shards: the next day of an archive, for a nightly run")
     p.add_argument("--shifted", action="store_true", help="scenes in colours and places demo-tiny never saw, in "
@@ -126,12 +128,17 @@ def _demo(args: argparse.Namespace) -> None:
     from newsclip.demo.data import write_demo_data
     from newsclip.demo.model import ensure_demo_model
     from newsclip.runtime.runner import run_stages
+    from newsclip.runtime.store import output_folder
 
-    data = args.output / "data"
-    if not (data / "articles").exists():
+    data = output_folder(args.output, "demo --output") / "data"
+    held = _demo_articles(data)
+    if held is None:
         with console.stage("demo data") as line:
             write_demo_data(data, args.articles, args.seed)
             line.finish(f"{args.articles} articles written to {data} in {line.seconds:.1f}s")
+    else:
+        log(f"demo data: reusing the {held} articles in {data} from an earlier demo"
+            + (f" (not {args.articles}: delete {data} for new data)" if held != args.articles else ""))
     with console.stage("demo model", lazy=True):  # a line only when it is trained (once, cached)
         ensure_demo_model(log=log)
     cfg = config.load(None, [f"input.articles={data / 'articles'}", f"input.images={data / 'images'}",
@@ -141,6 +148,33 @@ def _demo(args: argparse.Namespace) -> None:
     run_stages(cfg)
     print_metrics(cfg.output)
     print(f"report: {cfg.layout.report_md}")
+
+
+def _demo_articles(data: Path) -> int | None:
+    """How many articles the demo data in `data` holds; None when there is none. A file there is no folder."""
+    if data.exists() and not data.is_dir():
+        raise ValueError(f"{data}: is a file, not a folder of demo data; choose another folder")
+    shards = sorted((data / "articles").glob("*.parquet"))
+    if not shards:
+        return None
+    import pyarrow.parquet as pq
+
+    return sum(pq.read_metadata(p).num_rows for p in shards)
+
+
+def _demo_data(args: argparse.Namespace) -> None:
+    from newsclip.demo.data import append_demo_data, write_demo_data
+    from newsclip.runtime.store import output_folder
+
+    output_folder(args.dir, "demo-data DIR")
+    held = _demo_articles(args.dir)
+    if held is not None and not args.append:  # new shards beside the old ones would mix two archives
+        raise ValueError(f"{args.dir}: already holds demo data ({held} articles in {args.dir / 'articles'}); pass "
+                         "--append to add a day to it, or choose an empty folder (or delete this one)")
+    write = append_demo_data if args.append else write_demo_data
+    counts = write(args.dir, args.articles, args.seed, shifted=args.shifted)
+    print(f"wrote {counts['articles']} articles to {args.dir / 'articles'} and {counts['images']} images "
+          f"to {args.dir / 'images'}")
 
 
 def _backbones(args: argparse.Namespace) -> None:
@@ -172,8 +206,13 @@ def _rejects(args: argparse.Namespace) -> None:
     from newsclip import config
     from newsclip.runtime.rejects import read_rejects, rejects_summary
 
+    if args.examples < 0:
+        raise ValueError(f"--examples: must be 0 or more, got {args.examples}")
     cfg = config.load(args.job, args.overrides)
     out = cfg.output
+    if not cfg.layout.rejects.is_dir():
+        raise ValueError(f"{cfg.layout.rejects} does not exist: no stage of this job has run in {out}; run "
+                         f"`newsclip run {args.job}` (or `newsclip prepare {args.job}`) first, or check output_dir")
     if args.csv:
         sys.stdout.write(read_rejects(out).write_csv())
         return
@@ -208,7 +247,12 @@ def _translate(args: argparse.Namespace) -> None:
         for name in install_packages(args.paths, packages_dir):
             print(f"installed {name} into {packages_dir}")
     else:
-        for meta in installed_packages(packages_dir):
+        packages = installed_packages(packages_dir)
+        if not packages:
+            print(f"no Argos packages installed in {packages_dir}; install one with `newsclip translate install "
+                  f"FILE.argosmodel --packages-dir {packages_dir}` (`newsclip demo-translator` builds and installs "
+                  "the demo's de->en package)")
+        for meta in packages:
             print(f"{meta.get('from_code')}->{meta.get('to_code')}  version {meta.get('package_version')}")
 
 
@@ -217,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     console.configure(verbose=getattr(args, "verbose", False))
     from newsclip.runtime.preflight import PreflightError
     from newsclip.runtime.ray_setup import ResourcesUnavailableError
-    from newsclip.runtime.runner import RunLockedError
+    from newsclip.runtime.runner import RunInterrupted, RunLockedError, StageOrderError
     from newsclip.translate.packages import MissingLanguagePackageError
     from newsclip.yaml_config import ConfigError
 
@@ -225,12 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             _demo(args)
         elif args.command == "demo-data":
-            from newsclip.demo.data import append_demo_data, write_demo_data
-
-            write = append_demo_data if args.append else write_demo_data
-            counts = write(args.dir, args.articles, args.seed, shifted=args.shifted)
-            print(f"wrote {counts['articles']} articles to {args.dir / 'articles'} and {counts['images']} images "
-                  f"to {args.dir / 'images'}")
+            _demo_data(args)
         elif args.command == "backbones":
             _backbones(args)
         elif args.command == "ingest":
@@ -274,11 +313,37 @@ def main(argv: list[str] | None = None) -> int:
                 print(evaluate_demo_model(path))
         else:
             _run_job(args, STAGE_NAMES if args.command == "run" else (args.command,))
+    except StageOrderError as e:
+        print(f"newsclip {args.command}: error: {e}; run {_commands(e.missing, args)} first, or `newsclip run "
+              f"{getattr(args, 'job', 'JOB.yaml')}` for every stage (it skips what is up to date)", file=sys.stderr)
+        return 2
     except (ConfigError, FileNotFoundError, ValueError, MissingLanguagePackageError, RunLockedError, PreflightError,
             ResourcesUnavailableError) as e:
         print(f"newsclip {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        where = f" during {e.stage}" if isinstance(e, RunInterrupted) and e.stage else ""
+        resume = "; the stages committed before it are kept: run the same command again to resume" \
+            if isinstance(e, RunInterrupted) else ""
+        print(f"\nnewsclip {args.command}: interrupted{where}{resume}", file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 141  # 128 + SIGPIPE: the reader (`| head`) stopped reading, as for any Unix command
     return 0
+
+
+def _commands(stages: list[str], args: argparse.Namespace) -> str:
+    """The commands that run `stages` of this job, one by one."""
+    job = getattr(args, "job", "JOB.yaml")
+    return " then ".join(f"`newsclip {'translate run' if name == 'translate' else name} {job}`"
+                         for name in stages)
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so that the flush at exit finds no closed pipe to fail on again."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def entry() -> None:

@@ -45,6 +45,8 @@ class EvalConfig:
             raise ValueError("k: must be at least 1")
         if self.sample_size is not None and self.sample_size < 1:
             raise ValueError("sample_size: must be at least 1 or null")
+        if self.bootstrap < 1:  # the intervals and paired comparisons need resamples
+            raise ValueError(f"bootstrap: must be at least 1 (resamples for the intervals), got {self.bootstrap}")
 
 
 def _at_least_one(section, keys: tuple[str, ...]) -> None:
@@ -230,20 +232,33 @@ def _validate(cfg: JobConfig) -> None:
 
 def from_dict(raw: dict) -> JobConfig:
     raw = dict(raw)
-    # eval.k is the one k of the job; the knn section follows it
-    knn = dict(raw.get("knn") or {})
-    knn.setdefault("k", (raw.get("eval") or {}).get("k", EvalConfig.k))
-    raw["knn"] = knn
+    # eval.k is the one k of the job; the knn section follows it (a section that is no mapping: build names it)
+    knn, evaluation = raw.get("knn") or {}, raw.get("eval") or {}
+    if isinstance(knn, dict) and isinstance(evaluation, dict):
+        raw["knn"] = {"k": evaluation.get("k", EvalConfig.k), **knn}
     cfg = build(JobConfig, raw)
     _validate(cfg)
     return cfg
+
+
+def require_input(raw: dict) -> None:
+    """A job file must name its input: only the demo's own job (no file) reads the demo data by default."""
+    given = raw.get("input") if isinstance(raw.get("input"), dict) else {}
+    missing = [f"input.{key}" for key in ("articles", "images") if given.get(key) is None]
+    if missing:
+        raise ConfigError(f"{' and '.join(missing)}: not given; name the folders (or globs) of the Parquet shards "
+                          "in the job file (input: {articles: ..., images: ...}) or with --set "
+                          f"{missing[0]}=...")
 
 
 def load(path: str | Path | None, overrides: list[str] = ()) -> JobConfig:
     """Load a job file (or the embedded demo defaults when `path` is None) and apply `key=value` overrides."""
     raw = read_yaml(path, overrides)
     try:
-        return from_dict(raw)
+        cfg = from_dict(raw)
+        if path is not None:
+            require_input(raw)
+        return cfg
     except ConfigError as e:
         raise ConfigError(f"{path or 'config'}: {e}") from None
 

@@ -96,15 +96,45 @@ def apply_override(raw: dict, assignment: str) -> None:
     node[parts[-1]] = yaml.safe_load(text) if text else None
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key, first: int, again: int):
+        self.key, self.first, self.again = key, first, again
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping, where PyYAML silently keeps the last one."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise _DuplicateKey(key, seen[key] + 1, key_node.start_mark.line + 1)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: str | Path | None, overrides: list[str] = (), what: str = "job file") -> dict:
-    """A YAML mapping (safe_load; empty when `path` is None) with `key=value` overrides applied."""
+    """A YAML mapping (safe_load, a key given twice refused; empty when `path` is None) with `key=value` overrides
+    applied."""
     raw: dict = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            inside = sorted(p.name for p in path.glob("*.y*ml"))[:5]
+            raise ConfigError(f"{path}: is a folder; expected a {what} (a YAML file)"
+                              + (f", e.g. one of {', '.join(inside)} in it" if inside else ""))
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
         except FileNotFoundError:
             raise ConfigError(f"{path}: {what} not found") from None
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read the {what}: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not a {what}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        except _DuplicateKey as e:
+            raise ConfigError(f"{path}: line {e.again}: the key {e.key!r} is given twice (first on line {e.first}); "
+                              "keep one") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(raw, dict):

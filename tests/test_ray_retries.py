@@ -16,7 +16,7 @@ JOBS = Path(__file__).resolve().parents[1] / "jobs"
 
 def _load(tmp_path, text: str):
     path = tmp_path / "job.yaml"
-    path.write_text(text)
+    path.write_text("input: {articles: a, images: i}\n" + text)  # a job file names its input
     return config.load(path)
 
 

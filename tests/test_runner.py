@@ -140,7 +140,7 @@ def test_a_pool_waits_for_a_node_on_a_cluster_then_says_which_setting(ray_local,
         name, lambda cfg: pytest.fail("ran without its GPU"), needs_ray=lambda cfg: True,
         needs=lambda cfg: Needs(actors=(ActorRequest("shards", 1, 1, "shards.num_cpus", "shards.num_gpus"),))))
     started = time.monotonic()
-    assert main(["knn", str(_write(tmp_path)), "--set", f"output_dir={tmp_path / 'out'}",
+    assert main(["prepare", str(_write(tmp_path)), "--set", f"output_dir={tmp_path / 'out'}",
                  "--set", "ray.address=auto", "--set", "ray.wait_timeout_s=1.5"]) == 2
     assert 1.5 <= time.monotonic() - started < 30
     err = capsys.readouterr().err
@@ -161,5 +161,5 @@ def test_a_pool_waits_for_a_node_on_a_cluster_then_says_which_setting(ray_local,
 
 def _write(tmp_path) -> Path:
     job = tmp_path / "job.yaml"
-    job.write_text("name: waiting\n")
+    job.write_text("name: waiting\ninput: {articles: a, images: i}\n")
     return job

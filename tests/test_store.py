@@ -43,7 +43,8 @@ def _night(out: Path, run_id: str, contents: dict[str, list[str]]) -> None:
         record_stage(out, encode_entry("demo-tiny", side), [], backbone="demo-tiny", store=str(store.dir),
                      refs=write_refs(out, store, pa.array(keys, pa.string())))
     (out / "runs").mkdir(exist_ok=True)
-    record = {"run_id": run_id, "status": "finished", "store_refs": store_refs(out, ["demo-tiny"])}
+    record = {"run_id": run_id, "status": "finished", "stages": {"encode": {"status": "done"}},
+              "store_refs": store_refs(out, ["demo-tiny"])}
     (out / "runs" / f"{run_id}.json").write_text(json.dumps(record))
 
 
@@ -61,7 +62,7 @@ def job(tmp_path) -> tuple[Path, list[str]]:
     for i, contents in enumerate(NIGHTS):
         _night(out, f"2026010{i + 1}T020000Z-00000{i}", contents)
     job_file = tmp_path / "job.yaml"
-    job_file.write_text(f"output_dir: {out}\nbackbones: [demo-tiny]\n")
+    job_file.write_text(f"input: {{articles: a, images: i}}\noutput_dir: {out}\nbackbones: [demo-tiny]\n")
     return out, [str(job_file)]
 
 
@@ -97,6 +98,22 @@ def test_compact_keeps_the_rows_of_the_last_runs(job, capsys):
     assert {p: p.stat().st_mtime_ns for p in (out / "store").rglob("part-*.parquet")} == parts
     assert main(["store", "compact", *args, "--keep-runs", "1"]) == 0
     assert _stored(out, "texts") == _keys(["c", "d"]) and _stored(out, "images") == _keys(["C", "D"])
+
+
+def test_keep_runs_counts_only_runs_that_committed_something(job, capsys):
+    """A rerun with nothing to do and a call that failed before committing are no runs: --keep-runs 2 keeps the
+    rows of the last two nights however many of them came after."""
+    out, args = job
+    refs = json.loads((out / "runs" / "20260103T020000Z-000002.json").read_text())["store_refs"]
+    noops = [("20260103T030000Z-000003", "finished", {"prepare": {"status": "up to date"}}),
+             ("20260103T040000Z-000004", "failed: StageOrderError: encode reads what translate commits", {}),
+             ("20260103T050000Z-000005", "finished", {"prepare": {"status": "up to date"}})]
+    for run_id, status, stages in noops:
+        record = {"run_id": run_id, "status": status, "stages": stages, "store_refs": refs}
+        (out / "runs" / f"{run_id}.json").write_text(json.dumps(record))
+    assert main(["store", "compact", *args, "--keep-runs", "2"]) == 0
+    assert "2 runs (20260102T020000Z-000001 .. 20260103T020000Z-000002)" in capsys.readouterr().out
+    assert _stored(out, "texts") == _keys(["b", "c", "d"])  # night 2's b is kept
 
 
 def test_compact_drops_a_key_stored_twice_and_unused_folders(job):
@@ -174,7 +191,7 @@ def test_stats_lists_folders_precisions_and_the_runs_that_reference_them(job, ca
 def test_errors_say_what_to_do(job, tmp_path, capsys):
     out, args = job
     empty = tmp_path / "empty.yaml"
-    empty.write_text(f"output_dir: {tmp_path / 'nothing'}\n")
+    empty.write_text(f"input: {{articles: a, images: i}}\noutput_dir: {tmp_path / 'nothing'}\n")
     assert main(["store", "compact", str(empty)]) == 2
     assert "does not exist: check the job file or --set output_dir" in capsys.readouterr().err
     (tmp_path / "nothing").mkdir()

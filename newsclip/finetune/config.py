@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from newsclip.config import JobConfig, from_dict
+from newsclip.config import JobConfig, from_dict, require_input
 from newsclip.yaml_config import ConfigError, build, read_yaml
 
 SECTION = "finetune"
@@ -82,6 +82,9 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> tuple[JobConfig,
     raw = read_yaml(path, overrides)
     section = raw.pop(SECTION, None)  # the job schema has no `finetune` key: it is this package's own section
     try:
-        return from_dict(raw), build(FinetuneConfig, section, SECTION)
+        job, finetune = from_dict(raw), build(FinetuneConfig, section, SECTION)
+        if path is not None:
+            require_input(raw)
+        return job, finetune
     except ConfigError as e:
         raise ConfigError(f"{path or 'config'}: {e}") from None

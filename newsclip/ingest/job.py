@@ -18,7 +18,7 @@ from newsclip.ingest.columns import read_part
 from newsclip.ingest.config import IngestConfig
 from newsclip.ingest.download import Fetched
 from newsclip.ingest.images import Folders, ImageTask, image_folder, image_tasks, load_image
-from newsclip.runtime.store import staged_dir, write_table, write_text
+from newsclip.runtime.store import output_folder, staged_dir, write_table, write_text
 
 REJECT_SCHEMA = pa.schema([("kind", pa.string()), ("id", pa.string()), ("source", pa.string()),
                            ("row", pa.int64()), ("reason", pa.string())])
@@ -137,6 +137,7 @@ def ingest(cfg: IngestConfig) -> dict:
     articles, rejects = _article_rejects(rows, cfg)
     tasks = image_tasks(articles, cfg, folders)
 
+    output_folder(out, "output_dir")
     with staged_dir(out, "articles") as article_stage, staged_dir(out, "images") as image_stage:
         article_shards = _write_articles(articles, article_stage, cfg.article_shard_rows)
         image_shards, failures = _write_images(tasks, folders, cfg, image_stage)

@@ -191,8 +191,11 @@ def _load_state_dict(path: Path) -> dict:
         # weights_only: a checkpoint from elsewhere never gets to run code while it is unpickled
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+        # torch's own message advises loading with weights_only=False: never for a file that is not a checkpoint
+        reason = str(exc).split("WeightsUnpickler error:", 1)[-1].split("Check the documentation", 1)[0]
         raise ValueError(f"cannot read {path} as a CLIP checkpoint (a TorchScript archive or a state dict of "
-                         f"tensors): {exc}") from exc
+                         f"tensors): {' '.join(reason.split()) or type(exc).__name__}; is it a whole checkpoint? "
+                         "Copy it again, or name another file in backbones") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]  # training checkpoints often wrap the weights
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):

@@ -11,6 +11,7 @@ import shutil
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, TextIO
@@ -238,20 +239,28 @@ def stage(name: str, *, lazy: bool = False) -> Iterator[Stage]:
         _console.draw(force=True)
     if live:
         threading.Thread(target=_console.tick, args=(current, stop), daemon=True, name="newsclip-console").start()
+    error = None
     try:
         yield current
-    except BaseException:
-        current.finish(f"failed after {current.seconds:.1f}s")
+    except BaseException as e:
+        current.finish(f"interrupted after {current.seconds:.1f}s" if isinstance(e, KeyboardInterrupt) else
+                       f"failed after {current.seconds:.1f}s")
+        error = e
         raise
     finally:
         stop.set()
         with _console.lock:
             _console.stages.remove(current)
-            if current.lazy:  # nothing reported: nothing to say
+            if current.lazy and error is None:  # nothing reported: nothing to say
                 _console.draw(force=True)
             else:
                 line = f"{_stamp()} {name}: {current.outcome or f'done in {current.seconds:.1f}s'}"
-                _console.to_files(line)
+                if error is not None and not isinstance(error, KeyboardInterrupt):
+                    # the console's caller prints the error; the log must hold it too, with where it came from
+                    _console.to_files(f"{line}: {type(error).__name__}: {error}")
+                    _console.to_files("".join(traceback.format_exception(error)).rstrip("\n"))
+                else:
+                    _console.to_files(line)
                 _console.print(line)
 
 

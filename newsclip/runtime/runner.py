@@ -18,7 +18,14 @@ from newsclip.runtime.layout import Layout
 from newsclip.runtime.preflight import preflight
 from newsclip.runtime.ray_setup import ensure_ray, ray_logs, wait_for_resources
 from newsclip.runtime.stage import Stage
-from newsclip.runtime.store import read_manifest, record_completed, record_run, write_text
+from newsclip.runtime.store import (
+    OutputFolderError,
+    output_folder,
+    read_manifest,
+    record_completed,
+    record_run,
+    write_text,
+)
 from newsclip.yaml_config import to_dict
 
 STAGE_NAMES = ("prepare", "translate", "encode", "knn", "evaluate", "report")
@@ -34,6 +41,24 @@ def _stage(name: str) -> Stage:
 
 class RunLockedError(RuntimeError):
     """Another run holds the output folder."""
+
+
+class StageOrderError(ValueError):
+    """A stage named alone reads what earlier stages commit, and they have not committed in the output folder."""
+
+    def __init__(self, stage: str, missing: list[str], output: Path):
+        self.stage, self.missing = stage, missing
+        which = ", ".join(missing)
+        super().__init__(f"{stage} reads what {which} commit{'s' if len(missing) == 1 else ''}, and "
+                         f"{'it has' if len(missing) == 1 else 'they have'} not committed in {output}")
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGINT) during a run: what it had committed stays, and the same command resumes."""
+
+    def __init__(self, stage: str | None):
+        self.stage = stage
+        super().__init__(stage)
 
 
 def stage_key(cfg: JobConfig, stage: Stage, completed: dict) -> str:
@@ -63,7 +88,13 @@ def _exclusive(output: Path) -> Iterator[None]:
     """One run per output folder at a time; the kernel drops the lock when the process dies, however it dies."""
     import fcntl
 
-    with open(Layout(output).lock, "a") as handle:  # "a": taking the lock changes no file
+    lock = Layout(output).lock
+    try:
+        handle = open(lock, "a")  # noqa: SIM115 - "a": taking the lock changes no file
+    except OSError as e:
+        raise OutputFolderError(f"output_dir: cannot write in {output} ({e.strerror}: {lock}); make it writable, or "
+                                "set output_dir to a folder you can write in") from None
+    with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -79,9 +110,11 @@ def run_stages(cfg: JobConfig, names: tuple[str, ...] = STAGE_NAMES, force: bool
     or up to date, seconds, counts) goes to `runs/<run id>.json` as it goes and to `manifest.json` at the end.
     The console gets one line per stage; every message, and Ray's own logs, go to `logs/` (see console, ray_logs)."""
     stages = [_stage(name) for name in names]
+    out = output_folder(cfg.output, "output_dir", make=False)
+    _check_order(out, names)
     preflight(cfg, stages)  # what they need and would not get: before anything starts, all of it at once
-    out, layout = cfg.output, cfg.layout
-    out.mkdir(parents=True, exist_ok=True)
+    layout = cfg.layout
+    output_folder(out, "output_dir")
     with _exclusive(out), console.log_file(layout.log_file), ray_logs(layout.logs):
         _mark_interrupted(out)
         shutil.rmtree(layout.staging, ignore_errors=True)  # what a dead run left half-written: never committed
@@ -93,11 +126,16 @@ def run_stages(cfg: JobConfig, names: tuple[str, ...] = STAGE_NAMES, force: bool
                   + uuid.uuid4().hex[:6],
                   "started_at": _now(), "status": "running", "stages": {}}
         path = layout.run_record(record["run_id"])
+        running = None
         try:
             for stage in stages:
+                running = stage.name
                 record["stages"][stage.name] = _run_stage(cfg, stage, force)
                 write_text(path, json.dumps(record, indent=2))
             record["status"] = "finished"
+        except KeyboardInterrupt:
+            record["status"] = "interrupted"
+            raise RunInterrupted(running) from None
         except BaseException as e:
             record["status"] = f"failed: {type(e).__name__}: {e}"
             raise
@@ -130,11 +168,34 @@ def _run_stage(cfg: JobConfig, stage: Stage, force: bool) -> dict:
         with stage_clock.running():  # each manifest entry the stage records gets its own seconds
             result = stage(cfg)
         entries = result if isinstance(result, list) else [result] if result else []
-        record_completed(out, name, key, entries)
+        _remove(out, record_completed(out, name, key, entries))  # what it committed before and no longer makes
         seconds = round(time.time() - started, 1)
         summary = _summary(entries)
         line.finish(f"done in {seconds}s{_counts(summary)}{ray_start}")
     return {"status": "done", "seconds": seconds, "driver_peak_rss_mb": _peak_rss_mb(), **summary}
+
+
+def _check_order(out: Path, names: tuple[str, ...]) -> None:
+    """Each stage reads what the stages before it commit: those this run does not run must have committed."""
+    completed = read_manifest(out).get("completed", {}) if out.is_dir() else {}
+    for name in names:
+        missing = [earlier for earlier in STAGE_NAMES[: STAGE_NAMES.index(name)] if earlier not in names and not (
+            earlier in completed and all((out / f).exists() for f in completed[earlier]["files"]))]
+        if missing:
+            raise StageOrderError(name, missing, out)
+
+
+def _remove(out: Path, files: list[str]) -> None:
+    """Delete files no longer current, and the folders that they leave empty (a backbone's embeddings)."""
+    for relative in files:
+        if Path(relative).is_absolute() or ".." in Path(relative).parts:  # the manifest names files under out only
+            continue
+        path = out / relative
+        path.unlink(missing_ok=True)
+        for folder in path.parents:
+            if folder == out or not folder.is_dir() or any(folder.iterdir()):
+                break
+            folder.rmdir()
 
 
 def _reset_peak_rss() -> None:

@@ -26,6 +26,25 @@ from newsclip.runtime.stage_clock import lap
 READ_BUFFER = 8 << 20
 
 
+class OutputFolderError(ValueError):
+    """An output folder that is a file, or that cannot be made or written."""
+
+
+def output_folder(path: Path, what: str, make: bool = True) -> Path:
+    """`path` as a folder to write in, made if missing (unless not `make`); OutputFolderError naming `what` (the
+    setting or argument that gave it) and what to do when it is a file or cannot be made."""
+    if path.exists() and not path.is_dir():
+        raise OutputFolderError(f"{what}: {path} is a file, not a folder; choose a folder (a new one is made)")
+    if not make:
+        return path
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputFolderError(f"{what}: cannot make the folder {path} ({e.strerror}); choose a folder you can "
+                                "write in") from None
+    return path
+
+
 def parquet_files(spec: str | Path, what: str = "input") -> list[Path]:
     """The Parquet shards named by a folder or a glob, sorted; a clear error when there are none."""
     spec = str(Path(spec).expanduser())
@@ -158,17 +177,44 @@ def record_stage(output: Path, stage: str, files: list[Path], **facts) -> dict:
     return entry
 
 
-def record_completed(output: Path, stage: str, key: str | None, entries: list[dict] = ()) -> None:
-    """Mark a pipeline stage finished: the key of the work it did, and a digest of what it committed.
+def record_completed(output: Path, stage: str, key: str | None, entries: list[dict] = ()) -> list[str]:
+    """Mark a pipeline stage finished: the key of the work it did, a digest of what it committed, and its files
+    (those its entries name, and their `rejects` file). Returns the files its earlier commits named that this one
+    does not (a fusion or direction no longer configured): no longer current, for the caller to delete; the
+    manifest entries that name only such files are dropped.
 
-    A key of None marks it unfinished (it is running): a crash then leaves it to be redone."""
+    A key of None marks it unfinished (it is running): a crash then leaves it to be redone, and the files of its
+    last commit are kept under `superseded` until a commit of the stage replaces them."""
+    stale: list[str] = []
+
+    def start(m: dict) -> None:
+        done = m["completed"].pop(stage, None)
+        if done:
+            superseded = m.setdefault("superseded", {})
+            superseded[stage] = sorted({*superseded.get(stage, []), *done["files"]})
+
+    def finish(m: dict) -> None:
+        before = {*m.get("superseded", {}).pop(stage, []), *m["completed"].get(stage, {}).get("files", [])}
+        if "superseded" in m and not m["superseded"]:
+            del m["superseded"]
+        m["completed"][stage] = {"key": key, "digest": digest, "files": files}
+        stale.extend(sorted(before - set(files)))
+        # the entries of what is gone go too: a report must not read the facts of rankings that no longer exist
+        for name in [n for n, e in m["stages"].items() if e.get("files") and set(e["files"]) <= set(stale)]:
+            del m["stages"][name]
+
     if key is None:
-        _update_manifest(output, lambda m: m["completed"].pop(stage, None))
-        return
+        _update_manifest(output, start)
+        return stale
     digest = hashlib.sha256(json.dumps(sorted(e["sha256"] for e in entries)).encode()).hexdigest()
-    files = sorted(f for e in entries for f in e["files"])
-    _update_manifest(output, lambda m: m["completed"].__setitem__(stage, {"key": key, "digest": digest,
-                                                                           "files": files}))
+    files = sorted({f for e in entries for f in [*e["files"], *([e["rejects"]] if e.get("rejects") else [])]})
+    _update_manifest(output, finish)
+    return stale
+
+
+def current_files(output: Path) -> list[str]:
+    """The files the manifest says the stages committed last and are current, relative to `output`."""
+    return sorted({f for done in read_manifest(output).get("completed", {}).values() for f in done["files"]})
 
 
 RUNS_KEPT = 30  # run records in manifest.json (all of them stay in runs/)

@@ -28,8 +28,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "is simply encoded again.")
     _job_args(compact)
     compact.add_argument("--keep-runs", type=int, default=KEEP_RUNS, metavar="N",
-                         help=f"keep the rows of the last N runs of the job (default {KEEP_RUNS}: a week of nightly "
-                         "runs; 1 keeps only what the outputs use now)")
+                         help=f"keep the rows of the last N runs of the job that committed something (default "
+                         f"{KEEP_RUNS}: a week of nightly runs; 1 keeps only what the outputs use now); a rerun with "
+                         "nothing to do, or a call that failed before committing, is not counted")
     compact.add_argument("--only-this-job", action="store_true",
                          help="compact a store_dir outside output_dir (one several jobs may share) by this job's "
                          "runs alone: rows only other jobs use are dropped (they encode them again); run it only "
@@ -87,11 +88,14 @@ def format_stats(result: dict) -> str:
         lines.append(f"  {f.backbone:20} {f.checkpoint:16} {f.precision:12} {f.side:6} {f.rows:>9} {f.parts:>5} "
                      f"{size(f.bytes):>9}  {who}")
     lines.append(f"runs of this job, oldest first ({len(result['runs'])}): rows of the store each references")
-    for run in result["runs"]:
+    # a failed run's status is `failed: <error>: <message>`: its kind of error, whole, and not the message
+    statuses = [": ".join(run["status"].split(": ")[:2]) for run in result["runs"]]
+    width = max(map(len, statuses), default=0)
+    for run, status in zip(result["runs"], statuses):
         rows = ("none recorded (it died, or ran before runs recorded them)" if run["rows"] is None
                 else f"{run['rows']} rows" + (f" ({run['pruned']} refs file(s) compacted away)" if run["pruned"]
                                               else ""))
-        lines.append(f"  {run['run_id']:28} {run['status'][:24]:24} {rows}")
+        lines.append(f"  {run['run_id']:28} {status:{width}} {rows}")
     return "\n".join(lines)
 
 

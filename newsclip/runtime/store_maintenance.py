@@ -73,6 +73,12 @@ def run_records(output: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(Layout(output).runs.glob("*.json"))]
 
 
+def _committed(run: dict) -> bool:
+    """Whether a run committed something: a rerun with nothing to do, or a call that failed before its first commit,
+    is no run that `--keep-runs` counts."""
+    return any(stage.get("status") == "done" for stage in run.get("stages", {}).values())
+
+
 def stats(cfg: JobConfig) -> dict:
     """What the store holds, folder by folder, which of the job's runs reference each folder's rows, and per run
     how many rows it references (None: it recorded none, having died or run before runs recorded them)."""
@@ -132,7 +138,7 @@ def _referenced(cfg: JobConfig, keep_runs: int) -> tuple[list[dict], set[str]]:
     """The last `keep_runs` run records and the refs files to keep: theirs, and those of the outputs as they are
     now (the runner records a run's refs when it ends, so a run that died has none of its own)."""
     out = cfg.output
-    runs = run_records(out)[-keep_runs:]
+    runs = [run for run in run_records(out) if _committed(run)][-keep_runs:]
     if not runs:
         raise StoreError(f"{cfg.layout.runs}: no run of this job is recorded, so nothing says which store rows are "
                          "needed; run the job (`newsclip run JOB.yaml`) first, or check output_dir")

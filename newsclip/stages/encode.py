@@ -44,10 +44,10 @@ def encode_side(cfg: JobConfig, backbone: str, side: Side) -> dict:
             raise ValueError(f"encode {backbone} {side.name}: no row could be encoded; reasons: {reasons}")
     rejects = pa.concat_tables(failures)
     rejects = rejects.append_column("kind", pa.array([side.kind] * len(rejects), pa.string()))
-    write_rejects(out, f"encode-{name}-{side.name}", f"encode:{backbone}", rejects)
+    rejected = write_rejects(out, f"encode-{name}-{side.name}", f"encode:{backbone}", rejects)
     reused = len(wanted) - int(pc.sum(pc.is_in(wanted.column("hash"), value_set=todo.column("hash"))).as_py() or 0)
     return record_stage(out, encode_entry(backbone, side.name), parquet_files(folder, relative),
-                        backbone=backbone,
+                        backbone=backbone, rejects=str(rejected.relative_to(out)),
                         rows=rows, rejected=len(rejects), **stats, reused=reused, store=str(store.dir),
                         refs=write_refs(out, store, wanted.column("hash")),  # the store rows this run uses
                         batch_size=enc.batch_size, device=enc.device, precision=enc.precision, decode=enc.decode,

@@ -96,19 +96,20 @@ def _check_settings(max_pixels: int) -> bytes:
 
 def _row_group_units(path: Path) -> list[list[int]]:
     """A shard's row groups in runs of at least CHECK_ROWS rows, each the work of one check task."""
-    shard = pq.ParquetFile(path)
-    names = shard.schema_arrow.names
-    missing = [c for c in IMAGE_SCHEMA.names if c not in names]
-    if missing:
-        raise SchemaError(f"{path}: no {missing[0]!r} column (has {', '.join(names)}); "
-                          "images need image_id (string) and image (binary: the encoded file)")
-    image_type = shard.schema_arrow.field("image").type
-    if not (pa.types.is_binary(image_type) or pa.types.is_large_binary(image_type)):
-        raise SchemaError(f"{path}: column 'image' is {image_type}, expected binary (the encoded file)")
+    with contract.shard_file(path) as shard:
+        names = shard.schema_arrow.names
+        missing = [c for c in IMAGE_SCHEMA.names if c not in names]
+        if missing:
+            raise SchemaError(f"{path}: no {missing[0]!r} column (has {', '.join(names)}); "
+                              "images need image_id (string) and image (binary: the encoded file)")
+        image_type = shard.schema_arrow.field("image").type
+        if not (pa.types.is_binary(image_type) or pa.types.is_large_binary(image_type)):
+            raise SchemaError(f"{path}: column 'image' is {image_type}, expected binary (the encoded file)")
+        sizes = [shard.metadata.row_group(group).num_rows for group in range(shard.num_row_groups)]
     units, unit, rows = [], [], 0
-    for group in range(shard.num_row_groups):
+    for group, size in enumerate(sizes):
         unit.append(group)
-        rows += shard.metadata.row_group(group).num_rows
+        rows += size
         if rows >= CHECK_ROWS:
             units.append(unit)
             unit, rows = [], 0
@@ -156,6 +157,14 @@ def changes(previous: Path, current: pl.DataFrame, id_column: str, hash_column: 
             "deleted": len(before) - len(both)}
 
 
+# the official rankings TSV separates ids by tabs and queries by lines: an id holding either would shift or split a line
+UNSAFE_ID = r"[\t\n\r]"
+
+
+def _unsafe_id(column: str) -> pl.Expr:
+    return pl.col(column).str.contains(UNSAFE_ID)
+
+
 def _reject(frame: pl.DataFrame, id_column: str, kind: str, reason: str | pl.Expr) -> pl.DataFrame:
     reason = pl.lit(reason) if isinstance(reason, str) else reason
     return frame.select(pl.col(id_column).cast(pl.String).alias("id"), pl.lit(kind).alias("kind"),
@@ -173,12 +182,18 @@ def select(articles: pl.DataFrame, images: pl.DataFrame, text_mode: str) -> tupl
     # vanish with no reject) and the others would be called duplicates
     rejects.append(_reject(articles.filter(pl.col("article_id").is_null()), "article_id", "article", "no article_id"))
     articles = articles.filter(pl.col("article_id").is_not_null())
+    rejects.append(_reject(articles.filter(_unsafe_id("article_id")), "article_id", "article",
+                           "article_id holds a tab or line break, which the rankings TSV cannot hold"))
+    articles = articles.filter(~_unsafe_id("article_id"))
     dup_articles = articles.filter(~pl.col("article_id").is_first_distinct())
     rejects.append(_reject(dup_articles, "article_id", "article", "duplicate article_id (an earlier row was kept)"))
     articles = articles.filter(pl.col("article_id").is_first_distinct())
 
     rejects.append(_reject(images.filter(pl.col("image_id").is_null()), "image_id", "image", "no image_id"))
     images = images.filter(pl.col("image_id").is_not_null())
+    rejects.append(_reject(images.filter(_unsafe_id("image_id")), "image_id", "image",
+                           "image_id holds a tab or line break, which the rankings TSV cannot hold"))
+    images = images.filter(~_unsafe_id("image_id"))
     dup_images = images.filter(~pl.col("image_id").is_first_distinct())
     rejects.append(_reject(dup_images, "image_id", "image", "duplicate image_id (an earlier row was kept)"))
     images = images.filter(pl.col("image_id").is_first_distinct())
@@ -189,14 +204,17 @@ def select(articles: pl.DataFrame, images: pl.DataFrame, text_mode: str) -> tupl
     articles = articles.with_columns(pl.col("source").fill_null("unknown"))
     no_text = ~pl.col("has_text")
     no_image_id = pl.col("image_id").is_null() | (pl.col("image_id") == "")
+    unsafe_image_id = ~no_image_id & _unsafe_id("image_id")
     known = pl.col("image_id").is_in(images["image_id"].implode())
     image_error = pl.col("image_id").replace_strict(broken["image_id"], broken["error"], default=None,
                                                     return_dtype=pl.String)
     bad_image = image_error.is_not_null()
     rejects.append(_reject(articles.filter(no_text), "article_id", "article", f"no text ({text_mode} is empty)"))
     rejects.append(_reject(articles.filter(~no_text & no_image_id), "article_id", "article", "no image_id"))
-    rejects.append(_reject(articles.filter(~no_text & ~no_image_id & ~known & ~bad_image), "article_id", "article",
-                           "image_id not found in input.images"))
+    rejects.append(_reject(articles.filter(~no_text & unsafe_image_id), "article_id", "article",
+                           "image_id holds a tab or line break, which the rankings TSV cannot hold"))
+    rejects.append(_reject(articles.filter(~no_text & ~no_image_id & ~unsafe_image_id & ~known & ~bad_image),
+                           "article_id", "article", "image_id not found in input.images"))
     rejects.append(_reject(articles.filter(~no_text & ~no_image_id & bad_image), "article_id", "article",
                            pl.format("image {} cannot be decoded: {}", pl.col("image_id"), image_error)))
     usable = articles.filter(~no_text & ~no_image_id & known)
@@ -221,9 +239,10 @@ def _run(cfg: JobConfig) -> dict:
     else:
         candidate = pl.lit(True)
     images = images.with_columns(candidate.alias("candidate"))
+    rejected = write_rejects(out, "prepare", "prepare", rejects)  # before any stop: they say why
     if len(queries) == 0:
         raise ValueError(f"prepare: no article has both text and a decodable image (of {len(articles)} articles, "
-                         f"{len(images)} images); see {layout.rejects_file('prepare')}")
+                         f"{len(image_rows)} images); see why with `newsclip rejects` on this job, or in {rejected}")
 
     note = None
     if cfg.eval.sample_size is not None and len(usable) < cfg.eval.sample_size:
@@ -244,8 +263,8 @@ def _run(cfg: JobConfig) -> dict:
         checks = image_rows.select(*IMAGE_ROWS).to_arrow()
         write_table(checks.replace_schema_metadata({CHECK_KEY: _check_settings(cfg.encode.max_image_pixels)}),
                     stage.image_hashes)
-    write_rejects(out, "prepare", "prepare", rejects)
-    facts = {"articles_in": len(articles), "images_in": len(images) + int((rejects["kind"] == "image").sum()),
+    facts = {"rejects": str(rejected.relative_to(out)),
+             "articles_in": len(articles), "images_in": len(images) + int((rejects["kind"] == "image").sum()),
              "usable_pairs": len(usable), "queries": len(queries), "candidates": int(images["candidate"].sum()),
              "rejected": len(rejects), "sample_note": note,
              # images decoded by this run; the others kept a result (last run's, or that of the same bytes in this task)

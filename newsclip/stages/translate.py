@@ -129,8 +129,9 @@ def _run(cfg) -> dict | None:
             by_lang.update(dict(kept.filter("translated").group_by("lang").len().iter_rows()))
             splitters.update(kept["splitter"].drop_nulls())
     rejected = pl.concat(rejected)
-    write_rejects(out, "translate", "translate", rejected)
-    return record_stage(out, "translate", parquet_files(layout.translated), rows=facts["rows"],
+    rejects = write_rejects(out, "translate", "translate", rejected)
+    return record_stage(out, "translate", parquet_files(layout.translated), rejects=str(rejects.relative_to(out)),
+                        rows=facts["rows"],
                         translated=dict(sorted(by_lang.items())), truncated=facts["truncated"],
                         skipped=len(rejected), splitters=sorted(splitters), packages_dir=t.packages_dir,
                         translator_key=key, new=len(todo), reused=len(queries) - len(todo))

@@ -24,8 +24,9 @@ class MissingLanguagePackageError(RuntimeError):
         super().__init__(
             f"no Argos Translate package for {lang!r} -> {target!r} in {self.packages_dir}: {n_articles} "
             f"article(s) in language {lang!r}{' ' + where if where else ''} need it. Install one (a .argosmodel "
-            f"file or a folder of them) with "
-            f"`{INSTALL_COMMAND}` (e.g. `newsclip translate install translate-{lang}_{target}.argosmodel`), or set "
+            f"file or a folder of them) where the job looks, with `{INSTALL_COMMAND} --packages-dir "
+            f"{self.packages_dir}` (e.g. `newsclip translate install translate-{lang}_{target}.argosmodel "
+            f"--packages-dir {self.packages_dir}`), or set "
             f"translate.on_missing_package: skip to leave these articles out (they go to rejects/ with this reason).")
 
 
