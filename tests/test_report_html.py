@@ -21,6 +21,7 @@ from newsclip.retrieval.bootstrap import ci_rows, decide_as_one_family, paired_r
 from newsclip.retrieval.paper import paper_scores
 from newsclip.retrieval.ranks import query_ranks
 from newsclip.runtime.fused_rankings import fuse_rankings
+from newsclip.runtime.layout import Layout
 from newsclip.runtime.store import write_table, write_text
 
 HOSTILE_TITLE = "<script>alert('x')</script> Flood & storm \"warning\""
@@ -82,7 +83,7 @@ def build_output(root: Path, n: int = 24, backbones=("RN50", "ViT-B/32")) -> tup
                                  schema={"article_id": pl.String, "image_ids": pl.List(pl.String),
                                          "scores": pl.List(pl.Float32)}).to_arrow(),
                     out / "rankings" / f"{slug(backbone)}.parquet")
-    cfg = SimpleNamespace(name="html-test", output=out, eval=SimpleNamespace(k=K),
+    cfg = SimpleNamespace(name="html-test", output=out, layout=Layout(out), eval=SimpleNamespace(k=K),
                           input=SimpleNamespace(images=str(data)))
     fused = fusion_name(list(backbones), "rrf")
     fuse_rankings(cfg, fused)
