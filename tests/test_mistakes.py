@@ -38,10 +38,10 @@ def data(tmp_path_factory) -> Path:
     return root
 
 
-def _job(tmp_path: Path, data: Path, text: str = "") -> str:
+def _job(tmp_path: Path, data: Path, text: str = "", translate: bool = False) -> str:
     job = tmp_path / "job.yaml"
     job.write_text(f"input:\n  articles: {data / 'articles'}\n  images: {data / 'images'}\n"
-                   f"output_dir: {tmp_path / 'out'}\ntranslate:\n  enabled: false\n{text}")
+                   f"output_dir: {tmp_path / 'out'}\ntranslate:\n  enabled: {str(translate).lower()}\n{text}")
     return str(job)
 
 
@@ -109,11 +109,11 @@ MISTAKES = [
      ["eval.bootstrap: must be at least 1"]),
     ("a truncated input shard", lambda t, d: ["prepare", _job(t, _truncate_a_shard(t, d))], None,
      ["copy/articles/part-00000.parquet: not a readable Parquet file", "write it again"]),
-    ("encode before translate", lambda t, d: ["encode", _job(t, d)], lambda t, d, m: _prepared_only(t),
+    ("encode before translate", lambda t, d: ["encode", _job(t, d, translate=True)], lambda t, d, m: _prepared_only(t),
      ["encode reads what translate commits", "job.yaml` first", "run `newsclip translate run "]),
     ("report before any run", lambda t, d: ["report", _job(t, d)], None,
-     ["report reads what prepare, translate, encode, knn, evaluate commit", "`newsclip prepare",
-      "then `newsclip translate run", "then `newsclip evaluate"]),
+     ["report reads what prepare, encode, knn, evaluate commit", "`newsclip prepare",  # translate: disabled
+      "then `newsclip encode", "then `newsclip evaluate"]),
     ("rejects before any run", lambda t, d: ["rejects", _job(t, d)], None,
      ["rejects does not exist: no stage of this job has run", "newsclip run"]),
     ("an empty job file", lambda t, d: ["run", str(_write(t, "empty.yaml", ""))], None,
@@ -144,6 +144,18 @@ def test_each_mistake_exits_2_with_one_line_that_says_what_to_do(tmp_path, data,
     for words in says:
         assert words in line, line
     assert not (tmp_path / "out" / ".staging").exists()
+
+
+def test_a_job_without_translation_needs_no_translate_commit_before_encode(tmp_path, data):
+    """With `translate.enabled: false` encode reads the prepared queries: prepare's commit is all it needs."""
+    from newsclip import config
+    from newsclip.runtime.runner import StageOrderError, _check_order
+
+    _prepared_only(tmp_path)
+    cfg = config.load(_job(tmp_path, data))
+    _check_order(cfg, cfg.output, ("encode",))  # no error
+    with pytest.raises(StageOrderError, match="encode reads what translate commits"):
+        _check_order(config.load(_job(tmp_path, data, translate=True)), cfg.output, ("encode",))
 
 
 def test_a_stage_commit_removes_what_it_no_longer_makes_and_publish_ships_only_the_current(tmp_path, monkeypatch):

@@ -111,7 +111,7 @@ def run_stages(cfg: JobConfig, names: tuple[str, ...] = STAGE_NAMES, force: bool
     The console gets one line per stage; every message, and Ray's own logs, go to `logs/` (see console, ray_logs)."""
     stages = [_stage(name) for name in names]
     out = output_folder(cfg.output, "output_dir", make=False)
-    _check_order(out, names)
+    _check_order(cfg, out, names)
     preflight(cfg, stages)  # what they need and would not get: before anything starts, all of it at once
     layout = cfg.layout
     output_folder(out, "output_dir")
@@ -175,12 +175,14 @@ def _run_stage(cfg: JobConfig, stage: Stage, force: bool) -> dict:
     return {"status": "done", "seconds": seconds, "driver_peak_rss_mb": _peak_rss_mb(), **summary}
 
 
-def _check_order(out: Path, names: tuple[str, ...]) -> None:
-    """Each stage reads what the stages before it commit: those this run does not run must have committed."""
+def _check_order(cfg: JobConfig, out: Path, names: tuple[str, ...]) -> None:
+    """Each stage reads what the stages before it commit: those this run does not run must have committed, unless
+    they have no work in this job (a stage's `enabled`)."""
     completed = read_manifest(out).get("completed", {}) if out.is_dir() else {}
     for name in names:
-        missing = [earlier for earlier in STAGE_NAMES[: STAGE_NAMES.index(name)] if earlier not in names and not (
-            earlier in completed and all((out / f).exists() for f in completed[earlier]["files"]))]
+        missing = [earlier for earlier in STAGE_NAMES[: STAGE_NAMES.index(name)]
+                   if earlier not in names and _stage(earlier).works_in(cfg) and not (
+                       earlier in completed and all((out / f).exists() for f in completed[earlier]["files"]))]
         if missing:
             raise StageOrderError(name, missing, out)
 

@@ -38,7 +38,8 @@ class Stage:
     - `sections`: the config sections its work depends on; None: the whole config less `ray`;
     - `needs_ray(cfg)`: whether the runner must start Ray for it (stages that use Ray only for large work start it
       themselves);
-    - `needs(cfg)`: the files and actor pools the runner checks before the first stage of a run (`preflight`)."""
+    - `needs(cfg)`: the files and actor pools the runner checks before the first stage of a run (`preflight`);
+    - `enabled(cfg)`: whether the stage has work in this job at all (a later stage run alone then needs its output)."""
 
     name: str
     work: Callable[[JobConfig], object]
@@ -46,6 +47,7 @@ class Stage:
     sections: tuple[str, ...] | None = None
     needs_ray: Callable[[JobConfig], bool] | None = None
     needs: Callable[[JobConfig], Needs] | None = None
+    enabled: Callable[[JobConfig], bool] | None = None
 
     def __call__(self, cfg: JobConfig) -> object:
         return self.work(cfg)
@@ -55,6 +57,9 @@ class Stage:
 
     def starts_ray(self, cfg: JobConfig) -> bool:
         return bool(self.needs_ray and self.needs_ray(cfg))
+
+    def works_in(self, cfg: JobConfig) -> bool:
+        return self.enabled(cfg) if self.enabled else True
 
     def needs_of(self, cfg: JobConfig) -> Needs:
         return self.needs(cfg) if self.needs else Needs()

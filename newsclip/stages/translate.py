@@ -152,4 +152,5 @@ def _needs(cfg) -> Needs:
 
 
 run = Stage("translate", _run, external_inputs=_translator,
-            sections=("input", "prepare", "eval", "encode", "translate"), needs=_needs)
+            sections=("input", "prepare", "eval", "encode", "translate"), needs=_needs,
+            enabled=lambda cfg: cfg.translate.enabled)
