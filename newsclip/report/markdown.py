@@ -6,7 +6,14 @@ import json
 
 from newsclip.config import JobConfig
 from newsclip.report.data import metric_keys, read_training
-from newsclip.report.notes import INTERVALS, evaluation_notes, paired_note, scope_sentence, training_note
+from newsclip.report.notes import (
+    INTERVALS,
+    approximate_note,
+    evaluation_notes,
+    paired_note,
+    scope_sentence,
+    training_note,
+)
 from newsclip.retrieval.metrics import metric_label
 from newsclip.retrieval.paper import paper_scores
 from newsclip.runtime.rejects import rejects_summary
@@ -78,9 +85,7 @@ def render_markdown(cfg: JobConfig) -> str:
     if reverse:
         lines += ["## Image to text (which article is this image for)", "", metrics_table(reverse, k, with_paper=False),
                   ""]
-    lines += [f"- `{x['index']}` index for {x['backbone']} {x['direction']}: recall@{k} "
-              f"{x['recall_at_k_vs_exact']:.4f} against exact search on a sample of queries"
-              for x in metrics.get("knn", []) if x["recall_at_k_vs_exact"] is not None]
+    lines += [f"- {approximate_note(x, k)}" for x in metrics.get("knn", []) if x["recall_at_k_vs_exact"] is not None]
     paired = [p for p in metrics.get("paired", []) if p["direction"] == "text_to_image"]
     if paired:
         lines += ["", "## Paired comparisons (text to image)", "", paired_note(paired), "", paired_table(paired)]
