@@ -67,9 +67,10 @@ def engine(request, monkeypatch) -> str:
     return request.param
 
 
-@pytest.mark.parametrize(("backend", "engine"), [("local", e) for e in ENGINES] + [("ray", "faiss"), ("ray", "torch")],
-                         indirect=["engine"])
-@pytest.mark.parametrize("shards", [1, 2, 7])
+# torch in Ray actors once: each actor imports torch (seconds on 2 CPUs)
+@pytest.mark.parametrize(("backend", "engine", "shards"),
+                         [(b, e, s) for b, e in [("local", e) for e in ENGINES] + [("ray", "faiss")] for s in (1, 2, 7)]
+                         + [("ray", "torch", 2)], indirect=["engine"])
 def test_exact_matches_numpy_and_faiss(data, backend, engine, shards, request):
     import faiss
 

@@ -31,3 +31,16 @@ def padded_labels(rows: np.ndarray, cols: np.ndarray, b: int) -> np.ndarray:
     labels = np.full((b, max(int(counts.max(initial=0)), 1)), -1, np.int64)
     labels[rows, np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)] = cols
     return labels
+
+
+def keep_top(scores: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Of each row's candidates (`labels`, -1 for padding, with their exact `scores`), every one scoring at least
+    the row's k-th: (scores, labels) (b, w), w the most any row keeps, in no particular order, padded with -inf and
+    -1. Ties at the k-th all stay: which of them make the top k is decided by id, where the shards are merged."""
+    kth = -np.partition(-scores, k - 1, axis=1)[:, k - 1]
+    keep = (scores >= kth[:, None]) & (labels >= 0)
+    w = max(int(keep.sum(axis=1).max(initial=0)), 1)
+    ranked = np.where(keep, -scores, np.inf)  # kept first; their order is merge_topk's business
+    order = np.argpartition(ranked, w - 1, axis=1)[:, :w] if w < ranked.shape[1] else np.argsort(ranked, axis=1)
+    return (np.take_along_axis(np.where(keep, scores, -np.inf).astype(np.float32), order, axis=1),
+            np.take_along_axis(np.where(keep, labels, -1), order, axis=1))

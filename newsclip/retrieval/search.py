@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from newsclip.retrieval.exact_scores import exact_scores, padded_labels
+from newsclip.retrieval.exact_scores import exact_scores, keep_top, padded_labels
 
 log = logging.getLogger(__name__)
 
@@ -294,6 +294,11 @@ class _FaissRows:
             labels[rows, : lab.shape[1]] = lab
         return labels
 
+    def search(self, q: np.ndarray, k: int, tol: np.ndarray, exact: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Every row scoring at least the query's k-th, re-scored exactly: (scores, rows) (b, w), padded -inf, -1."""
+        labels = self.candidates(q, k, tol, exact)
+        return keep_top(self.rescore(q, labels), labels, k)
+
     def above_rows(self, q: np.ndarray, low: np.ndarray) -> np.ndarray:
         """Labels (b, w), padded with -1, of every row whose float32 product is at least its query's `low`."""
         rows, cols = [], []
@@ -365,10 +370,10 @@ class _Shard:
     def search(self, q: np.ndarray, k: int, exact: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Candidates holding this shard's top-k, in no particular order: (scores f32, global rows).
 
-        The engine returns every row whose low-precision product is within twice its error of the k-th (so every
-        row that could tie the k-th after exact re-scoring is present). Candidates are re-scored exactly
-        (`exact_scores`: the same pair gets the same score in every shard layout, batch size and engine), and all
-        those scoring >= the shard's k-th are returned (b, w), w >= min(k, rows); padding is score -inf, row -1.
+        The engine takes every row whose low-precision product is within twice its error of the k-th (so every
+        row that could tie the k-th after exact re-scoring is present), re-scores them exactly (`exact_scores`: the
+        same pair gets the same score in every shard layout, batch size and engine), and returns all those scoring
+        >= the shard's k-th (b, w), w >= min(k, rows) (`keep_top`); padding is score -inf, row -1.
         """
         q = np.ascontiguousarray(q, dtype=np.float32)
         b = q.shape[0]
@@ -376,19 +381,10 @@ class _Shard:
         kk = min(self.n, k_eff + max(8, k_eff // 8))
         if kk == self.n:  # every row is a candidate (a small shard, a night's added rows): nothing to select
             labels = np.broadcast_to(np.arange(self.n, dtype=np.int64), (b, self.n))
+            scores, labels = keep_top(self.rows.rescore(q, labels), labels, k_eff)
         else:
-            labels = self.rows.candidates(q, k_eff, self._tolerance(q), exact)
-        scores = self.rows.rescore(q, labels)
-        # keep everything >= the k-th exact score: ties at the boundary are decided by id on the driver
-        kth = -np.partition(-scores, k_eff - 1, axis=1)[:, k_eff - 1]
-        keep = scores >= kth[:, None]
-        keep &= labels >= 0
-        w = max(int(keep.sum(axis=1).max()), 1)
-        ranked = np.where(keep, -scores, np.inf)  # kept first; their order is merge_topk's business
-        order = np.argpartition(ranked, w - 1, axis=1)[:, :w] if w < ranked.shape[1] else np.argsort(ranked, axis=1)
-        out_s = np.take_along_axis(np.where(keep, scores, -np.inf).astype(np.float32), order, axis=1)
-        out_l = np.take_along_axis(np.where(keep, labels + self.offset, -1), order, axis=1)
-        return out_s, out_l
+            scores, labels = self.rows.search(q, k_eff, self._tolerance(q), exact)
+        return scores, np.where(labels >= 0, labels + self.offset, -1)
 
     def above(self, q: np.ndarray, floor: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Every row whose exact score is at least its query's `floor`: (scores f32, global rows), (b, w) in no
@@ -819,6 +815,11 @@ class Index:
             np.ascontiguousarray(vectors[s : s + size], np.float32), self.cfg.k, exact))[0]
             for s in range(0, len(vectors), size)])
 
+    def set_knob(self, value: int) -> list[int]:
+        """Set an approximate index's nprobe (ivf; each shard takes at most its nlist) or efSearch (hnsw) for the
+        searches after this; the value each shard took."""
+        return self._backend.call("set_knob", value)
+
     def tune(self, sample: np.ndarray, target: float) -> dict[str, Any]:
         """Set the approximate index's knob, nprobe (ivf) or efSearch (hnsw), to the smallest value whose recall@k
         on `sample` (query vectors) reaches `target`: doubled from 1 (ivf) or k (hnsw: a smaller efSearch is raised
@@ -836,7 +837,7 @@ class Index:
 
         def recall(value: int) -> float:
             if value not in tried:
-                self._backend.call("set_knob", value)
+                self.set_knob(value)
                 tried[value] = _recall(self._keys_of(sample), exact, self.k)
             return tried[value]
 
@@ -848,7 +849,7 @@ class Index:
             while hi - lo > 1:
                 mid = (lo + hi) // 2
                 lo, hi = (lo, mid) if recall(mid) >= target else (mid, hi)
-        self._backend.call("set_knob", hi)
+        self.set_knob(hi)
         return {"knob": "nprobe" if ivf else "ef_search", "value": hi, "target_recall": target,
                 "sample": len(sample), "sample_recall": round(tried[hi], 4), "reached": tried[hi] >= target,
                 "tried": {str(v): round(r, 4) for v, r in sorted(tried.items())},

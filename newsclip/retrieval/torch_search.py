@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from newsclip.retrieval.exact_scores import exact_scores
+from newsclip.retrieval.exact_scores import exact_scores, keep_top
 
 log = logging.getLogger(__name__)
 
@@ -105,10 +105,14 @@ class TorchRows:
 
     # ------------------------------------------------------------------------------------------------ search
 
-    def candidates(self, q: np.ndarray, k: int, tol: np.ndarray, exact: bool = True) -> np.ndarray:
-        """Row labels (b, w), padded with -1, holding every row whose exact score could reach the query's k-th: the
-        kk best products per block, and for a query whose kk-th product is within `tol` (twice a product's error) of
-        its k-th, every row whose product is. `exact` is accepted for the FAISS engine's signature: this one is."""
+    def search(self, q: np.ndarray, k: int, tol: np.ndarray, exact: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Every row scoring at least the query's k-th, re-scored exactly: (scores, rows) (b, w), in no particular
+        order, padded with -inf and -1 (what `keep_top` gives; on a GPU it all happens there, block by block, and
+        only the answers come back). `tol` is twice a product's error per query; `exact` is accepted for the FAISS
+        engine's signature: this one always is."""
+        if not self.half:
+            labels = self.candidates(q, k, tol)
+            return keep_top(exact_scores(self.host, q, labels), labels, k)
         torch = self.torch
         kk = min(self.n, k + max(8, k // 8))
         qt, factor = self._queries(q)
@@ -116,16 +120,26 @@ class TorchRows:
         bq, nb = self._blocks(len(q), kk)
         parts = []
         for s in range(0, len(q), bq):
-            parts.append(self._block_candidates(qt[s : s + bq], tol_p[s : s + bq], k, kk, nb))
-        width = max(p.shape[1] for p in parts)
-        labels = np.full((len(q), width), -1, np.int64)
-        s = 0
-        for p in parts:
-            labels[s : s + len(p), : p.shape[1]] = p
-            s += len(p)
-        return labels
+            labels = self._block_candidates(qt[s : s + bq], tol_p[s : s + bq], k, kk, nb)
+            scores = self._rescore_on_device(q[s : s + bq], labels)
+            kth = torch.topk(scores, k, dim=1).values[:, -1]
+            v, i = self._compact((scores >= kth[:, None]) & (labels >= 0), scores, labels)
+            parts.append((v.cpu().numpy(), i.cpu().numpy()))
+        return _stacked([p[0] for p in parts], -np.inf), _stacked([p[1] for p in parts], -1)
 
-    def _block_candidates(self, qt: Any, tol: Any, k: int, kk: int, nb: int) -> np.ndarray:
+    def candidates(self, q: np.ndarray, k: int, tol: np.ndarray) -> np.ndarray:
+        """Row labels (b, w), padded with -1, holding every row whose exact score could reach the query's k-th: the
+        kk best products per block, and for a query whose kk-th product is within `tol` (twice a product's error) of
+        its k-th, every row whose product is."""
+        torch = self.torch
+        kk = min(self.n, k + max(8, k // 8))
+        qt, factor = self._queries(q)
+        tol_p = torch.from_numpy((tol * factor).astype(np.float32)).to(self.device)
+        bq, nb = self._blocks(len(q), kk)
+        return _stacked([self._block_candidates(qt[s : s + bq], tol_p[s : s + bq], k, kk, nb).cpu().numpy()
+                         for s in range(0, len(q), bq)], -1)
+
+    def _block_candidates(self, qt: Any, tol: Any, k: int, kk: int, nb: int) -> Any:
         torch = self.torch
         vals, labs = [], []
         for start in range(0, self.n, nb):
@@ -139,7 +153,7 @@ class TorchRows:
             kth = torch.topk(v, min(k, v.shape[1]), dim=1).values[:, -1].float()
             keep = v.float() >= (kth - tol)[:, None]
             v, i = self._compact(keep, v, i)
-        return i.cpu().numpy()
+        return i
 
     def _select(self, scores: Any, tol: Any, k: int, kb: int) -> tuple[Any, Any]:
         """The kb best products of each query (values, columns), widened for a query whose kb-th is within `tol` of
@@ -193,12 +207,7 @@ class TorchRows:
                 _, i = self._compact(scores >= low_p[s : s + bq, None].to(scores.dtype), scores, None)
                 labs.append(torch.where(i >= 0, i + start, i))
             parts.append(torch.cat(labs, 1).cpu().numpy())  # padding between blocks' hits is ignored as any
-        labels = np.full((len(q), max(p.shape[1] for p in parts)), -1, np.int64)
-        s = 0
-        for p in parts:
-            labels[s : s + len(p), : p.shape[1]] = p
-            s += len(p)
-        return labels
+        return _stacked(parts, -1)
 
     def set_knob(self, value: int) -> int:
         raise ValueError("knn.engine torch searches exactly: it has no nprobe or efSearch to set")
@@ -209,35 +218,48 @@ class TorchRows:
         """Exact scores (b, w) float32 of the labelled rows, -inf for padding: `exact_scores`'s, bit for bit."""
         if not self.half:
             return exact_scores(self.host, q, labels)
+        lab = _tensor(np.ascontiguousarray(labels)).to(self.device)
+        return self._rescore_on_device(q, lab).cpu().numpy()
+
+    def _rescore_on_device(self, q: np.ndarray, labels: Any) -> Any:
+        """`rescore` for labels on the device, answering there: float64 products of the float32 rows, rounded to
+        float32, and the few whose float64 sum may round otherwise in another order re-scored on the CPU."""
         torch = self.torch
         b, w = labels.shape
-        out = np.empty((b, w), np.float32)
+        out = torch.empty((b, w), dtype=torch.float32, device=self.device)
         q64 = _tensor(q).to(self.device).double()
-        lab = _tensor(np.ascontiguousarray(labels)).to(self.device)
-        step = max(1, _RESCORE_BYTES // (w * self.d * 8))
+        step = max(1, _RESCORE_BYTES // max(w * self.d * 8, 1))
         # float64 sums of d products of float32s (each exact in float64) are within (d + 2) 2^-53 |q| |x| of the
-        # true sum in any order: where the float32 rounding boundary is nearer than twice that, the order matters
-        qnorm = torch.linalg.vector_norm(q64, dim=1)
-        err = (self.d + 2) * 2.0**-53 * qnorm * self.max_norm
+        # true sum in any order: where a float32 rounding boundary is nearer than twice that, the order matters
+        err = (self.d + 2) * 2.0**-53 * torch.linalg.vector_norm(q64, dim=1) * self.max_norm
         near_rows, near_cols = [], []
         for s in range(0, b, step):
-            part = lab[s : s + step]
+            part = labels[s : s + step]
             valid = part >= 0
-            cand = self.rows32[part.clamp(min=0)].double()  # (rows, w, d)
-            s64 = torch.bmm(cand, q64[s : s + step, :, None])[..., 0]
+            s64 = torch.bmm(self.rows32[part.clamp(min=0)].double(), q64[s : s + step, :, None])[..., 0]
             s32 = s64.float()
             up = (s32.double() + torch.nextafter(s32, torch.full_like(s32, math.inf)).double()) / 2
             down = (s32.double() + torch.nextafter(s32, torch.full_like(s32, -math.inf)).double()) / 2
             margin = 2 * err[s : s + step, None]
-            near = valid & ((s64 + margin >= up) | (s64 - margin <= down))
-            r, c = torch.nonzero(near, as_tuple=True)
-            near_rows.append((r + s).cpu().numpy())
-            near_cols.append(c.cpu().numpy())
-            out[s : s + step] = torch.where(valid, s32, -math.inf).cpu().numpy()
-        r, c = np.concatenate(near_rows), np.concatenate(near_cols)
+            r, c = torch.nonzero(valid & ((s64 + margin >= up) | (s64 - margin <= down)), as_tuple=True)
+            near_rows.append(r + s)
+            near_cols.append(c)
+            out[s : s + step] = torch.where(valid, s32, -math.inf)
+        r, c = torch.cat(near_rows), torch.cat(near_cols)
         if len(r):
-            out[r, c] = exact_scores(self.host, q[r], labels[r, c][:, None])[:, 0]
+            host = exact_scores(self.host, q[r.cpu().numpy()], labels[r, c].cpu().numpy()[:, None])[:, 0]
+            out[r, c] = torch.from_numpy(host).to(self.device)
         return out
+
+
+def _stacked(parts: list[np.ndarray], pad: float) -> np.ndarray:
+    """Blocks of rows (each (rows, w_i)) one under another, each padded on the right to the widest with `pad`."""
+    out = np.full((sum(len(p) for p in parts), max(p.shape[1] for p in parts)), pad, parts[0].dtype)
+    s = 0
+    for p in parts:
+        out[s : s + len(p), : p.shape[1]] = p
+        s += len(p)
+    return out
 
 
 def _tensor(array: np.ndarray) -> Any:
