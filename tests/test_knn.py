@@ -70,7 +70,7 @@ def engine(request, monkeypatch) -> str:
 # torch in Ray actors once: each actor imports torch (seconds on 2 CPUs)
 @pytest.mark.parametrize(("backend", "engine", "shards"),
                          [(b, e, s) for b, e in [("local", e) for e in ENGINES] + [("ray", "faiss")] for s in (1, 2, 7)]
-                         + [("ray", "torch", 2)], indirect=["engine"])
+                         + [("ray", "torch", 1)], indirect=["engine"])
 def test_exact_matches_numpy_and_faiss(data, backend, engine, shards, request):
     import faiss
 
@@ -474,7 +474,8 @@ def test_target_recall_chooses_the_smallest_knob_that_reaches_it(index, extra):
         value = tuning["value"]
         assert tuning["knob"] == {"ivf": "nprobe", "hnsw": "ef_search"}[index] and tuning["reached"]
         assert tried[value] >= 0.95 and tuning["sample_recall"] == tried[value] and tuning["sample"] == 150
-        assert all(r < 0.95 for v, r in tried.items() if v < value) and (value - 1 in tried or value == min(tried))
+        below = [v for v in tried if v < value]
+        assert all(tried[v] < 0.95 for v in below) and value - max(below) <= max(1, max(below) // 16)
         assert min(tried.values()) < 0.95  # the start missed: the choice meant something
         assert all(s[tuning["knob"]] == value for s in search_index.stats())
         search_index.search(q[150:])  # the full search runs with it, and measures its own recall
@@ -590,3 +591,16 @@ def test_the_knn_stage_tunes_an_approximate_index_and_records_its_recall(tmp_pat
     assert tuning["knob"] == "nprobe" and tuning["reached"] and tuning["sample"] == 100
     assert entry["knob"] == {"nprobe": tuning["value"]} and 1 < tuning["value"] < 40
     assert entry["recall_queries"] == 100 and entry["recall_at_k"] > 0.8 and entry["engine"] == "faiss"
+
+
+def test_the_report_says_how_an_approximate_ranking_was_tuned_and_measured():
+    from newsclip.report.notes import approximate_note
+
+    row = {"backbone": "ViT-B/32", "direction": "text_to_image", "index": "ivf", "recall_at_k_vs_exact": 0.95312,
+           "recall_queries": 1000, "knob": {"nprobe": 79}, "target_recall": 0.95}
+    assert approximate_note(row, 100) == ("`ivf` index (nprobe 79, chosen for recall@100 >= 0.95 on a sample) for "
+                                          "ViT-B/32 text_to_image: recall@100 0.9531 against exact search on 1,000 "
+                                          "sampled queries")
+    older = {"backbone": "b", "direction": "text_to_image", "index": "hnsw", "recall_at_k_vs_exact": 0.9}
+    assert approximate_note(older, 10) == "`hnsw` index for b text_to_image: recall@10 0.9000 against exact search " \
+                                          "on a sample of queries"

@@ -34,6 +34,8 @@ _ABOVE_BLOCK = 2**25
 PAD_KEY = np.iinfo(np.int64).max
 # `Index.tune` tries HNSW's efSearch up to this: beyond it a search of the sample costs more than an exact one
 TUNE_MAX_EF = 2**14
+# `Index.tune` bisects until the value chosen is within this share of the largest that misses the target
+TUNE_RESOLUTION = 1 / 16
 _KEY_LIMIT = 2**32 - 1  # merge_topk packs a key into 32 bits (this value is padding): databases of < 4.29e9 rows
 
 
@@ -55,7 +57,7 @@ class KnnConfig:
     # "faiss", "torch" (exact only: matmul + topk in blocks, fp16 products on GPUs) or "auto" (see `engine_for`)
     engine: str = "auto"
     num_cpus_per_actor: float = 1.0  # on a 2-CPU machine with several shards this must be small (e.g. 0.25)
-    num_gpus_per_actor: float = 0.0  # >0 -> the shard uses faiss GPU if faiss has GPU support and sees a GPU
+    num_gpus_per_actor: float = 0.0  # >0 -> the shard searches on a GPU when it sees one (faiss-gpu or torch)
     gpu_float16: bool = False
     recall_sample: int = 1000  # approximate indexes: queries sampled to measure recall@k against exact search
     # approximate indexes: the smallest nprobe (ivf) or efSearch (hnsw) whose recall@k on a seeded sample of
@@ -153,16 +155,15 @@ def engine_for(cfg: KnnConfig, use_gpu: bool) -> str:
         return cfg.engine
     if cfg.index != "flat":
         return "faiss"
-    faiss = _module("faiss")
-    torch = _module("torch")
     if use_gpu:
+        faiss = _module("faiss")
         if faiss is not None and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
             return "faiss"
+        torch = _module("torch")  # only where a GPU is asked for: a FAISS shard on a CPU never imports torch
         if torch is not None and torch.cuda.is_available():
             return "torch"
-    if CPU_ENGINE == "torch":
-        return "torch" if torch is not None else "faiss"
-    return "faiss" if faiss is not None else "torch"
+    other = "torch" if CPU_ENGINE == "faiss" else "faiss"
+    return CPU_ENGINE if _module(CPU_ENGINE) is not None else other
 
 
 def _module(name: str) -> Any:
@@ -823,9 +824,10 @@ class Index:
     def tune(self, sample: np.ndarray, target: float) -> dict[str, Any]:
         """Set the approximate index's knob, nprobe (ivf) or efSearch (hnsw), to the smallest value whose recall@k
         on `sample` (query vectors) reaches `target`: doubled from 1 (ivf) or k (hnsw: a smaller efSearch is raised
-        to the candidates asked for anyway) until it does, then bisected, as recall grows with the knob. IVF is exact
-        at nprobe = nlist, so it always gets there; HNSW is tried up to TUNE_MAX_EF. The searches after this use
-        the value; returns what was tried and chosen."""
+        to the candidates asked for anyway) until it does, then bisected to within TUNE_RESOLUTION of the largest
+        value that misses (each try is a search of the sample), as recall grows with the knob. IVF is exact at
+        nprobe = nlist, so it always gets there; HNSW is tried up to TUNE_MAX_EF. The searches after this use the
+        value; returns what was tried and chosen."""
         if self.cfg.index == "flat":
             raise ValueError("KnnConfig.target_recall: index 'flat' is exact; there is nothing to tune")
         t0 = time.perf_counter()
@@ -846,7 +848,7 @@ class Index:
         while recall(hi) < target and hi < top:
             lo, hi = hi, min(2 * hi, top)
         if recall(hi) >= target:
-            while hi - lo > 1:
+            while hi - lo > max(1, int(lo * TUNE_RESOLUTION)):
                 mid = (lo + hi) // 2
                 lo, hi = (lo, mid) if recall(mid) >= target else (mid, hi)
         self.set_knob(hi)
