@@ -12,10 +12,14 @@ from Zipf-like shares (a few big topics, a long tail) and its centre and spread 
 anisotropic: axis j has variance ~ 1/(j+1)**`spectrum`, so a few directions carry most of the spread. (Axis-aligned:
 a rotation would leave every inner product as it is.) `pairs(first, count, ...)` gives rows first..first+count-1;
 the same arguments give the same rows, and the topics, centres and directions depend on (seed, dim) alone.
+
+    .venv/bin/python benchmarks/synthetic_embeddings.py --dims 64,512,768 --pairs 3000   # the shape's statistics
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
 from dataclasses import dataclass
 from functools import cache
@@ -100,3 +104,38 @@ def _unit(x: Any) -> Any:
     if isinstance(x, np.ndarray):
         return x / np.linalg.norm(x, axis=-1, keepdims=True)
     return x / x.norm(dim=-1, keepdim=True)  # a torch tensor
+
+
+def statistics(dim: int, count: int, seed: int = 0, noise: float = 1.0) -> dict:
+    """What the README quotes of the shape at `dim`: mean cosines, MRR@100 of every text against the `count`
+    images, the effective rank of the spread and the biggest topic's share (`noise` scales every row's noise)."""
+    rng = np.random.default_rng([seed, dim, 1])
+    texts, images, topics = pairs(0, count, dim, seed, noise * np.exp(REALISTIC.noise_spread
+                                                                      * rng.standard_normal(count)))
+    scores, off = texts @ images.T, ~np.eye(count, dtype=bool)
+    rank = (scores > np.diag(scores)[:, None]).sum(axis=1) + 1
+    scales = _structure(dim, seed, REALISTIC)[0].astype(np.float64)
+    return {"dim": dim, "pairs": count, "noise": noise,
+            "matched_text_image": round(float(np.diag(scores).mean()), 3),
+            "unrelated_text_image": round(float(scores[off].mean()), 3),
+            "unrelated_images": round(float((images @ images.T)[off].mean()), 3),
+            "unrelated_texts": round(float((texts @ texts.T)[off].mean()), 3),
+            "mrr_at_100": round(float(np.mean(np.where(rank <= 100, 1 / rank, 0))), 3),
+            "effective_rank": round(float(np.sum(scales**2) ** 2 / np.sum(scales**4)), 1),
+            "biggest_topic_share": round(float(np.bincount(topics).max() / count), 3)}
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dims", default="64,512,768", help="widths, comma-separated")
+    parser.add_argument("--pairs", type=int, default=3000)
+    parser.add_argument("--noise", type=float, default=1.0, help="every row's noise times this (scale.py: 0.3)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    rows = [statistics(int(d), args.pairs, args.seed, args.noise) for d in args.dims.split(",")]
+    print(json.dumps(rows, indent=1))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
