@@ -1,6 +1,7 @@
 """The GPU check: CUDA-marked tests, fp16/fp32/bf16 correctness of both towers, the encode throughput table for
-ViT-B/32 and ViT-L/14 (random weights) and the fine-tuning step's speed and memory (ViT-B/32, batch 256, bf16), in one
-JSON. Run it through benchmarks/gpu_check.sh.
+ViT-B/32 and ViT-L/14 (random weights), the fine-tuning step's speed and memory (ViT-B/32, batch 256, bf16) and the
+torch kNN engine (exact top-100 at 1M x 512 and 1M x 768, a 1M x 1M search), in one JSON. Run it through
+benchmarks/gpu_check.sh.
 
     benchmarks/gpu_check.sh                      # on a GPU machine: the full check (under 6 minutes on one H200)
     benchmarks/gpu_check.sh --device cpu         # a dry run of every step on a CPU, at toy sizes
@@ -33,7 +34,12 @@ THROUGHPUT = [("ViT-B/32", []), ("ViT-B/32", ["--jpeg-draft"]), ("ViT-B/32", ["-
 DRY_RUN = ["--images", "32", "--texts", "32", "--batch-size", "16", "--photo-size", "320x213"]  # ViT-L/14 left out:
 # on two CPU cores its three model loads alone take minutes
 TINY = "demo-tiny"  # --tiny: newsclip's own small CLIP (random weights) in place of every backbone above
-STEPS = ("cuda_tests", "correctness", "throughput", "finetune", "bars")
+STEPS = ("cuda_tests", "correctness", "throughput", "finetune", "knn", "bars")
+# the knn step (issue 27): database rows, timed queries and widths on a GPU, and in a dry run; the bars it is held to
+KNN_FULL = {"rows": 1_000_000, "queries": 200_000, "dims": (512, 768), "all_against_all": 768}
+KNN_DRY = {"rows": 4000, "queries": 1000, "dims": (64,), "all_against_all": 64}
+KNN_BARS = {"queries_per_s_at_768": 100_000, "all_against_all_s": 60}
+KNN_CHECKED = 100  # queries whose rankings are checked against a float64 reference on the CPU
 FAIL = "NEWSCLIP_GPU_CHECK_FAIL"  # a step's name: that step raises at once (to test that a failure is reported)
 
 
@@ -146,6 +152,71 @@ def finetune(device: str, tiny: bool = False) -> dict:
     return finetune_throughput.main([*argv, "--device", device])
 
 
+def knn(device: str, tiny: bool = False) -> dict:
+    """The torch kNN engine (`knn.engine: torch`, one shard on the device): exact top-100 queries per second at each
+    width over CLIP-shaped synthetic embeddings (the texts of the database's own images as queries), a search of
+    every row against all of them, and KNN_CHECKED queries' rankings against float64 products on the CPU (the ids,
+    ordered by score then id, must be the same: an error otherwise)."""
+    import numpy as np
+    import synthetic_embeddings
+
+    from newsclip.retrieval import torch_search
+    from newsclip.retrieval.search import Index, KnnConfig
+
+    torch_search.GPU_RECIPE_ON_CPU = device == "cpu"  # a dry run rehearses the GPU's recipe: fp16, float64 re-scores
+    size = KNN_FULL if device == "cuda" and not tiny else KNN_DRY
+    n, k = size["rows"], 100
+    cfg = KnnConfig(k=k, engine="torch", num_gpus_per_actor=1 if device == "cuda" else 0,
+                    query_batch_size=8192 if device == "cuda" else 256)
+    ids = np.arange(n)  # numbers: their order is the rows' order
+    out: dict = {"rows": n, "k": k, "engine": "torch", "bars": KNN_BARS if size is KNN_FULL else None}
+    for dim in dict.fromkeys([*size["dims"], size["all_against_all"]]):
+        texts, images, _ = synthetic_embeddings.pairs(0, n, dim, device=device)
+        texts, images = texts.cpu().numpy(), images.cpu().numpy()
+        started = time.perf_counter()
+        with Index(ids, images, cfg) as index:
+            built = time.perf_counter()
+            row = {"build_s": round(built - started, 2), **{key: index.shard_stats[0].get(key)
+                                                             for key in ("device", "products", "gpu")}}
+            if dim in size["dims"]:
+                queries = texts[: size["queries"]]
+                index.search(queries[: cfg.query_batch_size])  # warm-up: kernels, allocator
+                started = time.perf_counter()
+                keys, scores = index.search(queries)
+                seconds = time.perf_counter() - started
+                row.update(queries=len(queries), search_s=round(seconds, 2),
+                           queries_per_s=round(len(queries) / seconds))
+                row["rankings_equal_reference"] = _reference_equal(images, texts[:KNN_CHECKED], keys, k)
+                if not row["rankings_equal_reference"]:
+                    row["error"] = (f"the torch engine's top-{k} of {KNN_CHECKED} queries differ from float64 "
+                                    "products on the CPU")
+                out[f"dim_{dim}"] = row
+            if dim == size["all_against_all"]:
+                started = time.perf_counter()
+                index.search(texts)
+                out["all_against_all"] = {"rows": n, "queries": n, "dim": dim,
+                                          "seconds": round(time.perf_counter() - started, 1)}
+        del texts, images
+    return out
+
+
+def _reference_equal(db, queries, keys, k: int) -> bool:
+    """Whether `keys` (rows, as ids are row numbers) of `queries` are their top-k by float64 products rounded to
+    float32, ordered by score desc then row asc."""
+    import numpy as np
+
+    scores = np.concatenate([(queries.astype(np.float64) @ db[s : s + 65536].astype(np.float64).T).astype(np.float32)
+                             for s in range(0, len(db), 65536)], axis=1)
+    rows = np.arange(scores.shape[1])
+    for query, got in zip(scores, keys):
+        kth = np.partition(query, len(query) - k)[len(query) - k]
+        near = np.flatnonzero(query >= kth)
+        want = near[np.lexsort((rows[near], -query[near]))][:k]
+        if not np.array_equal(want, got[: len(want)]):
+            return False
+    return True
+
+
 def bars(result: dict) -> dict:
     """Issue 11's GPU bars, read off this run (only meaningful on a GPU): per backbone, its fastest row."""
     rows = [r for r in result.get("throughput", []) if "error" not in r]
@@ -222,7 +293,7 @@ def main() -> None:
                     "tiny": args.tiny, "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     run = {"cuda_tests": cuda_tests, "correctness": lambda: correctness(device, TINY if args.tiny else "ViT-B/32"),
            "throughput": lambda: throughput(device, args.tiny), "finetune": lambda: finetune(device, args.tiny),
-           "bars": lambda: bars(result)}
+           "knn": lambda: knn(device, args.tiny), "bars": lambda: bars(result)}
     for name in (s for s in STEPS if s in steps):
         started = time.time()
         try:

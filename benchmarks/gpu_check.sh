@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU check anyone can run (issue 11): CUDA-marked tests, fp16/fp32/bf16 correctness for texts and images, and
-# the encode throughput table for ViT-B/32 and ViT-L/14, into one JSON under benchmarks/results/.
+# The GPU check anyone can run (issue 11): CUDA-marked tests, fp16/fp32/bf16 correctness for texts and images,
+# the encode throughput table for ViT-B/32 and ViT-L/14, fine-tuning and the torch kNN engine (issue 27), into one
+# JSON under benchmarks/results/.
 #
 #   benchmarks/gpu_check.sh [--device cpu] [--tiny] [--steps STEP,...] [OUT.json]
 #

@@ -13,8 +13,9 @@ articles (1% smaller than the nightly run's). demo-tiny and the demo translator 
     .venv/bin/python benchmarks/scale.py --from-embeddings --sizes 10000,100000,1000000 [--check-equal]
 
 With --from-embeddings only the kNN and evaluate stages run, from what prepare, translate and encode would have
-left in the output folder: synthetic demo-tiny embeddings (64-d; image vectors random unit Gaussians, each
-article's text vector its image's plus noise, seeded), the query texts, prepared/queries and candidates.parquet,
+left in the output folder: synthetic demo-tiny embeddings (64-d, shaped like CLIP's by synthetic_embeddings.py:
+topics of uneven size, anisotropic spread, a text-image gap; seeded), the query texts, prepared/queries and
+candidates.parquet,
 written in parts of SYNTH_PART pairs with encode entries in manifest.json. The full run is `knn` then `evaluate`
 over N pairs, the nightly run the same after 1% new pairs (new ids) are appended, each in a process of its own
 (`--stages-only`, hidden). --check-equal (the default up to 100,000 pairs) then ranks the nightly's embeddings
@@ -36,12 +37,13 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 JOB = Path(__file__).resolve().parents[1] / "jobs" / "nightly.yaml"
 PARTS = 20_000  # articles per demo-data writer
-# --from-embeddings: pairs per written part (what generating them holds at once), demo-tiny's width, and the noise
-# between an article's text vector and its image's: its norm is NOISE times the source's factor times a lognormal
-# spread, so some articles are easy and some hard (MRR@100 ~0.8 at 3,000 pairs, ~0.65 at 100,000, ~0.5 at 1M)
+# --from-embeddings: pairs per written part (what generating them holds at once), demo-tiny's width, and each side's
+# own noise (synthetic_embeddings.Shape.noise) times NOISE times the source's factor times a lognormal spread, so some
+# articles are easy and some hard: NOISE 0.3 makes 64-d pairs about as hard as demo-tiny's (MRR@100 ~0.41 at 3,000
+# pairs, ~0.30 at 20,000)
 SYNTH_PART = 100_000
 DIM = 64
-NOISE, NOISE_SPREAD = 1.5, 0.5
+NOISE, NOISE_SPREAD = 0.3, 0.5
 SOURCES = {"TW": (1512, 1.0), "RSS": (134, 1.25), "RT": (354, 0.85)}  # the demo's shares; noise factor
 BACKBONE = "demo-tiny"
 CHECK_EQUAL_UP_TO = 100_000  # --check-equal's default: on up to this many pairs
@@ -129,20 +131,18 @@ def synthetic_pairs(first: int, count: int, seed: int) -> tuple:
     prepare write them. The same (first, count, seed) gives the same tables."""
     import numpy as np
     import pyarrow as pa
+    import synthetic_embeddings
 
     from newsclip.runtime.embedding_store import content_keys
     from newsclip.runtime.store import embedding_table
 
     rng = np.random.default_rng([seed, first])
-    images = rng.standard_normal((count, DIM), dtype=np.float32)
-    images /= np.linalg.norm(images, axis=1, keepdims=True)
     names = list(SOURCES)
     shares = np.array([share for share, _ in SOURCES.values()], np.float64)
     source = rng.choice(len(names), size=count, p=shares / shares.sum())
     scale = NOISE * np.array([f for _, f in SOURCES.values()], np.float32)[source] \
         * np.exp(NOISE_SPREAD * rng.standard_normal(count, dtype=np.float32))
-    texts = images + scale[:, None] * rng.standard_normal((count, DIM), dtype=np.float32) / np.sqrt(DIM)
-    texts /= np.linalg.norm(texts, axis=1, keepdims=True)
+    texts, images, _ = synthetic_embeddings.pairs(first, count, DIM, seed, noise_factor=scale)
     numbers = range(first, first + count)
     article_ids, image_ids = [f"a{i:08d}" for i in numbers], [f"i{i:08d}" for i in numbers]
     text_table = embedding_table(article_ids, texts, "article_id").append_column(

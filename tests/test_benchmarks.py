@@ -183,6 +183,9 @@ def test_gpu_check_dry_run_fills_every_row_without_polars_or_faiss(tmp_path):
         assert "error" not in result["correctness"][precision], result["correctness"]
     assert result["cuda_tests"]["exit_status"] == 0, result["cuda_tests"]
     assert result["finetune"]["images_per_s"] > 0, result["finetune"]
+    knn = result["knn"]  # the torch kNN engine with the GPU's recipe (fp16 products), at toy sizes
+    assert knn["dim_64"]["queries_per_s"] > 0 and knn["dim_64"]["rankings_equal_reference"] is True, knn
+    assert knn["dim_64"]["products"] == "fp16" and knn["all_against_all"]["seconds"] > 0, knn
 
 
 def test_gpu_check_exits_1_naming_the_step_that_failed(tmp_path):

@@ -149,6 +149,22 @@ def test_embeddings_equal_a_direct_model_call(demo_run):
         assert abs(np.linalg.norm(stored[image_id]) - 1) < 1e-5
 
 
+def test_knn_engine_torch_runs_the_demo_job_to_the_same_rankings(demo_run, tmp_path):
+    """`knn.engine: torch` end to end: the demo job again, every stage through `newsclip.cli.main`, into a new folder
+    (embeddings from the first run's store, translations from the cache): the same rankings and metrics as FAISS."""
+    out, data = demo_run
+    torch_out = tmp_path / "torch"
+    settings = [f"input.articles={data / 'articles'}", f"input.images={data / 'images'}",
+                f"output_dir={torch_out}", f"store_dir={out / 'store'}", "knn.engine=torch"]
+    assert main(["run", JOB, *[a for s in settings for a in ("--set", s)]]) == 0
+    stages = json.loads((torch_out / "manifest.json").read_text())["stages"]
+    assert {stages[f"knn:demo-tiny:{d}"]["engine"] for d in ("text_to_image", "image_to_text")} == {"torch"}
+    assert stages["encode:demo-tiny:texts"]["encoded"] == 0  # the same embeddings: the engines alone differ
+    for name in ("demo-tiny.tsv", "demo-tiny.image_to_text.tsv"):
+        assert (torch_out / "rankings" / name).read_text() == (out / "rankings" / name).read_text()
+    assert (torch_out / "metrics.csv").read_text() == (out / "metrics.csv").read_text()
+
+
 def test_a_stage_reruns_alone(demo_run, capsys):
     out, data = demo_run
     before = (out / "metrics.csv").read_text()

@@ -1,4 +1,5 @@
-"""The knn engine against numpy argsort and a single faiss.IndexFlatIP, for shard counts, backends and index kinds."""
+"""The knn search against numpy argsort and a single faiss.IndexFlatIP, for shard counts, backends, engines (FAISS;
+torch on the CPU, in float32 and with the GPU's fp16 recipe) and index kinds."""
 
 from __future__ import annotations
 
@@ -44,24 +45,41 @@ def data():
     return db_ids, db, q_ids, q
 
 
-def _cfg(backend: str, **kw) -> KnnConfig:
+def _cfg(backend: str, engine: str = "faiss", **kw) -> KnnConfig:
     # backend "ray" tests pull in conftest's session `ray_local` (a local 2-CPU Ray, reused if already running)
     if backend == "ray":
         # 2 CPUs in tests: seven 1-CPU actors would never all be placed
         kw.setdefault("num_cpus_per_actor", 0.25)
-    return KnnConfig(backend=backend, **kw)
+    return KnnConfig(backend=backend, engine=engine.removesuffix("-fp16"), **kw)
 
 
-@pytest.mark.parametrize("backend", ["local", "ray"])
-@pytest.mark.parametrize("shards", [1, 2, 7])
-def test_exact_matches_numpy_and_faiss(data, backend, shards, request):
+# the engines every exact search is held to: FAISS, torch on the CPU (float32 products), and torch's GPU recipe (fp16
+# products of scaled rows, float64 re-scoring on the device with its fallback) run on the CPU
+ENGINES = ("faiss", "torch", "torch-fp16")
+
+
+@pytest.fixture
+def engine(request, monkeypatch) -> str:
+    """The engine parameter; "torch-fp16" switches torch's GPU recipe on in this process (local backend only)."""
+    from newsclip.retrieval import torch_search
+
+    monkeypatch.setattr(torch_search, "GPU_RECIPE_ON_CPU", request.param == "torch-fp16")
+    return request.param
+
+
+# torch in Ray actors once: each actor imports torch (seconds on 2 CPUs)
+@pytest.mark.parametrize(("backend", "engine", "shards"),
+                         [(b, e, s) for b, e in [("local", e) for e in ENGINES] + [("ray", "faiss")] for s in (1, 2, 7)]
+                         + [("ray", "torch", 1)], indirect=["engine"])
+def test_exact_matches_numpy_and_faiss(data, backend, engine, shards, request):
     import faiss
 
     if backend == "ray":
         request.getfixturevalue("ray_local")
     db_ids, db, q_ids, q = data
     k = 20
-    res = search(db_ids, db, _batches(q_ids, q, [17, 100, 3]), _cfg(backend, k=k, shards=shards, query_batch_size=64))
+    res = search(db_ids, db, _batches(q_ids, q, [17, 100, 3]),
+                 _cfg(backend, engine, k=k, shards=shards, query_batch_size=64))
     ref_ids, ref_scores = knn_numpy(db_ids, db, q, k)
     assert res.ids.shape == (len(q), k) and res.scores.dtype == np.float32
     assert list(res.query_ids) == list(q_ids)
@@ -74,32 +92,36 @@ def test_exact_matches_numpy_and_faiss(data, backend, shards, request):
     np.testing.assert_allclose(res.scores, fd, atol=1e-5)
     assert res.recall_at_k is None
     assert len(res.shard_stats) == shards and sum(s["rows"] for s in res.shard_stats) == len(db)
+    assert {s["engine"] for s in res.shard_stats} == {engine.removesuffix("-fp16")}
 
 
-@pytest.mark.parametrize("backend", ["local", "ray"])
-def test_k_larger_than_a_shard(data, backend, request):
+@pytest.mark.parametrize(("backend", "engine"), [("local", e) for e in ENGINES] + [("ray", "faiss")],
+                         indirect=["engine"])
+def test_k_larger_than_a_shard(data, backend, engine, request):
     if backend == "ray":
         request.getfixturevalue("ray_local")
     db_ids, db, q_ids, q = data
     sub_ids, sub = db_ids[:300], db[:300]
     k = 120  # 3 shards of 100 rows: each shard holds fewer than k
-    res = search(sub_ids, sub, [(q_ids, q)], _cfg(backend, k=k, shards=3))
+    res = search(sub_ids, sub, [(q_ids, q)], _cfg(backend, engine, k=k, shards=3))
     ref_ids, ref_scores = knn_numpy(sub_ids, sub, q, k)
     assert (res.ids == ref_ids).all()
     np.testing.assert_array_equal(res.scores, ref_scores)
 
 
-def test_fewer_db_rows_than_k(data):
+@pytest.mark.parametrize("engine", ENGINES, indirect=True)
+def test_fewer_db_rows_than_k(data, engine):
     db_ids, db, q_ids, q = data
-    res = search(db_ids[:5], db[:5], [(q_ids, q)], KnnConfig(k=100, shards=3))
+    res = search(db_ids[:5], db[:5], [(q_ids, q)], _cfg("local", engine, k=100, shards=3))
     assert res.ids.shape == (len(q), 5) and res.scores.shape == (len(q), 5)
     ref_ids, _ = knn_numpy(db_ids[:5], db[:5], q, 5)
     assert (res.ids == ref_ids).all()
     assert len(res.shard_stats) == 3
 
 
-@pytest.mark.parametrize("backend", ["local", "ray"])
-def test_duplicate_vectors_tie_by_id_for_any_shard_count(backend, request):
+@pytest.mark.parametrize(("backend", "engine"), [("local", e) for e in ENGINES] + [("ray", "faiss")],
+                         indirect=["engine"])
+def test_duplicate_vectors_tie_by_id_for_any_shard_count(backend, engine, request):
     if backend == "ray":
         request.getfixturevalue("ray_local")
     rng = np.random.default_rng(7)
@@ -114,21 +136,22 @@ def test_duplicate_vectors_tie_by_id_for_any_shard_count(backend, request):
     ref_ids, ref_scores = knn_numpy(db_ids, db, q, k)
     # actors take ~1 s each to start on 2 CPUs: ray checks one layout, local all of them
     counts = (3,) if backend == "ray" else (1, 2, 3, 7)
-    results = [search(db_ids, db, [(q_ids, q)], _cfg(backend, k=k, shards=s)).ids for s in counts]
+    results = [search(db_ids, db, [(q_ids, q)], _cfg(backend, engine, k=k, shards=s)).ids for s in counts]
     for r in results:
         assert (r == ref_ids).all()
     # the 5 copies of the query's own vector come first, in id order
-    own = search(db_ids, db, [(q_ids[:1], q[:1])], KnnConfig(k=5, shards=4))
+    own = search(db_ids, db, [(q_ids[:1], q[:1])], _cfg("local", engine, k=5, shards=4))
     assert list(own.ids[0]) == sorted(own.ids[0])
     assert np.unique(own.scores[0]).size == 1
 
 
-def test_all_identical_vectors():
+@pytest.mark.parametrize("engine", ENGINES, indirect=True)
+def test_all_identical_vectors(engine):
     v = _unit(np.ones((1, D), np.float32))
     db = np.repeat(v, 60, axis=0)
     ids = np.array([f"x{i:03d}" for i in range(60)][::-1], dtype=object)
     for shards in (1, 4, 9):
-        res = search(ids, db, [(np.arange(2), np.repeat(v, 2, axis=0))], KnnConfig(k=10, shards=shards))
+        res = search(ids, db, [(np.arange(2), np.repeat(v, 2, axis=0))], _cfg("local", engine, k=10, shards=shards))
         assert list(res.ids[0]) == [f"x{i:03d}" for i in range(10)]
 
 
@@ -268,13 +291,17 @@ def test_ids_sort_by_their_bytes_as_arrow_sorts_them():
 
 
 @pytest.mark.parametrize(("key", "value"), [("k", 0), ("shards", 0), ("index", "lsh"), ("backend", "dask"),
-                                            ("max_shard_rows", 0), ("query_batch_size", -1), ("recall_sample", -1)])
+                                            ("max_shard_rows", 0), ("query_batch_size", -1), ("recall_sample", -1),
+                                            ("engine", "numpy"), ("target_recall", 1.5), ("target_recall", 0)])
 def test_bad_config(key, value):
     with pytest.raises(ValueError, match=f"KnnConfig.{key}"):
         KnnConfig(**{key: value})
+    with pytest.raises(ValueError, match="KnnConfig.engine: torch searches exactly: it needs index 'flat'"):
+        KnnConfig(engine="torch", index="ivf")
 
 
-def test_incremental_merge_equals_a_full_ranking():
+@pytest.mark.parametrize("engine", ENGINES, indirect=True)
+def test_incremental_merge_equals_a_full_ranking(engine):
     import pyarrow as pa
 
     from newsclip.retrieval.nightly import NightlyMerge, added_rows
@@ -292,7 +319,7 @@ def test_incremental_merge_equals_a_full_ranking():
     query = np.array([[1.0, 0.0]], np.float32)
     added = np.array([[0.5, 0.75 ** 0.5], [0.7, 0.51 ** 0.5]], np.float32)  # e, d: scores .5 and .7
     sorted_ids = pa.array(list("abcde"))
-    with Index(np.array(["e", "d"], object), added, KnnConfig(k=3)) as index:
+    with Index(np.array(["e", "d"], object), added, _cfg("local", engine, k=3)) as index:
         assert sorted(index.above(query, np.array([0.5]))[1][0].tolist()) == [0.5, pytest.approx(0.7)]
         nightly = NightlyMerge(iter(previous.to_batches()), last_database, database, sorted_ids, index, 3,
                                "article_id", "image_ids")
@@ -341,9 +368,12 @@ def test_keys_are_positions_in_the_sorted_ids_found_by_hash(monkeypatch):
     assert sorted_ids.take(pa.array(IdPositions(sorted_ids).of(wanted))).equals(wanted)
 
 
-@pytest.mark.parametrize(("shards", "backend"), [(1, "local"), (3, "local"), (3, "ray")])
-def test_above_finds_every_row_at_or_over_the_floor(data, shards, backend, monkeypatch, request):
-    from newsclip.retrieval import search as engine
+@pytest.mark.parametrize(("shards", "backend", "engine"),
+                         [(1, "local", "faiss"), (3, "local", "faiss"), (3, "ray", "faiss"), (1, "local", "torch"),
+                          (3, "local", "torch-fp16")], indirect=["engine"])
+def test_above_finds_every_row_at_or_over_the_floor(data, shards, backend, engine, monkeypatch, request):
+    from newsclip.retrieval import search as knn_search
+    from newsclip.retrieval import torch_search
 
     if backend == "ray":
         request.getfixturevalue("ray_local")
@@ -351,15 +381,105 @@ def test_above_finds_every_row_at_or_over_the_floor(data, shards, backend, monke
     db_ids, db, q_ids, q = data
     db = np.concatenate([db, db[:50]])  # exact copies: rows that tie
     db_ids = np.concatenate([db_ids, [f"copy-{i}" for i in range(50)]])
-    monkeypatch.setattr(engine, "_ABOVE_BLOCK", 7 * len(q))  # in-process: matrix products of 7 columns at a time
+    # in-process: matrix products of 7 columns at a time (FAISS's float32 products; torch's, 64 queries by 7 rows)
+    monkeypatch.setattr(knn_search, "_ABOVE_BLOCK", 7 * len(q))
+    monkeypatch.setattr(torch_search, "CPU_BLOCK_BYTES", 7 * 64 * 16)
     exact = (q.astype(np.float64) @ db.astype(np.float64).T).astype(np.float32)
     floors = np.sort(exact, axis=1)[:, -20]  # each query's 20th best score: ties at the floor count
-    with engine.Index(db_ids, db, _cfg(backend, shards=shards)) as index:
+    with knn_search.Index(db_ids, db, _cfg(backend, engine, shards=shards)) as index:
         keys, scores = index.above(q, floors)
-        found = [set(index.sorted_ids[k[k != engine.PAD_KEY]]) for k in keys]
+        found = [set(index.sorted_ids[k[k != knn_search.PAD_KEY]]) for k in keys]
     assert found == [set(db_ids[exact[i] >= floors[i]]) for i in range(len(q))]
     assert all(len(f) >= 20 for f in found)
     assert np.array_equal(np.sort(scores, axis=1)[:, ::-1][:, :20], np.sort(exact, axis=1)[:, ::-1][:, :20])
+
+
+@pytest.mark.parametrize("engine", ["torch", "torch-fp16"], indirect=True)
+def test_torch_in_blocks_of_queries_and_rows_ranks_as_faiss_does(data, engine, monkeypatch):
+    """The database split into blocks of 50 rows (a block's k-th is not the query's), near ties included."""
+    from newsclip.retrieval import torch_search
+
+    db_ids, db, q_ids, q = data
+    db = np.concatenate([db, db[:300] + np.float32(1e-7), db[:100]])  # copies, and near-copies (within fp16 error)
+    db_ids = np.concatenate([db_ids, [f"near-{i}" for i in range(300)], [f"copy-{i}" for i in range(100)]])
+    want = search(db_ids, db, [(q_ids, q)], KnnConfig(k=25, engine="faiss"))
+    monkeypatch.setattr(torch_search, "CPU_BLOCK_BYTES", 50 * 64 * 16)
+    got = search(db_ids, db, [(q_ids, q)], KnnConfig(k=25, engine="torch"))
+    assert (got.ids == want.ids).all() and np.array_equal(got.scores, want.scores)
+
+
+def test_torch_device_rescoring_falls_back_to_the_cpu_score_where_rounding_could_differ(data):
+    """Every pair sent to the fallback (an error bound made huge): the scores are still `exact_scores`' own."""
+    from newsclip.retrieval.exact_scores import exact_scores
+    from newsclip.retrieval.torch_search import TorchRows
+
+    db_ids, db, q_ids, q = data
+    labels = np.random.default_rng(0).integers(-1, len(db), (len(q), 40))
+    rows = TorchRows(db, "cpu", 1e30)
+    rows.half = True  # the GPU recipe's re-scoring, on the CPU
+    rows.rows32 = rows.rows
+    assert np.array_equal(rows.rescore(q, labels), exact_scores(db, q, labels))
+    assert np.array_equal(TorchRows(db, "cpu", 1.0).rescore(q, labels), exact_scores(db, q, labels))
+
+
+def test_exact_scores_do_not_depend_on_the_batch_shape():
+    """What the GPU recipe's fallback relies on: one pair re-scored alone scores as it does among others."""
+    from newsclip.retrieval.exact_scores import exact_scores
+
+    rng = np.random.default_rng(1)
+    for d in (7, 512, 768):
+        rows, q = rng.standard_normal((500, d)).astype(np.float32), rng.standard_normal((40, d)).astype(np.float32)
+        labels = rng.integers(0, 500, (40, 60))
+        r, c = np.nonzero(np.ones(labels.shape, bool))
+        alone = exact_scores(rows, q[r], labels[r, c][:, None])[:, 0].reshape(labels.shape)
+        assert np.array_equal(exact_scores(rows, q, labels), alone)
+
+
+def test_auto_picks_faiss_gpu_then_torch_on_gpus_then_the_cpu_engine(monkeypatch):
+    from types import SimpleNamespace
+
+    from newsclip.retrieval import search as knn_search
+
+    def world(faiss_gpus: int | None, torch_gpu: bool | None):
+        faiss = None if faiss_gpus is None else SimpleNamespace(StandardGpuResources=object,
+                                                                get_num_gpus=lambda: faiss_gpus)
+        torch = None if torch_gpu is None else SimpleNamespace(cuda=SimpleNamespace(is_available=lambda: torch_gpu))
+        monkeypatch.setattr(knn_search, "_module", lambda name: {"faiss": faiss, "torch": torch}[name])
+
+    flat, ivf = KnnConfig(), KnnConfig(index="ivf")
+    world(1, True)
+    assert knn_search.engine_for(flat, use_gpu=True) == "faiss"
+    assert knn_search.engine_for(flat, use_gpu=False) == knn_search.CPU_ENGINE == "faiss"
+    world(0, True)  # faiss without a GPU it can use (the CUDA 13 machines)
+    assert knn_search.engine_for(flat, use_gpu=True) == "torch"
+    assert knn_search.engine_for(ivf, use_gpu=True) == "faiss"  # approximate indexes are FAISS's
+    world(None, True)  # no faiss at all
+    assert knn_search.engine_for(flat, use_gpu=True) == knn_search.engine_for(flat, use_gpu=False) == "torch"
+    world(0, False)
+    assert knn_search.engine_for(flat, use_gpu=True) == "faiss"
+    assert knn_search.engine_for(KnnConfig(engine="torch"), use_gpu=True) == "torch"
+
+
+@pytest.mark.parametrize(("index", "extra"), [("ivf", {"nlist": 64}), ("hnsw", {"hnsw_m": 4, "ef_construction": 20})])
+def test_target_recall_chooses_the_smallest_knob_that_reaches_it(index, extra):
+    from newsclip.retrieval.search import Index
+
+    rng = np.random.default_rng(3)
+    db, q = _clustered(rng, 4000, 300, noise=0.3)
+    db_ids = np.array([f"i{i}" for i in range(len(db))], dtype=object)
+    cfg = KnnConfig(k=30, index=index, shards=2, **extra)
+    with Index(db_ids, db, cfg) as search_index:
+        tuning = search_index.tune(q[:150], 0.95)
+        tried = {int(v): r for v, r in tuning["tried"].items()}
+        value = tuning["value"]
+        assert tuning["knob"] == {"ivf": "nprobe", "hnsw": "ef_search"}[index] and tuning["reached"]
+        assert tried[value] >= 0.95 and tuning["sample_recall"] == tried[value] and tuning["sample"] == 150
+        below = [v for v in tried if v < value]
+        assert all(tried[v] < 0.95 for v in below) and value - max(below) <= max(1, max(below) // 16)
+        assert min(tried.values()) < 0.95  # the start missed: the choice meant something
+        assert all(s[tuning["knob"]] == value for s in search_index.stats())
+        search_index.search(q[150:])  # the full search runs with it, and measures its own recall
+        assert search_index.recall_at_k() > 0.85
 
 
 def test_the_database_streams_its_vectors_once_per_id(tmp_path):
@@ -385,8 +505,9 @@ def test_the_database_streams_its_vectors_once_per_id(tmp_path):
     assert ids == ["a", "d"] and np.array_equal(vecs, vectors[[1, 4]])
 
 
-@pytest.mark.parametrize("spill", [False, True])
-def test_a_nightly_rank_merges_into_the_last_top_k_as_a_full_rank_would(tmp_path, monkeypatch, spill):
+@pytest.mark.parametrize(("spill", "engine"), [(False, "faiss"), (True, "faiss"), (False, "torch"),
+                                               (True, "torch-fp16")], indirect=["engine"])
+def test_a_nightly_rank_merges_into_the_last_top_k_as_a_full_rank_would(tmp_path, monkeypatch, spill, engine):
     import shutil
 
     import pyarrow as pa
@@ -414,7 +535,8 @@ def test_a_nightly_rank_merges_into_the_last_top_k_as_a_full_rank_would(tmp_path
     embeddings("texts", "article_id", [f"q{i}" for i in (3, 0, 5, 1, 4, 2)], list(range(6)))
     embeddings("images", "image_id", [f"i{i:02d}" for i in range(10)], list(range(6, 16)))
     cfg = config.load(None, [f"output_dir={tmp_path}", "eval.k=3", "backbones=[demo-tiny]", "fusion=[]",
-                             "eval.directions=[text_to_image]", f"knn.query_batch_size={2 if spill else 4096}"])
+                             "eval.directions=[text_to_image]", f"knn.query_batch_size={2 if spill else 4096}",
+                             f"knn.engine={engine.removesuffix('-fp16')}"])
     assert knn.run(cfg)[0]["merged"] == 0
     first = pq.read_table(tmp_path / "rankings" / "demo-tiny.parquet")
     assert first.column("article_id").to_pylist() == [f"q{i}" for i in range(6)]
@@ -426,6 +548,7 @@ def test_a_nightly_rank_merges_into_the_last_top_k_as_a_full_rank_would(tmp_path
     images = [i for i in range(10) if i != 3] + [10, 11]
     embeddings("images", "image_id", [f"i{i:02d}" for i in images], [6 + i for i in images])
     entry = knn.run(cfg)[0]
+    assert entry["engine"] == engine.removesuffix("-fp16")
     held_i03 = sum("i03" in ranked for ranked in first.column("image_ids").to_pylist())
     assert entry["merged"] == 6 - held_i03 > 0 and entry["searched_in_full"] == held_i03
     assert entry["added_candidates"] == 2  # the merged queries were searched against the two added images only
@@ -441,3 +564,43 @@ def test_a_nightly_rank_merges_into_the_last_top_k_as_a_full_rank_would(tmp_path
     # rankings that were not ranked against the database file beside them are never merged into
     (tmp_path / "rankings" / "demo-tiny.database.parquet").write_bytes(b"")
     assert knn.run(cfg)[0]["merged"] == 0
+
+
+def test_the_knn_stage_tunes_an_approximate_index_and_records_its_recall(tmp_path):
+    """`knn.target_recall`: the knob chosen on a sample of the queries before the search, in the manifest entry with
+    what was tried, and the search's own recall measured on another sample."""
+    import pyarrow as pa
+
+    from newsclip import config
+    from newsclip.names import encode_entry
+    from newsclip.runtime.store import embedding_table, record_stage, write_table
+    from newsclip.stages import knn
+
+    rng = np.random.default_rng(5)
+    images, texts = _clustered(rng, 2000, 300, noise=0.3)
+    for side, id_name, vectors in (("texts", "article_id", texts), ("images", "image_id", images)):
+        ids = [f"{side[0]}{i:05d}" for i in range(len(vectors))]
+        table = embedding_table(ids, vectors, id_name).append_column("hash", pa.array(ids, pa.string()))
+        path = write_table(table, tmp_path / "embeddings" / "demo-tiny" / side / "part-0.parquet")
+        record_stage(tmp_path, encode_entry("demo-tiny", side), [path], store=f"store-{side}")
+    cfg = config.load(None, [f"output_dir={tmp_path}", "eval.k=20", "backbones=[demo-tiny]", "fusion=[]",
+                             "eval.directions=[text_to_image]", "knn.index=ivf", "knn.nlist=40", "knn.shards=1",
+                             "knn.target_recall=0.9", "knn.recall_sample=100"])
+    entry = knn.run(cfg)[0]
+    tuning = entry["tuning"]
+    assert tuning["knob"] == "nprobe" and tuning["reached"] and tuning["sample"] == 100
+    assert entry["knob"] == {"nprobe": tuning["value"]} and 1 < tuning["value"] < 40
+    assert entry["recall_queries"] == 100 and entry["recall_at_k"] > 0.8 and entry["engine"] == "faiss"
+
+
+def test_the_report_says_how_an_approximate_ranking_was_tuned_and_measured():
+    from newsclip.report.notes import approximate_note
+
+    row = {"backbone": "ViT-B/32", "direction": "text_to_image", "index": "ivf", "recall_at_k_vs_exact": 0.95312,
+           "recall_queries": 1000, "knob": {"nprobe": 79}, "target_recall": 0.95}
+    assert approximate_note(row, 100) == ("`ivf` index (nprobe 79, chosen for recall@100 >= 0.95 on a sample) for "
+                                          "ViT-B/32 text_to_image: recall@100 0.9531 against exact search on 1,000 "
+                                          "sampled queries")
+    older = {"backbone": "b", "direction": "text_to_image", "index": "hnsw", "recall_at_k_vs_exact": 0.9}
+    assert approximate_note(older, 10) == "`hnsw` index for b text_to_image: recall@10 0.9000 against exact search " \
+                                          "on a sample of queries"

@@ -10,7 +10,14 @@ from newsclip.names import is_fusion
 from newsclip.report.data import ReportData, metric_keys, read_queries, read_report_data, read_translated
 from newsclip.report.escape import esc
 from newsclip.report.examples import examples_html
-from newsclip.report.notes import INTERVALS, evaluation_notes, paired_note, scope_sentence, training_note
+from newsclip.report.notes import (
+    INTERVALS,
+    approximate_note,
+    evaluation_notes,
+    paired_note,
+    scope_sentence,
+    training_note,
+)
 from newsclip.report.svg import (
     cost_quality_svg,
     mrr_by_source_svg,
@@ -220,9 +227,7 @@ def _approximate_search(data: ReportData) -> list[str]:
     knn = [x for x in data.metrics.get("knn", []) if x.get("recall_at_k_vs_exact") is not None]
     if not knn:
         return []
-    return ["<ul>" + "".join(f"<li>{esc(x['index'])} index for {esc(x['backbone'])} {esc(x['direction'])}: "
-                             f"recall@{esc(data.k)} {x['recall_at_k_vs_exact']:.4f} against exact search</li>"
-                             for x in knn) + "</ul>"]
+    return ["<ul>" + "".join(f"<li>{esc(approximate_note(x, data.k).replace('`', ''))}</li>" for x in knn) + "</ul>"]
 
 
 def _examples(data: ReportData, examples: int, example_backbone: str | None) -> list[str]:

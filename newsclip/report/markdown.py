@@ -7,7 +7,14 @@ import json
 from newsclip.config import JobConfig
 from newsclip.names import DIRECTIONS
 from newsclip.report.data import metric_keys, read_training
-from newsclip.report.notes import INTERVALS, evaluation_notes, paired_note, scope_sentence, training_note
+from newsclip.report.notes import (
+    INTERVALS,
+    approximate_note,
+    evaluation_notes,
+    paired_note,
+    scope_sentence,
+    training_note,
+)
 from newsclip.retrieval.metrics import metric_label
 from newsclip.retrieval.paper import paper_scores
 from newsclip.runtime.rejects import rejects_summary
@@ -80,9 +87,7 @@ def render_markdown(cfg: JobConfig) -> str:
     if reverse:
         lines += ["## Image to text (which article is this image for)", "", metrics_table(reverse, k, with_paper=False),
                   ""]
-    lines += [f"- `{x['index']}` index for {x['backbone']} {x['direction']}: recall@{k} "
-              f"{x['recall_at_k_vs_exact']:.4f} against exact search on a sample of queries"
-              for x in metrics.get("knn", []) if x["recall_at_k_vs_exact"] is not None]
+    lines += [f"- {approximate_note(x, k)}" for x in metrics.get("knn", []) if x["recall_at_k_vs_exact"] is not None]
     paired, note = metrics.get("paired", []), True
     for direction in DIRECTIONS:  # one Holm family across the directions: the note once, before the first table
         pairs = [p for p in paired if p["direction"] == direction]

@@ -21,6 +21,16 @@ def scope_sentence(metrics: dict, stages: dict) -> str:
             f"{entry.get('candidates', '?')} candidate images; top {k} by cosine similarity. Recall is a fraction.")
 
 
+def approximate_note(row: dict, k: int) -> str:
+    """How close an approximate index came to exact search: a `knn` row of metrics.json (its recall is not None)."""
+    knob = ", ".join(f"{name} {value}" for name, value in (row.get("knob") or {}).items())
+    if knob and row.get("target_recall") is not None:
+        knob += f", chosen for recall@{k} >= {row['target_recall']} on a sample"
+    sample = f"{row['recall_queries']:,} sampled queries" if row.get("recall_queries") else "a sample of queries"
+    return (f"`{row['index']}` index{f' ({knob})' if knob else ''} for {row['backbone']} {row['direction']}: "
+            f"recall@{k} {row['recall_at_k_vs_exact']:.4f} against exact search on {sample}")
+
+
 def _count_notes(row: dict) -> list[tuple[str, str]]:
     """Warnings about one direction's counts: queries lost after sampling, queries whose image cannot be found."""
     direction = row["direction"].replace("_", " ")

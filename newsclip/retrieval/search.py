@@ -1,4 +1,5 @@
-"""The knn stage engine: exact (or IVF/HNSW) top-k over sharded FAISS indexes, in-process or one Ray actor per shard."""
+"""The knn stage's search: exact (or IVF/HNSW) top-k over database shards, each held by an engine (FAISS, or torch's
+matrix products on any GPU), in-process or one Ray actor per shard, merged deterministically."""
 
 from __future__ import annotations
 
@@ -12,10 +13,16 @@ from typing import Any
 
 import numpy as np
 
+from newsclip.retrieval.exact_scores import exact_scores, keep_top, padded_labels
+
 log = logging.getLogger(__name__)
 
 _INDEXES = ("flat", "ivf", "hnsw")
 _BACKENDS = ("local", "ray")
+_ENGINES = ("auto", "faiss", "torch")
+# `engine: auto` on a CPU: FAISS's flat search beat torch's matmul + topk on this project's 2-core machine (see
+# benchmarks/knn_scale.py --engines and the README), so FAISS stays the CPU default
+CPU_ENGINE = "faiss"
 # faiss GPU k-selection handles k <= 2048 (GPU_MAX_SELECTION_K); beyond that a GPU shard searches on the CPU.
 _GPU_MAX_K = 2048
 # FAISS warns below 39 training points per k-means centroid, so an IVF shard gets at most n // 39 lists.
@@ -24,9 +31,11 @@ _MIN_POINTS_PER_CENTROID = 39
 _MAX_POINTS_PER_CENTROID = 256
 # scores computed per matrix product in `_Shard.above` (128 MB of float32)
 _ABOVE_BLOCK = 2**25
-# query rows re-scored per einsum call: keeps the gathered (rows, width, d) candidate block small (~10 MB).
-_RESCORE_ROWS = 32
 PAD_KEY = np.iinfo(np.int64).max
+# `Index.tune` tries HNSW's efSearch up to this: beyond it a search of the sample costs more than an exact one
+TUNE_MAX_EF = 2**14
+# `Index.tune` bisects until the value chosen is within this share of the largest that misses the target
+TUNE_RESOLUTION = 1 / 16
 _KEY_LIMIT = 2**32 - 1  # merge_topk packs a key into 32 bits (this value is padding): databases of < 4.29e9 rows
 
 
@@ -45,10 +54,15 @@ class KnnConfig:
     ef_search: int = 128  # hnsw: raised to the number of candidates asked for when that is larger
     ef_construction: int = 200
     backend: str = "local"  # "local": shards in this process; "ray": one Ray actor per shard
+    # "faiss", "torch" (exact only: matmul + topk in blocks, fp16 products on GPUs) or "auto" (see `engine_for`)
+    engine: str = "auto"
     num_cpus_per_actor: float = 1.0  # on a 2-CPU machine with several shards this must be small (e.g. 0.25)
-    num_gpus_per_actor: float = 0.0  # >0 -> the shard uses faiss GPU if faiss has GPU support and sees a GPU
+    num_gpus_per_actor: float = 0.0  # >0 -> the shard searches on a GPU when it sees one (faiss-gpu or torch)
     gpu_float16: bool = False
     recall_sample: int = 1000  # approximate indexes: queries sampled to measure recall@k against exact search
+    # approximate indexes: the smallest nprobe (ivf) or efSearch (hnsw) whose recall@k on a seeded sample of
+    # `recall_sample` queries reaches this, chosen before the full search (None: the configured value)
+    target_recall: float | None = None
     max_inflight_batches: int = 2  # ray: query batches submitted to the actors and not yet merged (backpressure)
     seed: int = 0  # recall sample and IVF training sample
 
@@ -68,6 +82,16 @@ class KnnConfig:
             bad("index", f"must be one of {_INDEXES}")
         if self.backend not in _BACKENDS:
             bad("backend", f"must be one of {_BACKENDS}")
+        if self.engine not in _ENGINES:
+            bad("engine", f"must be one of {_ENGINES}")
+        if self.engine == "torch" and self.index != "flat":
+            bad("engine", f"torch searches exactly: it needs index 'flat', not {self.index!r} (or engine 'faiss')")
+        if self.target_recall is not None and (isinstance(self.target_recall, bool)
+                                               or not isinstance(self.target_recall, int | float)
+                                               or not 0 < self.target_recall <= 1):
+            bad("target_recall", "must be None or a number in (0, 1]")
+        if self.target_recall is not None and self.recall_sample < 1:
+            bad("target_recall", "needs recall_sample >= 1: the queries the knob is chosen on")
         if not self.num_cpus_per_actor >= 0:
             bad("num_cpus_per_actor", "must be >= 0")
         if not self.num_gpus_per_actor >= 0:
@@ -123,54 +147,89 @@ def merge_topk(scores: list[np.ndarray], keys: list[np.ndarray], k: int) -> tupl
     return top, np.where(key == _KEY_LIMIT, PAD_KEY, key)
 
 
-class _Shard:
-    """One database shard: a FAISS index over its rows, answering with candidates re-scored exactly.
+def engine_for(cfg: KnnConfig, use_gpu: bool) -> str:
+    """The engine a shard runs, decided in the process that holds it (a Ray actor sees only its own GPU): `engine`
+    unless it is "auto", which takes faiss-gpu when faiss imports and sees a GPU, else torch on a GPU, else
+    CPU_ENGINE (the other where that one does not import). Approximate indexes are FAISS's."""
+    if cfg.engine != "auto":
+        return cfg.engine
+    if cfg.index != "flat":
+        return "faiss"
+    if use_gpu:
+        faiss = _module("faiss")
+        if faiss is not None and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+            return "faiss"
+        torch = _module("torch")  # only where a GPU is asked for: a FAISS shard on a CPU never imports torch
+        if torch is not None and torch.cuda.is_available():
+            return "torch"
+    other = "torch" if CPU_ENGINE == "faiss" else "faiss"
+    return CPU_ENGINE if _module(CPU_ENGINE) is not None else other
 
-    Used in-process by the local backend and wrapped by `ray.remote` (one actor per shard) by the ray backend.
-    """
 
-    def __init__(self, vectors: np.ndarray, offset: int, cfg: KnnConfig, use_gpu: bool = False, gpu_device: int = 0,
-                 omp_threads: int | None = None) -> None:
+def _module(name: str) -> Any:
+    """The module `name`, or None where it does not import (the GPU machines have no faiss)."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
+def gpu_count() -> int:
+    """GPUs this process sees, by faiss when it has GPU support, else by torch; 0 when neither imports."""
+    faiss = _module("faiss")
+    if faiss is not None and hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0:
+        return faiss.get_num_gpus()
+    torch = _module("torch")
+    return torch.cuda.device_count() if torch is not None and torch.cuda.is_available() else 0
+
+
+class _FaissRows:
+    """A shard's rows in a FAISS index (flat, IVF or HNSW; on a GPU with faiss-gpu), searched for candidates that
+    `_Shard` re-scores exactly."""
+
+    def __init__(self, vectors: np.ndarray, offset: int, cfg: KnnConfig, use_gpu: bool, gpu_device: int,
+                 omp_threads: int | None) -> None:
         import faiss
 
-        t0 = time.perf_counter()
         if omp_threads is not None:
             faiss.omp_set_num_threads(omp_threads)
-        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         self.n, self.d = vectors.shape
-        self.offset = int(offset)
+        self.offset = offset
         self.cfg = cfg
         self.kind = cfg.index
         self._gpu_res = None
         self.on_gpu = False
         metric = faiss.METRIC_INNER_PRODUCT
-        info: dict[str, Any] = {}
+        self.info: dict[str, Any] = {}
         if self.kind == "flat":
             index = faiss.IndexFlatIP(self.d)
             index.add(vectors)
             # re-score from the index's own storage: no second copy of the shard (the object-store copy is released)
-            self._vectors = faiss.rev_swig_ptr(index.get_xb(), self.n * self.d).reshape(self.n, self.d)
+            self.host = faiss.rev_swig_ptr(index.get_xb(), self.n * self.d).reshape(self.n, self.d)
         elif self.kind == "ivf":
-            nlist = max(1, min(cfg.nlist, self.n // _MIN_POINTS_PER_CENTROID))
-            self.nprobe = min(cfg.nprobe, nlist)
+            self.nlist = max(1, min(cfg.nlist, self.n // _MIN_POINTS_PER_CENTROID))
+            self.nprobe = min(cfg.nprobe, self.nlist)
             quantizer = faiss.IndexFlatIP(self.d)
-            index = faiss.IndexIVFFlat(quantizer, self.d, nlist, metric)  # faiss's wrapper keeps quantizer alive
-            n_train = min(self.n, _MAX_POINTS_PER_CENTROID * nlist)
+            index = faiss.IndexIVFFlat(quantizer, self.d, self.nlist, metric)  # faiss's wrapper keeps quantizer alive
+            n_train = min(self.n, _MAX_POINTS_PER_CENTROID * self.nlist)
             rng = np.random.default_rng(cfg.seed + self.offset)
             train = vectors if n_train == self.n else vectors[np.sort(rng.choice(self.n, n_train, replace=False))]
             index.cp.seed = cfg.seed  # deterministic k-means
             index.train(train)
             index.add(vectors)
             index.nprobe = self.nprobe
-            self._vectors = vectors  # IVF lists are not in row order: keep the rows for re-scoring and recall
-            info.update(nlist=nlist, nprobe=self.nprobe)
+            self.host = vectors  # IVF lists are not in row order: keep the rows for re-scoring and recall
+            self.info.update(nlist=self.nlist, nprobe=self.nprobe)
         else:  # hnsw
             index = faiss.IndexHNSWFlat(self.d, cfg.hnsw_m, metric)
             index.hnsw.efConstruction = cfg.ef_construction
             index.add(vectors)
             storage = faiss.downcast_index(index.storage)
-            self._vectors = faiss.rev_swig_ptr(storage.get_xb(), self.n * self.d).reshape(self.n, self.d)
-            info.update(hnsw_m=cfg.hnsw_m, ef_search=cfg.ef_search, ef_construction=cfg.ef_construction)
+            self.host = faiss.rev_swig_ptr(storage.get_xb(), self.n * self.d).reshape(self.n, self.d)
+            self.ef_search = cfg.ef_search
+            self.info.update(hnsw_m=cfg.hnsw_m, ef_search=cfg.ef_search, ef_construction=cfg.ef_construction)
         if use_gpu and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
             if self.kind == "hnsw":
                 log.warning("knn: faiss has no GPU HNSW; shard at offset %d stays on the CPU", self.offset)
@@ -182,100 +241,44 @@ class _Shard:
                 if self.kind == "ivf":
                     faiss.GpuParameterSpace().set_index_parameter(index, "nprobe", self.nprobe)
                 if self.kind == "flat":
-                    self._vectors = vectors  # the CPU index is gone; keep the rows (zero-copy from the object store)
+                    self.host = vectors  # the CPU index is gone; keep the rows (zero-copy from the object store)
                 self.on_gpu = True
         self.index = index
-        # norms bound FAISS's float32 error: |score - exact| <= d * 2^-24 * |q| * |x| (worst-case dot-product bound)
-        self._max_norm = max((float(np.sqrt(np.einsum("ij,ij->i", c, c, dtype=np.float64).max()))
-                              for c in _row_blocks(self._vectors, 65536)), default=0.0)
-        self._unit_err = self.d * 2.0 ** -24
+        # FAISS's float32 error: |score - exact| <= d * 2^-24 * |q| * |x| (worst-case dot-product bound)
+        self.unit_err = self.d * 2.0 ** -24
         if self.on_gpu and cfg.gpu_float16:
-            self._unit_err += 2.0 ** -9  # both sides rounded to float16 (2^-11 each), with room for fp16 accumulation
-        self._info = dict(rows=self.n, offset=self.offset, index=self.kind, gpu=self.on_gpu,
-                          build_s=round(time.perf_counter() - t0, 3), **info)
+            self.unit_err += 2.0 ** -9  # both sides rounded to float16 (2^-11 each), with room for fp16 accumulation
 
-    def stats(self) -> dict[str, Any]:
-        """Rows, build time and memory of the process holding this shard (see `process_memory`)."""
-        import os
+    def set_knob(self, value: int) -> int:
+        """Set nprobe (ivf, at most the shard's nlist) or efSearch (hnsw); the value set."""
+        if self.kind == "ivf":
+            self.nprobe = min(int(value), self.nlist)
+            if self.on_gpu:
+                import faiss
 
-        out = dict(self._info)
-        out["pid"] = os.getpid()
-        out["nice"] = os.nice(0)  # Ray starts its workers at niceness 15
-        out.update(process_memory())
-        return out
+                faiss.GpuParameterSpace().set_index_parameter(self.index, "nprobe", self.nprobe)
+            else:
+                self.index.nprobe = self.nprobe
+            self.info["nprobe"] = self.nprobe
+            return self.nprobe
+        if self.kind == "hnsw":
+            self.ef_search = self.info["ef_search"] = int(value)
+            return self.ef_search
+        raise ValueError("knn.index flat searches exactly: it has no nprobe or efSearch to set")
 
     def _raw(self, q: np.ndarray, kk: int, exact: bool) -> tuple[np.ndarray, np.ndarray]:
         import faiss
 
         if (exact and self.kind != "flat") or (self.on_gpu and kk > _GPU_MAX_K):
-            return faiss.knn(q, self._vectors, kk, metric=faiss.METRIC_INNER_PRODUCT)
+            return faiss.knn(q, self.host, kk, metric=faiss.METRIC_INNER_PRODUCT)
         if self.kind == "hnsw":
-            self.index.hnsw.efSearch = max(self.cfg.ef_search, kk)
+            self.index.hnsw.efSearch = max(self.ef_search, kk)
         return self.index.search(q, kk)
 
-    def search(self, q: np.ndarray, k: int, exact: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """Candidates holding this shard's top-k, in no particular order: (scores f32, global rows).
-
-        FAISS returns a few more than k; a query whose last candidate scores within FAISS's float32 error of its
-        k-th is searched again with twice as many, so every row that could tie the k-th after exact re-scoring is
-        present. Candidates are re-scored in float64 from the stored float32 rows (the same pair gets the same
-        score in every shard layout and batch size, unlike BLAS vs SIMD paths), rounded to float32, and all those
-        scoring >= the shard's k-th are returned (b, w), w >= min(k, rows); padding is score -inf, row -1.
-        """
-        q = np.ascontiguousarray(q, dtype=np.float32)
-        b = q.shape[0]
-        k_eff = min(k, self.n)
-        tol = self._tolerance(q)
+    def candidates(self, q: np.ndarray, k_eff: int, tol: np.ndarray, exact: bool) -> np.ndarray:
+        """FAISS's kk best rows per query, more for a query whose last one is within `tol` of its k-th: a query whose
+        last candidate scores within FAISS's float32 error of its k-th is searched again with twice as many."""
         kk = min(self.n, k_eff + max(8, k_eff // 8))
-        if kk == self.n:  # every row is a candidate (a small shard, a night's added rows): nothing to select
-            labels = np.broadcast_to(np.arange(self.n, dtype=np.int64), (b, self.n))
-        else:
-            labels = self._candidates(q, kk, k_eff, tol, exact)
-        scores = self._rescore(q, labels)
-        # keep everything >= the k-th exact score: ties at the boundary are decided by id on the driver
-        kth = -np.partition(-scores, k_eff - 1, axis=1)[:, k_eff - 1]
-        keep = scores >= kth[:, None]
-        keep &= labels >= 0
-        w = max(int(keep.sum(axis=1).max()), 1)
-        ranked = np.where(keep, -scores, np.inf)  # kept first; their order is merge_topk's business
-        order = np.argpartition(ranked, w - 1, axis=1)[:, :w] if w < ranked.shape[1] else np.argsort(ranked, axis=1)
-        out_s = np.take_along_axis(np.where(keep, scores, -np.inf).astype(np.float32), order, axis=1)
-        out_l = np.take_along_axis(np.where(keep, labels + self.offset, -1), order, axis=1)
-        return out_s, out_l
-
-    def above(self, q: np.ndarray, floor: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Every row whose exact score is at least its query's `floor`: (scores f32, global rows), (b, w) in no
-        particular order, padded with -inf and -1. What a night's added rows need against last top-k's (`floor`: a
-        query's k-th score): a float32 matrix product finds the few rows within FAISS's error of the floor, and
-        only those are re-scored, exactly as `search` scores them."""
-        q = np.ascontiguousarray(q, dtype=np.float32)
-        floor = np.asarray(floor, np.float64)
-        low = (floor - self._tolerance(q))[:, None]
-        rows, cols = [], []
-        step = max(1, _ABOVE_BLOCK // max(len(q), 1))
-        for start in range(0, self.n, step):
-            r, c = np.nonzero(q @ self._vectors[start : start + step].T >= low)
-            rows.append(r)
-            cols.append(c + start)
-        rows, cols = np.concatenate(rows), np.concatenate(cols)
-        if step < self.n:  # each block's hits are grouped by query (row-major), the blocks' together are not
-            order = np.argsort(rows, kind="stable")
-            rows, cols = rows[order], cols[order]
-        counts = np.bincount(rows, minlength=len(q))
-        labels = np.full((len(q), max(int(counts.max(initial=0)), 1)), -1, np.int64)
-        labels[rows, np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)] = cols
-        scores = self._rescore(q, labels)
-        keep = (labels >= 0) & (scores >= floor[:, None])
-        return np.where(keep, scores, -np.inf).astype(np.float32), np.where(keep, labels + self.offset, -1)
-
-    def _tolerance(self, q: np.ndarray) -> np.ndarray:
-        """Per query: twice the float32 error bound of a score (both a candidate's and the k-th may be off) plus
-        room for float32 rounding."""
-        qnorm = np.sqrt(np.einsum("ij,ij->i", q, q, dtype=np.float64))
-        return (2 * self._unit_err + 2.0 ** -20) * qnorm * self._max_norm
-
-    def _candidates(self, q: np.ndarray, kk: int, k_eff: int, tol: np.ndarray, exact: bool) -> np.ndarray:
-        """FAISS's kk best rows per query, more for a query whose last one is within `tol` of its k-th."""
         pending = np.arange(q.shape[0])
         groups: list[tuple[np.ndarray, np.ndarray]] = []
         dist, lab = self._raw(q, kk, exact)
@@ -292,15 +295,115 @@ class _Shard:
             labels[rows, : lab.shape[1]] = lab
         return labels
 
-    def _rescore(self, q: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        out = np.full(labels.shape, -np.inf, np.float32)
-        for s in range(0, labels.shape[0], _RESCORE_ROWS):
-            lab = labels[s : s + _RESCORE_ROWS]
-            valid = lab >= 0
-            cand = self._vectors[np.where(valid, lab, 0)]
-            exact = np.einsum("cd,ckd->ck", q[s : s + _RESCORE_ROWS], cand, dtype=np.float64, casting="safe")
-            out[s : s + _RESCORE_ROWS] = np.where(valid, exact.astype(np.float32), -np.inf)
+    def search(self, q: np.ndarray, k: int, tol: np.ndarray, exact: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Every row scoring at least the query's k-th, re-scored exactly: (scores, rows) (b, w), padded -inf, -1."""
+        labels = self.candidates(q, k, tol, exact)
+        return keep_top(self.rescore(q, labels), labels, k)
+
+    def above_rows(self, q: np.ndarray, low: np.ndarray) -> np.ndarray:
+        """Labels (b, w), padded with -1, of every row whose float32 product is at least its query's `low`."""
+        rows, cols = [], []
+        step = max(1, _ABOVE_BLOCK // max(len(q), 1))
+        for start in range(0, self.n, step):
+            r, c = np.nonzero(q @ self.host[start : start + step].T >= low[:, None])
+            rows.append(r)
+            cols.append(c + start)
+        rows, cols = np.concatenate(rows), np.concatenate(cols)
+        if step < self.n:  # each block's hits are grouped by query (row-major), the blocks' together are not
+            order = np.argsort(rows, kind="stable")
+            rows, cols = rows[order], cols[order]
+        return padded_labels(rows, cols, len(q))
+
+    def rescore(self, q: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        return exact_scores(self.host, q, labels)
+
+
+class _Shard:
+    """One database shard: its rows in an engine (`_FaissRows`, or torch's `TorchRows`), answering with candidates
+    re-scored exactly, so that every engine gives the same answers.
+
+    Used in-process by the local backend and wrapped by `ray.remote` (one actor per shard) by the ray backend.
+    """
+
+    def __init__(self, vectors: np.ndarray, offset: int, cfg: KnnConfig, use_gpu: bool = False, gpu_device: int = 0,
+                 omp_threads: int | None = None) -> None:
+        t0 = time.perf_counter()
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        self.n, self.d = vectors.shape
+        self.offset = int(offset)
+        self.cfg = cfg
+        # norms bound the products' error (see `_tolerance`)
+        self._max_norm = max((float(np.sqrt(np.einsum("ij,ij->i", c, c, dtype=np.float64).max()))
+                              for c in _row_blocks(vectors, 65536)), default=0.0)
+        self.engine = engine_for(cfg, use_gpu)
+        if self.engine == "torch":
+            from newsclip.retrieval.torch_search import TorchRows
+
+            device = "cpu"
+            if use_gpu:
+                import torch
+
+                if torch.cuda.is_available():
+                    device = f"cuda:{gpu_device}"
+                else:
+                    log.warning("knn: torch sees no GPU; shard at offset %d searches on the CPU", self.offset)
+            self.rows: _FaissRows | Any = TorchRows(vectors, device, self._max_norm, omp_threads)
+        else:
+            self.rows = _FaissRows(vectors, self.offset, cfg, use_gpu, gpu_device, omp_threads)
+        self._info = dict(rows=self.n, offset=self.offset, index=cfg.index, engine=self.engine, gpu=self.rows.on_gpu,
+                          build_s=round(time.perf_counter() - t0, 3), **self.rows.info)
+
+    def stats(self) -> dict[str, Any]:
+        """Rows, engine, build time and memory of the process holding this shard (see `process_memory`)."""
+        import os
+
+        out = dict(self._info)
+        out.update(self.rows.info)
+        out["pid"] = os.getpid()
+        out["nice"] = os.nice(0)  # Ray starts its workers at niceness 15
+        out.update(process_memory())
         return out
+
+    def set_knob(self, value: int) -> int:
+        """Set the approximate index's nprobe (ivf) or efSearch (hnsw); the value this shard took."""
+        return self.rows.set_knob(value)
+
+    def search(self, q: np.ndarray, k: int, exact: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Candidates holding this shard's top-k, in no particular order: (scores f32, global rows).
+
+        The engine takes every row whose low-precision product is within twice its error of the k-th (so every
+        row that could tie the k-th after exact re-scoring is present), re-scores them exactly (`exact_scores`: the
+        same pair gets the same score in every shard layout, batch size and engine), and returns all those scoring
+        >= the shard's k-th (b, w), w >= min(k, rows) (`keep_top`); padding is score -inf, row -1.
+        """
+        q = np.ascontiguousarray(q, dtype=np.float32)
+        b = q.shape[0]
+        k_eff = min(k, self.n)
+        kk = min(self.n, k_eff + max(8, k_eff // 8))
+        if kk == self.n:  # every row is a candidate (a small shard, a night's added rows): nothing to select
+            labels = np.broadcast_to(np.arange(self.n, dtype=np.int64), (b, self.n))
+            scores, labels = keep_top(self.rows.rescore(q, labels), labels, k_eff)
+        else:
+            scores, labels = self.rows.search(q, k_eff, self._tolerance(q), exact)
+        return scores, np.where(labels >= 0, labels + self.offset, -1)
+
+    def above(self, q: np.ndarray, floor: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Every row whose exact score is at least its query's `floor`: (scores f32, global rows), (b, w) in no
+        particular order, padded with -inf and -1. What a night's added rows need against last top-k's (`floor`: a
+        query's k-th score): the engine's products find the few rows within their error of the floor, and only
+        those are re-scored, exactly as `search` scores them."""
+        q = np.ascontiguousarray(q, dtype=np.float32)
+        floor = np.asarray(floor, np.float64)
+        labels = self.rows.above_rows(q, floor - self._tolerance(q))
+        scores = self.rows.rescore(q, labels)
+        keep = (labels >= 0) & (scores >= floor[:, None])
+        return np.where(keep, scores, -np.inf).astype(np.float32), np.where(keep, labels + self.offset, -1)
+
+    def _tolerance(self, q: np.ndarray) -> np.ndarray:
+        """Per query: twice the error bound of a product (both a candidate's and the k-th may be off) plus room for
+        float32 rounding."""
+        qnorm = np.sqrt(np.einsum("ij,ij->i", q, q, dtype=np.float64))
+        return (2 * self.rows.unit_err + 2.0 ** -20) * qnorm * self._max_norm
 
 
 def process_memory() -> dict[str, float]:
@@ -334,11 +437,7 @@ class _LocalBackend:
     def __init__(self, cfg: KnnConfig) -> None:
         self.cfg = cfg
         self.shards: list[_Shard] = []
-        self._ngpu = 0
-        if cfg.num_gpus_per_actor > 0:
-            import faiss
-
-            self._ngpu = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+        self._ngpu = gpu_count() if cfg.num_gpus_per_actor > 0 else 0
 
     def add_shard(self, offset: int, vectors: np.ndarray) -> None:
         i = len(self.shards)
@@ -353,6 +452,9 @@ class _LocalBackend:
 
     def fetch(self, handle: Any) -> list[tuple[np.ndarray, np.ndarray]]:
         return handle
+
+    def call(self, method: str, *args: Any) -> list[Any]:
+        return [getattr(s, method)(*args) for s in self.shards]
 
     def stats(self) -> list[dict[str, Any]]:
         return [s.stats() for s in self.shards]
@@ -393,6 +495,9 @@ class _RayBackend:
 
     def fetch(self, handle: Any) -> list[tuple[np.ndarray, np.ndarray]]:
         return self.ray.get(handle)
+
+    def call(self, method: str, *args: Any) -> list[Any]:
+        return self.ray.get([getattr(a, method).remote(*args) for a in self.actors])
 
     def stats(self) -> list[dict[str, Any]]:
         return self.ray.get([a.stats.remote() for a in self.actors])
@@ -487,6 +592,12 @@ def _shard_plan(n: int, cfg: KnnConfig) -> list[int]:
     count = min(count, n)
     base, extra = divmod(n, count)
     return [base + (1 if i < extra else 0) for i in range(count)]
+
+
+def _recall(approx: np.ndarray, exact: np.ndarray, k: int) -> float:
+    """Mean share of each row's exact top-k keys that `approx` found (padding found nothing)."""
+    hits = [len(np.intersect1d(a[a != PAD_KEY], e[e != PAD_KEY], assume_unique=True)) for a, e in zip(approx, exact)]
+    return float(np.mean(hits) / k) if hits else 1.0
 
 
 class _Reservoir:
@@ -690,12 +801,61 @@ class Index:
         if not self._reservoir.vec:
             return None
         sample, approx = np.stack(self._reservoir.vec), np.stack(self._reservoir.keys)
+        return _recall(approx, self._keys_of(sample, exact=True), self.k)
+
+    @property
+    def recall_queries(self) -> int:
+        """How many queries `recall_at_k` measures on (the seeded sample drawn so far)."""
+        return len(self._reservoir.vec)
+
+    def _keys_of(self, vectors: np.ndarray, exact: bool = False) -> np.ndarray:
+        """The answer keys of `vectors` (approximate, or by exact search of the same shards), outside the search's
+        own accounts (its recall sample, its timings)."""
         size = self.cfg.query_batch_size
-        exact = np.concatenate([self._merge(self._backend.submit(sample[s : s + size], self.cfg.k, True))[0]
-                                for s in range(0, len(sample), size)])
-        hits = [len(np.intersect1d(a[a != PAD_KEY], e[e != PAD_KEY], assume_unique=True))
-                for a, e in zip(approx, exact)]
-        return float(np.mean(hits) / self.k)
+        return np.concatenate([self._merge(self._backend.submit(
+            np.ascontiguousarray(vectors[s : s + size], np.float32), self.cfg.k, exact))[0]
+            for s in range(0, len(vectors), size)])
+
+    def set_knob(self, value: int) -> list[int]:
+        """Set an approximate index's nprobe (ivf; each shard takes at most its nlist) or efSearch (hnsw) for the
+        searches after this; the value each shard took."""
+        return self._backend.call("set_knob", value)
+
+    def tune(self, sample: np.ndarray, target: float) -> dict[str, Any]:
+        """Set the approximate index's knob, nprobe (ivf) or efSearch (hnsw), to the smallest value whose recall@k
+        on `sample` (query vectors) reaches `target`: doubled from 1 (ivf) or k (hnsw: a smaller efSearch is raised
+        to the candidates asked for anyway) until it does, then bisected to within TUNE_RESOLUTION of the largest
+        value that misses (each try is a search of the sample), as recall grows with the knob. IVF is exact at
+        nprobe = nlist, so it always gets there; HNSW is tried up to TUNE_MAX_EF. The searches after this use the
+        value; returns what was tried and chosen."""
+        if self.cfg.index == "flat":
+            raise ValueError("KnnConfig.target_recall: index 'flat' is exact; there is nothing to tune")
+        t0 = time.perf_counter()
+        ivf = self.cfg.index == "ivf"
+        stats = self._backend.stats()
+        top = max(s["nlist"] for s in stats) if ivf else min(TUNE_MAX_EF, max(s["rows"] for s in stats))
+        exact = self._keys_of(sample, exact=True)
+        tried: dict[int, float] = {}
+
+        def recall(value: int) -> float:
+            if value not in tried:
+                self.set_knob(value)
+                tried[value] = _recall(self._keys_of(sample), exact, self.k)
+            return tried[value]
+
+        hi = 1 if ivf else min(self.k, top)
+        lo = hi - 1  # the largest value known to miss (or, at the start, not worth trying)
+        while recall(hi) < target and hi < top:
+            lo, hi = hi, min(2 * hi, top)
+        if recall(hi) >= target:
+            while hi - lo > max(1, int(lo * TUNE_RESOLUTION)):
+                mid = (lo + hi) // 2
+                lo, hi = (lo, mid) if recall(mid) >= target else (mid, hi)
+        self.set_knob(hi)
+        return {"knob": "nprobe" if ivf else "ef_search", "value": hi, "target_recall": target,
+                "sample": len(sample), "sample_recall": round(tried[hi], 4), "reached": tried[hi] >= target,
+                "tried": {str(v): round(r, 4) for v, r in sorted(tried.items())},
+                "seconds": round(time.perf_counter() - t0, 3)}
 
     def ids_of(self, keys: np.ndarray) -> np.ndarray:
         """The ids of answer keys (object array; None for PAD_KEY)."""

@@ -64,3 +64,19 @@ def in_id_order(folder: Path, id_column: str, batch_rows: int, spill: Path) -> I
         for table in rows.ranges():
             for start in range(0, len(table), batch_rows):
                 yield table.slice(start, batch_rows)
+
+
+def sample_vectors(folder: Path, size: int, seed: int) -> np.ndarray:
+    """A seeded uniform sample of `size` rows' vectors (all of them when there are fewer) of an embeddings folder,
+    read forward a batch at a time: what `Index.tune` chooses an approximate index's knob on."""
+    files = parquet_files(folder, f"embeddings {folder}")
+    total = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    wanted = np.sort(np.random.default_rng(seed).choice(total, min(size, total), replace=False))
+    parts, seen = [], 0
+    for path in files:
+        for batch in read_batches(path, columns=["embedding"]):
+            lo, hi = np.searchsorted(wanted, [seen, seen + batch.num_rows])
+            if hi > lo:
+                parts.append(vectors_of(batch.column("embedding"))[wanted[lo:hi] - seen])
+            seen += batch.num_rows
+    return np.concatenate(parts) if parts else np.empty((0, 0), np.float32)

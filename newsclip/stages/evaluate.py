@@ -49,7 +49,9 @@ def _run(cfg: JobConfig) -> dict:
             entry = stages.get(knn_entry(backbone, direction), {})
             # an approximate index reports its recall against exact search, so nobody trusts it blindly
             knn.append({"backbone": backbone, "direction": direction, "index": entry.get("index"),
-                        "recall_at_k_vs_exact": entry.get("recall_at_k"),
+                        "engine": entry.get("engine"), "recall_at_k_vs_exact": entry.get("recall_at_k"),
+                        "recall_queries": entry.get("recall_queries"), "knob": entry.get("knob"),
+                        "target_recall": (entry.get("tuning") or {}).get("target_recall"),
                         "short_lines": entry.get("short_lines", 0), "short_reason": entry.get("short_reason")})
         n_sampled, n_unscoreable = counts(sampled, direction), counts(queries, direction, failed)
         rows += [{**row, "n_sampled": n_sampled.get(row["source"], 0),

@@ -1,4 +1,4 @@
-"""knn stage: rank the candidate images for every query text with a sharded exact FAISS search."""
+"""knn stage: rank the candidate images for every query text with a sharded search (exact by default)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from newsclip.config import JobConfig
 from newsclip.names import DIRECTIONS, encode_entry, knn_entry, rankings_stem, slug
 from newsclip.retrieval import search
 from newsclip.retrieval.nightly import NightlyMerge, added_rows
-from newsclip.runtime.embedding_folders import DatabaseFolder, in_id_order
+from newsclip.runtime.embedding_folders import DatabaseFolder, in_id_order, sample_vectors
 from newsclip.runtime.fused_rankings import fuse_rankings
 from newsclip.runtime.rankings import RankingsWriter, last_rankings, ranked_lists
 from newsclip.runtime.stage import ActorRequest, Needs, Stage
@@ -68,6 +68,7 @@ def rank(cfg: JobConfig, backbone: str, direction: str) -> dict:
             if rows.any():
                 added = stack.enter_context(search.Index(None, db.chunks(rows), _streamed(cfg.knn, int(rows.sum()))))
         index = stack.enter_context(search.Index(None, db.chunks(), _streamed(cfg.knn, len(database))))
+        approximate = _approximate(cfg.knn, index, folders[query_side])
         sorted_ids = pa.array(index.sorted_ids, pa.string())
         nightly = None
         if previous is not None:
@@ -93,10 +94,25 @@ def rank(cfg: JobConfig, backbone: str, direction: str) -> dict:
             counts["searched_in_full"] += int((~merged).sum())
             pa.default_memory_pool().release_unused()  # Arrow's allocator keeps freed batches' pages otherwise
         recall = index.recall_at_k()
+        engines = sorted({s["engine"] for s in index.shard_stats})
     return record_stage(out, knn_entry(backbone, direction), writer.paths, backbone=backbone, direction=direction,
                         candidates=index.n, k=cfg.knn.k, shards=cfg.knn.shards, index=cfg.knn.index,
-                        backend=cfg.knn.backend, recall_at_k=recall, stores=stores, **counts,
+                        engine=engines[0] if len(engines) == 1 else engines, backend=cfg.knn.backend,
+                        recall_at_k=recall, recall_queries=index.recall_queries, **approximate, stores=stores,
+                        **counts,
                         **writer.short_lines(cfg.knn.k, index.n, f"knn {backbone} {direction}"))
+
+
+def _approximate(knn: search.KnnConfig, index: search.Index, queries: Path) -> dict:
+    """An approximate index's knob (nprobe or ef_search) for the manifest entry: with `target_recall`, first chosen
+    on a seeded sample of the queries (seed knn.seed + 1: not the sample its recall is then measured on), and what
+    was tried with it (`tuning`). Nothing for the exact index."""
+    if knn.index == "flat":
+        return {}
+    if knn.target_recall is None:
+        return {"knob": {"nprobe": knn.nprobe} if knn.index == "ivf" else {"ef_search": knn.ef_search}}
+    tuning = index.tune(sample_vectors(queries, knn.recall_sample, knn.seed + 1), knn.target_recall)
+    return {"knob": {tuning["knob"]: tuning["value"]}, "tuning": tuning}
 
 
 def _run(cfg: JobConfig) -> list[dict]:
