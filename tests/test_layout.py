@@ -263,12 +263,12 @@ def test_a_stage_may_use_its_own_names_and_only_the_runner_imports_stages_by_nam
 LAYOUT_MODULE = "newsclip/runtime/layout.py"
 # names that mean a path under output_dir wherever they stand as a whole string
 LAYOUT_NAMES = {"prepared", "articles.parquet", "candidates.parquet", "articles_all.parquet", "image_hashes.parquet",
-                "translated", "embeddings", "rankings", "metrics.json", "metrics.csv", "report.md", "report.html",
+                "translated", "rankings", "metrics.json", "metrics.csv", "report.md", "report.html",
                 "config.resolved.yaml", "manifest.json", "newsclip.log", ".lock", ".staging", "store-refs"}
 # names that are also ordinary words (manifest keys, counts, commands, config sections): a path only where one is
 # built: as a `/` operand, an argument of Path(...) or staged_dir(...), or a part of a `/`-separated string (one
 # without spaces: a help text that shows users OUTPUT_DIR/logs/ is prose)
-PATH_WORDS = {"queries", "rejects", "results", "runs", "logs", "store", "finetune"}
+PATH_WORDS = {"queries", "rejects", "results", "runs", "logs", "store", "finetune", "embeddings"}
 # (file, name) where the name is also a word, not a path: only its uses as a path count there
 WORDS = {("newsclip/stages/translate.py", "translated"),  # a column of translate's rows: was the text translated
          ("newsclip/translate/translator.py", "translated"),
