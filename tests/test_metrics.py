@@ -111,8 +111,13 @@ def test_a_checkpoint_carries_what_it_trained_on_and_a_job_leaves_that_out(tmp_p
     import torch
 
     from newsclip.retrieval.backbones import _load_state_dict
-    from newsclip.retrieval.trained import (excluded_counts, leave_out_trained, read_training_record,
-                                            save_checkpoint, training_record)
+    from newsclip.retrieval.trained import (
+        excluded_counts,
+        leave_out_trained,
+        read_training_record,
+        save_checkpoint,
+        training_record,
+    )
 
     train = pl.DataFrame({"article_id": ["a2", "a1"], "image_hash": ["H2", "H1"]})
     validation = pl.DataFrame({"article_id": ["a5"], "image_hash": ["H5"]})

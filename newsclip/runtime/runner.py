@@ -58,35 +58,37 @@ def _summary(entries: list[dict]) -> dict:
     return {key: sum(e[key] for e in entries if key in e) for key in COUNTS if any(key in e for e in entries)}
 
 
-_HELD: set[Path] = set()  # the output folders whose lock this process holds
-
-
 @contextlib.contextmanager
 def _exclusive(output: Path) -> Iterator[None]:
-    """One run per output folder at a time; the kernel drops the lock when the process dies, however it dies.
-
-    Within the process that holds it the lock is re-entrant: `newsclip finetune` holds it from its first stage to
-    its comparison, and the `run_stages` calls in between run under it."""
+    """One run per output folder at a time; the kernel drops the lock when the process dies, however it dies."""
     import fcntl
 
-    key = output.resolve()
-    if key in _HELD:
-        yield
-        return
     with open(output / ".lock", "a") as handle:  # "a": taking the lock changes no file
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise RunLockedError(f"{output}: another newsclip run is using this output_dir; wait for it to finish") \
                 from None
+        yield
+
+
+_HELD: set[Path] = set()  # the output folders whose lock this process holds through job_lock
+
+
+@contextlib.contextmanager
+def job_lock(output: Path) -> Iterator[None]:
+    """The job's lock (`_exclusive`), re-entrant in the process that holds it: `newsclip finetune` holds it from its
+    first stage to its comparison, and the `run_stages` calls in between run under that hold."""
+    key = output.resolve()
+    if key in _HELD:
+        yield
+        return
+    with _exclusive(output):
         _HELD.add(key)
         try:
             yield
         finally:
             _HELD.discard(key)
-
-
-job_lock = _exclusive  # the job's lock, for commands that run stages and more under it (`newsclip finetune`)
 
 
 def run_stages(cfg: JobConfig, names: tuple[str, ...] = STAGE_NAMES, force: bool = False) -> dict:
@@ -99,7 +101,7 @@ def run_stages(cfg: JobConfig, names: tuple[str, ...] = STAGE_NAMES, force: bool
     preflight(cfg, stages)  # what they need and would not get: before anything starts, all of it at once
     out = cfg.output
     out.mkdir(parents=True, exist_ok=True)
-    with _exclusive(out), console.log_file(out / LOGS / "newsclip.log"), ray_logs(out / LOGS):
+    with job_lock(out), console.log_file(out / LOGS / "newsclip.log"), ray_logs(out / LOGS):
         _mark_interrupted(out)
         shutil.rmtree(out / STAGING, ignore_errors=True)  # what a dead run left half-written: never committed
         resolved = dump(cfg)
