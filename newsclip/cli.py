@@ -65,8 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
                         ("report", "write report.md and report.html from the metrics")]:
         _job_args(sub.add_parser(stage, help=f"{what} (one stage of `run`)"))
 
-    _job_args(sub.add_parser("finetune", help="fine-tune a backbone on the archive's pairs (the eval sample held "
-                             "out) with Ray Train into OUTPUT_DIR/finetune/<run>/model.pt; settings: `finetune:`"))
+    p = sub.add_parser("finetune", help="fine-tune a backbone on the archive's pairs (the eval sample held out) with "
+                       "Ray Train into OUTPUT_DIR/finetune/<run>/model.pt; settings: `finetune:`. The same command "
+                       "again resumes the run from its last checkpoint")
+    _job_args(p)
+    p.add_argument("--restart", action="store_true", help="start the run over: remove OUTPUT_DIR/finetune/<run>/ "
+                   "(its checkpoints too) first")
 
     from newsclip.finetune.demo import ARTICLES as SHIFTED_ARTICLES
 

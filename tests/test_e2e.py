@@ -63,9 +63,11 @@ def test_outputs_exist_in_the_contract(demo_run):
             "direction"]
     assert metrics.columns[: len(core)] == core  # the long format, then the bootstrap intervals
     assert {"mrr_lo", "mrr_hi", "recall@100_lo"} <= set(metrics.columns)
-    assert metrics.columns[-5:] == ["recall@1", "recall@1_lo", "recall@1_hi", "n_sampled", "n_unscoreable"]
+    assert metrics.columns[-6:] == ["recall@1", "recall@1_lo", "recall@1_hi", "n_sampled", "n_unscoreable",
+                                    "n_excluded_trained"]
     # the two articles with broken images were dropped before sampling: every sampled query is scored
     assert (metrics["n_sampled"] == metrics["n"]).all() and (metrics["n_unscoreable"] == 0).all()
+    assert (metrics["n_excluded_trained"] == 0).all()  # no fine-tuned backbone
     assert metrics["source"].to_list() == ["all", "RSS", "RT", "TW"] * 2
     assert metrics["direction"].to_list() == ["text_to_image"] * 4 + ["image_to_text"] * 4
     result = json.loads((out / "results" / "demo-tiny.json").read_text())  # CLIP_benchmark style, per backbone

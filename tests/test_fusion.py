@@ -87,6 +87,22 @@ def test_ties_break_by_id():
     assert zmean([left, right], k=2)["image_ids"].to_list() == [["a", "b"]]
 
 
+def test_pessimistic_ties_hold_under_rrf_where_copies_are_not_side_by_side():
+    """i1 and i2 are byte-identical: each member ranks them side by side (a tie, by id), but RRF puts x between
+    them. Pessimistically the truth i1 is after both copies: 3rd, not first + copies - 1 = 2nd."""
+    from newsclip.retrieval.ranks import query_ranks
+
+    one = table({"q": (["i1", "i2", "x"], [0.9, 0.9, 0.8])})
+    two = table({"q": (["x", "i1", "i2"], [0.95, 0.9, 0.9])})
+    fused = rrf([one, two], k=3)
+    assert fused["image_ids"].to_list() == [["i1", "x", "i2"]]
+    queries = pl.DataFrame({"article_id": ["q"], "image_id": ["i1"], "source": ["TW"]})
+    hashes = pl.DataFrame({"image_id": ["i1", "i2", "x"], "image_hash": ["D", "D", "X"]})
+    for ties, rank in {"id": 1, "optimistic": 1, "pessimistic": 3}.items():
+        assert query_ranks(queries, fused, 3, ties=ties, image_hashes=hashes)[0].tolist() == [rank], ties
+    assert query_ranks(queries, fused, 2, ties="pessimistic", image_hashes=hashes)[0].tolist() == [0]  # i2 past k
+
+
 def random_case(n_queries=30, n_images=80, dims=(16, 24), k=10, seed=0):
     rng = np.random.default_rng(seed)
     q_ids = np.array([f"a{i:03d}" for i in range(n_queries)], dtype=object)

@@ -101,3 +101,47 @@ def test_sampled_and_unscoreable_counts_per_source():
     assert counts(queries, "text_to_image") == {"all": 4, "TW": 2, "RT": 2}
     assert counts(queries, "image_to_text") == {"all": 3, "TW": 1, "RT": 2}  # one query per image
     assert counts(queries, "text_to_image", pl.Series(["i1"])) == {"all": 2, "TW": 2}
+
+
+def test_a_checkpoint_carries_what_it_trained_on_and_a_job_leaves_that_out(tmp_path):
+    """model.pt as newsclip finetune writes it: the weights and the record, read with weights_only; queries whose
+    article or image bytes a recorded fine-tune saw are left out, for every backbone; a checkpoint without a record
+    leaves nothing out and is `unknown`."""
+    import polars as pl
+    import torch
+
+    from newsclip.retrieval.backbones import _load_state_dict
+    from newsclip.retrieval.trained import (
+        excluded_counts,
+        leave_out_trained,
+        read_training_record,
+        save_checkpoint,
+        training_record,
+    )
+
+    train = pl.DataFrame({"article_id": ["a2", "a1"], "image_hash": ["H2", "H1"]})
+    validation = pl.DataFrame({"article_id": ["a5"], "image_hash": ["H5"]})
+    record = training_record(train, validation, job="j", start="RN50", held_out=3)
+    assert record["train"] == {"articles": ["a1", "a2"], "image_hashes": ["H1", "H2"]}
+    path, plain = tmp_path / "model.pt", tmp_path / "plain.pt"
+    with open(path, "wb") as f:
+        save_checkpoint(f, {"w": torch.ones(2)}, record)
+    torch.save({"w": torch.ones(2)}, plain)
+    assert read_training_record(path) == record and read_training_record(plain) is None
+    assert torch.equal(torch.load(path, weights_only=True)["state_dict"]["w"], torch.ones(2))
+    with pytest.raises(ValueError, match="not an OpenAI-CLIP state dict"):  # the loader unwraps it as usual
+        _load_state_dict(path)
+
+    # a1 trained; a3's image has the bytes of a trained image (H2) under another id; a4 and a6 unseen
+    queries = pl.DataFrame({"article_id": ["a1", "a3", "a4", "a6"], "image_id": ["i1", "i3", "i4", "i6"],
+                            "source": ["TW", "TW", "RT", "RT"]})
+    hashes = pl.DataFrame({"image_id": ["i1", "i3", "i4", "i6", "i2"], "image_hash": ["H1", "H2", "H4", "H6", "H2"],
+                           "candidate": [True, True, True, True, False]})
+    kept, facts = leave_out_trained(queries, hashes, {"/m/model.pt": record, "/m/other.pt": None})
+    assert kept["article_id"].to_list() == ["a4", "a6"]
+    assert facts == [{"backbone": "/m/model.pt", "training": "recorded", "start": "RN50", "job": "j",
+                      "trained_articles": 3, "trained_images": 3, "n_excluded_trained": 2,
+                      "trained_images_among_candidates": 2},
+                     {"backbone": "/m/other.pt", "training": "unknown"}]
+    assert excluded_counts(queries, kept, "text_to_image") == {"all": 2, "TW": 2, "RT": 0}
+    assert leave_out_trained(queries, hashes, {"/m/other.pt": None})[0].equals(queries)

@@ -366,6 +366,27 @@ def test_notes_say_what_qualifies_the_numbers(rendered):
     assert evaluation_notes(clean, {}) == []
 
 
+def test_notes_say_what_fine_tuned_backbones_trained_on():
+    """A recorded fine-tune: what it saw and the queries left out for it (not counted as lost after sampling);
+    a checkpoint without a record: its training data is unknown. Checkpoints by their display labels."""
+    row = {"backbone": "/r/ft/model.pt", "source": "all", "direction": "text_to_image", "n": 1950, "n_sampled": 2000,
+           "n_unscoreable": 0, "n_excluded_trained": 50}
+    trained = [{"backbone": "/r/ft/model.pt", "training": "recorded", "start": "ViT-B/32", "trained_articles": 900,
+                "trained_images": 880, "n_excluded_trained": 50, "trained_images_among_candidates": 40},
+               {"backbone": "/x/other.pt", "training": "unknown"}]
+    notes = evaluation_notes({"k": 100, "rows": [row], "knn": [], "trained": trained}, {},
+                             {"/r/ft/model.pt": "ft/model.pt", "/x/other.pt": "other.pt"})
+    assert notes == [
+        ("Note", "ft/model.pt was fine-tuned from ViT-B/32 on 900 articles and 880 images (the record in the "
+                 "checkpoint): 50 of the queries were among them and are left out; 40 of its trained images stayed "
+                 "among the candidates (as distractors)"),
+        ("Warning", "other.pt: its training data is unknown (the checkpoint holds no newsclip training record), so "
+                    "it is scored on every query, and it may have seen some of them"),
+        ("Note", "text to image: 50 of the 2000 sampled queries were left out because a fine-tuned backbone of this "
+                 "job trained or validated on them (their article or their image's bytes); every backbone is scored "
+                 "on the same others")]
+
+
 def test_markdown_paired_table_reads_an_evaluate_from_before_holm():
     from newsclip.report.markdown import paired_table
 

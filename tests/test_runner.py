@@ -163,3 +163,16 @@ def _write(tmp_path) -> Path:
     job = tmp_path / "job.yaml"
     job.write_text("name: waiting\ninput: {articles: a, images: i}\n")
     return job
+
+
+def test_the_jobs_lock_is_reentrant_in_the_process_that_holds_it(tmp_path):
+    """`newsclip finetune` runs stages under its own hold of the job's lock; another holder is refused meanwhile."""
+    import fcntl
+
+    with runner.job_lock(tmp_path):
+        with runner.job_lock(tmp_path):  # run_stages inside finetune
+            pass
+        with open(tmp_path / ".lock", "a") as other, pytest.raises(BlockingIOError):  # still held: another run
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with open(tmp_path / ".lock", "a") as other:  # released at the end of the outer hold
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -1,8 +1,8 @@
-"""What the fine-tune's Ray Data tasks run: pairs -> uint8 pixels and tokens, with the encode stage's decoding.
+"""What the fine-tune's decode tasks run: pairs -> uint8 pixels and tokens, with the encode stage's decoding.
 
-Runs in CPU map tasks (no polars, no faiss): the bytes are read straight from their shards and decoded with clip's
-resize and crop by `newsclip.workers.encoders`, so training sees exactly the pixels the encode stage produces; the
-train loop normalises them on its device as ImageEncoder does."""
+Runs in CPU Ray tasks (no polars, no faiss; `feed.py` plans them): the bytes are read straight from their shards and
+decoded with clip's resize and crop by `newsclip.workers.encoders`, so training sees exactly the pixels the encode
+stage produces; the train loop normalises them on its device as ImageEncoder does."""
 
 from __future__ import annotations
 
@@ -10,8 +10,6 @@ import numpy as np
 import pyarrow as pa
 
 from newsclip.workers.encoders import decode_images, read_images
-
-DECODE_ROWS = 128  # pairs per decode task: ~1 s of decoding news photos on one core
 
 
 def decode_pairs(batch: pa.Table, resolution: int, context_length: int, max_pixels: int,

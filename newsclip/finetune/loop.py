@@ -22,6 +22,8 @@ MODEL = "model.pt"  # the final checkpoint's fp32 clip state dict (what the driv
 PROBE = "probe.npz"  # a few pairs and their embeddings by the final model: the saved model must reproduce them
 PROBE_ROWS = 8
 KILL_ENV = "NEWSCLIP_TEST_KILL_AT_STEP"  # tests: rank 0's process is SIGKILLed once after this step
+# tests: the last rank's first micro-batch of this step loses half its pairs, as if their images no longer decoded
+SHORT_ENV = "NEWSCLIP_TEST_SHORT_AT_STEP"
 
 
 def lr_at(step: int, steps: int, ft: FinetuneConfig) -> float:
@@ -88,37 +90,70 @@ def forward_loss(model, pixels, tokens, precision: str, rank: int = 0, world: in
     return clip_loss(image, text, scale.float(), rank, world)
 
 
-def _rng_state() -> dict:
+def _rng_state(device) -> dict:
+    """This rank's RNG states: torch's (CPU, and CUDA on a GPU), numpy's and Python's."""
     import torch
 
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return {"torch": torch.get_rng_state(), "cuda": cuda, "numpy": np.random.get_state(), "python": random.getstate()}
 
 
-def _set_rng_state(state: dict) -> None:
+def _set_rng_state(state: dict, device) -> None:
     import torch
 
     torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
 
 
+def _all_rng_states(device, world: int) -> list[dict]:
+    """Every rank's RNG states, in rank order (on every rank: all of them call it at the same point)."""
+    import torch
+
+    if world == 1:
+        return [_rng_state(device)]
+    states = [None] * world
+    torch.distributed.all_gather_object(states, _rng_state(device))
+    return states
+
+
+def _all_full(rows: int, batch_size: int, world: int, device) -> bool:
+    """Whether every rank's micro-batch has all its pairs (all ranks ask at once, so all of them agree)."""
+    import torch
+
+    if world == 1:
+        return rows == batch_size
+    fewest = torch.tensor([rows], device=device)
+    torch.distributed.all_reduce(fewest, op=torch.distributed.ReduceOp.MIN)
+    return int(fewest.item()) == batch_size
+
+
 def train_loop(config: dict) -> None:
-    """One Ray Train worker. `config`: finetune (FinetuneConfig), backbone, download_root, total_steps,
-    micro_per_epoch, eval_every, has_validation, run_dir, kill_at_step (KILL_ENV's, or None)."""
+    """One Ray Train worker. `config`: finetune (FinetuneConfig), backbone, download_root, total_steps, train and
+    validation (ObjectRefs of Arrow tables of query_text, image_id, file; validation may be None), decode (the
+    decoding's keyword arguments), task_retries, eval_every, run_dir, and the tests' kill_at_step (KILL_ENV's) and
+    short_at_step (SHORT_ENV's), or None."""
+    import ray
     import ray.train
     import torch
     from ray.train import Checkpoint
     from ray.train.torch import get_device, prepare_model
 
+    from newsclip.finetune.feed import Feed, steps_per_epoch, train_plan, validation_plan
     from newsclip.retrieval.backbones import load_backbone
 
     ft: FinetuneConfig = config["finetune"]
-    total, micro_per_epoch = config["total_steps"], config["micro_per_epoch"]
-    steps_per_epoch = micro_per_epoch // ft.grad_accum
+    total = config["total_steps"]
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = get_device()
     torch.manual_seed(ft.seed + rank)
+    train_rows = ray.get(config["train"])
+    validation_rows = ray.get(config["validation"]) if config["validation"] is not None else None
+    train_feed = Feed(train_rows, config["decode"], config["task_retries"])
+    per_epoch = steps_per_epoch(len(train_rows), ft)
 
     clip_model, _ = load_backbone(config["backbone"], "cpu", config["download_root"])
     clip_model.float()  # fp32 master weights; bf16/fp16 come from autocast
@@ -128,9 +163,10 @@ def train_loop(config: dict) -> None:
     precision = ft.resolved_precision
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
-    # the state a checkpoint holds; a restarted worker group continues from it, not from step 0
-    state = {"step": 0, "train_loss": [], "validation": [], "best_loss": None, "best_step": None,
-             "bad_validations": 0, "resumed_from": [], "stopped_early": False}
+    # the state a checkpoint holds; a restarted worker group continues from it, not from step 0. The data position
+    # is (epoch, the step it started at): an epoch cut short ends before its planned steps
+    state = {"step": 0, "epoch": 0, "epoch_start": 0, "epochs_cut_short": [], "train_loss": [], "validation": [],
+             "best_loss": None, "best_step": None, "bad_validations": 0, "resumed_from": [], "stopped_early": False}
     best_model = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -140,7 +176,8 @@ def train_loop(config: dict) -> None:
         clip_model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scaler.load_state_dict(saved["scaler"])
-        _set_rng_state(saved["rng"][rank] if rank < len(saved["rng"]) else saved["rng"][0])
+        if len(saved["rng"]) == world:  # every rank's own; another worker count cannot continue their streams
+            _set_rng_state(saved["rng"][rank], device)
         best_model = saved["best_model"]
         state = saved["state"]
         state["resumed_from"].append(state["step"])
@@ -150,24 +187,28 @@ def train_loop(config: dict) -> None:
         if ft.lock_image:  # a locked tower keeps its BatchNorm statistics too
             clip_model.visual.eval()
 
-    def loss_of(batch):
-        return forward_loss(model, batch["pixels"], batch["tokens"], precision, rank, world)
+    def on_device(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        return {k: torch.from_numpy(np.array(v)).to(device) for k, v in batch.items()}
 
     probe: dict = {}
 
     def validate() -> float | None:
-        if not config["has_validation"]:
+        """The mean loss over the validation split, each rank's batches with their own negatives."""
+        if validation_rows is None:
             return None
-        shard = ray.train.get_dataset_shard("validation")
+        feed = Feed(validation_rows, config["decode"], config["task_retries"])
         set_modes(False)
         total_loss = torch.zeros(2, dtype=torch.float64, device=device)
         with torch.no_grad():
-            for batch in shard.iter_torch_batches(batch_size=ft.batch_size, device=device, drop_last=False):
-                if not probe:
+            for batch in map(on_device, feed.batches(validation_plan(len(validation_rows), ft.batch_size, rank,
+                                                                     world))):
+                if not probe and rank == 0:
                     probe.update(pixels=batch["pixels"][:PROBE_ROWS].cpu(), tokens=batch["tokens"][:PROBE_ROWS].cpu())
                 n = len(batch["pixels"])
-                loss = loss_of(batch) if n > 1 else torch.zeros((), device=device)
-                total_loss += torch.stack([loss.double() * n, torch.tensor(n, dtype=torch.float64, device=device)])
+                if n > 1:  # a lone pair has no negative to tell it from
+                    # not through DDP, whose forward broadcasts buffers: ranks may have more or fewer batches
+                    loss = forward_loss(getattr(model, "module", model), batch["pixels"], batch["tokens"], precision)
+                    total_loss += torch.tensor([loss.item() * n, n], dtype=torch.float64, device=device)
         if world > 1:
             torch.distributed.all_reduce(total_loss)
         set_modes(True)
@@ -175,31 +216,37 @@ def train_loop(config: dict) -> None:
 
     def report(metrics: dict, final: bool = False) -> None:
         """Every rank reports (Ray Train's report is a barrier); rank 0 attaches the checkpoint."""
+        rng = _all_rng_states(device, world)
         if rank != 0:
             ray.train.report(metrics, checkpoint=None)
             return
         with tempfile.TemporaryDirectory() as folder:
             torch.save({"model": clip_model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scaler": scaler.state_dict(), "rng": [_rng_state()], "best_model": best_model,
+                        "scaler": scaler.state_dict(), "rng": rng, "best_model": best_model,
                         "state": state}, Path(folder) / STATE)
             if final:
                 _write_final(Path(folder), clip_model, best_model, probe, state)
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
 
-    train = ray.train.get_dataset_shard("train")
+    def more() -> bool:
+        return (state["step"] < total and not state["stopped_early"]
+                and (ft.steps is not None or state["epoch"] < ft.epochs))
+
     set_modes(True)
-    while state["step"] < total and not state["stopped_early"]:
-        epoch, done_in_epoch = divmod(state["step"], steps_per_epoch)
-        batches = train.iter_torch_batches(batch_size=ft.batch_size, device=device, drop_last=True,
-                                           local_shuffle_buffer_size=ft.batch_size * 8,
-                                           local_shuffle_seed=ft.seed * 1000 + epoch)
+    while more():
+        epoch, cut = state["epoch"], False
+        plan = train_plan(len(train_rows), ft, epoch, state["step"] - state["epoch_start"], rank)
         micro_losses = []
-        for micro, batch in enumerate(batches):
-            if micro >= steps_per_epoch * ft.grad_accum:  # every rank stops at the same count (DDP)
+        for batch in map(on_device, train_feed.batches(plan)):
+            if (config.get("short_at_step") == state["step"] + 1 and epoch == 0 and rank == world - 1
+                    and not micro_losses):
+                batch = {k: v[: len(v) // 2] for k, v in batch.items()}  # tests: pairs that no longer decode
+            # a micro-batch short of pairs on any rank ends the epoch on all of them: the features they gather
+            # must be of one size, and a rank that went on alone would wait for the others for ever
+            if not _all_full(len(batch["pixels"]), ft.batch_size, world, device):
+                cut = True
                 break
-            if micro < done_in_epoch * ft.grad_accum:  # resumed mid-epoch: these were trained on
-                continue
-            loss = loss_of(batch)
+            loss = forward_loss(model, batch["pixels"], batch["tokens"], precision, rank, world)
             scaler.scale(loss / ft.grad_accum).backward()
             micro_losses.append(loss.item())
             if len(micro_losses) < ft.grad_accum:
@@ -217,6 +264,8 @@ def train_loop(config: dict) -> None:
             step = state["step"]
             if config.get("kill_at_step") == step and rank == 0:
                 _kill_once(Path(config["run_dir"]) / f".killed-at-{step}")
+            if step - state["epoch_start"] == per_epoch:  # the epoch's last step: a checkpoint holds the next one's
+                state.update(epoch=epoch + 1, epoch_start=step)
             if step % config["eval_every"] == 0 or step == total:
                 val = validate()
                 metrics = {"step": step, "epoch": epoch, "train_loss": float(np.mean(state["train_loss"][-10:])),
@@ -231,12 +280,22 @@ def train_loop(config: dict) -> None:
                         state["bad_validations"] += 1
                         if ft.patience is not None and state["bad_validations"] >= ft.patience:
                             state["stopped_early"] = True
-                if step < total and not state["stopped_early"]:
+                if more():
                     report(metrics)
-            if step >= total or state["stopped_early"]:
+            if not more() or state["epoch"] != epoch:
                 break
-    if not probe:  # no validation split: probe with a few train pairs
-        batch = next(iter(train.iter_torch_batches(batch_size=PROBE_ROWS)))
+        if cut:
+            optimizer.zero_grad(set_to_none=True)  # what this step's earlier micro-batches accumulated
+            if state["step"] == state["epoch_start"]:
+                raise RuntimeError(f"finetune: epoch {epoch} came up short before its first step: images of the "
+                                   f"train split no longer decode (their shards changed since prepare?); run the "
+                                   f"fine-tune again")
+            state["epochs_cut_short"].append({"epoch": epoch, "at_step": state["step"]})
+            state.update(epoch=epoch + 1, epoch_start=state["step"])
+        elif state["epoch"] == epoch and more():  # an epoch of no whole step: the split is smaller than a step
+            raise RuntimeError(f"finetune: epoch {epoch} has no step of {ft.batch_size * world * ft.grad_accum} pairs")
+    if not probe and rank == 0:  # no validation split: probe with a few train pairs
+        batch = on_device(next(train_feed.batches([np.arange(min(PROBE_ROWS, len(train_rows)))])))
         probe.update(pixels=batch["pixels"].cpu(), tokens=batch["tokens"].cpu())
     report({"step": state["step"], "final": True, "best_step": state["best_step"],
             "best_validation_loss": state["best_loss"]}, final=True)

@@ -1,6 +1,8 @@
-"""`newsclip finetune JOB.yaml`: split the archive's pairs without the eval sample, train with Ray Train's
-TorchTrainer, commit output_dir/finetune/<run>/{model.pt, config.yaml, split.json, losses.json}, then score the
-fine-tuned model against its starting point on the job's eval sample."""
+"""`newsclip finetune JOB.yaml`: under the job's lock, prepare, split the archive's pairs without the eval sample,
+train with Ray Train's TorchTrainer, commit output_dir/finetune/<run>/{model.pt (with its training record),
+config.yaml, split.json, losses.json}, then score the fine-tuned model against its starting point on exactly the
+held-out sample of the split. The same command again resumes the run from its last checkpoint; --restart starts it
+over."""
 
 from __future__ import annotations
 
@@ -13,98 +15,150 @@ from pathlib import Path
 
 import yaml
 
-from newsclip.config import JobConfig
+from newsclip.config import BackboneEncode, JobConfig
 from newsclip.finetune.config import FinetuneConfig, load
-from newsclip.finetune.loop import KILL_ENV, MODEL, PROBE, train_loop
-from newsclip.finetune.split import Split, compute_split, prepared_inputs
+from newsclip.finetune.loop import KILL_ENV, MODEL, PROBE, SHORT_ENV, train_loop
+from newsclip.finetune.split import Split, compute_split
+from newsclip.names import slug
 from newsclip.runtime.console import log, print_metrics
 from newsclip.runtime.layout import Layout
 from newsclip.runtime.store import atomic_path, write_text
 from newsclip.yaml_config import to_dict
+
+# fine-tune settings that leave what is trained as it is: a run resumed with other values of these is the same run
+NOT_TRAINING = ("evaluate", "max_failures", "keep_checkpoints")
 
 
 def run_dir(cfg: JobConfig, ft: FinetuneConfig) -> Path:
     return Layout(cfg.output.resolve()).finetune(ft.run)
 
 
-def _datasets(split: Split, cfg: JobConfig, resolution: int, context_length: int, workers: int) -> dict:
-    """Ray datasets of decoded pairs: CPU map tasks read and decode the images and tokenise the texts."""
-    from newsclip.finetune.data import DECODE_ROWS, decode_pairs
-    from newsclip.runtime.ray_setup import dataset_of
-
-    kwargs = {"resolution": resolution, "context_length": context_length,
-              "max_pixels": cfg.encode.max_image_pixels, "alpha": cfg.encode.alpha}
-    out = {}
-    for name, frame in (("train", split.train), ("validation", split.validation)):
-        if len(frame) == 0:
-            continue
-        table = frame.select("query_text", "image_id", "file").to_arrow()
-        blocks = max(workers, -(-len(table) // DECODE_ROWS))
-        out[name] = dataset_of(table, blocks).map_batches(decode_pairs, batch_format="pyarrow",
-                                                          batch_size=DECODE_ROWS, fn_kwargs=kwargs)
-    return out
+def run_name(cfg: JobConfig, ft: FinetuneConfig) -> str:
+    """Ray Train's run folder under finetune/<run>/ray/: named by the job and the run, never by the time, so the
+    same command finds it again and resumes from its last checkpoint."""
+    return f"{slug(cfg.name)}-{ft.run}"
 
 
-def finetune(cfg: JobConfig, ft: FinetuneConfig) -> dict:
-    """Fine-tune `ft.backbone` on the job's archive; returns a summary (paths, steps, losses, seconds)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+def training_settings(cfg: JobConfig, ft: FinetuneConfig) -> dict:
+    """What decides the training besides the split: the fine-tune's settings, the decoding, the texts' translator."""
+    from newsclip.translate.packages import translator_key
 
-    from newsclip.retrieval.backbones import input_sizes, resolve_weights
-    from newsclip.runtime.ray_setup import ensure_ray
+    return {"finetune": {k: v for k, v in to_dict(ft).items() if k not in NOT_TRAINING},
+            "decode": {"alpha": cfg.encode.alpha, "max_image_pixels": cfg.encode.max_image_pixels},
+            "texts": {"prepare.text": cfg.prepare.text,
+                      "translator": translator_key(cfg.translate.resolved()) if cfg.translate.enabled else None}}
 
-    started = time.perf_counter()
-    resolve_weights(ft.backbone, cfg.encode.download_root)  # fail now, not in a worker, if the weights are missing
-    if not all(p.exists() for p in prepared_inputs(cfg)):
-        from newsclip.runtime.runner import run_stages
 
-        log(f"finetune: no {cfg.layout.prepared.dir} yet: running the prepare stage first")
-        run_stages(cfg, ("prepare",))
-    ensure_ray(cfg.ray)
-    split = compute_split(cfg, ft)
+def open_run(cfg: JobConfig, ft: FinetuneConfig, split: Split, restart: bool = False) -> Path:
+    """The run's folder, with its split.json and config.yaml. `restart` empties it first. Else a run found there
+    (its driver died, or it finished) is resumed from its last checkpoint by Ray Train, if it trained on this split
+    with these settings; if not, the error says how to start over."""
     folder = run_dir(cfg, ft)
+    if restart and folder.exists():
+        log(f"finetune: --restart: {folder} removed")
+        shutil.rmtree(folder)
+    settings = training_settings(cfg, ft)
+    if (folder / "ray" / run_name(cfg, ft)).exists():
+        other = []
+        recorded = json.loads((folder / "split.json").read_text()) if (folder / "split.json").exists() else {}
+        if any(recorded.get(key) != value for key, value in split.summary().items() if key != "excluded"):
+            other.append("data (split.json: its train, validation or eval articles differ, so the input or "
+                         "prepared/ changed since it started)")
+        config = yaml.safe_load((folder / "config.yaml").read_text()) if (folder / "config.yaml").exists() else {}
+        before = config.get("training") or {}
+        changed = [f"{section}.{key}" for section, values in settings.items() for key, value in values.items()
+                   if (before.get(section) or {}).get(key, None) != value]
+        if changed:
+            other.append(f"settings ({', '.join(changed)})")
+        if other:
+            raise ValueError(f"finetune: {folder} holds a fine-tune of other {' and '.join(other)}: run `newsclip "
+                             f"finetune JOB.yaml --restart` to start it over, or set finetune.run to another name")
+        log(f"finetune: {folder} holds this fine-tune: it resumes from its last checkpoint")
     folder.mkdir(parents=True, exist_ok=True)
     write_text(folder / "split.json", json.dumps(split.summary()))
     write_text(folder / "config.yaml", yaml.safe_dump({"finetune": to_dict(ft), "job": cfg.name,
                                                        "eval": to_dict(cfg.eval), "input": to_dict(cfg.input),
-                                                       "prepare": to_dict(cfg.prepare)}, sort_keys=False))
-    per_worker = len(split.train) // ft.workers
-    micro_per_epoch = per_worker // ft.batch_size
-    steps_per_epoch = micro_per_epoch // ft.grad_accum
-    if steps_per_epoch == 0:
-        raise ValueError(f"finetune.batch_size: {ft.batch_size} x grad_accum {ft.grad_accum} pairs per worker is more "
-                         f"than the train split gives each of the {ft.workers} workers ({per_worker} pairs)")
-    total = ft.steps or ft.epochs * steps_per_epoch
+                                                       "prepare": to_dict(cfg.prepare), "training": settings},
+                                                      sort_keys=False))
+    return folder
+
+
+def _test_step(name: str) -> int | None:
+    """A tests' fault injection step (KILL_ENV, SHORT_ENV), read here and handed to the workers."""
+    return int(os.environ[name]) if os.environ.get(name) else None
+
+
+def finetune(cfg: JobConfig, ft: FinetuneConfig, restart: bool = False) -> dict:
+    """Fine-tune `ft.backbone` on the job's archive, under the job's lock: prepare (nothing when up to date), split
+    what was just prepared, train. Returns a summary (paths, steps, seconds, the split's sizes and eval ids)."""
+    from newsclip.retrieval.backbones import resolve_weights
+    from newsclip.runtime.runner import job_lock, run_stages
+
+    resolve_weights(ft.backbone, cfg.encode.download_root)  # fail now, not in a worker, if the weights are missing
+    cfg.output.mkdir(parents=True, exist_ok=True)
+    with job_lock(cfg.output):
+        run_stages(cfg, ("prepare",))
+        split = compute_split(cfg, ft)
+        folder = open_run(cfg, ft, split, restart)
+        return _train(cfg, ft, split, folder)
+
+
+def _train(cfg: JobConfig, ft: FinetuneConfig, split: Split, folder: Path) -> dict:
+    import torch
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from newsclip.finetune.feed import steps_per_epoch
+    from newsclip.retrieval.backbones import input_sizes
+    from newsclip.retrieval.trained import save_checkpoint, training_record
+    from newsclip.runtime.ray_setup import ensure_ray
+
+    started = time.perf_counter()
+    per_epoch = steps_per_epoch(len(split.train), ft)
+    if per_epoch == 0:
+        raise ValueError(f"finetune.batch_size: {ft.batch_size} x grad_accum {ft.grad_accum} x {ft.workers} workers "
+                         f"is more pairs than the train split has ({len(split.train)})")
+    total = ft.steps or ft.epochs * per_epoch
     log(f"finetune {ft.backbone}: {len(split.train)} train, {len(split.validation)} validation pairs, "
         f"{len(split.eval_ids)} eval articles held out ({sum(v for k, v in split.excluded.items() if k != 'images')} "
         f"more excluded); {total} steps of {ft.batch_size * ft.workers * ft.grad_accum} pairs")
     resolution, context_length = input_sizes(ft.backbone, cfg.encode.download_root)
-    datasets = _datasets(split, cfg, resolution, context_length, ft.workers)
+    ensure_ray(cfg.ray)
+    import ray
+
+    # the pairs in the split's order, once in the object store; each rank takes its rows of each step from them
+    rows = {name: ray.put(frame.select("query_text", "image_id", "file").to_arrow()) if len(frame) else None
+            for name, frame in (("train", split.train), ("validation", split.validation))}
     resources = {"CPU": ft.cpus_per_worker} | ({"GPU": ft.gpus_per_worker} if ft.on_gpu else {})
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"finetune": ft, "backbone": ft.backbone, "download_root": cfg.encode.download_root,
-                           "total_steps": total, "micro_per_epoch": micro_per_epoch,
-                           "eval_every": ft.eval_every or steps_per_epoch, "has_validation": "validation" in datasets,
-                           "run_dir": str(folder),
-                           "kill_at_step": int(os.environ[KILL_ENV]) if os.environ.get(KILL_ENV) else None},
+                           "total_steps": total, "train": rows["train"], "validation": rows["validation"],
+                           "decode": {"resolution": resolution, "context_length": context_length,
+                                      "max_pixels": cfg.encode.max_image_pixels, "alpha": cfg.encode.alpha},
+                           "task_retries": cfg.ray.max_task_retries, "eval_every": ft.eval_every or per_epoch,
+                           "run_dir": str(folder), "kill_at_step": _test_step(KILL_ENV),
+                           "short_at_step": _test_step(SHORT_ENV)},
         scaling_config=ScalingConfig(num_workers=ft.workers, use_gpu=ft.on_gpu, resources_per_worker=resources),
-        run_config=RunConfig(storage_path=str(folder / "ray"), name=f"{ft.run}-{time.strftime('%Y%m%dT%H%M%S')}",
+        run_config=RunConfig(storage_path=str(folder / "ray"), name=run_name(cfg, ft),
                              failure_config=FailureConfig(max_failures=ft.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=ft.keep_checkpoints)),
-        datasets=datasets)
+                             checkpoint_config=CheckpointConfig(num_to_keep=ft.keep_checkpoints)))
     result = trainer.fit()
+    record = training_record(split.train, split.validation, job=cfg.name, start=ft.backbone,
+                             held_out=len(split.eval_ids))
     with result.checkpoint.as_directory() as final:
         final = Path(final)
-        with atomic_path(folder / MODEL) as tmp:
-            shutil.copyfile(final / MODEL, tmp)
+        weights = torch.load(final / MODEL, map_location="cpu", weights_only=True)
+        with atomic_path(folder / MODEL) as tmp, open(tmp, "wb") as f:
+            save_checkpoint(f, weights, record)  # the weights and what they were trained on, in one file
         shutil.copyfile(final / PROBE, folder / PROBE)
         state = json.loads((final / "losses.json").read_text())
     losses = {"train_loss": [{"step": i + 1, "loss": v} for i, v in enumerate(state["train_loss"])],
               "validation_loss": state["validation"], "best_step": state["best_step"],
               "best_validation_loss": state["best_loss"], "stopped_early": state["stopped_early"],
-              "resumed_from": state["resumed_from"], "steps": state["step"], "planned_steps": total,
-              "precision": ft.resolved_precision, "seconds": round(time.perf_counter() - started, 1)}
+              "resumed_from": state["resumed_from"], "epochs_cut_short": state["epochs_cut_short"],
+              "steps": state["step"], "planned_steps": total, "precision": ft.resolved_precision,
+              "seconds": round(time.perf_counter() - started, 1)}
     write_text(folder / "losses.json", json.dumps(losses, indent=1))
     first, last = state["train_loss"][:5], state["train_loss"][-5:]
     log(f"finetune: {state['step']} steps in {losses['seconds']:.0f}s, train loss {sum(first) / len(first):.3f} -> "
@@ -116,27 +170,34 @@ def finetune(cfg: JobConfig, ft: FinetuneConfig) -> dict:
 def comparison_job(cfg: JobConfig, ft: FinetuneConfig, model: Path) -> JobConfig:
     """The job with [the starting backbone, the fine-tuned model] as its backbones: the same eval sample, prepared
     and translated texts (their stage keys do not read the backbones) and store, so the start's embeddings are
-    reused and only the new model is encoded."""
+    reused and only the new model is encoded, with the start's encode settings (precision, batch, GPU share)."""
     backbones = (ft.backbone, str(model))
-    own = {name: v for name, v in cfg.encode.per_backbone.items() if name in backbones}
+    start = cfg.encode.for_backbone(ft.backbone)
+    own = {name: v for name, v in cfg.encode.per_backbone.items() if name == ft.backbone}
+    own[str(model)] = BackboneEncode(batch_size=start.batch_size, actors=start.actors,
+                                     num_gpus_per_actor=start.num_gpus_per_actor, precision=start.precision)
     return replace(cfg, backbones=backbones, fusion=(), encode=replace(cfg.encode, per_backbone=own))
 
 
-def finetune_and_compare(cfg: JobConfig, ft: FinetuneConfig) -> None:
-    """Fine-tune; with `finetune.evaluate` (the default), then run the comparison job and print its metrics."""
-    from newsclip.runtime.runner import run_stages
+def finetune_and_compare(cfg: JobConfig, ft: FinetuneConfig, restart: bool = False) -> None:
+    """Fine-tune; with `finetune.evaluate` (the default), then run the comparison job and print its metrics. All
+    under the job's lock: the comparison scores the prepared/ the split was drawn from, its held-out sample."""
+    from newsclip.runtime.runner import STAGE_NAMES, job_lock, run_stages
 
-    summary = finetune(cfg, ft)
+    cfg.output.mkdir(parents=True, exist_ok=True)
+    with job_lock(cfg.output):
+        summary = finetune(cfg, ft, restart)
+        if ft.evaluate:
+            compared = comparison_job(cfg, ft, summary["model"])
+            run_stages(compared, STAGE_NAMES[1:])  # not prepare: its sample is the split's, whatever came in since
     if ft.evaluate:
-        compared = comparison_job(cfg, ft, summary["model"])
-        run_stages(compared)
         print_metrics(compared.output)
         print(f"report: {compared.layout.report_html}")
     print(f"model: {summary['model']}")
 
 
 def main(args) -> int:
-    """The CLI's `finetune` command: the job file (with its `finetune:` section) and `--set` overrides."""
+    """The CLI's `finetune` command: the job file (with its `finetune:` section), `--set` overrides, `--restart`."""
     cfg, ft = load(args.job, args.overrides)
-    finetune_and_compare(cfg, ft)
+    finetune_and_compare(cfg, ft, getattr(args, "restart", False))
     return 0

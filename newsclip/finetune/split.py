@@ -1,5 +1,5 @@
 """The fine-tune split, on the driver: the job's evaluation sample held out (texts, images and byte-identical
-images), then a seeded train/validation split of the rest by image."""
+images), then a seeded train/validation split of the rest by image. Texts are the job's own (`texts.py`)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from newsclip.articles import article_texts, sample_pairs
+from newsclip.articles import sample_pairs
 from newsclip.config import JobConfig
 from newsclip.finetune.config import FinetuneConfig
+from newsclip.finetune.texts import training_texts
 
 
 def prepared_inputs(cfg: JobConfig) -> tuple[Path, Path]:
@@ -24,7 +25,9 @@ class Split:
     train: pl.DataFrame  # article_id, query_text, image_id, image_hash, file (the image's shard)
     validation: pl.DataFrame
     eval_ids: list[str]
-    excluded: dict[str, int]  # articles left out because they share something with the eval sample, per reason
+    # articles left out, per reason: they share something with the eval sample, or (untranslated) the job would
+    # not score their text; `images`: the images of those that share something with the eval sample
+    excluded: dict[str, int]
 
     def summary(self) -> dict:
         """What split.json holds: article ids per split and what was left out."""
@@ -34,13 +37,13 @@ class Split:
 
 
 def compute_split(cfg: JobConfig, ft: FinetuneConfig) -> Split:
-    """Read prepared/ and the input texts; hold out the eval sample and everything that shares an image, its bytes
+    """Read prepared/ and the job's texts; hold out the eval sample and everything that shares an image, its bytes
     or its text with it; split the rest into train and validation (whole image groups, seeded)."""
     articles, candidates = prepared_inputs(cfg)
     missing = [p for p in (articles, candidates) if not p.exists()]
     if missing:
         raise FileNotFoundError(f"finetune: {missing[0]} is missing: run `newsclip prepare JOB.yaml` first")
-    usable = pl.read_parquet(articles, columns=["article_id", "image_id", "in_eval"])
+    usable = pl.read_parquet(articles, columns=["article_id", "image_id", "in_eval", "file"])
     images = pl.read_parquet(candidates, columns=["image_id", "image_hash", "file"])
     # the eval sample exactly as prepare draws it; prepared/ from other eval settings would leak
     eval_ids = sample_pairs(usable, cfg.eval.sample_size, cfg.eval.seed)
@@ -48,19 +51,23 @@ def compute_split(cfg: JobConfig, ft: FinetuneConfig) -> Split:
         raise ValueError(f"finetune: {cfg.layout.prepared.dir} was sampled with other eval settings than the job's "
                          f"(eval.sample_size={cfg.eval.sample_size}, eval.seed={cfg.eval.seed}): run "
                          f"`newsclip prepare JOB.yaml` again")
-    texts = article_texts(cfg.input.articles, cfg.prepare.text)
-    pairs = usable.join(texts, on="article_id", how="left").join(images, on="image_id", how="left")
-    if pairs["image_hash"].null_count() or pairs["query_text"].null_count():
+    texts, untranslated = training_texts(cfg, usable.select("article_id", "file"))
+    pairs = usable.drop("file").join(texts, on="article_id", how="left").join(images, on="image_id", how="left")
+    skipped = pl.col("article_id").is_in(untranslated.implode())  # no text the job would score: never trained on
+    if pairs["image_hash"].null_count() or pairs.filter(~skipped)["query_text"].null_count():
         raise ValueError(f"finetune: {cfg.layout.prepared.dir} does not match the input any more: run "
-                         f"`newsclip prepare JOB.yaml` again")
+                         "`newsclip prepare JOB.yaml` again")
     held = pairs.filter(pl.col("article_id").is_in(eval_ids.implode()))
     rest = pairs.filter(~pl.col("article_id").is_in(eval_ids.implode()))
+    n_untranslated = int(rest.select(skipped.sum()).item())
+    rest = rest.filter(~skipped)
     same_image = pl.col("image_id").is_in(held["image_id"].implode())
     same_bytes = pl.col("image_hash").is_in(held["image_hash"].implode())
     same_text = pl.col("query_text").is_in(held["query_text"].implode())
     excluded = {"eval_image": int(rest.select(same_image.sum()).item()),
                 "eval_image_bytes": int(rest.select((~same_image & same_bytes).sum()).item()),
-                "eval_text": int(rest.select((~same_image & ~same_bytes & same_text).sum()).item())}
+                "eval_text": int(rest.select((~same_image & ~same_bytes & same_text).sum()).item()),
+                "untranslated": n_untranslated}
     dropped = rest.filter(same_image | same_bytes | same_text)
     excluded["images"] = dropped["image_id"].n_unique()
     pool = rest.filter(~(same_image | same_bytes | same_text)).sort("article_id")

@@ -157,8 +157,8 @@ def _head(data: ReportData) -> list[str]:
     if any("mrr_lo" in r for r in data.overall):
         summary += f" Brackets: {esc(INTERVALS)}."
     out.append(f'<p class="note">{summary}</p>')
-    out += [f'<p class="note"><b>{kind}:</b> {esc(text)}.</p>' for kind, text in evaluation_notes(data.metrics,
-                                                                                                   data.prep)]
+    notes = evaluation_notes(data.metrics, data.prep, data.labels)
+    out += [f'<p class="note"><b>{kind}:</b> {esc(text)}.</p>' for kind, text in notes]
     out.append(checkpoints_note(data.labels))
     return out
 

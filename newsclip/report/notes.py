@@ -35,19 +35,44 @@ def _count_notes(row: dict) -> list[tuple[str, str]]:
     """Warnings about one direction's counts: queries lost after sampling, queries whose image cannot be found."""
     direction = row["direction"].replace("_", " ")
     notes = []
-    if row.get("n_sampled", row["n"]) > row["n"]:
-        notes.append(("Warning", f"{direction}: {row['n_sampled'] - row['n']} of the {row['n_sampled']} sampled "
-                      "queries were left out after sampling (see the rejected rows, translate stage)"))
+    trained = row.get("n_excluded_trained", 0)
+    if trained:
+        notes.append(("Note", f"{direction}: {trained} of the {row.get('n_sampled', '?')} sampled queries were left "
+                      "out because a fine-tuned backbone of this job trained or validated on them (their article or "
+                      "their image's bytes); every backbone is scored on the same others"))
+    if row.get("n_sampled", row["n"]) - trained > row["n"]:
+        notes.append(("Warning", f"{direction}: {row['n_sampled'] - trained - row['n']} of the {row['n_sampled']} "
+                      "sampled queries were left out after sampling (see the rejected rows, translate stage)"))
     if row.get("n_unscoreable"):
         notes.append(("Warning", f"{direction}: {row['n_unscoreable']} of the {row['n']} scored queries cannot be "
                       "found because their image failed to encode; they are scored as misses"))
     return notes
 
 
-def evaluation_notes(metrics: dict, prep: dict) -> list[tuple[str, str]]:
+def training_data_notes(trained: list[dict], labels: dict[str, str] | None = None) -> list[tuple[str, str]]:
+    """What each fine-tuned checkpoint saw (metrics.json's `trained`): its record's counts, or that it is unknown."""
+    notes = []
+    for fact in trained:
+        label = (labels or {}).get(fact["backbone"], fact["backbone"])
+        if fact["training"] != "recorded":
+            notes.append(("Warning", f"{label}: its training data is unknown (the checkpoint holds no newsclip "
+                          "training record), so it is scored on every query, and it may have seen some of them"))
+            continue
+        among = fact["trained_images_among_candidates"]
+        notes.append(("Note", f"{label} was fine-tuned{' from ' + fact['start'] if fact.get('start') else ''} on "
+                      f"{fact['trained_articles']} articles and {fact['trained_images']} images (the record in the "
+                      f"checkpoint): {fact['n_excluded_trained']} of the queries were among them and are left out; "
+                      + (f"{among} of its trained images stayed among the candidates (as distractors)" if among
+                         else "none of its trained images is among the candidates")))
+    return notes
+
+
+def evaluation_notes(metrics: dict, prep: dict, labels: dict[str, str] | None = None) -> list[tuple[str, str]]:
     """(Note | Warning, sentence) for everything that qualifies the numbers: fewer usable pairs than asked for,
-    sampled articles left unscored, true images that failed to encode, exact ties, short ranking lines."""
+    what fine-tuned backbones trained on and the queries left out for them, sampled articles left unscored, true
+    images that failed to encode, exact ties, short ranking lines. `labels`: display names of backbones."""
     notes = [("Note", prep["sample_note"])] if prep.get("sample_note") else []
+    notes += training_data_notes(metrics.get("trained", []), labels)
     for row in metrics.get("rows", []):
         # the counts are the same for every backbone: the first one's overall rows speak for all
         if row["source"] == "all" and row["backbone"] == metrics["rows"][0]["backbone"]:

@@ -68,11 +68,14 @@ def truth_ranks(queries: pl.DataFrame, rankings: pl.DataFrame | str | Path, k: i
         wanted[batch_truth[batch_truth >= 0]] = True
         members = (member_codes >= 0) & np.append(wanted, False)[member_codes]
         wanted[:] = False
-        found = _batch_ranks(lists, batch_truth, member_ids.filter(pa.array(members)), member_codes[members], k)
+        first, last = _batch_ranks(lists, batch_truth, member_ids.filter(pa.array(members)), member_codes[members])
+        if direction == "text_to_image" and ties not in ("id", "optimistic"):
+            # pessimistic: the truth after every copy of it. Exact ties of one backbone sit side by side, so its
+            # group ends `size - 1` below its first copy; a fusion (RRF ranks copies apart) may list a copy further
+            # down, and the truth is then after that one
+            first = np.where(first > 0, np.maximum(first + np.append(sizes, 1)[batch_truth] - 1, last), 0)
+        found = np.where((first > 0) & (k is None or first <= k), first, 0)  # past the top k: a miss
         ranks[rows[rows >= 0]] = found[rows >= 0]
-    if direction == "text_to_image" and ties not in ("id", "optimistic"):  # pessimistic: the group's last copy
-        last = ranks + np.append(sizes, 1)[truth] - 1  # where the truth's group of copies ends
-        ranks = np.where((ranks > 0) & (k is None or last <= k), last, 0)
     return ranks, ranked
 
 
@@ -144,25 +147,23 @@ def _truth_codes(queries: pl.DataFrame, direction: str, ties: str, image_hashes:
     return images, np.arange(len(images)), articles, _codes(article_images, images), np.ones(len(images), np.int64)
 
 
-def _batch_ranks(lists: pa.Array, truth: np.ndarray, member_ids: pa.Array, member_codes: np.ndarray,
-                 k: int | None) -> np.ndarray:
-    """1-based position of the first ranked id in each list whose code is the row's `truth` code (0: none); only
-    positions up to `k` count. Nulls (unfilled slots) hold a position and hit nothing."""
+def _batch_ranks(lists: pa.Array, truth: np.ndarray, member_ids: pa.Array,
+                 member_codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """1-based positions of the first and the last ranked id in each list whose code is the row's `truth` code (0:
+    none), over the whole list. Nulls (unfilled slots) hold a position and hit nothing."""
     flat = pc.list_flatten(lists)
     parents = pc.list_parent_indices(lists).to_numpy().astype(np.int64)
     lengths = pc.fill_null(pc.list_value_length(lists), 0).to_numpy().astype(np.int64)
     position = np.arange(len(flat), dtype=np.int64) - (np.cumsum(lengths) - lengths)[parents] + 1
-    if k is not None and len(flat) and lengths.max() > k:  # past the top k: the metric does not see it
-        inside = position <= k
-        flat, parents, position = flat.filter(pa.array(inside)), parents[inside], position[inside]
     found = _codes(flat, member_ids)
     code = np.append(member_codes, -2)[found]  # not a member (found -1): -2, no truth's code
     hit = code == truth[parents]
-    # lists are flattened in row order, so a row's first hit is its smallest position
+    # lists are flattened in row order, so a row's first hit is its smallest position and its last the largest
     rows, first = np.unique(parents[hit], return_index=True)
-    ranks = np.zeros(len(lists), dtype=np.int64)
-    ranks[rows] = position[hit][first]
-    return ranks
+    firsts, lasts = np.zeros(len(lists), dtype=np.int64), np.zeros(len(lists), dtype=np.int64)
+    firsts[rows] = position[hit][first]
+    np.maximum.at(lasts, parents[hit], position[hit])
+    return firsts, lasts
 
 
 def score_rankings(queries: pl.DataFrame, rankings: pl.DataFrame | str | Path, k: int,

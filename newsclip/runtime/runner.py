@@ -103,6 +103,25 @@ def _exclusive(output: Path) -> Iterator[None]:
         yield
 
 
+_HELD: set[Path] = set()  # the output folders whose lock this process holds through job_lock
+
+
+@contextlib.contextmanager
+def job_lock(output: Path) -> Iterator[None]:
+    """The job's lock (`_exclusive`), re-entrant in the process that holds it: `newsclip finetune` holds it from its
+    first stage to its comparison, and the `run_stages` calls in between run under that hold."""
+    key = output.resolve()
+    if key in _HELD:
+        yield
+        return
+    with _exclusive(output):
+        _HELD.add(key)
+        try:
+            yield
+        finally:
+            _HELD.discard(key)
+
+
 def run_stages(cfg: JobConfig, names: tuple[str, ...] = STAGE_NAMES, force: bool = False) -> dict:
     """Run the stages in order, skipping any whose inputs are unchanged since it last committed (unless `force`).
 
@@ -115,7 +134,7 @@ def run_stages(cfg: JobConfig, names: tuple[str, ...] = STAGE_NAMES, force: bool
     preflight(cfg, stages)  # what they need and would not get: before anything starts, all of it at once
     layout = cfg.layout
     output_folder(out, "output_dir")
-    with _exclusive(out), console.log_file(layout.log_file), ray_logs(layout.logs):
+    with job_lock(out), console.log_file(layout.log_file), ray_logs(layout.logs):
         _mark_interrupted(out)
         shutil.rmtree(layout.staging, ignore_errors=True)  # what a dead run left half-written: never committed
         resolved = dump(cfg)

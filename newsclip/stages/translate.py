@@ -17,21 +17,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from newsclip.articles import join_text
-from newsclip.runtime.console import log, track
+from newsclip.runtime.console import log
 from newsclip.runtime.external_sort import ExternalSort
 from newsclip.runtime.layout import Layout
-from newsclip.runtime.ray_setup import dataset_of, ensure_ray, map_actors
 from newsclip.runtime.rejects import write_rejects
 from newsclip.runtime.stage import ActorRequest, Needs, Stage
 from newsclip.runtime.store import parquet_files, read_batches, read_manifest, record_stage, staged_dir, write_table
 from newsclip.translate.packages import require_packages, translator_key
-from newsclip.translate.translator import NO_PACKAGE, OUTPUT_COLUMNS, QueryTranslator
-from newsclip.workers.shard_rows import units_of
+from newsclip.translate.translator import NO_PACKAGE, OUTPUT_COLUMNS
+from newsclip.translate.units import translate_rows
 
 __all__ = ["run"]  # the stage; everything else here is its own business
 
-BATCH = 256  # texts per Translator call
-UNIT_ROWS = 2048  # texts per unit of work (one actor call) at most
 # a translated row (then its joined query_text): the Translator's columns and the query's image, source and hash
 ROW = {c: {"lang_confidence": pl.Float32, "translated": pl.Boolean, "truncated": pl.Boolean}.get(c, pl.String)
        for c in (*OUTPUT_COLUMNS, "image_id", "source", "article_hash")}
@@ -64,28 +61,6 @@ def _reused_rows(files: list[Path], known: pl.DataFrame, ids: pl.DataFrame) -> I
                 yield pl.from_arrow(batch.take(wanted)).join(ids, on="article_hash", how="inner")
 
 
-def _translated(cfg, t, todo: pl.DataFrame) -> Iterator[pl.DataFrame]:
-    """The Translator's rows for the `todo` queries (article_id, file), as they come: in this process when they are
-    few (`ray.inline_rows`) and the pool would run on CPUs, else on a Ray Data actor pool. Either way on units of work
-    (file, ids) whose texts the translator reads itself, in batches of the same size."""
-    size = min(UNIT_ROWS, max(BATCH, -(-len(todo) // (4 * t.actors))))  # so that every actor of the pool gets work
-    units = units_of(todo.select("article_id", "file").to_arrow(), "article_id", size)
-    if len(todo) <= cfg.ray.inline_rows and not t.num_gpus_per_actor:
-        log(f"translate: {len(todo)} texts, translated in this process (ray.inline_rows)")
-        yield pl.from_arrow(QueryTranslator(t, "cpu", BATCH)(units))
-        return
-    import ray
-
-    ensure_ray(cfg.ray)
-    ds = map_actors(dataset_of(units, len(units)), cfg.ray, QueryTranslator,  # bounded retries
-                    fn_constructor_kwargs={"cfg": t, "device": "cuda" if t.num_gpus_per_actor else "cpu",
-                                           "batch_size": BATCH},
-                    batch_size=1, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=t.actors),
-                    num_cpus=t.num_cpus_per_actor, num_gpus=t.num_gpus_per_actor)
-    for batch in track(ds.iter_batches(batch_size=None, batch_format="pyarrow"), len(todo), unit="texts"):
-        yield pl.from_arrow(batch)
-
-
 def _typed(rows: pl.DataFrame) -> pa.Table:
     """`rows` with ROW's types: a batch whose notes are all empty has a null-typed column, and every part gets one."""
     return rows.select(pl.col(c).cast(dtype) for c, dtype in ROW.items()).to_arrow()
@@ -116,7 +91,7 @@ def _run(cfg) -> dict | None:
             parts.add(_typed(rows))
         if len(todo):
             log(f"translate: {len(todo)} new texts, {len(queries) - len(todo)} reused from the last run")
-            for rows in _translated(cfg, t, todo):
+            for rows in translate_rows(cfg, t, todo):
                 parts.add(_typed(rows.join(todo.drop("file"), on="article_id", how="left")))
         skipped = pl.col("translate_note").str.ends_with(NO_PACKAGE).fill_null(False)
         for index, frame in enumerate(map(pl.from_arrow, parts.ranges())):
