@@ -88,6 +88,11 @@ def pytest_collection_modifyitems(config, items):
         if _needs(item):
             item.add_marker(pytest.mark.slow)
 
+    if os.environ.get("NEWSCLIP_LONG_TESTS") != "1":
+        skip_long = pytest.mark.skip(reason="marked `long`: NEWSCLIP_LONG_TESTS=1 runs it (no room in CI's limit)")
+        for item in items:
+            if "long" in item.keywords:
+                item.add_marker(skip_long)
     if not torch.cuda.is_available():
         skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
         for item in items:

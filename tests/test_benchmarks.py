@@ -164,6 +164,7 @@ def _gpu_check(tmp_path: Path, *args: str, **env: str) -> tuple[subprocess.Compl
 
 
 @pytest.mark.slow
+@pytest.mark.long  # about a minute on 2 cores (a Ray pool, every encode path)
 def test_gpu_check_dry_run_fills_every_row_without_polars_or_faiss(tmp_path):
     """The CPU dry run at its smallest (demo-tiny's architecture) passes every step with polars and faiss hidden:
     every throughput row has rates for both sides and the baselines, and the bars are read off them (issue 22)."""

@@ -469,6 +469,7 @@ def twins(tmp_path_factory, data, demo_tiny, ray_local):
 
 
 @pytest.mark.slow  # Ray Train runs of demo-tiny
+@pytest.mark.long  # three 2-worker Ray Train runs: ~2 minutes on 2 cores
 def test_a_killed_run_of_two_workers_run_again_gives_the_undisturbed_bytes(twins):
     """The run resumed from its step-2 checkpoint (after its driver's command failed, the same command again) with
     every rank's data position and RNG, so its model.pt is byte for byte the undisturbed run's."""
@@ -480,6 +481,7 @@ def test_a_killed_run_of_two_workers_run_again_gives_the_undisturbed_bytes(twins
 
 
 @pytest.mark.slow  # Ray Train runs of demo-tiny
+@pytest.mark.long  # the same runs
 def test_an_epoch_that_comes_up_short_ends_on_every_rank(twins):
     """One rank's micro-batch came up short at step 2: both ranks ended epoch 0 after step 1 (no loop, no DDP
     hang) and the run went on in epoch 1 to its planned steps."""
