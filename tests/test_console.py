@@ -3,7 +3,6 @@ logs/newsclip.log, Ray's own logs in logs/ and on the console only with --verbos
 
 import io
 import logging
-import os
 import re
 import subprocess
 import sys
@@ -152,30 +151,24 @@ def test_ray_loggers_go_to_the_log_folder(tmp_path, verbose):
     assert "after the run" not in (tmp_path / "logs" / RAY_LOG).read_text()
 
 
-@pytest.mark.slow
-def test_a_stage_that_starts_ray_prints_one_line(tmp_path):
-    """Through the CLI in a process of its own, which starts its own local Ray: `newsclip prepare` (Ray tasks
-    check the images) prints its line and nothing of Ray's; Ray's logs are in OUTPUT/logs."""
-    from newsclip.demo.data import write_demo_data
+def test_errors_the_cluster_sends_go_to_the_log_not_the_console(tmp_path, capsys):
+    """Ray prints the errors its GCS publishes ("(raylet) A worker died ...") to stdout whatever log_to_driver says;
+    during a run they go to ray.log, and afterwards Ray prints them again."""
+    from ray._private import worker
 
-    write_demo_data(tmp_path / "data", 40, seed=3)
-    out = tmp_path / "out"
-    settings = [f"input.articles={tmp_path / 'data' / 'articles'}", f"input.images={tmp_path / 'data' / 'images'}",
-                f"output_dir={out}", "ray.num_cpus=1", "ray.inline_rows=0", "translate.enabled=false"]
-    job = tmp_path / "job.yaml"
-    job.write_text("name: console\n")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    done = subprocess.run([sys.executable, "-m", "newsclip.cli", "prepare", str(job),
-                           *(a for s in settings for a in ("--set", s))],
-                          env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout == ""
-    lines = done.stderr.splitlines()
-    assert len(lines) == 1 and LINE.match(lines[0])[1] == "prepare", done.stderr
-    assert LINE.match(lines[0])[2].startswith("done in "), done.stderr
-    assert "Started a local Ray instance" in (out / "logs" / RAY_LOG).read_text()
-    assert lines[0] in (out / "logs" / "newsclip.log").read_text()  # the log file has what the console showed
-    assert (out / "logs" / "ray-session").is_dir()  # the local session's own logs (workers' output)
+    from newsclip.runtime import ray_setup
+
+    original = worker.print_to_stdstream
+    with ray_logs(tmp_path / "logs"):
+        ray_setup._routing.route_cluster_errors()
+        worker.print_to_stdstream({"lines": ["A worker died"], "pid": "raylet", "is_err": False}, ignore_prefix=False)
+    assert "A worker died" not in capsys.readouterr().out
+    assert "(raylet) A worker died" in (tmp_path / "logs" / RAY_LOG).read_text()
+    assert worker.print_to_stdstream is original
+
+
+# A run that starts its own local Ray, through the CLI in a process of its own, prints its stage lines and nothing of
+# Ray's (Ray's lines go to OUTPUT/logs): tests/test_chaos.py checks that on the driver it kills.
 
 
 def test_the_command_exits_without_teardown_but_after_atexit_and_flushed_output(tmp_path):

@@ -67,10 +67,12 @@ def engine(request, monkeypatch) -> str:
     return request.param
 
 
-# torch in Ray actors once: each actor imports torch (seconds on 2 CPUs)
+# On Ray once per engine, 3 shards (each shard actor is a process of its own that imports FAISS or torch: seconds on 2
+# CPUs); the cases below run locally, where the shards, their merge and the ties are the same code.
 @pytest.mark.parametrize(("backend", "engine", "shards"),
-                         [(b, e, s) for b, e in [("local", e) for e in ENGINES] + [("ray", "faiss")] for s in (1, 2, 7)]
-                         + [("ray", "torch", 1)], indirect=["engine"])
+                         [("local", e, s) for e in ENGINES for s in (1, 2, 7)]
+                         + [("ray", "faiss", 3), ("ray", "torch", 1)],
+                         indirect=["engine"])
 def test_exact_matches_numpy_and_faiss(data, backend, engine, shards, request):
     import faiss
 
@@ -95,15 +97,12 @@ def test_exact_matches_numpy_and_faiss(data, backend, engine, shards, request):
     assert {s["engine"] for s in res.shard_stats} == {engine.removesuffix("-fp16")}
 
 
-@pytest.mark.parametrize(("backend", "engine"), [("local", e) for e in ENGINES] + [("ray", "faiss")],
-                         indirect=["engine"])
-def test_k_larger_than_a_shard(data, backend, engine, request):
-    if backend == "ray":
-        request.getfixturevalue("ray_local")
+@pytest.mark.parametrize("engine", ENGINES, indirect=True)
+def test_k_larger_than_a_shard(data, engine):
     db_ids, db, q_ids, q = data
     sub_ids, sub = db_ids[:300], db[:300]
     k = 120  # 3 shards of 100 rows: each shard holds fewer than k
-    res = search(sub_ids, sub, [(q_ids, q)], _cfg(backend, engine, k=k, shards=3))
+    res = search(sub_ids, sub, [(q_ids, q)], _cfg("local", engine, k=k, shards=3))
     ref_ids, ref_scores = knn_numpy(sub_ids, sub, q, k)
     assert (res.ids == ref_ids).all()
     np.testing.assert_array_equal(res.scores, ref_scores)
@@ -119,11 +118,8 @@ def test_fewer_db_rows_than_k(data, engine):
     assert len(res.shard_stats) == 3
 
 
-@pytest.mark.parametrize(("backend", "engine"), [("local", e) for e in ENGINES] + [("ray", "faiss")],
-                         indirect=["engine"])
-def test_duplicate_vectors_tie_by_id_for_any_shard_count(backend, engine, request):
-    if backend == "ray":
-        request.getfixturevalue("ray_local")
+@pytest.mark.parametrize("engine", ENGINES, indirect=True)
+def test_duplicate_vectors_tie_by_id_for_any_shard_count(engine):
     rng = np.random.default_rng(7)
     base = _unit(rng.standard_normal((40, D), dtype=np.float32))
     db = np.repeat(base, 5, axis=0)  # every vector 5 times: exact ties everywhere
@@ -134,9 +130,7 @@ def test_duplicate_vectors_tie_by_id_for_any_shard_count(backend, engine, reques
     q_ids = np.arange(len(q))
     k = 7  # cuts through the second tie group
     ref_ids, ref_scores = knn_numpy(db_ids, db, q, k)
-    # actors take ~1 s each to start on 2 CPUs: ray checks one layout, local all of them
-    counts = (3,) if backend == "ray" else (1, 2, 3, 7)
-    results = [search(db_ids, db, [(q_ids, q)], _cfg(backend, engine, k=k, shards=s)).ids for s in counts]
+    results = [search(db_ids, db, [(q_ids, q)], _cfg("local", engine, k=k, shards=s)).ids for s in (1, 2, 3, 7)]
     for r in results:
         assert (r == ref_ids).all()
     # the 5 copies of the query's own vector come first, in id order
@@ -193,23 +187,18 @@ def _clustered(rng, n_db, n_q, d=D, centers=64, noise=0.15):
 # ivf (nlist 64 -> clamped to 2000 // 39 = 51 per shard, nprobe 2) 0.98, hnsw (M 4, ef 10 -> 18) 0.98
 @pytest.mark.parametrize(("index", "floor", "extra"), [("ivf", 0.9, {"nlist": 64, "nprobe": 2}),
                                                       ("hnsw", 0.9, {"hnsw_m": 4, "ef_search": 10})])
-@pytest.mark.parametrize("backend", ["local", "ray"])
-def test_approximate_recall(index, floor, extra, backend, request):
-    if backend == "ray":
-        request.getfixturevalue("ray_local")
+def test_approximate_recall(index, floor, extra):
     rng = np.random.default_rng(3)
     db, q = _clustered(rng, 4000, 400)
     db_ids = np.array([f"i{i}" for i in range(len(db))], dtype=object)
     k = 10
-    cfg = _cfg(backend, k=k, shards=2, index=index, recall_sample=1000, query_batch_size=128, **extra)
+    cfg = _cfg("local", k=k, shards=2, index=index, recall_sample=1000, query_batch_size=128, **extra)
     res = search(db_ids, db, _batches(np.arange(len(q)), q, [150]), cfg)
     ref_ids, _ = knn_numpy(db_ids, db, q, k)
     true_recall = np.mean([len(set(a) & set(b)) / k for a, b in zip(res.ids, ref_ids)])
     assert res.recall_at_k is not None and res.recall_at_k >= floor
     assert res.recall_at_k == pytest.approx(true_recall)  # sample >= all queries: the measured recall is exact
     assert all(s["index"] == index for s in res.shard_stats)
-    if backend == "ray":
-        return  # the sampling is driver-side: checked once, locally
     # a smaller seeded sample is reproducible and close
     small = search(db_ids, db, [(np.arange(len(q)), q)], dataclasses.replace(cfg, recall_sample=100))
     again = search(db_ids, db, [(np.arange(len(q)), q)], dataclasses.replace(cfg, recall_sample=100))

@@ -288,6 +288,7 @@ class _Routing:
         self.removed: list[tuple[logging.Logger, logging.Handler]] = []
         self.data_context: dict | None = None
         self.native: tuple[int, object, object] | None = None  # (saved fd 2, sys.stderr before, sys.stderr during)
+        self.printer: tuple[object, object] | None = None  # (Ray's worker module, its error printer)
 
     def route_loggers(self) -> None:
         """Ray's loggers write to ray.log; their console handlers come off unless --verbose. Again after each step
@@ -312,7 +313,29 @@ class _Routing:
             context = DataContext.get_current()
             self.data_context = {"enable_progress_bars": context.enable_progress_bars}
             context.enable_progress_bars = False
+        self.route_cluster_errors()
         self.link_session_logs()
+
+    def route_cluster_errors(self) -> None:
+        """The errors the cluster sends this driver ("(raylet) A worker died or was killed ...") go to ray.log:
+        Ray prints them to stdout itself, whatever `log_to_driver` says, from a thread that calls
+        `ray._private.worker.print_to_stdstream` by name. A dead worker is Ray's to retry (ray.max_task_retries);
+        when retries run out, the stage's own error says so."""
+        if self.verbose or self.printer is not None:
+            return
+        from ray._private import worker
+
+        printer = getattr(worker, "print_to_stdstream", None)
+        if printer is None:  # a Ray that prints them another way: they stay on the console
+            return
+        ray_logger = logging.getLogger("ray")
+
+        def to_log(data, ignore_prefix=False):
+            for line in data.get("lines", ()):
+                ray_logger.warning("(%s) %s", data.get("pid", "ray"), line)
+
+        self.printer = (worker, printer)
+        worker.print_to_stdstream = to_log
 
     def redirect_native_stderr(self) -> None:
         """File descriptor 2 to ray-native.log, so that what native code writes there stays off the console; Python's
@@ -346,6 +369,9 @@ class _Routing:
         temporary.replace(link)
 
     def undo(self) -> None:
+        if self.printer is not None:
+            module, printer = self.printer
+            module.print_to_stdstream = printer
         if self.native is not None:
             saved, before, during = self.native
             if sys.stderr is during:
