@@ -1,6 +1,7 @@
 """Shared fixtures: a private model cache, the test builds of demo-tiny and the demo translator (made in background
 processes while the tests that need neither run), one local Ray per session."""
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -31,16 +32,28 @@ class Build:
     """A model the session's tests share, made by a background process that starts when collection ends, so that
     its ~1-1.5 minutes of training overlap the tests that need no model (they run first: see ordering below)."""
 
-    def __init__(self, name: str, fixture: str, code: str, target: Path):
+    def __init__(self, name: str, fixture: str, code: str, target: Path, sources: tuple[str, ...]):
         self.name, self.fixture, self.code, self.target = name, fixture, code, target
         self.process: subprocess.Popen | None = None
-        self.log = target.parent / f"{target.name}.build.log"
+        self.built = self._kept(sources) or target  # where the build writes
+        self.log = self.built.parent / f"{self.built.name}.build.log"
+
+    def _kept(self, sources: tuple[str, ...]) -> Path | None:
+        """With NEWSCLIP_TEST_BUILDS=DIR (for repeated local runs; CI leaves it unset): the build is kept in DIR
+        under a digest of its code and of the package folders it comes from, and reused while they are unchanged."""
+        if not (keep := os.environ.get("NEWSCLIP_TEST_BUILDS")):
+            return None
+        digest = hashlib.sha256(self.code.encode())
+        for folder in sources:
+            for path in sorted((REPO / folder).rglob("*.py")):
+                digest.update(path.read_bytes())
+        return Path(keep).expanduser().resolve() / f"{self.fixture}-{digest.hexdigest()[:16]}" / self.target.name
 
     def start(self) -> None:
-        if self.process is None and not self.target.exists():
-            self.target.parent.mkdir(parents=True, exist_ok=True)
+        if self.process is None and not self.built.exists():
+            self.built.parent.mkdir(parents=True, exist_ok=True)
             with open(self.log, "w") as log:
-                self.process = subprocess.Popen([sys.executable, "-c", self.code, str(self.target)],
+                self.process = subprocess.Popen([sys.executable, "-c", self.code, str(self.built)],
                                                 env={**os.environ, **BUILD_ENV}, stdout=log, stderr=subprocess.STDOUT)
 
     def wait(self) -> Path:
@@ -52,8 +65,11 @@ class Build:
             waited = time.perf_counter() - started
             if waited > 1:
                 print(f"\n{self.name}: waited {waited:.0f} s for its background build")
-            if code != 0 or not self.target.exists():
+            if code != 0 or not self.built.exists():
                 raise RuntimeError(f"building {self.name} failed (exit {code}):\n{self.log.read_text()[-3000:]}")
+        if not self.target.exists():  # a kept build: linked where the tests' jobs look
+            self.target.parent.mkdir(parents=True, exist_ok=True)
+            self.target.symlink_to(self.built)
         return self.target
 
 
@@ -65,11 +81,12 @@ BUILDS = {
     # where `load_backbone("demo-tiny")` finds it
     "demo_tiny": Build("demo-tiny", "demo_tiny", (
         "import sys; from pathlib import Path; from newsclip.demo.model import TEST_STEPS, train_demo_model; "
-        "train_demo_model(Path(sys.argv[1]), seed=0, steps=TEST_STEPS, log=print)"), _cache() / "demo-tiny.pt"),
+        "train_demo_model(Path(sys.argv[1]), seed=0, steps=TEST_STEPS, log=print)"), _cache() / "demo-tiny.pt",
+        ("newsclip/demo",)),
     "demo_package": Build("the demo translator", "demo_package", (
         "import sys; from pathlib import Path; from newsclip.translate.demo_translator import build_demo_translator; "
         f"build_demo_translator(Path(sys.argv[1]).parent, seed=0, **{TEST_TRANSLATOR!r})"),
-        _cache() / "demo-translator" / PACKAGE_FILENAME),
+        _cache() / "demo-translator" / PACKAGE_FILENAME, ("newsclip/translate",)),
 }
 
 

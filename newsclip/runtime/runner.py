@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import newsclip
 from newsclip.config import JobConfig, dump
 from newsclip.runtime import console, stage_clock
 from newsclip.runtime.embedding_store import content_key, store_refs
@@ -143,7 +144,9 @@ def run_stages(cfg: JobConfig, names: tuple[str, ...] = STAGE_NAMES, force: bool
         now = time.time()  # run ids sort in start order, also for runs in one second (a small night takes less)
         record = {"run_id": time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f".{int(now % 1 * 1e6):06d}Z-"
                   + uuid.uuid4().hex[:6],
-                  "started_at": _now(), "status": "running", "stages": {}}
+                  "started_at": _now(), "status": "running", "stages": {},
+                  # which code made these outputs (on a cluster: the submitted checkout's copy, in runtime_resources)
+                  "newsclip": {"version": newsclip.__version__, "path": str(Path(newsclip.__file__).parent)}}
         path = layout.run_record(record["run_id"])
         running = None
         try:
