@@ -3,6 +3,7 @@ after it, with the local Ray it started, and the job rerun finishes, redoing onl
 appears exactly once and the embeddings equal an undisturbed run's, bit for bit. (A whole node killed, on a cluster
 of several: tests/test_node_chaos.py.)"""
 
+import contextlib
 import glob
 import json
 import os
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import yaml
 
@@ -70,16 +72,15 @@ def chaos_root(tmp_path_factory, demo_tiny, ray_local):
     return root, _embeddings(root / "reference")
 
 
-def _encoder_pids(name: str) -> list[int]:
-    """Processes of Ray actors running `name` (Ray titles them `ray::MapWorker(MapBatches(<name>)).<method>`)."""
+def _encoder_pids(driver: int, name: str) -> list[int]:
+    """The driver's Ray actors running `name` (Ray titles them `ray::MapWorker(MapBatches(<name>)).<method>`): in
+    its process tree (the local Ray it started), never another run's on this machine."""
     pids = []
-    for path in glob.glob("/proc/[0-9]*/cmdline"):
-        try:
-            cmdline = Path(path).read_bytes().decode(errors="replace")
-        except OSError:
-            continue
-        if cmdline.startswith(f"ray::MapWorker(MapBatches({name}))"):
-            pids.append(int(path.split("/")[2]))
+    with contextlib.suppress(psutil.Error):
+        for process in psutil.Process(driver).children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                if " ".join(process.cmdline()).startswith(f"ray::MapWorker(MapBatches({name}))"):
+                    pids.append(process.pid)
     return pids
 
 
@@ -105,8 +106,9 @@ def test_killed_actor_then_killed_driver_then_rerun_finishes_the_job(chaos_root)
                 time.sleep(0.02)
 
         # mid-stage: image parts committed, more to come, the model actor at work
-        wait_for("an image part was committed", lambda: _encoder_pids("ImageEncoder") and _image_store_parts(output))
-        actor = _encoder_pids("ImageEncoder")[0]
+        wait_for("an image part was committed", lambda: _encoder_pids(driver.pid, "ImageEncoder")
+                 and _image_store_parts(output))
+        actor = _encoder_pids(driver.pid, "ImageEncoder")[0]
         os.kill(actor, signal.SIGKILL)
         parts_at_kill = len(_image_store_parts(output))
         # the stage goes on: a part committed after the actor died, and the rest of the job still to do

@@ -44,8 +44,8 @@ def real_run(tmp_path_factory, demo_tiny, ray_local):
     overrides = {"input.articles": str(root / "data" / "articles"), "input.images": str(root / "data" / "images"),
                  "output_dir": str(root / "output"), "backbones": json.dumps(names[:2]),
                  "fusion": json.dumps(names[2:]), "translate.enabled": "false", "eval.bootstrap": "200",
-                 # the two backbones encode side by side, half a CPU per actor (one CPU stays for reading)
-                 "encode.parallel_backbones": "2", "encode.num_cpus_per_actor": "0.5", "ray.inline_rows": "0"}
+                 # the two backbones encode side by side (in this process: 200 articles are under ray.inline_rows)
+                 "encode.parallel_backbones": "2"}
     # no translation (its package takes ~90 s to build): the German articles stay German, demo-tiny misses them
     assert main(["run", JOB, *[a for k, v in overrides.items() for a in ("--set", f"{k}={v}")]]) == 0
     return root / "output", names
