@@ -172,10 +172,10 @@ def test_a_stage_reruns_alone(demo_run, capsys):
     before = (out / "metrics.csv").read_text()
     job = [JOB, "--set", f"input.articles={data / 'articles'}", "--set", f"input.images={data / 'images'}",
            "--set", f"output_dir={out}"]
-    for knn in (["knn.shards=5"], ["knn.shards=3", "knn.backend=ray", "knn.num_cpus_per_actor=0.25"]):
-        assert main(["knn", *job, *[a for k in knn for a in ("--set", k)]]) == 0
-        assert main(["evaluate", *job]) == 0
-        assert (out / "metrics.csv").read_text() == before, knn  # any shard layout, in-process or on actors
+    # another shard layout (on Ray's actors too: tests/test_knn.py holds their rankings to the in-process ones)
+    assert main(["knn", *job, "--set", "knn.shards=5"]) == 0
+    assert main(["evaluate", *job]) == 0
+    assert (out / "metrics.csv").read_text() == before
     assert "demo-tiny" in capsys.readouterr().out
 
     assert main(["knn", *job, "--set", "knn.index=hnsw"]) == 0
