@@ -7,9 +7,10 @@ BIN := $(VENV)/bin
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip "setuptools<82" wheel
-	# --no-compile: Python compiles what is imported when it is first imported, not all of torch and Ray up front
-	$(BIN)/pip install --quiet --no-compile -e ".[test]"
+	$(BIN)/pip install --quiet "uv==0.13.9"
+	# uv installs what pip would, from where pip would (.ci/uv_env.py reads pip's configuration), about twice as fast;
+	# like `pip install --no-compile`, it leaves Python to compile what is imported when it is first imported
+	eval "$$($(BIN)/python .ci/uv_env.py)" && $(BIN)/uv pip install --quiet --python $(BIN)/python -e ".[test]"
 	touch $@
 
 setup: $(BIN)/.installed
