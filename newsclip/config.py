@@ -11,7 +11,7 @@ from typing import Literal
 import yaml
 
 from newsclip.names import parse_fusion_name, slug
-from newsclip.retrieval.backbone_values import BackboneEntry, ResolvedBackbone
+from newsclip.retrieval.backbone_values import TRANSLATED, BackboneEntry, ResolvedBackbone
 from newsclip.retrieval.search import KnnConfig
 from newsclip.runtime.layout import Layout
 from newsclip.translate.translator import TranslateConfig
@@ -218,7 +218,7 @@ class JobConfig:
     def text_of(self, backbone: str) -> str:
         """original | translated: which texts a backbone reads."""
         entry = self.backbone_options.get(backbone)
-        return entry.text if entry else "translated"
+        return entry.text if entry else TRANSLATED
 
     @property
     def store(self) -> Path:

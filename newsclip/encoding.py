@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from newsclip.config import EncodeConfig, JobConfig
-from newsclip.retrieval.backbone_values import ResolvedBackbone
+from newsclip.retrieval.backbone_values import TRANSLATED, ResolvedBackbone
 from newsclip.retrieval.registry import as_resolved
 from newsclip.runtime.console import log, progress
 from newsclip.runtime.embedding_store import EmbeddingStore, content_keys
@@ -50,7 +50,7 @@ IMAGES = Side("images", ImageEncoder, "image_id", "image")
 
 
 def wanted_rows(cfg: JobConfig, side: Side, stored: pa.Array | None = None,
-                text: str = "translated") -> tuple[pa.Table, pa.Table]:
+                text: str = TRANSLATED) -> tuple[pa.Table, pa.Table]:
     """(id, hash) of every row this run needs embedded, and the rows among them to encode: one per hash not in
     `stored`, with the `file` that holds it (the CPU tasks read texts and images from there). The texts are read
     batch by batch to hash them, so the driver holds the archive's ids and hashes, never its texts. `text`: the
@@ -65,12 +65,13 @@ def wanted_rows(cfg: JobConfig, side: Side, stored: pa.Array | None = None,
     return wanted, todo.take(pa.array(np.sort(first), pa.int64()))
 
 
-def _side_rows(cfg: JobConfig, side: Side, text: str = "translated") -> Iterator[pa.Table]:
+def _side_rows(cfg: JobConfig, side: Side, text: str = TRANSLATED) -> Iterator[pa.Table]:
     """The rows a side needs, in batches: (article_id | image_id, file, hash)."""
     if side is TEXTS:
         # the original texts of exactly the articles the job scores (translate may have left some out)
         keep = None if query_texts(cfg, text) == cfg.query_texts else pq.read_table(
-            parquet_files(cfg.query_texts, "query texts"), columns=["article_id"]).column("article_id").cast(pa.string())
+            parquet_files(cfg.query_texts, "query texts"), columns=["article_id"]).column("article_id")
+        keep = None if keep is None else keep.cast(pa.string())
         for path in parquet_files(query_texts(cfg, text), "query texts"):
             for batch in read_batches(path, columns=["article_id", "query_text"]):
                 if keep is not None:
@@ -90,10 +91,10 @@ def _side_rows(cfg: JobConfig, side: Side, text: str = "translated") -> Iterator
     yield images.select(["image_id", "file"]).append_column("hash", images.column("image_hash"))
 
 
-def query_texts(cfg: JobConfig, text: str = "translated"):
+def query_texts(cfg: JobConfig, text: str = TRANSLATED):
     """The query texts a backbone reads: the job's (English where it translates), or with `original` the prepared
     texts as the articles wrote them (multilingual models); the same articles either way."""
-    return cfg.layout.query_texts(cfg.translate.enabled and text == "translated")
+    return cfg.layout.query_texts(cfg.translate.enabled and text == TRANSLATED)
 
 
 def prepared_rows(side: Side, todo: pa.Table, backbone: ResolvedBackbone, enc: EncodeConfig, max_retries: int):

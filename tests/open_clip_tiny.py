@@ -29,11 +29,11 @@ def _timm_models() -> None:
 
     tiny = {
         "newsclip_tiny_siglip": (vision_transformer.vit_base_patch16_siglip_224,
-                                 dict(patch_size=8, embed_dim=32, depth=1, num_heads=2, img_size=32)),
+                                 {"patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2, "img_size": 32}),
         "newsclip_tiny_pe_core": (eva.vit_pe_core_base_patch16_224,
-                                  dict(patch_size=8, embed_dim=32, depth=1, num_heads=2, img_size=32,
-                                       ref_feat_shape=(4, 4), attn_pool_num_heads=2)),
-        "newsclip_tiny_convnext": (convnext.convnext_base, dict(depths=(1, 1, 1, 1), dims=(8, 16, 32, 64))),
+                                  {"patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2, "img_size": 32,
+                                   "ref_feat_shape": (4, 4), "attn_pool_num_heads": 2}),
+        "newsclip_tiny_convnext": (convnext.convnext_base, {"depths": (1, 1, 1, 1), "dims": (8, 16, 32, 64)}),
     }
     for name, (entry_point, overrides) in tiny.items():
         if timm.models.is_model(name):

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 Text = Literal["original", "translated"]
+ORIGINAL, TRANSLATED = "original", "translated"  # a backbone's texts (a choice, not a folder)
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,7 @@ class BackboneEntry:
     pretrained: str | None = None  # its pretrained tag (webli) or a weights file or folder
     backbone: str | None = None  # or a name of the OpenAI registry, demo-tiny or a CLIP checkpoint file
     name: str | None = None  # what the job calls it (reports, fusion, per_backbone); default from the above
-    text: Text = "translated"  # which text it reads: translated (English) or the original (multilingual models)
+    text: Text = TRANSLATED  # which text it reads: translated (English) or the original (multilingual models)
     tokenizer: str | None = None  # a local tokenizer folder, for tokenizers open_clip takes from the Hub
     text_model: str | None = None  # a local folder of the Hugging Face text tower's config (XLM-R)
     preprocess: PreprocessSettings | None = None
@@ -103,7 +104,7 @@ class ResolvedBackbone:
     tokenizer: TokenizerSpec
     preprocess: PreprocessSpec
     image_gflops: float  # the cost of one image: sets the default GPU batch and GPU share
-    text: Text = "translated"
+    text: Text = TRANSLATED
     source: str = ""  # clip: the name or path clip loads; open_clip: the pretrained tag or file as the job gave it
     download_root: str | None = None
     arch: str | None = None

@@ -19,7 +19,7 @@ from newsclip.retrieval.backbone_values import (
 # open_clip's preferred weight files in a Hub repo or folder (pretrained.py's HF_WEIGHTS_NAME and its safetensors
 # alternatives), in the order it tries them
 HUB_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
-# the files a Hugging Face tokenizer or text-tower config folder needs (any one of the first two; config.json for a tower)
+# the files that make a folder a Hugging Face tokenizer (either one)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 

@@ -8,7 +8,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from newsclip.names import checkpoint_label, slug
-from newsclip.retrieval.backbone_values import BackboneEntry, PreprocessSpec, ResolvedBackbone, TokenizerSpec
+from newsclip.retrieval.backbone_values import (
+    TRANSLATED,
+    BackboneEntry,
+    PreprocessSpec,
+    ResolvedBackbone,
+    TokenizerSpec,
+)
 from newsclip.retrieval.backbones import (
     _OPENAI_URLS,
     BACKBONES,
@@ -72,7 +78,7 @@ def resolve_backbone(name: str, entry: BackboneEntry | None = None, download_roo
     """Resolve a backbone from local files; MissingFiles (a FileNotFoundError) names each file that is missing, where
     it was looked for and how to fetch it. OpenAI names and CLIP checkpoints go to clip; `ARCH/TAG` and
     `{open_clip: ...}` entries to open_clip."""
-    text = entry.text if entry else "translated"
+    text = entry.text if entry else TRANSLATED
     if entry is not None and entry.backbone is not None:
         resolved = _resolve_clip(entry.backbone, download_root, text)
         return resolved if resolved.name == name else _renamed(resolved, name)

@@ -10,7 +10,7 @@ import pyarrow.compute as pc
 from newsclip.config import JobConfig
 from newsclip.encoding import IMAGES, TEXTS, Side, encode_new, store_label, wanted_rows
 from newsclip.names import encode_entry
-from newsclip.retrieval.backbone_values import ResolvedBackbone
+from newsclip.retrieval.backbone_values import TRANSLATED, ResolvedBackbone
 from newsclip.retrieval.registry import missing_files
 from newsclip.runtime.embedding_store import EmbeddingStore, write_refs
 from newsclip.runtime.rejects import write_rejects
@@ -73,7 +73,7 @@ def _run(cfg: JobConfig) -> list[dict]:
 def _checkpoints(cfg: JobConfig) -> dict[str, str]:
     """The backbones' weights as they are now: retrained or replaced weights under the same name rerun the stage
     (and an open_clip model given other settings or texts)."""
-    return {b.name: b.checkpoint_id if b.kind == "clip" and b.text == "translated" else
+    return {b.name: b.checkpoint_id if b.kind == "clip" and b.text == TRANSLATED else
             f"{b.checkpoint_id}:{store_label(cfg.encode, b)}:{b.text}" for b in cfg.resolved_backbones.values()}
 
 

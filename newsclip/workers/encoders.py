@@ -136,25 +136,29 @@ def read_and_tokenize_texts(units: pa.Table, context_length: int, tokenizer: Tok
                           tokenizer)
 
 
-def apply_precision(model: torch.nn.Module, precision: str, device: str, kind: str = "clip") -> torch.nn.Module:
+def apply_precision(model: torch.nn.Module, precision: str, device: str) -> torch.nn.Module:
     """fp32: `model.float()`. fp16: clip's own mixed precision, exactly what `clip.load` gives on CUDA (conv,
     linear and attention weights fp16, LayerNorms fp32: clip's LayerNorm computes in fp32, so `model.half()`
-    crashed on the first batch); for open_clip models, open_clip's own fp16 (its `precision="fp16"`). bf16: the
-    fp32 model under bf16 autocast (see `_Encoder._encode`)."""
-    import torch
+    crashed on the first batch). bf16: the fp32 model under bf16 autocast (see `_Encoder._encode`)."""
+    from clip.model import convert_weights
 
     model.float()
-    if precision == "fp16" and kind == "open_clip":
-        from open_clip.factory import _set_model_device_and_precision
-
-        is_timm = type(model.visual).__name__ == "TimmModel"  # what open_clip's factory asks of the config
-        _set_model_device_and_precision(model, torch.device(device), "fp16", is_timm)
-        return model.eval()
     if precision == "fp16":
-        from clip.model import convert_weights
-
         convert_weights(model)
     return model.to(device).eval()
+
+
+def apply_open_clip_precision(model: torch.nn.Module, precision: str, device: str) -> torch.nn.Module:
+    """As `apply_precision`, for an open_clip model: fp16 is open_clip's own (its `precision="fp16"`: low-precision
+    weights, its fp32 LayerNorms kept; a timm tower cast whole)."""
+    import torch
+    from open_clip.factory import _set_model_device_and_precision
+
+    model.float()
+    is_timm = type(model.visual).__name__ == "TimmModel"  # what open_clip's factory asks of the config
+    _set_model_device_and_precision(model, torch.device(device), precision if precision == "fp16" else "fp32",
+                                    is_timm)
+    return model.eval()
 
 
 def measured_precision(model: torch.nn.Module, autocast: bool) -> str:
@@ -200,7 +204,8 @@ class _Encoder:
         self.torch, self.cfg, self.device = torch, cfg, cfg.device
         _require_device(self.device)
         self.backbone = backbone = as_resolved(backbone, cfg.download_root)
-        self.model = apply_precision(load_model(backbone), cfg.precision, self.device, backbone.kind)
+        apply = apply_precision if backbone.kind == "clip" else apply_open_clip_precision
+        self.model = apply(load_model(backbone), cfg.precision, self.device)
         self.autocast = cfg.precision == "bf16"
         self.precision = measured_precision(self.model, self.autocast)
         runs_on = next(self.model.parameters()).device.type
@@ -371,7 +376,8 @@ class TextEncoder(_Encoder):
     def __call__(self, batch: pa.Table) -> pa.Table:
         tokens = self.torch.tensor(vectors_of(batch.column("tokens")))  # a copy: Arrow's buffers are read-only
         if tokens.shape[1] != self.backbone.context_length:
-            raise ValueError(f"tokens of length {tokens.shape[1]}; this text tower takes {self.backbone.context_length}")
+            raise ValueError(f"tokens of length {tokens.shape[1]}; this text tower takes "
+                             f"{self.backbone.context_length}")
         if self.backbone.kind == "open_clip":
             tokens = tokens.long()  # what open_clip's tokenizers give (Hugging Face towers build position ids off it)
         vectors = self._encode(self.model.encode_text, tokens)
