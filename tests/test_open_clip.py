@@ -159,3 +159,39 @@ def test_job_entries_become_names_with_their_options(tiny):
     assert again.backbones == cfg.backbones and again.backbone_options == cfg.backbone_options
     with pytest.raises(config.ConfigError, match=r"backbones\[1\]"):
         config.from_dict({"backbones": ["demo-tiny", {"open_clip": "ViT-B-32"}]})
+
+
+def test_a_job_with_demo_tiny_and_an_open_clip_file_runs_end_to_end(tmp_path, tiny, demo_tiny, packages_dir, capsys):
+    """`backbones: [demo-tiny, {open_clip: ARCH, pretrained: FILE}]` (a tiny registered ViT config with random weights
+    saved to a file: the real ViT-B-32 is too slow for the suite on 2 CPU cores), the open_clip one on the original
+    German texts and the fine-tune-free demo-tiny on the translated ones; the report names both preprocesses."""
+    import json
+
+    import yaml
+
+    from newsclip.cli import main
+    from newsclip.demo.data import write_demo_data
+    from newsclip.names import encode_entry
+
+    write_demo_data(tmp_path / "data", 60, seed=3)
+    entry = {"open_clip": tiny["clip-vit"].arch, "pretrained": str(tiny["clip-vit"].weights), "text": "original"}
+    job = {"name": "open-clip", "input": {"articles": str(tmp_path / "data" / "articles"),
+                                          "images": str(tmp_path / "data" / "images")},
+           "output_dir": str(tmp_path / "out"), "backbones": ["demo-tiny", entry],
+           "translate": {"packages_dir": str(packages_dir)}, "eval": {"bootstrap": 20}}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    assert main(["run", str(tmp_path / "job.yaml")]) == 0
+    name = f"{tiny['clip-vit'].arch}/{tiny['clip-vit'].weights.name}"
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert {r["backbone"] for r in metrics["rows"]} >= {"demo-tiny", name}
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert f"- {name}: open_clip {tiny['clip-vit'].arch}; shortest resize to 32x32 (bicubic)" in report
+    assert "- demo-tiny: clip; shortest resize to 64x64 (bicubic)" in report and "text original" in report
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())["stages"]
+    assert manifest[encode_entry(name, "texts")]["text"] == "original"
+    # a missing weights file stops the job before anything starts: exit status 2, naming the file
+    job["backbones"] = ["demo-tiny", {**entry, "pretrained": str(tmp_path / "gone.safetensors")}]
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    capsys.readouterr()
+    assert main(["run", str(tmp_path / "job.yaml")]) == 2
+    assert str(tmp_path / "gone.safetensors") in capsys.readouterr().err
