@@ -195,3 +195,51 @@ def test_a_job_with_demo_tiny_and_an_open_clip_file_runs_end_to_end(tmp_path, ti
     capsys.readouterr()
     assert main(["run", str(tmp_path / "job.yaml")]) == 2
     assert str(tmp_path / "gone.safetensors") in capsys.readouterr().err
+
+
+def test_sigmoid_loss_is_open_clips_siglip_loss():
+    import torch
+    from open_clip.loss import SigLipLoss
+
+    from newsclip.finetune.loop import sigmoid_loss
+
+    torch.manual_seed(0)
+    image, text = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1), torch.nn.functional.normalize(
+        torch.randn(6, 8), dim=-1)
+    scale, bias = torch.tensor(10.0), torch.tensor(-10.0)
+    ours = sigmoid_loss(image, text, scale, bias)
+    assert ours.item() == pytest.approx(SigLipLoss()(image, text, scale, bias).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("family", ["siglip", "clip-vit"])
+def test_an_open_clip_fine_tune_step_and_its_result_load_as_a_backbone(tmp_path, tiny, family):
+    """A training step through the fine-tune's towers (SigLIP: the sigmoid loss, whose logit bias gets a gradient),
+    then the saved weights with their training record load as a backbone of the mapping form, carrying the split."""
+    import torch
+
+    from newsclip.finetune.loop import forward_loss, towers
+    from newsclip.finetune.run import tuned_entry
+    from newsclip.retrieval.registry import load_model
+    from newsclip.retrieval.trained import is_checkpoint_file, read_training_record, save_checkpoint
+
+    entry = check_value("b", BackboneEntry, tiny[family].entry)
+    start = resolve_backbone(entry_name(entry), entry)
+    model = load_model(start)
+    pixels = torch.from_numpy(np.stack([np.asarray(i.convert("RGB").resize((32, 32))).transpose(2, 0, 1)
+                                        for i in _images()]))
+    tokens = torch.from_numpy(tokenize_texts(pa.table({"hash": list("abcd"), "query_text": TEXTS_}),
+                                             start.context_length, start.tokenizer).column("tokens")
+                              .combine_chunks().flatten().to_numpy().reshape(4, -1).copy())
+    loss = forward_loss(towers(model, start), pixels, tokens, "fp32")
+    loss.backward()
+    assert (getattr(model.logit_bias, "grad", None) is not None) == (family == "siglip") and torch.isfinite(loss)
+    assert model.logit_scale.grad is not None
+    record = {"version": 1, "train": {"articles": ["a1"], "image_hashes": []}, "validation": {}}
+    with open(tmp_path / "model.pt", "wb") as f:
+        save_checkpoint(f, {k: v.detach() for k, v in model.state_dict().items()}, record)
+    _, tuned = tuned_entry(start, tmp_path / "model.pt")
+    resolved = resolve_backbone(entry_name(tuned), tuned)
+    assert resolved.preprocess == start.preprocess and resolved.tokenizer == start.tokenizer
+    assert is_checkpoint_file(resolved) and read_training_record(resolved.weights) == record
+    loaded = load_model(resolved)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
