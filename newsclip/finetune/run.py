@@ -179,6 +179,18 @@ def _train(cfg: JobConfig, ft: FinetuneConfig, split: Split, folder: Path) -> di
             "train": len(split.train), "validation": len(split.validation), "eval": len(split.eval_ids)}
 
 
+def is_open_clip_start(cfg: JobConfig, ft: FinetuneConfig) -> bool:
+    """Whether the fine-tune starts from an open_clip model (a mapping of the job's, or an `ARCH/TAG` name)."""
+    from newsclip.retrieval.backbones import BACKBONES
+    from newsclip.retrieval.open_clip_models import is_open_clip_name
+
+    entry = cfg.backbone_options.get(ft.backbone)
+    if entry is not None:
+        return entry.open_clip is not None
+    return ft.backbone not in BACKBONES and not Path(ft.backbone).expanduser().exists() and \
+        is_open_clip_name(ft.backbone)
+
+
 def tuned_entry(backbone, model: Path):
     """The fine-tuned model as a job backbone: its path (clip), or for an open_clip start the mapping that loads
     it with the start's architecture, preprocess, tokenizer and texts."""
@@ -206,14 +218,15 @@ def comparison_job(cfg: JobConfig, ft: FinetuneConfig, model: Path) -> JobConfig
     reused and only the new model is encoded, with the start's encode settings (precision, batch, GPU share)."""
     from newsclip.retrieval.registry import entry_name
 
-    backbone = start_backbone(cfg, ft)
-    path, entry = tuned_entry(backbone, model)
+    # a clip start needs nothing resolved (its weights may be elsewhere: a cluster's); an open_clip start its settings
+    backbone = start_backbone(cfg, ft) if is_open_clip_start(cfg, ft) else None
+    path, entry = tuned_entry(backbone, model) if backbone else (str(model), None)
     tuned = path or entry_name(entry)
     backbones = (ft.backbone, tuned)
     options = {name: e for name, e in cfg.backbone_options.items() if name == ft.backbone}
     if entry is not None:
         options[tuned] = entry
-    start = cfg.encode.for_backbone(ft.backbone, backbone.image_gflops)
+    start = cfg.encode.for_backbone(ft.backbone, backbone.image_gflops if backbone else None)
     own = {name: v for name, v in cfg.encode.per_backbone.items() if name == ft.backbone}
     own[tuned] = BackboneEncode(batch_size=start.batch_size, actors=start.actors,
                                 num_gpus_per_actor=start.num_gpus_per_actor, precision=start.precision)

@@ -199,9 +199,11 @@ def _tokenizer(arch: str, model_cfg: dict, entry: BackboneEntry | None, cache: P
 
 
 def resolve_open_clip(name: str, entry: BackboneEntry | None, download_root: str | None, hf_cache: str | None,
-                      slug: str, text: str, file_id) -> ResolvedBackbone:
+                      slug: str, text: str, file_id, tokenizer_required: bool = True) -> ResolvedBackbone:
     """`ARCH/TAG` or an `{open_clip: ARCH, pretrained: ...}` entry, resolved from local files; MissingFiles names
-    every file that is not here. `file_id(path)` gives a weights file's checkpoint id."""
+    every file that is not here. `file_id(path)` gives a weights file's checkpoint id. Without `tokenizer_required`
+    (benchmarks of random weights: the image side alone) a Hub tokenizer that is not here is no error, and the value
+    has no tokenizer folder."""
     from open_clip.factory import get_model_config
 
     arch, pretrained = (entry.open_clip, entry.pretrained) if entry else name.split("/", 1)
@@ -217,7 +219,9 @@ def resolve_open_clip(name: str, entry: BackboneEntry | None, download_root: str
     try:
         tokenizer = _tokenizer(arch, model_cfg, entry, cache)
     except MissingFiles as e:
-        missing += e.messages
+        if tokenizer_required:
+            missing += e.messages
+        tokenizer = TokenizerSpec("hf", int(model_cfg["text_cfg"].get("context_length", 77)))
     hf_model = model_cfg.get("text_cfg", {}).get("hf_model_name")
     if hf_model:
         try:
@@ -265,7 +269,7 @@ def load_open_clip(backbone: ResolvedBackbone):
     text_cfg = dict(model_cfg["text_cfg"])
     if backbone.text_model:  # the tower's config from its local folder; its weights come with the checkpoint
         text_cfg.update(hf_model_name=backbone.text_model, hf_model_pretrained=False)
-    if text_cfg.get("hf_tokenizer_name"):
+    if text_cfg.get("hf_tokenizer_name") and backbone.tokenizer.folder:
         text_cfg["hf_tokenizer_name"] = backbone.tokenizer.folder
     if backbone.arch not in open_clip.list_models():  # a worker without the driver's registered configs
         open_clip.factory._MODEL_CONFIGS[backbone.arch] = model_cfg
