@@ -103,7 +103,7 @@ def _weights(arch: str, pretrained: str, download_root: str | None, cache: Path)
         raise MissingFiles([f"weights of open_clip {arch}/{pretrained} not found: expected {' or '.join(names)} of "
                             f"the Hub repo {repo} in the Hugging Face cache {cache} (encode.hf_cache; newsclip never "
                             f"downloads at job time). Fetch it on a machine with network access: "
-                            f"`{_fetch(repo, cache, names[:1])}`, then copy that cache folder here, or name the "
+                            f"`{_fetch(repo, cache, names)}`, then copy that cache folder here, or name the "
                             f"file itself: {{open_clip: {arch}, pretrained: FILE}}"])
     url = tag.get("url", "")
     root = Path(download_root or "~/.cache/clip").expanduser()
