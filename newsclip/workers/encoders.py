@@ -8,7 +8,8 @@ decoded its own images fed an H200 ~1/40 of what it can take. Here CPU tasks, as
 turn image bytes into uint8 pixels (the model's own resize: clip's, or an open_clip model's squash, shortest side or
 longest side, with its interpolation) and texts into tokens (clip's tokenizer or the open_clip model's own); the
 model actors (a ResolvedBackbone each) copy them to their device, normalise there with the model's mean and std
-(uint8 is a quarter of float32's bytes through the object store and over PCIe) and run the model. With `encode.decode: gpu`, JPEGs travel as their bytes and the actor decodes them with nvjpeg.
+(uint8 is a quarter of float32's bytes through the object store and over PCIe) and run the model. With
+`encode.decode: gpu`, JPEGs travel as their bytes and the actor decodes them with nvjpeg.
 """
 
 from __future__ import annotations
