@@ -206,14 +206,24 @@ class JobConfig:
         return Layout(self.output)
 
     @cached_property
-    def resolved_backbones(self) -> dict[str, ResolvedBackbone]:
-        """Every backbone resolved once for this job (weights, sizes, tokenizer, preprocess, cost): what the stages
-        and workers take. Raises MissingFiles (FileNotFoundError) for files that are not here; the preflight says so
-        first, with exit status 2."""
-        from newsclip.retrieval.registry import resolve_backbone
+    def _resolved(self) -> dict[str, ResolvedBackbone]:
+        return {}
 
-        return {name: resolve_backbone(name, self.backbone_options.get(name), self.encode.download_root,
-                                       self.encode.hf_cache) for name in self.backbones}
+    def resolved(self, name: str) -> ResolvedBackbone:
+        """One backbone of this job resolved (weights, sizes, tokenizer, preprocess, cost), once per job: what the
+        stages and workers take. Raises MissingFiles (FileNotFoundError) for files that are not here; the preflight
+        says so first, with exit status 2."""
+        if name not in self._resolved:
+            from newsclip.retrieval.registry import resolve_backbone
+
+            self._resolved[name] = resolve_backbone(name, self.backbone_options.get(name), self.encode.download_root,
+                                                    self.encode.hf_cache)
+        return self._resolved[name]
+
+    @property
+    def resolved_backbones(self) -> dict[str, ResolvedBackbone]:
+        """Every backbone of the job resolved (see `resolved`)."""
+        return {name: self.resolved(name) for name in self.backbones}
 
     def text_of(self, backbone: str) -> str:
         """original | translated: which texts a backbone reads."""
