@@ -181,14 +181,9 @@ def _train(cfg: JobConfig, ft: FinetuneConfig, split: Split, folder: Path) -> di
 
 def is_open_clip_start(cfg: JobConfig, ft: FinetuneConfig) -> bool:
     """Whether the fine-tune starts from an open_clip model (a mapping of the job's, or an `ARCH/TAG` name)."""
-    from newsclip.retrieval.backbones import BACKBONES
-    from newsclip.retrieval.open_clip_models import is_open_clip_name
+    from newsclip.retrieval.registry import is_open_clip
 
-    entry = cfg.backbone_options.get(ft.backbone)
-    if entry is not None:
-        return entry.open_clip is not None
-    return ft.backbone not in BACKBONES and not Path(ft.backbone).expanduser().exists() and \
-        is_open_clip_name(ft.backbone)
+    return is_open_clip(ft.backbone, cfg.backbone_options.get(ft.backbone))
 
 
 def tuned_entry(backbone, model: Path):

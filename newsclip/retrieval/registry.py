@@ -16,7 +16,6 @@ from newsclip.retrieval.backbone_values import (
     TokenizerSpec,
 )
 from newsclip.retrieval.backbones import (
-    _OPENAI_URLS,
     BACKBONES,
     CONTEXT_LENGTH,
     _file_sha256,
@@ -84,7 +83,7 @@ def resolve_backbone(name: str, entry: BackboneEntry | None = None, download_roo
         return resolved if resolved.name == name else _renamed(resolved, name)
     if entry is not None:
         return resolve_open_clip(name, entry, download_root, hf_cache, slug(name), text, weights_id)
-    if name in _OPENAI_URLS or name in BACKBONES or Path(name).expanduser().exists() or not is_open_clip_name(name):
+    if not is_open_clip(name):
         return _resolve_clip(name, download_root, text)
     return resolve_open_clip(name, None, download_root, hf_cache, slug(name), text, weights_id)
 
@@ -103,8 +102,8 @@ def as_resolved(backbone: ResolvedBackbone | str, download_root: str | None = No
 def missing_files(names: list[str], entries: dict[str, BackboneEntry], download_root: str | None,
                   hf_cache: str | None) -> list[str]:
     """What resolving `names` would not find, one message per file (the OpenAI names' together, as before)."""
-    clip_names = [n for n in names if n not in entries and (n in BACKBONES or not _open_clip_like(n))]
-    messages = missing_weights(clip_names, download_root)
+    clip_names = [n for n in names if not is_open_clip(n, entries.get(n))]
+    messages = missing_weights([entries[n].backbone if n in entries else n for n in clip_names], download_root)
     for name in names:
         if name in clip_names:
             continue
@@ -117,6 +116,14 @@ def missing_files(names: list[str], entries: dict[str, BackboneEntry], download_
 
 def _open_clip_like(name: str) -> bool:
     return not Path(name).expanduser().exists() and is_open_clip_name(name)
+
+
+def is_open_clip(name: str, entry: BackboneEntry | None = None) -> bool:
+    """Whether a job's backbone is loaded by open_clip (an `{open_clip: ...}` entry or an `ARCH/TAG` name), without
+    resolving it (nothing is read)."""
+    if entry is not None:
+        return entry.open_clip is not None
+    return name not in BACKBONES and _open_clip_like(name)
 
 
 def load_model(backbone: ResolvedBackbone) -> torch.nn.Module:

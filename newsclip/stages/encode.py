@@ -11,7 +11,7 @@ from newsclip.config import JobConfig
 from newsclip.encoding import IMAGES, TEXTS, Side, encode_new, store_label, wanted_rows
 from newsclip.names import encode_entry
 from newsclip.retrieval.backbone_values import TRANSLATED, ResolvedBackbone
-from newsclip.retrieval.registry import missing_files
+from newsclip.retrieval.registry import is_open_clip, missing_files
 from newsclip.runtime.embedding_store import EmbeddingStore, write_refs
 from newsclip.runtime.rejects import write_rejects
 from newsclip.runtime.stage import ActorRequest, Needs, Stage
@@ -79,15 +79,13 @@ def _checkpoints(cfg: JobConfig) -> dict[str, str]:
 
 def _needs(cfg: JobConfig) -> Needs:
     """Every backbone's weights, and its model actors' CPUs and GPUs (its own GPU key where it has one)."""
-    try:
-        resolved, missing = cfg.resolved_backbones, []
-    except FileNotFoundError:  # every missing file named at once, not just the first backbone's
-        resolved = {}
-        missing = missing_files(list(cfg.backbones), cfg.backbone_options, cfg.encode.download_root,
-                                cfg.encode.hf_cache)
+    # files are found here, not read (a CLIP checkpoint is read when the stage resolves it); an open_clip model's cost
+    # comes from its resolved config (the registry's names have theirs, a checkpoint counts as mid-sized)
+    missing = missing_files(list(cfg.backbones), cfg.backbone_options, cfg.encode.download_root, cfg.encode.hf_cache)
     actors = []
     for backbone in cfg.backbones:
-        gflops = resolved[backbone].image_gflops if backbone in resolved else None
+        open_clip = is_open_clip(backbone, cfg.backbone_options.get(backbone))
+        gflops = cfg.resolved(backbone).image_gflops if open_clip and not missing else None
         enc, own = cfg.encode.for_backbone(backbone, gflops), cfg.encode.per_backbone.get(backbone)
         gpu_key = "num_gpus_per_actor" if own is None or own.num_gpus_per_actor is None else \
             f"per_backbone.{backbone}.num_gpus_per_actor"
