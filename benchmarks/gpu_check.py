@@ -1,6 +1,7 @@
 """The GPU check: CUDA-marked tests, fp16/fp32/bf16 correctness of both towers (also of open_clip's SigLIP2
 ViT-B/16), the encode throughput table for ViT-B/32, SigLIP2 ViT-B/16 and ViT-L/14 (random weights), the
-fine-tuning step's speed and memory (ViT-B/32, batch 256, bf16) and the torch kNN engine (exact top-100 at 1M x 512 and 1M x 768, a 1M x 1M search), in one JSON. Run it through
+fine-tuning step's speed and memory (ViT-B/32, batch 256, bf16) and the torch kNN engine (exact top-100 at 1M x 512
+and 1M x 768, a 1M x 1M search), in one JSON. Run it through
 benchmarks/gpu_check.sh.
 
     benchmarks/gpu_check.sh                      # on a GPU machine: the full check (under 6 minutes on one H200)
