@@ -25,6 +25,7 @@ import argparse
 import io
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -35,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import contextlib
 
-from random_clip import random_checkpoint  # noqa: E402
+from random_clip import is_open_clip_arch, random_checkpoint, random_open_clip  # noqa: E402
 
 SHARD_ROWS = 512
 BASE_PHOTOS = 64  # distinct photos; every row gets its own bytes (a tail after the JPEG's end marker)
@@ -130,13 +131,31 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def load_model(checkpoint: str, device: str):
-    """The model as the stage's actors run it: clip's mixed fp16 on a GPU, fp32 on a CPU."""
+def load_model(checkpoint, device: str):
+    """The model as the stage's actors run it: clip's mixed fp16 (open_clip's own fp16 for an open_clip backbone,
+    a ResolvedBackbone) on a GPU, fp32 on a CPU, and its preprocess."""
+    from newsclip.workers.encoders import apply_open_clip_precision, apply_precision
+
+    precision = "fp16" if device == "cuda" else "fp32"
+    if not isinstance(checkpoint, str):
+        from open_clip.transform import image_transform
+
+        from newsclip.retrieval.registry import load_model as load
+
+        p = checkpoint.preprocess
+        return apply_open_clip_precision(load(checkpoint), precision, device), image_transform(
+            p.size, is_train=False, mean=p.mean, std=p.std, resize_mode=p.resize_mode, interpolation=p.interpolation)
     from newsclip.retrieval.backbones import load_backbone
-    from newsclip.workers.encoders import apply_precision
 
     model, preprocess = load_backbone(checkpoint, "cpu")
-    return apply_precision(model, "fp16" if device == "cuda" else "fp32", device), preprocess
+    return apply_precision(model, precision, device), preprocess
+
+
+def input_dtype(model, device: str):
+    """What the model's images are cast to: clip's `model.dtype`; for open_clip models what its precision gives."""
+    import torch
+
+    return getattr(model, "dtype", None) or (torch.float16 if device == "cuda" else torch.float32)
 
 
 class _Photos:
@@ -166,7 +185,7 @@ def dataloader_loop(files: list[Path], checkpoint: str, batch: int, device: str,
     started, done = time.perf_counter(), 0
     with torch.inference_mode():
         for pixels in loader:
-            features = model.encode_image(pixels.to(device, non_blocking=True).to(model.dtype))
+            features = model.encode_image(pixels.to(device, non_blocking=True).to(input_dtype(model, device)))
             torch.nn.functional.normalize(features.float(), dim=-1).cpu()
             done += len(pixels)
     seconds = time.perf_counter() - started
@@ -195,15 +214,20 @@ def plain_loop(files: list[Path], checkpoint: str, batch: int) -> dict:
     return {"seconds": round(seconds, 2), "images_per_s": round(done / seconds, 1)}
 
 
-def model_only(checkpoint: str, batch: int, device: str, images: int, text_batch: int, n_texts: int) -> dict:
-    """The model on ready inputs: images/s and texts/s, after a warm-up batch."""
+def model_only(checkpoint, batch: int, device: str, images: int, text_batch: int, n_texts: int) -> dict:
+    """The model on ready inputs: images/s and texts/s, after a warm-up batch (an open_clip backbone's texts: random
+    tokens of its context length; speed does not depend on them)."""
     import clip
     import torch
 
     model, _ = load_model(checkpoint, device)
-    res = model.visual.input_resolution
-    pixels = torch.rand(batch, 3, res, res, device=device).to(model.dtype)
-    tokens = clip.tokenize(texts(text_batch), context_length=model.context_length, truncate=True).to(device)
+    if isinstance(checkpoint, str):
+        (h, w), context = (model.visual.input_resolution,) * 2, model.context_length
+        tokens = clip.tokenize(texts(text_batch), context_length=context, truncate=True).to(device)
+    else:
+        (h, w), context = checkpoint.image_size, checkpoint.context_length
+        tokens = torch.randint(1, 1000, (text_batch, context), device=device)
+    pixels = torch.rand(batch, 3, h, w, device=device).to(input_dtype(model, device))
     out = {}
     with torch.inference_mode():
         for name, fn, inputs, total in (("images_per_s", model.encode_image, pixels, images),
@@ -240,7 +264,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=8000)
     parser.add_argument("--texts", type=int, default=0, help="also time the text side on this many texts")
-    parser.add_argument("--backbone", default="demo-tiny", help="a registry name or a checkpoint path")
+    parser.add_argument("--backbone", default="demo-tiny",
+                        help="a registry name, a checkpoint path, or an open_clip name (ARCH/TAG; with "
+                             "--random-weights the architecture alone, e.g. ViT-B-16-SigLIP2)")
     parser.add_argument("--random-weights", action="store_true",
                         help="build the backbone's architecture with random weights (no download)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when torch sees one")
@@ -278,7 +304,14 @@ def main(argv: list[str] | None = None) -> dict:
         settings.append(f"encode.batch_size={args.batch_size}")
     if args.cpus_per_actor is not None:
         settings.append(f"encode.num_cpus_per_actor={args.cpus_per_actor}")
-    enc = config.load(None, settings).encode.for_backbone(args.backbone)
+    open_clip = is_open_clip_arch(args.backbone)
+    tmp_weights = Path(tempfile.mkdtemp()) if open_clip and args.random_weights else None
+    resolved = None
+    if open_clip:  # resolved once, as a job resolves it (random weights: saved to a file first)
+        from newsclip.retrieval.registry import resolve_backbone
+
+        resolved = random_open_clip(args.backbone, tmp_weights) if tmp_weights else resolve_backbone(args.backbone)
+    enc = config.load(None, settings).encode.for_backbone(args.backbone, resolved.image_gflops if resolved else None)
     result = {"backbone": args.backbone, "random_weights": args.random_weights, "device": device,
               "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None, "cpus": os.cpu_count(),
               "torch": torch.__version__, "images": args.images, "photo": f"{width}x{height} q{args.quality}",
@@ -287,7 +320,9 @@ def main(argv: list[str] | None = None) -> dict:
               "cpus_per_actor": enc.num_cpus_per_actor}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        if args.random_weights:
+        if resolved is not None:
+            checkpoint = resolved
+        elif args.random_weights:
             checkpoint = str(random_checkpoint(args.backbone, tmp / "random.pt"))
         else:
             checkpoint = args.backbone
@@ -309,7 +344,10 @@ def main(argv: list[str] | None = None) -> dict:
         if device == "cuda" or max(args.images, args.texts) > args.inline_rows:  # else the stage needs no Ray
             ensure_ray(cfg.ray)
         stage = result["newsclip_stage"] = newsclip_stage(cfg, enc, checkpoint, IMAGES, tmp / "store")
-        if args.texts:
+        if args.texts and resolved is not None and resolved.tokenizer.kind == "hf" and not resolved.tokenizer.folder:
+            result["newsclip_stage_texts"] = {"skipped": "no local tokenizer for its random weights (model_only "
+                                                         "times its text tower on random tokens)"}
+        elif args.texts:
             result["newsclip_stage_texts"] = newsclip_stage(cfg, enc, checkpoint, TEXTS, tmp / "store")
         ray.shutdown()
 
@@ -325,7 +363,9 @@ def main(argv: list[str] | None = None) -> dict:
     rate = stage["rows_per_s"]
     result["ratios"] = {f"stage_over_{name}": round(rate / result[name]["images_per_s"], 3)
                         for name in ("plain_loop", "dataloader_loop", "model_only") if name in result}
-    if "model_only" in result and "newsclip_stage_texts" in result:
+    if tmp_weights is not None:
+        shutil.rmtree(tmp_weights, ignore_errors=True)
+    if "model_only" in result and "rows_per_s" in result.get("newsclip_stage_texts", {}):
         result["ratios"]["texts_stage_over_model_only"] = round(
             result["newsclip_stage_texts"]["rows_per_s"] / result["model_only"]["texts_per_s"], 3)
     text = json.dumps(result, indent=2)

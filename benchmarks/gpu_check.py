@@ -1,6 +1,7 @@
-"""The GPU check: CUDA-marked tests, fp16/fp32/bf16 correctness of both towers, the encode throughput table for
-ViT-B/32 and ViT-L/14 (random weights), the fine-tuning step's speed and memory (ViT-B/32, batch 256, bf16) and the
-torch kNN engine (exact top-100 at 1M x 512 and 1M x 768, a 1M x 1M search), in one JSON. Run it through
+"""The GPU check: CUDA-marked tests, fp16/fp32/bf16 correctness of both towers (also of open_clip's SigLIP2
+ViT-B/16), the encode throughput table for ViT-B/32, SigLIP2 ViT-B/16 and ViT-L/14 (random weights), the
+fine-tuning step's speed and memory (ViT-B/32, batch 256, bf16) and the torch kNN engine (exact top-100 at 1M x 512
+and 1M x 768, a 1M x 1M search), in one JSON. Run it through
 benchmarks/gpu_check.sh.
 
     benchmarks/gpu_check.sh                      # on a GPU machine: the full check (under 6 minutes on one H200)
@@ -30,10 +31,14 @@ sys.path.insert(0, str(HERE.parent))
 
 # (backbone, extra benchmark flags): decode on CPU tasks as the paper does, then the faster options for the light
 # backbone, which is decode-bound on 16 CPUs (one H200, 2026-11-28: 2,337/s with a DataLoader, 21,520/s model only)
-THROUGHPUT = [("ViT-B/32", []), ("ViT-B/32", ["--jpeg-draft"]), ("ViT-B/32", ["--decode", "gpu"]), ("ViT-L/14", [])]
+# and one open_clip model (issue 25): SigLIP2 ViT-B/16 with random weights, its own squash resize and mean/std
+OPEN_CLIP = "ViT-B-16-SigLIP2"
+THROUGHPUT = [("ViT-B/32", []), ("ViT-B/32", ["--jpeg-draft"]), ("ViT-B/32", ["--decode", "gpu"]), (OPEN_CLIP, []),
+              ("ViT-L/14", [])]
 DRY_RUN = ["--images", "32", "--texts", "32", "--batch-size", "16", "--photo-size", "320x213"]  # ViT-L/14 left out:
 # on two CPU cores its three model loads alone take minutes
 TINY = "demo-tiny"  # --tiny: newsclip's own small CLIP (random weights) in place of every backbone above
+OPEN_CLIP_TINY = "ViT-S-32"  # --tiny: open_clip's smallest ViT (its own tokenizer: no Hub files) for the open_clip row
 STEPS = ("cuda_tests", "correctness", "throughput", "finetune", "knn", "bars")
 # the knn step (issue 27): database rows, timed queries and widths on a GPU, and in a dry run; the bars it is held to
 KNN_FULL = {"rows": 1_000_000, "queries": 200_000, "dims": (512, 768), "all_against_all": 768}
@@ -97,6 +102,10 @@ def correctness(device: str, backbone: str = "ViT-B/32") -> dict:
                     out["fp16"]["gpu_decode"] = agreement(vectors(gpu_decode(jpegs)), "images")
             except Exception as e:  # noqa: BLE001 - the check reports, it does not stop
                 out[precision] = {"error": f"{type(e).__name__}: {e}"}
+        try:
+            out[OPEN_CLIP] = open_clip_agreement(device, OPEN_CLIP_TINY if backbone == TINY else OPEN_CLIP, photos)
+        except Exception as e:  # noqa: BLE001
+            out[OPEN_CLIP] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-1500:]}
         model = torch.load(checkpoint, weights_only=True)
         from clip.model import build_model
 
@@ -106,6 +115,56 @@ def correctness(device: str, backbone: str = "ViT-B/32") -> dict:
             out["model_half_recipe"] = "ran"
         except RuntimeError as e:
             out["model_half_recipe"] = f"fails as expected: {str(e)[:80]}"
+    return out
+
+
+def open_clip_agreement(device: str, name: str, photos: list[bytes]) -> dict:
+    """An open_clip model with random weights (resolved as a job resolves a weights file): each precision's image
+    embeddings (its own resize, on CPU tasks and with nvjpeg) and text embeddings (random tokens: its Hub tokenizer
+    need not be here) against fp32 on the CPU."""
+    import numpy as np
+    import pyarrow as pa
+    from random_clip import random_open_clip
+
+    from newsclip.config import EncodeConfig
+    from newsclip.workers.encoders import ImageEncoder, TextEncoder, decode_images
+
+    with tempfile.TemporaryDirectory() as tmp:
+        backbone = random_open_clip(name, Path(tmp))
+        images = pa.table({"image": pa.array(photos, pa.binary())})
+        decoded, jpegs = (decode_images(images, backbone.image_size[0], 40_000_000, False, gpu,
+                                        preprocess=backbone.preprocess) for gpu in (False, True))
+        rng = np.random.default_rng(0)
+        tokens = rng.integers(1, 1000, (len(photos), backbone.context_length)).astype(np.int32)
+        tokens = pa.table({"hash": [str(i) for i in range(len(photos))],
+                           "tokens": pa.FixedSizeListArray.from_arrays(pa.array(tokens.reshape(-1)),
+                                                                       backbone.context_length)})
+
+        def vectors(table):
+            return table.column("embedding").combine_chunks().flatten().to_numpy().reshape(len(table), -1)
+
+        cpu = EncodeConfig(batch_size=8).for_backbone(name, backbone.image_gflops)
+        want = {"images": vectors(ImageEncoder(backbone, cpu)(decoded)),
+                "texts": vectors(TextEncoder(backbone, cpu)(tokens))}
+        out: dict = {"backbone": name, "preprocess": backbone.preprocess.describe()}
+        gpus = 1 if device == "cuda" else 0
+        for precision in ("fp16", "fp32", "bf16"):
+            cfg = EncodeConfig(batch_size=8, num_gpus_per_actor=gpus, precision=precision).for_backbone(
+                name, backbone.image_gflops)
+            try:
+                image_encoder = ImageEncoder(backbone, cfg)
+                got = {"images": vectors(image_encoder(decoded)),
+                       "texts": vectors(TextEncoder(backbone, cfg)(tokens))}
+                out[precision] = {"label": image_encoder.precision, **{
+                    f"{side}_min_cosine": round(float(np.min(np.sum(got[side] * want[side], 1))), 5)
+                    for side in got}}
+                if precision == "fp16":
+                    gpu = ImageEncoder(backbone, EncodeConfig(batch_size=8, num_gpus_per_actor=gpus, decode="gpu")
+                                       .for_backbone(name, backbone.image_gflops))
+                    out["fp16"]["gpu_decode_images_min_cosine"] = round(float(np.min(np.sum(
+                        vectors(gpu(jpegs)) * want["images"], 1))), 5)
+            except Exception as e:  # noqa: BLE001 - the check reports, it does not stop
+                out[precision] = {"error": f"{type(e).__name__}: {e}"}
     return out
 
 
@@ -125,7 +184,7 @@ def throughput(device: str, tiny: bool = False) -> list[dict]:
     full = device == "cuda" and not tiny
     rows = []
     for i, (backbone, flags) in enumerate(THROUGHPUT if full else THROUGHPUT[:-1]):
-        backbone = TINY if tiny else backbone
+        backbone = (OPEN_CLIP_TINY if backbone == OPEN_CLIP else TINY) if tiny else backbone
         sizes = ["--images", "8192", "--texts", "16384"] if full else DRY_RUN
         # on CPUs the first row of a dry run runs the stage's Ray pool as a GPU does; the others (and every --tiny
         # row) encode their few rows in this process with the pool's own code (the tasks' function, the actor's

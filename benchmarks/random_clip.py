@@ -40,3 +40,35 @@ def random_checkpoint(name: str, path: Path, seed: int = 0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), path)
     return path
+
+
+def is_open_clip_arch(name: str) -> bool:
+    """An open_clip architecture name (`ViT-B-16-SigLIP2`), alone or with a tag (`ViT-B-32/laion2b_s34b_b79k`)."""
+    import open_clip
+
+    return name.split("/", 1)[0] in open_clip.list_models()
+
+
+def random_open_clip(name: str, folder: Path, seed: int = 0):
+    """An open_clip architecture with random weights saved to `folder` as safetensors, resolved as a job resolves
+    `{open_clip: ARCH, pretrained: FILE}` (with its published tag's preprocess; a Hub tokenizer that is not cached
+    here is left out: the text side then takes random tokens)."""
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    from newsclip.retrieval.backbone_values import BackboneEntry, PreprocessSettings
+    from newsclip.retrieval.open_clip_models import resolve_open_clip
+    from newsclip.retrieval.registry import weights_id
+
+    arch = name.split("/", 1)[0]
+    torch.manual_seed(seed)
+    model = open_clip.create_model(arch, pretrained_text=False, pretrained_image=False)
+    path = folder / f"{arch}-random.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    tags = open_clip.list_pretrained_tags_by_model(arch)
+    tag = open_clip.get_pretrained_cfg(arch, tags[0]) if tags else {}
+    preprocess = PreprocessSettings(**{k: tag[k] for k in ("mean", "std", "resize_mode", "interpolation") if k in tag})
+    entry = BackboneEntry(open_clip=arch, pretrained=str(path), preprocess=preprocess)
+    return resolve_open_clip(name, entry, None, None, "random", entry.text, weights_id, tokenizer_required=False)

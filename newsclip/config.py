@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
 import yaml
 
 from newsclip.names import parse_fusion_name, slug
+from newsclip.retrieval.backbone_values import TRANSLATED, BackboneEntry, ResolvedBackbone
 from newsclip.retrieval.search import KnnConfig
 from newsclip.runtime.layout import Layout
 from newsclip.translate.translator import TranslateConfig
@@ -98,6 +100,9 @@ class EncodeConfig:
     # transparent images: drop (left to clip's preprocess: resize, then convert("RGB")) | white (onto white)
     alpha: Literal["drop", "white"] = "drop"
     download_root: str | None = None  # where OpenAI weights are cached (clip's default: ~/.cache/clip)
+    # the Hugging Face Hub cache that open_clip tags' weights and tokenizers are read from, offline (null: the Hub's
+    # own default, HF_HUB_CACHE or ~/.cache/huggingface/hub)
+    hf_cache: str | None = None
     max_image_pixels: int = 40_000_000  # decompression-bomb bound for image decoding
     commit_rows: int = 10_000  # new embeddings are committed to the store this often: a crash loses at most this
     parallel_backbones: int = 1  # backbones encoded at once: 1 on one GPU or a laptop; more on a cluster
@@ -114,17 +119,18 @@ class EncodeConfig:
     def on_gpu(self) -> bool:
         return self.device == "cuda" or (self.device == "auto" and self.num_gpus_per_actor > 0)
 
-    def for_backbone(self, name: str) -> EncodeConfig:
+    def for_backbone(self, name: str, image_gflops: float | None = None) -> EncodeConfig:
         """The settings one backbone's encoders run with, every `auto` resolved: its own keys, else defaults from
         its cost.
 
         On GPUs: device cuda, a batch of about GPU_BATCH_GFLOPS of work (a power of two, 32 to 1024), fp16, and a
         GPU share by cost (under 15 GFLOPs an image: a quarter, under 50: a half), so that light backbones running
-        side by side share a GPU. On CPUs: device cpu, batches of 64, fp32, no GPU."""
+        side by side share a GPU. On CPUs: device cpu, batches of 64, fp32, no GPU. `image_gflops`: the resolved
+        backbone's cost (ResolvedBackbone.image_gflops); else the registry's, or a mid-sized model's."""
         from newsclip.retrieval.backbones import BACKBONES
 
         spec = BACKBONES.get(name)
-        gflops = spec.image_gflops if spec else 50.0  # a checkpoint path: assume a mid-sized model
+        gflops = image_gflops if image_gflops is not None else spec.image_gflops if spec else 50.0
         if self.on_gpu:
             batch = int(min(1024, max(32, 2 ** math.floor(math.log2(GPU_BATCH_GFLOPS / gflops)))))
             gpus = self.num_gpus_per_actor * (0.25 if gflops < 15 else 0.5 if gflops < 50 else 1.0)
@@ -176,7 +182,11 @@ class JobConfig:
     output_dir: str = "newsclip-demo/output"
     # embeddings by content hash, reused across runs (nightly: only new content is encoded); null: output_dir/store
     store_dir: str | None = None
+    # names (OpenAI's nine, demo-tiny, a CLIP checkpoint file, open_clip's ARCH/TAG) or mappings ({open_clip: ARCH,
+    # pretrained: TAG_OR_FILE, text: original, ...}: BackboneEntry); a mapping is kept under its name in
+    # backbone_options, so that every other part of the job names a backbone by its name
     backbones: tuple[str, ...] = ("demo-tiny",)
+    backbone_options: dict[str, BackboneEntry] = field(default_factory=dict)
     # fused rankings scored like a backbone: "fusion:A+B" (mean of z-normalised cosines), "fusion-rrf:A+B" (RRF)
     fusion: tuple[str, ...] = ()
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
@@ -194,6 +204,31 @@ class JobConfig:
     def layout(self) -> Layout:
         """Every path under `output_dir`."""
         return Layout(self.output)
+
+    @cached_property
+    def _resolved(self) -> dict[str, ResolvedBackbone]:
+        return {}
+
+    def resolved(self, name: str) -> ResolvedBackbone:
+        """One backbone of this job resolved (weights, sizes, tokenizer, preprocess, cost), once per job: what the
+        stages and workers take. Raises MissingFiles (FileNotFoundError) for files that are not here; the preflight
+        says so first, with exit status 2."""
+        if name not in self._resolved:
+            from newsclip.retrieval.registry import resolve_backbone
+
+            self._resolved[name] = resolve_backbone(name, self.backbone_options.get(name), self.encode.download_root,
+                                                    self.encode.hf_cache)
+        return self._resolved[name]
+
+    @property
+    def resolved_backbones(self) -> dict[str, ResolvedBackbone]:
+        """Every backbone of the job resolved (see `resolved`)."""
+        return {name: self.resolved(name) for name in self.backbones}
+
+    def text_of(self, backbone: str) -> str:
+        """original | translated: which texts a backbone reads."""
+        entry = self.backbone_options.get(backbone)
+        return entry.text if entry else TRANSLATED
 
     @property
     def store(self) -> Path:
@@ -219,6 +254,8 @@ def _validate(cfg: JobConfig) -> None:
             raise ConfigError(f"fusion: {e}") from None
         missing = [m for m in members if m not in cfg.backbones]
         checks.append((not missing, "fusion", f"{name!r} fuses {missing} which are not in backbones"))
+    stray = [name for name in cfg.backbone_options if name not in cfg.backbones]
+    checks.append((not stray, "backbone_options", f"names {stray}, which are not in backbones"))
     unknown = [name for name in cfg.encode.per_backbone if name not in cfg.backbones]
     checks.append((not unknown, "encode.per_backbone", f"names {unknown}, which are not in backbones"))
     for ok, key, message in checks:
@@ -230,8 +267,28 @@ def _validate(cfg: JobConfig) -> None:
         raise ConfigError(f"backbones: {clash} would write the same files (named {slug(clash[0])!r}); rename a file")
 
 
+def _backbone_entries(raw: dict) -> None:
+    """Mapping entries of `backbones` become their names, each mapping kept under its name in backbone_options."""
+    from newsclip.retrieval.registry import entry_name
+    from newsclip.yaml_config import check_value
+
+    entries = raw.get("backbones")
+    if not isinstance(entries, list | tuple) or not any(isinstance(e, dict) for e in entries):
+        return
+    options, names = dict(raw.get("backbone_options") or {}), []
+    for i, item in enumerate(entries):
+        if isinstance(item, dict):
+            entry = check_value(f"backbones[{i}]", BackboneEntry, item)
+            names.append(entry_name(entry))
+            options[names[-1]] = item
+        else:
+            names.append(item)
+    raw["backbones"], raw["backbone_options"] = names, options
+
+
 def from_dict(raw: dict) -> JobConfig:
     raw = dict(raw)
+    _backbone_entries(raw)
     # eval.k is the one k of the job; the knn section follows it (a section that is no mapping: build names it)
     knn, evaluation = raw.get("knn") or {}, raw.get("eval") or {}
     if isinstance(knn, dict) and isinstance(evaluation, dict):

@@ -177,11 +177,14 @@ def test_gpu_check_dry_run_fills_every_row_without_polars_or_faiss(tmp_path):
             assert row[part]["rows_per_s"] > 0 and row[part]["encoded"] == 32, (row["flags"], part, row[part])
         assert row["plain_loop"]["images_per_s"] > 0 and row["dataloader_loop"]["images_per_s"] > 0, row
         assert row["model_only"]["images_per_s"] > 0 and row["model_only"]["texts_per_s"] > 0, row
-    assert [row["flags"] for row in result["throughput"]] == [[], ["--jpeg-draft"], ["--decode", "gpu"]]
+    assert [(row["backbone"], row["flags"]) for row in result["throughput"]] == [
+        ("demo-tiny", []), ("demo-tiny", ["--jpeg-draft"]), ("demo-tiny", ["--decode", "gpu"]),
+        ("ViT-S-32", [])]  # the open_clip row (SigLIP2 ViT-B-16 on a GPU), with open_clip's small ViT here
     bar = result["bars"]["demo-tiny"]
     assert bar["images_per_s_with_startup"] > 0 and bar["over_dataloader"] > 0, bar
     for precision in ("fp16", "fp32", "bf16"):
         assert "error" not in result["correctness"][precision], result["correctness"]
+        assert "error" not in result["correctness"]["ViT-B-16-SigLIP2"][precision], result["correctness"]
     assert result["cuda_tests"]["exit_status"] == 0, result["cuda_tests"]
     assert result["finetune"]["images_per_s"] > 0, result["finetune"]
     knn = result["knn"]  # the torch kNN engine with the GPU's recipe (fp16 products), at toy sizes

@@ -272,7 +272,8 @@ PATH_WORDS = {"queries", "rejects", "results", "runs", "logs", "store", "finetun
 # (file, name) where the name is also a word, not a path: only its uses as a path count there
 WORDS = {("newsclip/stages/translate.py", "translated"),  # a column of translate's rows: was the text translated
          ("newsclip/translate/translator.py", "translated"),
-         ("benchmarks/nightly.py", "translated")}  # a count in the benchmark's result
+         ("benchmarks/nightly.py", "translated"),  # a count in the benchmark's result
+         ("newsclip/retrieval/backbone_values.py", "translated")}  # a backbone's texts: original or translated
 # (file, name) where the name is a path outside output_dir
 ELSEWHERE = {("newsclip/runtime/ray_setup.py", "logs"),  # Ray's session folder
              ("benchmarks/gpu_check.py", "results"),  # benchmarks/results/

@@ -1,5 +1,6 @@
-"""The Ray Train worker loop: CLIP's symmetric InfoNCE with its learnable temperature, AdamW with warm-up and
-cosine decay, validation with early stopping, and checkpoints that a restarted worker group resumes from."""
+"""The Ray Train worker loop: CLIP's symmetric InfoNCE with its learnable temperature (SigLIP's sigmoid loss with its
+logit bias for SigLIP models), AdamW with warm-up and cosine decay, validation with early stopping, and checkpoints
+that a restarted worker group resumes from."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from newsclip.finetune.optim import BETAS, EPS, MAX_LOGIT_SCALE, param_groups, w
 
 if TYPE_CHECKING:
     import torch
+
+    from newsclip.retrieval.backbone_values import ResolvedBackbone
 
 STATE = "state.pt"  # the training state in every checkpoint
 MODEL = "model.pt"  # the final checkpoint's fp32 clip state dict (what the driver commits as finetune/<run>/model.pt)
@@ -49,44 +52,81 @@ def clip_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, rank
             + F.cross_entropy(scale * text @ all_image.t(), labels)) / 2
 
 
+def sigmoid_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, rank: int = 0,
+                 world: int = 1) -> torch.Tensor:
+    """SigLIP's pairwise sigmoid loss with its learnable bias: every image against every text of the global batch,
+    +1 for its own pair and -1 for the rest, summed and divided by the local batch (open_clip's SigLipLoss; the
+    texts gathered from all ranks with their gradients rather than passed round a ring: the same sum)."""
+    import torch
+    import torch.nn.functional as F
+
+    image, text = F.normalize(image.float(), dim=-1), F.normalize(text.float(), dim=-1)
+    all_text = text
+    if world > 1:
+        from torch.distributed.nn.functional import all_gather
+
+        all_text = torch.cat(all_gather(text))
+    labels = -torch.ones((len(image), len(all_text)), device=image.device)
+    labels[torch.arange(len(image)), torch.arange(len(image)) + rank * len(image)] = 1
+    logits = scale * image @ all_text.t() + bias
+    return -F.logsigmoid(labels * logits).sum() / len(image)
+
+
 def freeze(model, ft: FinetuneConfig) -> None:
     """LiT's locked image tower and/or a frozen text tower: no gradients (the temperature always trains)."""
-    text_parts = ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection")
+    # clip's and open_clip's CLIP text parts; open_clip's other models keep their text tower under `text.`
+    text_parts = ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection", "text.")
     for name, param in model.named_parameters():
         if (ft.lock_image and name.startswith("visual.")) or (ft.freeze_text and name.startswith(text_parts)):
             param.requires_grad_(False)
 
 
-def towers(clip_model):
+def towers(clip_model, backbone: ResolvedBackbone | None = None):
     """Both towers in one module (what DDP wraps): uint8 pixels normalised on the device as ImageEncoder does, then
-    (image features, text features, exp(logit_scale))."""
+    (image features, text features, exp(logit_scale), logit_bias or None). `backbone`: an open_clip model's resolved
+    backbone (its mean and std); None: a clip model."""
     import torch
-    from clip.clip import _transform
+    from torchvision.transforms import Normalize
 
     from newsclip.demo.model import _encode_text_trimmed
+
+    open_clip = backbone is not None and backbone.kind == "open_clip"
 
     class Towers(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.clip = clip_model
-            self.normalize = _transform(clip_model.visual.input_resolution).transforms[-1]  # no parameters
+            if open_clip:
+                self.normalize = Normalize(backbone.preprocess.mean, backbone.preprocess.std)
+            else:
+                from clip.clip import _transform
+
+                self.normalize = _transform(clip_model.visual.input_resolution).transforms[-1]  # no parameters
 
         def forward(self, pixels, tokens):
+            if open_clip:  # fp32 master weights: autocast gives the lower precision
+                images = self.normalize(pixels.float().div(255))
+                bias = self.clip.logit_bias if backbone.loss == "sigmoid" else None
+                return (self.clip.encode_image(images), self.clip.encode_text(tokens.long()),
+                        self.clip.logit_scale.exp(), bias)
             images = self.normalize(pixels.float().div(255)).to(self.clip.dtype)
             # the text up to the longest end-of-text: the same function as encode_text (causal mask), cheaper
             return (self.clip.encode_image(images), _encode_text_trimmed(self.clip, tokens),
-                    self.clip.logit_scale.exp())
+                    self.clip.logit_scale.exp(), None)
 
     return Towers()
 
 
 def forward_loss(model, pixels, tokens, precision: str, rank: int = 0, world: int = 1) -> torch.Tensor:
-    """The contrastive loss of a batch through `towers(...)` (or its DDP wrapper), under bf16/fp16 autocast."""
+    """The contrastive loss of a batch through `towers(...)` (or its DDP wrapper), under bf16/fp16 autocast: InfoNCE,
+    or SigLIP's sigmoid loss where the towers give a logit bias."""
     import torch
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     with torch.autocast(pixels.device.type, dtype or torch.float32, enabled=dtype is not None):
-        image, text, scale = model(pixels, tokens)
+        image, text, scale, bias = model(pixels, tokens)
+    if bias is not None:
+        return sigmoid_loss(image, text, scale.float(), bias.float(), rank, world)
     return clip_loss(image, text, scale.float(), rank, world)
 
 
@@ -131,7 +171,7 @@ def _all_full(rows: int, batch_size: int, world: int, device) -> bool:
 
 
 def train_loop(config: dict) -> None:
-    """One Ray Train worker. `config`: finetune (FinetuneConfig), backbone, download_root, total_steps, train and
+    """One Ray Train worker. `config`: finetune (FinetuneConfig), backbone (ResolvedBackbone), total_steps, train and
     validation (ObjectRefs of Arrow tables of query_text, image_id, file; validation may be None), decode (the
     decoding's keyword arguments), task_retries, eval_every, run_dir, and the tests' kill_at_step (KILL_ENV's) and
     short_at_step (SHORT_ENV's), or None."""
@@ -142,7 +182,7 @@ def train_loop(config: dict) -> None:
     from ray.train.torch import get_device, prepare_model
 
     from newsclip.finetune.feed import Feed, steps_per_epoch, train_plan, validation_plan
-    from newsclip.retrieval.backbones import load_backbone
+    from newsclip.retrieval.registry import load_model
 
     ft: FinetuneConfig = config["finetune"]
     total = config["total_steps"]
@@ -155,10 +195,11 @@ def train_loop(config: dict) -> None:
     train_feed = Feed(train_rows, config["decode"], config["task_retries"])
     per_epoch = steps_per_epoch(len(train_rows), ft)
 
-    clip_model, _ = load_backbone(config["backbone"], "cpu", config["download_root"])
+    backbone = config["backbone"]
+    clip_model = load_model(backbone)
     clip_model.float()  # fp32 master weights; bf16/fp16 come from autocast
     freeze(clip_model, ft)
-    model = prepare_model(towers(clip_model))
+    model = prepare_model(towers(clip_model, backbone))
     optimizer = torch.optim.AdamW(param_groups(clip_model, ft.weight_decay), lr=ft.lr, betas=BETAS, eps=EPS)
     precision = ft.resolved_precision
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
@@ -225,7 +266,7 @@ def train_loop(config: dict) -> None:
                         "scaler": scaler.state_dict(), "rng": rng, "best_model": best_model,
                         "state": state}, Path(folder) / STATE)
             if final:
-                _write_final(Path(folder), clip_model, best_model, probe, state)
+                _write_final(Path(folder), clip_model, best_model, probe, state, backbone)
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
 
     def more() -> bool:
@@ -326,7 +367,8 @@ def _wait_until_reports_are_taken(timeout_s: float = 120.0) -> None:
         time.sleep(0.1)
 
 
-def _write_final(folder: Path, clip_model, best_model: dict | None, probe: dict, state: dict) -> None:
+def _write_final(folder: Path, clip_model, best_model: dict | None, probe: dict, state: dict,
+                 backbone: ResolvedBackbone | None = None) -> None:
     """model.pt (the best validated weights, else the last; fp32, plain state dict) and probe.npz (a few pairs and
     their embeddings by exactly that model, on the CPU as load_backbone gives it) into the final checkpoint."""
     import copy
@@ -339,12 +381,17 @@ def _write_final(folder: Path, clip_model, best_model: dict | None, probe: dict,
     weights = {k: v.detach().contiguous().clone() for k, v in final.state_dict().items()}
     with open(folder / MODEL, "wb") as f:  # through a file object: the same weights give the same bytes
         torch.save(weights, f)
-    from clip.clip import _transform
+    from torchvision.transforms import Normalize
 
-    normalize = _transform(final.visual.input_resolution).transforms[-1]
+    if backbone is not None and backbone.kind == "open_clip":
+        normalize, tokens = Normalize(backbone.preprocess.mean, backbone.preprocess.std), probe["tokens"].long()
+    else:
+        from clip.clip import _transform
+
+        normalize, tokens = _transform(final.visual.input_resolution).transforms[-1], probe["tokens"]
     with torch.no_grad():
         image = final.encode_image(normalize(probe["pixels"].float().div(255)))
-        text = final.encode_text(probe["tokens"])
+        text = final.encode_text(tokens)
     np.savez(folder / PROBE, pixels=probe["pixels"].numpy(), tokens=probe["tokens"].numpy(),
              image=image.numpy(), text=text.numpy())
     (folder / "losses.json").write_text(json.dumps(state))

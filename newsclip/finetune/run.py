@@ -91,10 +91,9 @@ def _test_step(name: str) -> int | None:
 def finetune(cfg: JobConfig, ft: FinetuneConfig, restart: bool = False) -> dict:
     """Fine-tune `ft.backbone` on the job's archive, under the job's lock: prepare (nothing when up to date), split
     what was just prepared, train. Returns a summary (paths, steps, seconds, the split's sizes and eval ids)."""
-    from newsclip.retrieval.backbones import resolve_weights
     from newsclip.runtime.runner import job_lock, run_stages
 
-    resolve_weights(ft.backbone, cfg.encode.download_root)  # fail now, not in a worker, if the weights are missing
+    start_backbone(cfg, ft)  # fail now, not in a worker, if the weights are missing
     cfg.output.mkdir(parents=True, exist_ok=True)
     with job_lock(cfg.output):
         run_stages(cfg, ("prepare",))
@@ -103,13 +102,23 @@ def finetune(cfg: JobConfig, ft: FinetuneConfig, restart: bool = False) -> dict:
         return _train(cfg, ft, split, folder)
 
 
+def start_backbone(cfg: JobConfig, ft: FinetuneConfig):
+    """The starting point resolved once: the job's own backbone of that name (its mapping's options), or a name of
+    the registry."""
+    from newsclip.retrieval.registry import resolve_backbone
+
+    if ft.backbone in cfg.backbones:
+        return cfg.resolved_backbones[ft.backbone]
+    return resolve_backbone(ft.backbone, cfg.backbone_options.get(ft.backbone), cfg.encode.download_root,
+                            cfg.encode.hf_cache)
+
+
 def _train(cfg: JobConfig, ft: FinetuneConfig, split: Split, folder: Path) -> dict:
     import torch
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from newsclip.finetune.feed import steps_per_epoch
-    from newsclip.retrieval.backbones import input_sizes
     from newsclip.retrieval.trained import save_checkpoint, training_record
     from newsclip.runtime.ray_setup import ensure_ray
 
@@ -122,7 +131,8 @@ def _train(cfg: JobConfig, ft: FinetuneConfig, split: Split, folder: Path) -> di
     log(f"finetune {ft.backbone}: {len(split.train)} train, {len(split.validation)} validation pairs, "
         f"{len(split.eval_ids)} eval articles held out ({sum(v for k, v in split.excluded.items() if k != 'images')} "
         f"more excluded); {total} steps of {ft.batch_size * ft.workers * ft.grad_accum} pairs")
-    resolution, context_length = input_sizes(ft.backbone, cfg.encode.download_root)
+    backbone = start_backbone(cfg, ft)
+    open_clip = backbone.kind == "open_clip"
     ensure_ray(cfg.ray)
     import ray
 
@@ -132,10 +142,12 @@ def _train(cfg: JobConfig, ft: FinetuneConfig, split: Split, folder: Path) -> di
     resources = {"CPU": ft.cpus_per_worker} | ({"GPU": ft.gpus_per_worker} if ft.on_gpu else {})
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"finetune": ft, "backbone": ft.backbone, "download_root": cfg.encode.download_root,
+        train_loop_config={"finetune": ft, "backbone": backbone,
                            "total_steps": total, "train": rows["train"], "validation": rows["validation"],
-                           "decode": {"resolution": resolution, "context_length": context_length,
-                                      "max_pixels": cfg.encode.max_image_pixels, "alpha": cfg.encode.alpha},
+                           "decode": {"resolution": backbone.image_size[0], "context_length": backbone.context_length,
+                                      "max_pixels": cfg.encode.max_image_pixels, "alpha": cfg.encode.alpha,
+                                      "preprocess": backbone.preprocess if open_clip else None,
+                                      "tokenizer": backbone.tokenizer if open_clip else None},
                            "task_retries": cfg.ray.max_task_retries, "eval_every": ft.eval_every or per_epoch,
                            "run_dir": str(folder), "kill_at_step": _test_step(KILL_ENV),
                            "short_at_step": _test_step(SHORT_ENV)},
@@ -162,21 +174,59 @@ def _train(cfg: JobConfig, ft: FinetuneConfig, split: Split, folder: Path) -> di
     write_text(folder / "losses.json", json.dumps(losses, indent=1))
     first, last = state["train_loss"][:5], state["train_loss"][-5:]
     log(f"finetune: {state['step']} steps in {losses['seconds']:.0f}s, train loss {sum(first) / len(first):.3f} -> "
-        f"{sum(last) / len(last):.3f}; model: {folder / MODEL} (use it as `backbones: [{folder / MODEL}]`)")
+        f"{sum(last) / len(last):.3f}; model: {folder / MODEL} (use it as `backbones: [{use_as(backbone, folder)}]`)")
     return {"model": folder / MODEL, "folder": folder, "steps": state["step"], "seconds": losses["seconds"],
             "train": len(split.train), "validation": len(split.validation), "eval": len(split.eval_ids)}
+
+
+def is_open_clip_start(cfg: JobConfig, ft: FinetuneConfig) -> bool:
+    """Whether the fine-tune starts from an open_clip model (a mapping of the job's, or an `ARCH/TAG` name)."""
+    from newsclip.retrieval.registry import is_open_clip
+
+    return is_open_clip(ft.backbone, cfg.backbone_options.get(ft.backbone))
+
+
+def tuned_entry(backbone, model: Path):
+    """The fine-tuned model as a job backbone: its path (clip), or for an open_clip start the mapping that loads
+    it with the start's architecture, preprocess, tokenizer and texts."""
+    from newsclip.retrieval.backbone_values import BackboneEntry, PreprocessSettings
+
+    if backbone.kind == "clip":
+        return str(model), None
+    p = backbone.preprocess
+    tokenizer = backbone.tokenizer.folder if backbone.tokenizer.kind == "hf" else None
+    return None, BackboneEntry(open_clip=backbone.arch, pretrained=str(model), text=backbone.text, tokenizer=tokenizer,
+                               text_model=backbone.text_model,
+                               preprocess=PreprocessSettings(p.mean, p.std, p.resize_mode, p.interpolation,
+                                                             p.fill_color))
+
+
+def use_as(backbone, folder: Path) -> str:
+    """How a job names the fine-tuned model (the message after training)."""
+    path, entry = tuned_entry(backbone, folder / MODEL)
+    return path or f"{{open_clip: {entry.open_clip}, pretrained: {entry.pretrained}}}"
 
 
 def comparison_job(cfg: JobConfig, ft: FinetuneConfig, model: Path) -> JobConfig:
     """The job with [the starting backbone, the fine-tuned model] as its backbones: the same eval sample, prepared
     and translated texts (their stage keys do not read the backbones) and store, so the start's embeddings are
     reused and only the new model is encoded, with the start's encode settings (precision, batch, GPU share)."""
-    backbones = (ft.backbone, str(model))
-    start = cfg.encode.for_backbone(ft.backbone)
+    from newsclip.retrieval.registry import entry_name
+
+    # a clip start needs nothing resolved (its weights may be elsewhere: a cluster's); an open_clip start its settings
+    backbone = start_backbone(cfg, ft) if is_open_clip_start(cfg, ft) else None
+    path, entry = tuned_entry(backbone, model) if backbone else (str(model), None)
+    tuned = path or entry_name(entry)
+    backbones = (ft.backbone, tuned)
+    options = {name: e for name, e in cfg.backbone_options.items() if name == ft.backbone}
+    if entry is not None:
+        options[tuned] = entry
+    start = cfg.encode.for_backbone(ft.backbone, backbone.image_gflops if backbone else None)
     own = {name: v for name, v in cfg.encode.per_backbone.items() if name == ft.backbone}
-    own[str(model)] = BackboneEncode(batch_size=start.batch_size, actors=start.actors,
-                                     num_gpus_per_actor=start.num_gpus_per_actor, precision=start.precision)
-    return replace(cfg, backbones=backbones, fusion=(), encode=replace(cfg.encode, per_backbone=own))
+    own[tuned] = BackboneEncode(batch_size=start.batch_size, actors=start.actors,
+                                num_gpus_per_actor=start.num_gpus_per_actor, precision=start.precision)
+    return replace(cfg, backbones=backbones, backbone_options=options, fusion=(),
+                   encode=replace(cfg.encode, per_backbone=own))
 
 
 def finetune_and_compare(cfg: JobConfig, ft: FinetuneConfig, restart: bool = False) -> None:

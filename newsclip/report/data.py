@@ -80,7 +80,10 @@ def cost_rows(stages: dict, backbones: list[str]) -> list[dict]:
                      "images_per_s": n_img / img_s if n_img and img_s else None,
                      "texts_per_s": n_txt / txt_s if n_txt and txt_s else None,
                      "gpu_gib": max(memories) if memories else None,
-                     "device": next((e.get("device") for e in images + texts if e.get("device")), None)})
+                     "device": next((e.get("device") for e in images + texts if e.get("device")), None),
+                     # where the model comes from, its preprocess, tokenizer and texts (the encode stage records it)
+                     "model": "; ".join(e["model"] for e in images[:1] if e.get("model")) if len(members) == 1
+                     else None})
     return rows
 
 

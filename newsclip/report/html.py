@@ -136,7 +136,8 @@ def cost_table_html(costs: list[dict], quality: dict[str, dict]) -> str:
                                  "texts/s", "GPU memory GiB", "MRR"], names=["backbone"])]
     for c in costs:
         q = quality.get(c["backbone"], {})
-        lines.append(f'<tr><td class="name">{esc(c["backbone"])}</td><td>{esc(c["images"] or "–")}</td>'
+        model = f'<br><small>{esc(c["model"])}</small>' if c.get("model") else ""
+        lines.append(f'<tr><td class="name">{esc(c["backbone"])}{model}</td><td>{esc(c["images"] or "–")}</td>'
                      f'<td>{_fmt(c["image_seconds"], 1)}</td><td>{_fmt(c["images_per_s"], 1)}</td>'
                      f'<td>{esc(c["texts"] or "–")}</td><td>{_fmt(c["text_seconds"], 1)}</td>'
                      f'<td>{_fmt(c["texts_per_s"], 1)}</td><td>{_fmt(c["gpu_gib"], 2)}</td>'

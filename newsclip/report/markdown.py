@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from newsclip.config import JobConfig
-from newsclip.names import DIRECTIONS
+from newsclip.names import DIRECTIONS, encode_entry
 from newsclip.report.data import metric_keys, read_training
 from newsclip.report.notes import (
     INTERVALS,
@@ -71,6 +71,14 @@ def _rejects(cfg: JobConfig, prep: dict) -> list[str]:
     return [*lines, "| stage | reason | rows |", "|---|---|---|", *table]
 
 
+def _models(cfg: JobConfig, stages: dict) -> list[str]:
+    """Each backbone as the encode stage loaded it: clip or open_clip, its preprocessing, tokenizer and texts."""
+    described = [(b, stages.get(encode_entry(b, "images"), {}).get("model")) for b in cfg.backbones]
+    if not any(model for _, model in described):
+        return []
+    return ["", "## Backbones", "", *[f"- {b}: {model}" for b, model in described if model]]
+
+
 def render_markdown(cfg: JobConfig) -> str:
     """The whole of report.md; backbones keep their full names (the page shortens checkpoint paths)."""
     metrics = json.loads(cfg.layout.metrics_json.read_text())
@@ -99,6 +107,7 @@ def render_markdown(cfg: JobConfig) -> str:
     if trained:
         lines += ["", "## Fine-tuning", "", *[f"- {training_note(b, losses)} The curve is in report.html."
                                                 for b, losses in trained]]
+    lines += _models(cfg, stages)
     lines += _per_source(cfg, rows, k)
     lines += _rejects(cfg, stages["prepare"])
     return "\n".join(lines) + "\n"

@@ -182,14 +182,14 @@ def _is_torchscript(path: Path) -> bool:
         return any(n.endswith("/constants.pkl") or "/code/" in n for n in archive.namelist())
 
 
-def _load_state_dict(path: Path) -> dict:
+def _load_state_dict(path: Path, mmap: bool = False) -> dict:
     import pickle
 
     import torch
 
     try:
         # weights_only: a checkpoint from elsewhere never gets to run code while it is unpickled
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
         # torch's own message advises loading with weights_only=False: never for a file that is not a checkpoint
         reason = str(exc).split("WeightsUnpickler error:", 1)[-1].split("Check the documentation", 1)[0]
@@ -213,28 +213,34 @@ def _load_state_dict(path: Path) -> dict:
 _BUILD_ONLY_KEYS = ("input_resolution", "context_length", "vocab_size")
 
 
-def _checkpoint_state(path: Path) -> dict:
+def _checkpoint_state(path: Path, mmap: bool = False) -> dict:
     """The tensors of a checkpoint file, as it holds them: a TorchScript archive's (all OpenAI files) or a state
-    dict's."""
+    dict's (memory-mapped with `mmap`: only the tensors read are paged in)."""
     if _is_torchscript(path):
         import torch
 
         return torch.jit.load(str(path), map_location="cpu").state_dict()
-    return _load_state_dict(path)
+    return _load_state_dict(path, mmap)
+
+
+def checkpoint_shapes(path: Path) -> tuple[int, int, int]:
+    """(image side, text context length, embedding size) read off a CLIP checkpoint's weights the way
+    `clip.model.build_model` infers them, without building the model (a state dict is memory-mapped, not read)."""
+    state = _checkpoint_state(path, mmap=True)
+    context, embed = state["positional_embedding"].shape[0], state["text_projection"].shape[1]
+    if "visual.proj" in state:  # ViT: patch size x grid
+        grid = round((state["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+        return state["visual.conv1.weight"].shape[-1] * grid, context, embed
+    grid = round((state["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5)
+    return grid * 32, context, embed  # ModifiedResNet: the attention pool sees the image at 1/32
 
 
 def input_sizes(name_or_path: str, download_root: str | Path | None = None) -> tuple[int, int]:
     """(image side, text context length) of a backbone's inputs: from the registry, or read off a checkpoint's
-    weights the way `clip.model.build_model` infers them (without building the model)."""
+    weights (`checkpoint_shapes`)."""
     if name_or_path in BACKBONES:
         return BACKBONES[name_or_path].input_resolution, CONTEXT_LENGTH
-    state = _checkpoint_state(resolve_weights(name_or_path, download_root))
-    context = state["positional_embedding"].shape[0]
-    if "visual.proj" in state:  # ViT: patch size x grid
-        grid = round((state["visual.positional_embedding"].shape[0] - 1) ** 0.5)
-        return state["visual.conv1.weight"].shape[-1] * grid, context
-    grid = round((state["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5)
-    return grid * 32, context  # ModifiedResNet: the attention pool sees the image at 1/32
+    return checkpoint_shapes(resolve_weights(name_or_path, download_root))[:2]
 
 
 def load_backbone(

@@ -54,13 +54,20 @@ def read_training_record(path: str | Path) -> dict | None:
     return record if isinstance(record, dict) else None
 
 
-def trained_on(backbones: list[str] | tuple[str, ...], download_root: str | None = None) -> dict[str, dict | None]:
-    """Each checkpoint path among `backbones` and its training record (None: its training data is unknown). The
-    registry's backbones (OpenAI's, demo-tiny) are not listed: they were never trained on a job's archive."""
-    from newsclip.retrieval.backbones import BACKBONES, resolve_weights
+def trained_on(backbones) -> dict[str, dict | None]:
+    """Each checkpoint file among the resolved `backbones` ({name: ResolvedBackbone}) and its training record (None:
+    its training data is unknown). The registry's backbones (OpenAI's, demo-tiny) and open_clip's published tags are
+    not listed: they were never trained on a job's archive."""
+    return {name: read_training_record(Path(b.weights)) for name, b in backbones.items() if is_checkpoint_file(b)}
 
-    return {name: read_training_record(resolve_weights(name, download_root)) for name in backbones
-            if name not in BACKBONES}
+
+def is_checkpoint_file(backbone) -> bool:
+    """A weights file named by the job (a fine-tune, maybe newsclip's own), not a registry name or published tag."""
+    from newsclip.retrieval.backbones import BACKBONES
+
+    if backbone.kind == "clip":
+        return backbone.source not in BACKBONES
+    return Path(backbone.source).expanduser().is_file() and not backbone.weights.endswith(".safetensors")
 
 
 def seen(record: dict) -> tuple[set[str], set[str]]:

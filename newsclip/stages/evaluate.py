@@ -10,11 +10,11 @@ import polars as pl
 
 from newsclip.config import JobConfig
 from newsclip.names import knn_entry, rankings_stem, slug
-from newsclip.retrieval.backbones import BACKBONES, OPENAI_NAMES, checkpoint_id
+from newsclip.retrieval.backbones import OPENAI_NAMES
 from newsclip.retrieval.bootstrap import ci_columns, ci_rows, decide_as_one_family, paired_rows
 from newsclip.retrieval.metrics import metric_names
 from newsclip.retrieval.ranks import counts, duplicate_truths, query_ranks
-from newsclip.retrieval.trained import excluded_counts, leave_out_trained, trained_on
+from newsclip.retrieval.trained import excluded_counts, is_checkpoint_file, leave_out_trained, trained_on
 from newsclip.runtime.rejects import read_rejects
 from newsclip.runtime.stage import Stage
 from newsclip.runtime.store import parquet_files, read_manifest, record_stage, write_text
@@ -39,7 +39,7 @@ def _run(cfg: JobConfig) -> dict:
     candidates = pl.read_parquet(layout.prepared.candidates, columns=["image_id", "image_hash", "candidate"])
     image_hashes = candidates.filter("candidate").select("image_id", "image_hash")
     # a fine-tuned checkpoint is scored only on what it never saw, and so is every other backbone (paired)
-    scored, trained = leave_out_trained(queries, candidates, trained_on(cfg.backbones, cfg.encode.download_root))
+    scored, trained = leave_out_trained(queries, candidates, trained_on(_checkpoints(cfg)))
     rejects = read_rejects(out)
     failed = rejects.filter((pl.col("kind") == "image") & pl.col("stage").str.starts_with("encode"))["id"]
     stages = read_manifest(out)["stages"]
@@ -82,7 +82,10 @@ def _clip_benchmark_result(cfg: JobConfig, backbone: str, rows: list[dict]) -> P
         if row["backbone"] == backbone and row["source"] == "all":
             prefix = "text_retrieval" if row["direction"] == "image_to_text" else "image_retrieval"
             metrics.update({f"{prefix}_{key.replace('@', '_at_')}": row[key] for key in metric_names(cfg.eval.k)})
-    pretrained = "openai" if backbone in OPENAI_NAMES else "newsclip"
+    entry = cfg.backbone_options.get(backbone)
+    tag = entry.pretrained if entry and entry.open_clip and not Path(entry.pretrained).expanduser().exists() else \
+        backbone.split("/", 1)[1] if "/" in backbone and not Path(backbone).expanduser().exists() else None
+    pretrained = "openai" if backbone in OPENAI_NAMES else tag or "newsclip"
     result = {"dataset": cfg.name, "model": backbone, "pretrained": pretrained, "task": "zeroshot_retrieval",
               "language": "en", "k": cfg.eval.k, "metrics": metrics}
     return write_text(cfg.layout.result(slug(backbone)), json.dumps(result, indent=2))
@@ -91,7 +94,20 @@ def _clip_benchmark_result(cfg: JobConfig, backbone: str, rows: list[dict]) -> P
 def _checkpoint_files(cfg: JobConfig) -> dict[str, str] | None:
     """The checkpoint files among the backbones as they are now (None: there are none): their training records decide
     the queries left out (the same weights saved with another record embed as before, and would not rerun encode)."""
-    return {b: checkpoint_id(b, cfg.encode.download_root) for b in cfg.backbones if b not in BACKBONES} or None
+    return {name: b.checkpoint_id for name, b in _checkpoints(cfg).items()} or None
+
+
+def _checkpoints(cfg: JobConfig) -> dict:
+    """The backbones that are weights files the job names (fine-tunes, maybe newsclip's own), resolved: the registry's
+    names and open_clip's published tags are never resolved here, so evaluate needs none of their weights."""
+    from newsclip.retrieval.backbones import BACKBONES
+
+    def a_file(name: str) -> bool:
+        entry = cfg.backbone_options.get(name)
+        source = (entry.pretrained or entry.backbone) if entry else name
+        return source not in BACKBONES and Path(source).expanduser().is_file()
+
+    return {name: b for name in cfg.backbones if a_file(name) and is_checkpoint_file(b := cfg.resolved(name))}
 
 
 run = Stage("evaluate", _run, external_inputs=_checkpoint_files)

@@ -5,9 +5,11 @@ clip only inside the functions that run on a worker.
 
 The split (Ray's batch-inference shape): decoding one news photo costs a CPU process ~8 ms, so an actor that
 decoded its own images fed an H200 ~1/40 of what it can take. Here CPU tasks, as many as the cluster has CPUs,
-turn image bytes into uint8 pixels (clip's resize and crop) and texts into tokens; the model actors copy them to
-their device, normalise there (uint8 is a quarter of float32's bytes through the object store and over PCIe) and
-run the model. With `encode.decode: gpu`, JPEGs travel as their bytes and the actor decodes them with nvjpeg.
+turn image bytes into uint8 pixels (the model's own resize: clip's, or an open_clip model's squash, shortest side or
+longest side, with its interpolation) and texts into tokens (clip's tokenizer or the open_clip model's own); the
+model actors (a ResolvedBackbone each) copy them to their device, normalise there with the model's mean and std
+(uint8 is a quarter of float32's bytes through the object store and over PCIe) and run the model. With
+`encode.decode: gpu`, JPEGs travel as their bytes and the actor decodes them with nvjpeg.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 
-from newsclip.retrieval.backbones import load_backbone
+from newsclip.retrieval.backbone_values import PreprocessSpec, ResolvedBackbone, TokenizerSpec
+from newsclip.retrieval.registry import as_resolved, load_model
 from newsclip.runtime.embedding_store import content_key, content_keys
 from newsclip.runtime.store import embedding_table, vectors_of
 from newsclip.workers.images import ImageDecodeError, decode_image, open_image, quiet_pillow
@@ -43,11 +46,23 @@ def _geometry(resolution: int):
     return _transform(resolution).transforms[:3]  # Resize, CenterCrop, convert to RGB
 
 
-def clip_pixels(image, resolution: int) -> np.ndarray:
-    """A decoded image (`decode_image`: in its own mode) as clip's preprocess sees it before ToTensor: resized and
-    cropped, then converted to RGB, in clip's order; uint8, channels first (3, res, res)."""
+@functools.lru_cache(maxsize=8)
+def _open_clip_geometry(preprocess: PreprocessSpec):
+    """open_clip's own eval transform for these settings, up to ToTensor: its resize (shortest side and centre crop,
+    squash, or longest side and pad), its interpolation, then RGB."""
+    from open_clip.transform import image_transform
+
+    transform = image_transform(preprocess.size, is_train=False, mean=preprocess.mean, std=preprocess.std,
+                                resize_mode=preprocess.resize_mode, interpolation=preprocess.interpolation,
+                                fill_color=preprocess.fill_color)
+    return transform.transforms[:-2]  # ToTensor and Normalize run on the model's device
+
+
+def clip_pixels(image, resolution: int, preprocess: PreprocessSpec | None = None) -> np.ndarray:
+    """A decoded image (`decode_image`: in its own mode) as the model's preprocess sees it before ToTensor: clip's
+    resize, crop and RGB (in clip's order), or open_clip's for `preprocess`; uint8, channels first (3, h, w)."""
     with quiet_pillow():
-        for step in _geometry(resolution):
+        for step in _geometry(resolution) if preprocess is None else _open_clip_geometry(preprocess):
             image = step(image)
     return np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1))
 
@@ -64,11 +79,12 @@ def read_and_decode_images(units: pa.Table, **options) -> pa.Table:
 
 
 def decode_images(batch: pa.Table, resolution: int, max_pixels: int, draft: bool, jpeg_to_actor: bool,
-                  alpha: str = "drop") -> pa.Table:
+                  alpha: str = "drop", preprocess: PreprocessSpec | None = None) -> pa.Table:
     """CPU task: image bytes -> (hash, pixels, jpeg, error). An undecodable image gets its reason, never raises.
 
-    `jpeg_to_actor`: JPEGs that nvjpeg can take (RGB or grey) keep their bytes for the actor to decode on its GPU;
-    only their header is read here, for the size bound."""
+    `preprocess`: an open_clip model's resize (None: clip's, to `resolution`). `jpeg_to_actor`: JPEGs that nvjpeg
+    can take (RGB or grey) keep their bytes for the actor to decode on its GPU; only their header is read here, for
+    the size bound."""
     hashes, pixels, jpegs, errors = [], [], [], []
     for data in batch.column("image").to_pylist():
         hashes.append(content_key(data or b""))
@@ -78,7 +94,7 @@ def decode_images(batch: pa.Table, resolution: int, max_pixels: int, draft: bool
                 jpeg = data
             else:
                 image = decode_image(data, max_pixels, resolution if draft else None, alpha)
-                pixel = clip_pixels(image, resolution).data
+                pixel = clip_pixels(image, resolution, preprocess).data
         except ImageDecodeError as e:
             error = str(e)
         pixels.append(pixel)
@@ -93,21 +109,33 @@ def is_gpu_jpeg(image) -> bool:
     return image.format == "JPEG" and image.mode in ("RGB", "L")
 
 
-def tokenize_texts(batch: pa.Table, context_length: int) -> pa.Table:
-    """CPU task: (hash, query_text) -> (hash, tokens): clip's tokeniser, cut at the model's 77 tokens."""
-    import clip
+@functools.lru_cache(maxsize=4)
+def _tokenizer(spec: TokenizerSpec):
+    from newsclip.retrieval.open_clip_models import open_clip_tokenizer
 
+    return open_clip_tokenizer(spec)
+
+
+def tokenize_texts(batch: pa.Table, context_length: int, tokenizer: TokenizerSpec | None = None) -> pa.Table:
+    """CPU task: (hash, query_text) -> (hash, tokens): clip's tokeniser cut at the model's context (77 tokens), or
+    the open_clip model's own (`tokenizer`: SimpleTokenizer or its Hugging Face tokenizer from a local folder)."""
     texts = [str(t) for t in batch.column("query_text").to_pylist()]
-    tokens = clip.tokenize(texts, context_length=context_length, truncate=True).numpy().astype(np.int32)
+    if tokenizer is None or tokenizer.kind == "clip":
+        import clip
+
+        tokens = clip.tokenize(texts, context_length=context_length, truncate=True).numpy().astype(np.int32)
+    else:
+        tokens = _tokenizer(tokenizer)(texts, context_length=context_length).numpy().astype(np.int32)
     column = pa.FixedSizeListArray.from_arrays(pa.array(tokens.reshape(-1)), context_length)
     return pa.table({"hash": batch.column("hash"), "tokens": column})
 
 
-def read_and_tokenize_texts(units: pa.Table, context_length: int) -> pa.Table:
+def read_and_tokenize_texts(units: pa.Table, context_length: int, tokenizer: TokenizerSpec | None = None) -> pa.Table:
     """CPU task: the query texts of some (file, ids) units, read from their shard, keyed by their content hash and
     tokenised (see `tokenize_texts`): the texts never pass through the driver."""
     texts = read_units(units, "article_id", ["query_text"]).column("query_text")
-    return tokenize_texts(pa.table({"hash": content_keys(texts.to_pylist()), "query_text": texts}), context_length)
+    return tokenize_texts(pa.table({"hash": content_keys(texts.to_pylist()), "query_text": texts}), context_length,
+                          tokenizer)
 
 
 def apply_precision(model: torch.nn.Module, precision: str, device: str) -> torch.nn.Module:
@@ -122,12 +150,29 @@ def apply_precision(model: torch.nn.Module, precision: str, device: str) -> torc
     return model.to(device).eval()
 
 
+def apply_open_clip_precision(model: torch.nn.Module, precision: str, device: str) -> torch.nn.Module:
+    """As `apply_precision`, for an open_clip model: fp16 is open_clip's own (its `precision="fp16"`: low-precision
+    weights, its fp32 LayerNorms kept; a timm tower cast whole)."""
+    import torch
+    from open_clip.factory import _set_model_device_and_precision
+
+    model.float()
+    is_timm = type(model.visual).__name__ == "TimmModel"  # what open_clip's factory asks of the config
+    _set_model_device_and_precision(model, torch.device(device), precision if precision == "fp16" else "fp32",
+                                    is_timm)
+    return model.eval()
+
+
 def measured_precision(model: torch.nn.Module, autocast: bool) -> str:
     """The precision a model really computes in, read from its weights (the store's label comes from this)."""
     import torch
 
-    dtype = model.visual.conv1.weight.dtype  # clip's own `model.dtype`: the dtype its inputs are cast to
-    layer_norms = {m.weight.dtype for m in model.modules() if isinstance(m, torch.nn.LayerNorm)}
+    if hasattr(model.visual, "conv1") and hasattr(model, "dtype"):  # clip's: the dtype its inputs are cast to
+        dtype = model.visual.conv1.weight.dtype
+    else:  # open_clip's towers: their linear layers
+        dtype = next(m.weight.dtype for m in model.modules() if isinstance(m, torch.nn.Linear))
+    layer_norms = {m.weight.dtype for m in model.modules() if isinstance(m, torch.nn.LayerNorm)
+                   and type(m).__module__.startswith("clip")}
     if layer_norms - {torch.float32}:
         raise RuntimeError(f"LayerNorm weights in {sorted(map(str, layer_norms))}: clip's LayerNorm computes in "
                            f"fp32 and fails on other weights")
@@ -154,21 +199,23 @@ def _require_device(device: str) -> None:
 class _Encoder:
     """Loads one backbone once per actor on its device and precision; subclasses encode one side's batches."""
 
-    def __init__(self, backbone: str, cfg: EncodeConfig):
+    def __init__(self, backbone: ResolvedBackbone | str, cfg: EncodeConfig):
         import torch
 
         torch.set_num_threads(cfg.torch_threads)
         self.torch, self.cfg, self.device = torch, cfg, cfg.device
         _require_device(self.device)
-        model, self.preprocess = load_backbone(backbone, "cpu", cfg.download_root)
-        self.model = apply_precision(model, cfg.precision, self.device)
+        self.backbone = backbone = as_resolved(backbone, cfg.download_root)
+        apply = apply_precision if backbone.kind == "clip" else apply_open_clip_precision
+        self.model = apply(load_model(backbone), cfg.precision, self.device)
         self.autocast = cfg.precision == "bf16"
         self.precision = measured_precision(self.model, self.autocast)
         runs_on = next(self.model.parameters()).device.type
         if (self.precision, runs_on) != (cfg.precision, self.device):
-            raise RuntimeError(f"encode {backbone}: asked for {cfg.precision} on {self.device}, the model runs in "
+            raise RuntimeError(f"encode {backbone.name}: asked for {cfg.precision} on {self.device}, the model runs in "
                                f"{self.precision} on {runs_on}: its embeddings would be stored under the wrong label")
-        self.dim = self.model.text_projection.shape[1]
+        self.dim = backbone.embed_dim
+        self.input_dtype = torch.float16 if self.precision == "fp16" else torch.float32
 
     def _result(self, hashes: pa.Array, vectors: np.ndarray, errors: pa.Array) -> pa.Table:
         # A pyarrow table rather than a dict of numpy arrays: Ray would store a 2-D array as its own tensor
@@ -206,18 +253,24 @@ class ImageEncoder(_Encoder):
     """(hash, pixels | jpeg, error) -> (hash, embedding, error): normalises uint8 pixels on the device, decodes
     JPEG bytes there (nvjpeg on CUDA), and runs the image tower. A row with an error keeps it and a zero vector."""
 
-    def __init__(self, backbone: str, cfg: EncodeConfig):
+    def __init__(self, backbone: ResolvedBackbone | str, cfg: EncodeConfig):
+        from torchvision.transforms import Normalize
+
         super().__init__(backbone, cfg)
-        self.resolution = self.model.visual.input_resolution
-        self.normalize = self.preprocess.transforms[-1]  # clip's Normalize: the same ops, on the device
+        self.resolution = self.backbone.image_size[0]
+        self.size = self.backbone.image_size  # (height, width)
+        # the preprocess's own Normalize (clip's or open_clip's: the same op), on the device
+        self.normalize = Normalize(self.backbone.preprocess.mean, self.backbone.preprocess.std)
+        # the open_clip resize the decode tasks and nvjpeg follow (None: clip's own)
+        self.geometry = self.backbone.preprocess if self.backbone.kind == "open_clip" else None
 
     def _prepare(self, pixels: torch.Tensor) -> torch.Tensor:
-        # ToTensor's `float().div(255)` then clip's Normalize: on CPU bit-for-bit what clip's preprocess computes
-        return self.normalize(pixels.float().div(255)).to(self.model.dtype)
+        # ToTensor's `float().div(255)` then Normalize: on CPU bit-for-bit what the model's preprocess computes
+        return self.normalize(pixels.float().div(255)).to(self.input_dtype)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         errors = batch.column("error").combine_chunks()
-        images = dict(_pixel_rows(batch.column("pixels"), self.resolution))  # row -> uint8 (3, res, res)
+        images = dict(_pixel_rows(batch.column("pixels"), self.size))  # row -> uint8 (3, h, w)
         jpeg = batch.column("jpeg").combine_chunks()
         if jpeg.null_count < len(jpeg):
             errors = self._decode_jpegs(jpeg, images, errors)
@@ -240,35 +293,60 @@ class ImageEncoder(_Encoder):
         one that fails there too gets its error."""
         rows = np.flatnonzero(jpeg.is_valid().to_numpy(zero_copy_only=False))
         reasons = errors.to_pylist()
-        decoded = decode_jpegs([jpeg[i].as_py() for i in rows], self.resolution, self.device)
+        decoded = decode_jpegs([jpeg[i].as_py() for i in rows], self.resolution, self.device, self.geometry)
         for i, image in zip(rows, decoded):
             if image is not None:
                 images[i] = image
                 continue
             try:
                 image = decode_image(jpeg[i].as_py(), self.cfg.max_image_pixels, alpha=self.cfg.alpha)
-                images[i] = clip_pixels(image, self.resolution)
+                images[i] = clip_pixels(image, self.resolution, self.geometry)
             except ImageDecodeError as e:
                 reasons[i] = str(e)
         return pa.array(reasons, pa.string())
 
 
-def decode_jpegs(datas: list[bytes], resolution: int, device: str) -> list:
-    """JPEG bytes -> uint8 (3, res, res) tensors on `device` (nvjpeg on CUDA, libjpeg on a CPU), with clip's resize
-    (bicubic, antialiased: torch's, close to PIL's) and centre crop done there; None where the decoder refuses."""
+def decode_jpegs(datas: list[bytes], resolution: int, device: str, preprocess: PreprocessSpec | None = None) -> list:
+    """JPEG bytes -> uint8 (3, h, w) tensors on `device` (nvjpeg on CUDA, libjpeg on a CPU), resized there
+    (antialiased: torch's, close to PIL's) as the model's preprocess resizes: clip's bicubic short side and centre
+    crop, or `preprocess`'s mode and interpolation; None where the decoder refuses."""
     import torch
     from torchvision.io import ImageReadMode, decode_jpeg
-    from torchvision.transforms import InterpolationMode
-    from torchvision.transforms.v2.functional import center_crop, resize
 
     datas = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in datas]
     try:
         decoded = decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
     except RuntimeError:  # one bad file fails the batched call: decode one by one to find it
         decoded = [_or_none(decode_jpeg, data, mode=ImageReadMode.RGB, device=device) for data in datas]
-    return [None if image is None else
-            center_crop(resize(image, [resolution], InterpolationMode.BICUBIC, antialias=True), [resolution])
+    return [None if image is None else device_resize(image, preprocess or _clip_geometry(resolution))
             for image in decoded]
+
+
+def _clip_geometry(resolution: int) -> PreprocessSpec:
+    return PreprocessSpec((resolution, resolution), (), (), "shortest", "bicubic")
+
+
+def device_resize(image: torch.Tensor, preprocess: PreprocessSpec) -> torch.Tensor:
+    """A decoded (3, H, W) uint8 image resized on its device as open_clip's eval transform resizes: shortest side
+    then centre crop, squash to the size, or longest side then centre crop or pad with the fill colour."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2.functional import center_crop, pad, resize
+
+    mode = InterpolationMode.BILINEAR if preprocess.interpolation == "bilinear" else InterpolationMode.BICUBIC
+    (h, w), (height, width) = preprocess.size, image.shape[-2:]
+    if preprocess.resize_mode == "squash":
+        return resize(image, [h, w], mode, antialias=True)
+    if preprocess.resize_mode == "shortest":
+        if h == w:
+            return center_crop(resize(image, [h], mode, antialias=True), [h, w])
+        scale = max(h / height, w / width)
+    else:  # longest
+        scale = min(h / height, w / width)
+    image = resize(image, [round(height * scale), round(width * scale)], mode, antialias=True)
+    dh, dw = max(h - image.shape[-2], 0), max(w - image.shape[-1], 0)
+    if dh or dw:
+        image = pad(image, [dw // 2, dh // 2, dw - dw // 2, dh - dh // 2], fill=preprocess.fill_color)
+    return center_crop(image, [h, w])
 
 
 def _or_none(fn, *args, **kwargs):
@@ -278,9 +356,10 @@ def _or_none(fn, *args, **kwargs):
         return None
 
 
-def _pixel_rows(column: pa.ChunkedArray, resolution: int):
-    """(row, uint8 array (3, res, res)) for each row with pixels: views of the Arrow buffer, no copy."""
-    size, row = 3 * resolution * resolution, 0
+def _pixel_rows(column: pa.ChunkedArray, shape: tuple[int, int] | int):
+    """(row, uint8 array (3, h, w)) for each row with pixels: views of the Arrow buffer, no copy."""
+    h, w = (shape, shape) if isinstance(shape, int) else shape
+    size, row = 3 * h * w, 0
     for chunk in column.chunks:
         offsets = np.frombuffer(chunk.buffers()[1], np.int64)[chunk.offset:chunk.offset + len(chunk) + 1]
         data = chunk.buffers()[2]
@@ -288,8 +367,8 @@ def _pixel_rows(column: pa.ChunkedArray, resolution: int):
         for i in np.flatnonzero(chunk.is_valid().to_numpy(zero_copy_only=False)):
             start, end = offsets[i], offsets[i + 1]
             if end - start != size:
-                raise ValueError(f"pixels of {end - start} bytes, expected {size} (3 x {resolution} x {resolution})")
-            yield row + int(i), flat[start:end].reshape(3, resolution, resolution)
+                raise ValueError(f"pixels of {end - start} bytes, expected {size} (3 x {h} x {w})")
+            yield row + int(i), flat[start:end].reshape(3, h, w)
         row += len(chunk)
 
 
@@ -298,7 +377,10 @@ class TextEncoder(_Encoder):
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         tokens = self.torch.tensor(vectors_of(batch.column("tokens")))  # a copy: Arrow's buffers are read-only
-        if tokens.shape[1] != self.model.context_length:
-            raise ValueError(f"tokens of length {tokens.shape[1]}; this text tower takes {self.model.context_length}")
+        if tokens.shape[1] != self.backbone.context_length:
+            raise ValueError(f"tokens of length {tokens.shape[1]}; this text tower takes "
+                             f"{self.backbone.context_length}")
+        if self.backbone.kind == "open_clip":
+            tokens = tokens.long()  # what open_clip's tokenizers give (Hugging Face towers build position ids off it)
         vectors = self._encode(self.model.encode_text, tokens)
         return self._result(batch.column("hash"), vectors, pa.nulls(len(batch), pa.string()))
