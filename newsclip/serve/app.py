@@ -26,7 +26,6 @@ MAX_IMAGE_BYTES = 8 << 20
 MAX_TEXT_CHARS = 10_000
 MAX_ID_CHARS = 512
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
-DEFAULT_MAX_PIXELS = 40_000_000
 
 
 class HTTPError(Exception):
@@ -40,9 +39,9 @@ def needs_token(host: str) -> bool:
     return host not in LOOPBACK
 
 
-def create_app(index, encoders: QueryEncoders | None = None, token: str | None = None, batcher: Batcher | None = None,
-               max_pixels: int | None = None):
-    """The app over `index` (an IndexFollower or StaticIndex, started and stopped with the app's lifespan)."""
+def create_app(index, cfg=None, token: str | None = None, batcher: Batcher | None = None):
+    """The app over `index` (an IndexFollower, or a StaticIndex with the job config `cfg` whose encoders it uses),
+    started and stopped with the app's lifespan."""
     import contextlib
 
     from starlette.applications import Starlette
@@ -50,10 +49,9 @@ def create_app(index, encoders: QueryEncoders | None = None, token: str | None =
     from starlette.responses import HTMLResponse, JSONResponse, Response
     from starlette.routing import Route
 
-    if batcher is None:
-        batcher = Batcher(encoders if encoders is not None else QueryEncoders(index.cfg))
-    if max_pixels is None:
-        max_pixels = index.cfg.encode.max_image_pixels if index.cfg is not None else DEFAULT_MAX_PIXELS
+    cfg = cfg if cfg is not None else index.cfg
+    batcher = batcher if batcher is not None else Batcher(QueryEncoders(cfg))
+    max_pixels = cfg.encode.max_image_pixels  # thumbnails are bounded as encode bounds images
     page = files("newsclip.serve").joinpath("page.html").read_text()
 
     def snapshot():
