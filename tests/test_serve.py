@@ -24,6 +24,22 @@ DEMO = Path(__file__).resolve().parents[1] / "jobs" / "demo.yaml"
 ARTICLES = 200
 
 
+@pytest.mark.parametrize("n, k", [(5, 20), (3000, 1), (3000, 20), (3000, 1000)])
+def test_nearest_equals_a_float64_argsort_with_ties_by_row(n, k):
+    from newsclip.retrieval.exact_scores import exact_scores
+    from newsclip.serve.nearest import nearest, row_norm_bound
+
+    rng = np.random.default_rng(n + k)
+    rows = rng.standard_normal((n, 16)).astype(np.float32)
+    rows[n // 2 :: 7] = rows[1]  # exact ties, to be ordered by row
+    q = np.concatenate([rows[1:2], rng.standard_normal((12, 16)).astype(np.float32)])
+    got_rows, got_scores = nearest(rows, row_norm_bound(rows), q, k)
+    exact = exact_scores(rows, q, np.broadcast_to(np.arange(n), (len(q), n)))
+    want = np.lexsort((np.broadcast_to(np.arange(n), exact.shape), -exact.astype(np.float64)), axis=1)[:, :k]
+    assert np.array_equal(got_rows, want)
+    assert np.array_equal(got_scores, np.take_along_axis(exact, want, axis=1))
+
+
 def _settings(root: Path) -> list[str]:
     # translate off: the demo's English and German texts are searched as they are (no translator build needed)
     return [f"input.articles={root / 'data' / 'articles'}", f"input.images={root / 'data' / 'images'}",

@@ -3,6 +3,8 @@ candidates re-scored by the knn stage's own definition of a score, so that searc
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from newsclip.retrieval.exact_scores import exact_scores
@@ -10,6 +12,19 @@ from newsclip.retrieval.search import PAD_KEY, merge_topk
 
 # queries per matrix product: their (rows, n) float32 products are 4 MB each at 1M rows
 QUERY_BLOCK = 8
+
+_buffers = threading.local()
+
+
+def _products_buffer(n: int) -> np.ndarray:
+    """A (QUERY_BLOCK, n) float32 buffer this thread reuses: a fresh 32 MB array per batch at 1M rows cost its page
+    faults every time (about as long as the product itself, measured)."""
+    held = _buffers.__dict__.setdefault("by_rows", {})  # one per matrix size searched (images, texts)
+    if n not in held:
+        if len(held) >= 4:  # sizes of indexes swapped out since
+            held.pop(next(iter(held)))
+        held[n] = np.empty((QUERY_BLOCK, n), np.float32)
+    return held[n]
 
 
 def row_norm_bound(vectors: np.ndarray) -> float:
@@ -43,7 +58,8 @@ def nearest(vectors: np.ndarray, max_norm: float, q: np.ndarray, k: int) -> tupl
         if kk == n:  # every row is a candidate
             labels = np.broadcast_to(np.arange(n, dtype=np.int64), (len(qb), n))
         else:
-            products = torch.from_numpy(qb @ vectors.T)  # BLAS: one pass over the rows for the whole block
+            out = _products_buffer(n)[: len(qb)]
+            products = torch.from_numpy(np.matmul(qb, vectors.T, out=out))  # BLAS: one pass over the rows
             top, cand = torch.topk(products, kk, dim=1, sorted=True)
             low = top[:, k - 1].double().numpy() - tol[s : s + QUERY_BLOCK]
             labels = cand.numpy()
