@@ -109,6 +109,24 @@ def test_new_text_is_encoded_as_the_encode_stage_encodes_it(served):
     assert abs(float(np.linalg.norm(one[0])) - 1) < 1e-5
 
 
+def test_queries_searched_together_get_the_answers_they_get_alone(served):
+    from newsclip.serve.batcher import Batcher, Query
+    from newsclip.serve.query import QueryEncoders
+
+    root, cfg, _, follower, _ = served
+    snap = follower.current
+    texts = [r["query_text"] for r in list(_queries(root).values())[:12]] + [f"a red circle in Oslo {i}" for i in
+                                                                             range(12)]
+    batcher = Batcher(QueryEncoders(cfg))
+    try:
+        alone = [batcher.search(Query(snap, "demo-tiny", 5 + i % 3, text=t)) for i, t in enumerate(texts)]
+        futures = [batcher.submit(Query(snap, "demo-tiny", 5 + i % 3, text=t)) for i, t in enumerate(texts)]
+        assert [f.result() for f in futures] == alone
+        assert batcher.batches < 2 * len(texts)  # the second round went in fewer, larger batches
+    finally:
+        batcher.close()
+
+
 def test_article_endpoint_gives_its_ranked_images_best_first(served):
     root, _, run_id, _, client = served
     article, ranking = next(iter(_rankings(root).items()))

@@ -1,6 +1,8 @@
-"""Concurrent queries gathered into one batch: one worker thread takes every query waiting, encodes the texts of each
-backbone in one call and searches them with one matrix product, so that 50 queries a second cost a few passes over
-the rows instead of 50 (a pass over 1M x 64 float32 rows is ~250 MB of memory traffic, whatever the batch)."""
+"""Concurrent queries gathered into batches, in two stages that overlap: an encoder thread takes every query waiting
+and encodes the texts (or images) of each backbone in one call; a search thread takes every encoded query waiting
+and searches each backbone's with one matrix product. A pass over 1M x 64 float32 rows is ~250 MB of memory traffic
+whatever the batch, so 50 queries a second cost a few passes instead of 50, and the next queries are encoded while
+the last are searched."""
 
 from __future__ import annotations
 
@@ -30,23 +32,47 @@ class Query:
     future: Future = field(default_factory=Future)
 
 
+def _drain(source: queue.SimpleQueue, first, limit: int) -> tuple[list, bool]:
+    """`first` and whatever else is waiting, up to `limit`; and whether the stop mark (None) came."""
+    taken, stop = [first], False
+    while len(taken) < limit:
+        try:
+            more = source.get_nowait()
+        except queue.Empty:
+            break
+        if more is None:
+            stop = True
+            break
+        taken.append(more)
+    return taken, stop
+
+
+def _fail(queries: list[Query], error: BaseException) -> None:
+    for q in queries:
+        if not q.future.done():
+            q.future.set_exception(error)
+
+
 class Batcher:
     """`submit` a Query, get a Future of its [(id, score), ...], best first."""
 
     def __init__(self, encoders: QueryEncoders, max_batch: int = MAX_BATCH):
         self.encoders, self.max_batch = encoders, max_batch
-        self._queue: queue.SimpleQueue[Query | None] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
+        self._queries: queue.SimpleQueue[Query | None] = queue.SimpleQueue()
+        self._encoded: queue.SimpleQueue[tuple[list[Query], np.ndarray] | None] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
-        self.batches = 0  # batches run, and the queries in them: what a benchmark reports
+        self.batches = 0  # matrix products run, and the queries in them: what a benchmark reports
         self.queries = 0
 
     def submit(self, query: Query) -> Future:
         with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._work, name="newsclip-batcher", daemon=True)
-                self._thread.start()
-        self._queue.put(query)
+            if not self._threads:
+                self._threads = [threading.Thread(target=self._encode_loop, name="newsclip-encode", daemon=True),
+                                 threading.Thread(target=self._search_loop, name="newsclip-search", daemon=True)]
+                for thread in self._threads:
+                    thread.start()
+        self._queries.put(query)
         return query.future
 
     def search(self, query: Query) -> list[tuple[str, float]]:
@@ -54,54 +80,72 @@ class Batcher:
         return self.submit(query).result()
 
     def close(self) -> None:
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join()
-            self._thread = None
+        with self._lock:
+            if self._threads:
+                self._queries.put(None)  # the encoder passes it on to the search thread
+                for thread in self._threads:
+                    thread.join()
+                self._threads = []
 
-    def _work(self) -> None:
-        while True:
-            first = self._queue.get()
+    def _encode_loop(self) -> None:
+        stop = False
+        while not stop:
+            first = self._queries.get()
             if first is None:
-                return
-            batch = [first]
-            while len(batch) < self.max_batch:
-                try:
-                    more = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    self._queue.put(None)
-                    break
-                batch.append(more)
-            self.batches += 1
-            self.queries += len(batch)
+                break
+            batch, stop = _drain(self._queries, first, self.max_batch)
             groups: dict[tuple, list[Query]] = {}
             for q in batch:
-                groups.setdefault((id(q.snapshot), q.backbone, q.target, q.text is None), []).append(q)
+                groups.setdefault((id(q.snapshot), q.backbone, q.text is None), []).append(q)
             for group in groups.values():
                 try:
-                    self._run(group)
+                    encoded = self._encode(group)
                 except BaseException as e:  # noqa: BLE001 - every caller gets the error, the worker goes on
-                    for q in group:
-                        if not q.future.done():
-                            q.future.set_exception(e)
+                    _fail(group, e)
+                    continue
+                if encoded is not None:
+                    self._encoded.put(encoded)
+        self._encoded.put(None)
 
-    def _run(self, group: list[Query]) -> None:
+    def _encode(self, group: list[Query]) -> tuple[list[Query], np.ndarray] | None:
         head = group[0]
         index = head.snapshot.backbones[head.backbone]
         if head.text is not None:
-            vectors = self.encoders.texts(index, [q.text for q in group])
-        else:
-            vectors, errors = self.encoders.images(index, [q.image for q in group])
-            bad = [i for i, e in enumerate(errors) if e is not None]
-            for i in bad:
-                group[i].future.set_exception(QueryError(f"image: {errors[i]}"))
-            keep = np.array([i for i in range(len(group)) if i not in set(bad)], np.int64)
-            group, vectors = [group[i] for i in keep], vectors[keep]
-            if not group:
-                return
+            return group, self.encoders.texts(index, [q.text for q in group])
+        vectors, errors = self.encoders.images(index, [q.image for q in group])
+        for q, error in zip(group, errors):
+            if error is not None:
+                q.future.set_exception(QueryError(f"image: {error}"))
+        keep = [i for i, error in enumerate(errors) if error is None]
+        return ([group[i] for i in keep], vectors[keep]) if keep else None
+
+    def _search_loop(self) -> None:
+        stop = False
+        while not stop:
+            first = self._encoded.get()
+            if first is None:
+                break
+            ready, stop = _drain(self._encoded, first, self.max_batch)
+            groups: dict[tuple, list[tuple[list[Query], np.ndarray]]] = {}
+            for queries, vectors in ready:
+                for target in ("images", "articles"):
+                    rows = [i for i, q in enumerate(queries) if q.target == target]
+                    if rows:
+                        key = (id(queries[0].snapshot), queries[0].backbone, target)
+                        groups.setdefault(key, []).append(([queries[i] for i in rows], vectors[rows]))
+            for parts in groups.values():
+                queries = [q for qs, _ in parts for q in qs]
+                try:
+                    self._search(queries, np.concatenate([v for _, v in parts]))
+                except BaseException as e:  # noqa: BLE001 - every caller gets the error, the worker goes on
+                    _fail(queries, e)
+
+    def _search(self, queries: list[Query], vectors: np.ndarray) -> None:
+        head = queries[0]
+        index = head.snapshot.backbones[head.backbone]
         side = index.images if head.target == "images" else index.texts
-        answers = side.nearest(vectors, max(q.k for q in group))
-        for q, answer in zip(group, answers):
+        self.batches += 1
+        self.queries += len(queries)
+        answers = side.nearest(vectors, max(q.k for q in queries))
+        for q, answer in zip(queries, answers):
             q.future.set_result(answer[: q.k])
