@@ -120,12 +120,18 @@ async def _load(port: int, qps: float, seconds: float, clients: int, k: int, see
 
     ms = np.array(latencies) * 1000
     batches = after["batches"] - before["batches"]
+    queries = after["queries"] - before["queries"]
     return {"sent": len(tasks), "answered": len(latencies), "errors": len(errors), "error_examples": errors[:3],
             "seconds": round(elapsed, 2), "qps_offered": qps, "qps_answered": round(len(latencies) / elapsed, 1),
             "p50_ms": round(float(np.percentile(ms, 50)), 1), "p90_ms": round(float(np.percentile(ms, 90)), 1),
             "p99_ms": round(float(np.percentile(ms, 99)), 1), "max_ms": round(float(ms.max()), 1),
             "mean_ms": round(float(ms.mean()), 1), "batches": batches,
-            "queries_per_batch": round((after["queries"] - before["queries"]) / max(batches, 1), 2)}
+            "queries_per_batch": round(queries / max(batches, 1), 2),
+            # what the server spent, whatever else ran on the machine: CPU seconds per query, and the mean wall time of
+            # a batch's encoding and of its search (one matrix product and topk)
+            "server_cpu_ms_per_query": round(1000 * (after["cpu_s"] - before["cpu_s"]) / max(queries, 1), 1),
+            "encode_ms_per_batch": round(1000 * (after["encode_s"] - before["encode_s"]) / max(batches, 1), 1),
+            "search_ms_per_batch": round(1000 * (after["search_s"] - before["search_s"]) / max(batches, 1), 1)}
 
 
 def measure(size: int, args: argparse.Namespace) -> dict:

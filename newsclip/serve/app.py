@@ -10,6 +10,7 @@ import base64
 import binascii
 import hmac
 import json
+import time
 from http.cookies import SimpleCookie
 from importlib.resources import files
 from typing import Any
@@ -145,7 +146,9 @@ def create_app(index, cfg=None, token: str | None = None, batcher: Batcher | Non
         if snap is None:
             return JSONResponse({"index": None, "waiting": index.waiting}, status_code=503)
         return JSONResponse({"index": snap.run_id, **snap.sizes(), "waiting": index.waiting,
-                             "batches": batcher.batches, "queries": batcher.queries})
+                             "batches": batcher.batches, "queries": batcher.queries,
+                             "encode_s": round(batcher.encode_s, 3), "search_s": round(batcher.search_s, 3),
+                             "cpu_s": round(time.process_time(), 3)})
 
     async def home(request: Request):
         return HTMLResponse(page, headers={"Content-Security-Policy": "default-src 'self'; img-src 'self'; "
