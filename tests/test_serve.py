@@ -233,7 +233,9 @@ def test_search_command_prints_ranked_images_and_their_articles(served, capsys):
                     reason="headless Chromium is not installed (Debian: apt-get install chromium; .ci/run does)")
 def test_page_in_a_real_browser_searches_and_opens_an_article(served):
     import uvicorn
-    from playwright.sync_api import sync_playwright
+
+    sync_playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (the test "
+                                          "extra pins it)").sync_playwright
 
     root, _, _, follower, _ = served
     queries = _queries(root)
