@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_ingest_parser(sub)
     from newsclip.runtime.store_cli import add_parser as add_store_parser
     add_store_parser(sub)
+    from newsclip.serve.cli import add_parsers as add_serve_parsers
+
+    add_serve_parsers(sub)
 
     p = sub.add_parser("translate", help="offline translation: install or list Argos packages, run the translate stage")
     tsub = p.add_subparsers(dest="translate_command", required=True, metavar="ACTION")
@@ -266,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     from newsclip.runtime.preflight import PreflightError
     from newsclip.runtime.ray_setup import ResourcesUnavailableError
     from newsclip.runtime.runner import RunInterrupted, RunLockedError, StageOrderError
+    from newsclip.serve.index import IndexNotReady
     from newsclip.translate.packages import MissingLanguagePackageError
     from newsclip.yaml_config import ConfigError
 
@@ -283,6 +287,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "store":
             from newsclip.runtime.store_cli import main as store_main
             return store_main(args)
+        elif args.command in ("search", "serve"):
+            from newsclip.serve.cli import main as serve_main
+
+            return serve_main(args)
         elif args.command == "translate":
             _translate(args)
         elif args.command == "rejects":
@@ -322,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{getattr(args, 'job', 'JOB.yaml')}` for every stage (it skips what is up to date)", file=sys.stderr)
         return 2
     except (ConfigError, FileNotFoundError, ValueError, MissingLanguagePackageError, RunLockedError, PreflightError,
-            ResourcesUnavailableError) as e:
+            ResourcesUnavailableError, IndexNotReady) as e:
         print(f"newsclip {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:

@@ -1,0 +1,82 @@
+"""Queries encoded in this process by the encode stage's own code: clip's tokeniser and bounded image decoding as
+its CPU tasks run them, then the model actor's class. A text already in the index (its content hash is a stored
+row's) gets that row's stored embedding, bit for bit; any other text or image is encoded in batches of a fixed
+shape (QUERY_BATCH rows, padded), so a query's embedding depends on its content alone."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import replace
+
+import numpy as np
+import pyarrow as pa
+
+from newsclip.config import JobConfig
+from newsclip.runtime.embedding_store import content_key, content_keys
+from newsclip.serve.index import BackboneIndex
+
+# rows per encoder call: a padded batch of 8 takes demo-tiny's text tower ~4 ms on one core, the job's 64 ~45 ms,
+# and a query waits for the whole batch
+QUERY_BATCH = 8
+
+
+class QueryError(ValueError):
+    """A query that cannot be encoded (an image that does not decode): the client's mistake, a 4xx."""
+
+
+class QueryEncoders:
+    """The job's text and image encoders, loaded once per backbone and side, on first use."""
+
+    def __init__(self, cfg: JobConfig):
+        self.cfg = cfg
+        self._models: dict[tuple[str, str], object] = {}
+        self._lock = threading.Lock()
+
+    def _model(self, backbone: str, side: str):
+        from newsclip.workers.encoders import ImageEncoder, TextEncoder
+
+        with self._lock:
+            key = (backbone, side)
+            if key not in self._models:
+                enc = replace(self.cfg.encode.for_backbone(backbone), batch_size=QUERY_BATCH)
+                self._models[key] = (TextEncoder if side == "texts" else ImageEncoder)(backbone, enc)
+            return self._models[key]
+
+    def texts(self, index: BackboneIndex, texts: list[str]) -> np.ndarray:
+        """(len(texts), d) embeddings: a stored text's own row, the others encoded."""
+        from newsclip.retrieval.backbones import input_sizes
+        from newsclip.workers.encoders import tokenize_texts
+
+        stored = index.texts.hash_rows if index.texts is not None else {}
+        rows = [stored.get(content_key(t)) for t in texts]
+        out = np.empty((len(texts), index.images.vectors.shape[1]), np.float32)
+        new = [i for i, r in enumerate(rows) if r is None]
+        for i, r in enumerate(rows):
+            if r is not None:
+                out[i] = index.texts.vectors[r]
+        if new:
+            _, context = input_sizes(index.name, self.cfg.encode.download_root)
+            batch = tokenize_texts(pa.table({"hash": content_keys([texts[i] for i in new]),
+                                             "query_text": pa.array([texts[i] for i in new], pa.string())}), context)
+            encoded = self._model(index.name, "texts")(batch)
+            out[new] = _vectors(encoded)
+        return out
+
+    def images(self, index: BackboneIndex, images: list[bytes]) -> tuple[np.ndarray, list[str | None]]:
+        """(len(images), d) embeddings and each image's decode error (None: fine; its row is then zeros)."""
+        from newsclip.retrieval.backbones import input_sizes
+        from newsclip.workers.encoders import decode_images
+
+        enc = self.cfg.encode.for_backbone(index.name)
+        resolution, _ = input_sizes(index.name, enc.download_root)
+        # bounded exactly as in encode: the decompression-bomb bound, the same preprocess options
+        ready = decode_images(pa.table({"image": pa.array(images, pa.binary())}), resolution,
+                              enc.max_image_pixels, enc.jpeg_draft, jpeg_to_actor=False, alpha=enc.alpha)
+        encoded = self._model(index.name, "images")(ready)
+        return _vectors(encoded), encoded.column("error").to_pylist()
+
+
+def _vectors(table: pa.Table) -> np.ndarray:
+    from newsclip.runtime.store import vectors_of
+
+    return np.array(vectors_of(table.column("embedding")), np.float32)

@@ -1,0 +1,321 @@
+"""`newsclip search` and `newsclip serve` over the demo job's index: the API's contract in process, its 4xx answers,
+a query equal to an article's text finding that article's true image first, the swap to a new run while a client
+searches, and the page in a real headless Chromium."""
+
+import base64
+import shutil
+import threading
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from newsclip import config
+from newsclip.cli import main
+from newsclip.demo.data import append_demo_data, write_demo_data
+from newsclip.runtime.runner import run_stages
+from newsclip.serve.app import MAX_BODY_BYTES, create_app, needs_token
+from newsclip.serve.follow import IndexFollower
+from newsclip.serve.index import IndexNotReady, load_snapshot
+
+DEMO = Path(__file__).resolve().parents[1] / "jobs" / "demo.yaml"
+ARTICLES = 200
+
+
+@pytest.mark.parametrize("n, k", [(5, 20), (3000, 1), (3000, 20), (3000, 1000)])
+def test_nearest_equals_a_float64_argsort_with_ties_by_row(n, k):
+    from newsclip.retrieval.exact_scores import exact_scores
+    from newsclip.serve.nearest import nearest, row_norm_bound
+
+    rng = np.random.default_rng(n + k)
+    rows = rng.standard_normal((n, 16)).astype(np.float32)
+    rows[n // 2 :: 7] = rows[1]  # exact ties, to be ordered by row
+    q = np.concatenate([rows[1:2], rng.standard_normal((12, 16)).astype(np.float32)])
+    got_rows, got_scores = nearest(rows, row_norm_bound(rows), q, k)
+    exact = exact_scores(rows, q, np.broadcast_to(np.arange(n), (len(q), n)))
+    want = np.lexsort((np.broadcast_to(np.arange(n), exact.shape), -exact.astype(np.float64)), axis=1)[:, :k]
+    assert np.array_equal(got_rows, want)
+    assert np.array_equal(got_scores, np.take_along_axis(exact, want, axis=1))
+
+
+def _settings(root: Path) -> list[str]:
+    # translate off: the demo's English and German texts are searched as they are (no translator build needed)
+    return [f"input.articles={root / 'data' / 'articles'}", f"input.images={root / 'data' / 'images'}",
+            f"output_dir={root / 'out'}", "translate.enabled=false"]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, demo_tiny):
+    """The demo job run once in this process (under ray.inline_rows: no Ray), and the app over its index."""
+    from starlette.testclient import TestClient
+
+    root = tmp_path_factory.mktemp("serve")
+    write_demo_data(root / "data", ARTICLES, seed=5)
+    cfg = config.load(DEMO, _settings(root))
+    first = run_stages(cfg)
+    follower = IndexFollower(cfg, poll_s=0)  # the tests swap by calling refresh(), not by waiting for a poll
+    with TestClient(create_app(follower)) as client:
+        yield root, cfg, first["run_id"], follower, client
+
+
+def _queries(root: Path) -> dict:
+    table = pq.read_table(root / "out" / "prepared" / "queries",
+                          columns=["article_id", "query_text", "title", "image_id"])
+    return {r["article_id"]: r for r in table.to_pylist()}
+
+
+def _rankings(root: Path) -> dict:
+    table = pq.read_table(root / "out" / "rankings" / "demo-tiny.parquet")
+    return {r["article_id"]: r for r in table.to_pylist()}
+
+
+def test_healthz_names_the_run_and_its_sizes(served):
+    _, _, run_id, _, client = served
+    health = client.get("/healthz").json()
+    assert health["index"] == run_id
+    assert health["backbones"]["demo-tiny"]["dim"] == 64
+    assert health["backbones"]["demo-tiny"]["images"] > 0 and health["articles"] > 0
+
+
+def test_article_text_finds_its_true_image_first_with_its_stored_embedding(served):
+    root, cfg, run_id, follower, client = served
+    queries, rankings = _queries(root), _rankings(root)
+    hits = [a for a, r in rankings.items() if r["image_ids"][0] == queries[a]["image_id"]]
+    assert hits, "demo-tiny ranks no article's own image first"
+    article = hits[0]
+    answer = client.post("/search", json={"text": queries[article]["query_text"], "k": 10,
+                                          "backbone": "demo-tiny"}).json()
+    assert answer["index"] == run_id and answer["backbone"] == "demo-tiny"
+    assert answer["results"][0]["image_id"] == queries[article]["image_id"]
+    assert article in answer["results"][0]["article_ids"]
+    # the same ten images and scores as the knn stage's rankings: the query is the stored embedding, the search exact
+    assert [r["image_id"] for r in answer["results"]] == rankings[article]["image_ids"][:10]
+    assert [r["score"] for r in answer["results"]] == pytest.approx(rankings[article]["scores"][:10], abs=0)
+
+
+def test_new_text_is_encoded_as_the_encode_stage_encodes_it(served):
+    """A text not in the index goes through the encoder: the same vector in a batch of several, and the same
+    vector as the encode stage's class gives it."""
+    root, cfg, _, follower, _ = served
+    from newsclip.serve.query import QueryEncoders
+
+    encoders = QueryEncoders(cfg)
+    index = follower.current.backbones["demo-tiny"]
+    one = encoders.texts(index, ["a blue circle on a beach, in the morning"])
+    many = encoders.texts(index, ["a green square", "a blue circle on a beach, in the morning", "snow in Oslo"])
+    assert np.array_equal(one[0], many[1])
+    assert abs(float(np.linalg.norm(one[0])) - 1) < 1e-5
+
+
+def test_queries_searched_together_get_the_answers_they_get_alone(served):
+    from newsclip.serve.batcher import Batcher, Query
+    from newsclip.serve.query import QueryEncoders
+
+    root, cfg, _, follower, _ = served
+    snap = follower.current
+    texts = [r["query_text"] for r in list(_queries(root).values())[:12]] + [f"a red circle in Oslo {i}" for i in
+                                                                             range(12)]
+    batcher = Batcher(QueryEncoders(cfg))
+    try:
+        alone = [batcher.search(Query(snap, "demo-tiny", 5 + i % 3, text=t)) for i, t in enumerate(texts)]
+        futures = [batcher.submit(Query(snap, "demo-tiny", 5 + i % 3, text=t)) for i, t in enumerate(texts)]
+        assert [f.result() for f in futures] == alone
+        assert batcher.batches < 2 * len(texts)  # the second round went in fewer, larger batches
+    finally:
+        batcher.close()
+
+
+def test_article_endpoint_gives_its_ranked_images_best_first(served):
+    root, _, run_id, _, client = served
+    article, ranking = next(iter(_rankings(root).items()))
+    body = client.get(f"/articles/{article}").json()
+    assert body["article_id"] == article and body["index"] == run_id and body["title"]
+    assert [i["image_id"] for i in body["images"]] == ranking["image_ids"]
+    scores = [i["score"] for i in body["images"]]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_image_endpoint_returns_a_thumbnail_and_an_image_query_finds_itself(served):
+    root, _, _, _, client = served
+    article, ranking = next(iter(_rankings(root).items()))
+    image_id = ranking["image_ids"][0]
+    thumb = client.get(f"/images/{image_id}")
+    assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
+    assert thumb.content[:2] == b"\xff\xd8"
+    shards = pq.read_table(root / "data" / "images")
+    data = shards.column("image")[shards.column("image_id").to_pylist().index(image_id)].as_py()
+    answer = client.post("/search", json={"image": base64.b64encode(data).decode(), "k": 3}).json()
+    assert answer["results"][0]["image_id"] == image_id
+    assert answer["results"][0]["score"] == pytest.approx(1.0, abs=1e-5)
+    articles = client.post("/search", json={"image": base64.b64encode(data).decode(), "k": 3,
+                                            "target": "articles"}).json()
+    assert len(articles["results"]) == 3 and all("article_id" in r for r in articles["results"])
+
+
+@pytest.mark.parametrize("request_, status", [
+    (("post", "/search", {"content": b"{not json"}), 400),
+    (("post", "/search", {"json": ["text"]}), 400),
+    (("post", "/search", {"json": {"k": 5}}), 422),  # neither text nor image
+    (("post", "/search", {"json": {"text": "a", "image": "AAAA"}}), 422),
+    (("post", "/search", {"json": {"text": "a", "k": 1001}}), 422),  # k is capped at 1,000
+    (("post", "/search", {"json": {"text": "a", "k": 0}}), 422),
+    (("post", "/search", {"json": {"text": "a", "k": "5"}}), 422),
+    (("post", "/search", {"json": {"text": "a", "backbone": "RN50"}}), 404),
+    (("post", "/search", {"json": {"text": "a", "backbone": "../../etc/passwd"}}), 404),
+    (("post", "/search", {"json": {"text": "x" * 10_001}}), 413),
+    (("post", "/search", {"json": {"image": "not base64!"}}), 422),
+    (("post", "/search", {"json": {"image": base64.b64encode(b"not an image").decode()}}), 422),
+    (("post", "/search", {"content": b"x" * (MAX_BODY_BYTES + 1)}), 413),
+    (("post", "/search", {"json": {"text": "a", "where": "/etc"}}), 422),
+    (("get", "/articles/no-such-article", {}), 404),
+    (("get", "/articles/art-000001?backbone=RN50", {}), 404),
+    (("get", "/images/no-such-image", {}), 404),
+    (("get", "/images/..%2F..%2F..%2Fetc%2Fpasswd", {}), 404),
+    (("get", "/images/" + "a" * 600, {}), 404),
+    (("get", "/search", {}), 405),
+    (("get", "/nothing-here", {}), 404),
+])
+def test_hostile_requests_get_a_clear_4xx_and_change_nothing(served, request_, status):
+    _, _, run_id, follower, client = served
+    method, path, kwargs = request_
+    response = getattr(client, method)(path, **kwargs)
+    assert response.status_code == status, response.text
+    assert response.json()["error"]
+    assert follower.current.run_id == run_id
+
+
+def test_an_oversized_image_is_refused_by_encodes_pixel_bound(served):
+    """An image whose header claims more pixels than encode.max_image_pixels is refused before it is decoded."""
+    import io
+
+    from PIL import Image
+
+    _, cfg, _, follower, client = served
+    bomb = io.BytesIO()
+    Image.new("L", (1, 1)).save(bomb, "PNG")
+    data = bytearray(bomb.getvalue())
+    data[16:24] = (8000).to_bytes(4, "big") * 2  # IHDR width and height: 64M pixels (over 40M), in a few bytes
+    data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")  # the chunk's checksum, for the new size
+    answer = client.post("/search", json={"image": base64.b64encode(bytes(data)).decode()})
+    assert answer.status_code == 422 and "exceeds the bound" in answer.json()["error"]
+
+
+def test_a_token_is_required_off_loopback_and_checked(served):
+    from starlette.testclient import TestClient
+
+    _, _, _, follower, _ = served
+    assert needs_token("0.0.0.0") and needs_token("10.1.2.3") and not needs_token("127.0.0.1")
+    with TestClient(create_app(follower, token="s3cret")) as client:
+        assert client.get("/healthz").status_code == 401
+        assert client.post("/search", json={"text": "a"}).status_code == 401
+        assert client.get("/healthz", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert client.get("/healthz", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert client.get("/?token=s3cret").status_code == 200
+    assert main(["serve", str(DEMO), "--host", "0.0.0.0"]) == 2  # refused before anything starts
+
+
+def test_search_command_prints_ranked_images_and_their_articles(served, capsys):
+    root, _, run_id, _, _ = served
+    queries = _queries(root)
+    article = next(iter(queries))
+    args = ["search", str(DEMO), queries[article]["query_text"], "--k", "5", "--json"]
+    assert main([*args, *(a for s in _settings(root) for a in ("--set", s))]) == 0
+    import json
+
+    answer = json.loads(capsys.readouterr().out)
+    assert answer["index"] == run_id and len(answer["results"]) == 5
+    assert [r["image_id"] for r in answer["results"]] == _rankings(root)[article]["image_ids"][:5]
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None,
+                    reason="headless Chromium is not installed (Debian: apt-get install chromium; .ci/run does)")
+def test_page_in_a_real_browser_searches_and_opens_an_article(served):
+    import uvicorn
+
+    sync_playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (the test "
+                                          "extra pins it)").sync_playwright
+
+    root, _, _, follower, _ = served
+    queries = _queries(root)
+    server = uvicorn.Server(uvicorn.Config(create_app(follower), host="127.0.0.1", port=0, log_level="warning",
+                                           lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started and thread.is_alive():
+            thread.join(0.01)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=["--no-sandbox"])
+            page = browser.new_page(bypass_csp=True)  # the page forbids eval: the waits below use it
+            outside = []
+            page.on("request", lambda r: outside.append(r.url) if "127.0.0.1" not in r.url else None)
+            page.goto(f"http://127.0.0.1:{port}/")
+            page.keyboard.type(next(iter(queries.values()))["title"])  # the search box has the focus
+            page.keyboard.press("Enter")
+            page.wait_for_selector("#grid li img")
+            assert page.locator("#grid li").count() == 20
+            page.wait_for_function("[...document.querySelectorAll('#grid img')].every(i => i.complete "
+                                   "&& i.naturalWidth > 0)")
+            page.locator("#grid .meta a").first.focus()
+            page.keyboard.press("Enter")  # open the first result's article with the keyboard
+            page.wait_for_selector("#article:not(.hidden)")
+            assert "ranked images" in page.locator("#article-title").inner_text()
+            assert page.locator("#grid li").count() > 0
+            page.keyboard.press("Escape")
+            page.wait_for_selector("#article.hidden", state="attached")
+            browser.close()
+        assert outside == []  # self-contained: nothing fetched from anywhere else
+    finally:
+        server.should_exit = True
+        thread.join()
+
+
+def test_nightly_run_swaps_the_index_while_a_client_searches(served, monkeypatch):
+    """Runs last: a nightly run commits while a client loops on /search; no request fails, answers come from the
+    new run afterwards, and a run that is interrupted leaves the new index serving."""
+    root, cfg, first, follower, client = served
+    text = next(iter(_queries(root).values()))["query_text"]
+    seen, failures, stop = [], [], threading.Event()
+
+    def loop():
+        while not stop.is_set():
+            response = client.post("/search", json={"text": text, "k": 5})
+            if response.status_code != 200:
+                failures.append(response.text)
+            else:
+                seen.append(response.json()["index"])
+
+    worker = threading.Thread(target=loop)
+    worker.start()
+    try:
+        append_demo_data(root / "data", 10, seed=6)
+        second = run_stages(cfg)["run_id"]
+        assert follower.refresh()
+        after = len(seen)
+        while len(seen) < after + 3 and worker.is_alive():
+            worker.join(0.01)
+    finally:
+        stop.set()
+        worker.join()
+    assert not failures
+    assert seen[0] == first and seen[-1] == second and set(seen) == {first, second}
+    assert seen[seen.index(second):] == [second] * (len(seen) - seen.index(second))  # never back to the old
+    assert client.get("/healthz").json()["index"] == second
+
+    # an interrupted run (knn stopped) leaves the index it had: stages it committed are not half-served
+    from newsclip.retrieval import search
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(search.Index, "__init__", interrupted)
+    append_demo_data(root / "data", 5, seed=7)
+    with pytest.raises(KeyboardInterrupt):
+        run_stages(cfg)
+    assert not follower.refresh()
+    with pytest.raises(IndexNotReady):
+        load_snapshot(cfg)
+    assert client.post("/search", json={"text": text, "k": 5}).json()["index"] == second
