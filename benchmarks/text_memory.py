@@ -82,7 +82,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--articles", default="50000,200000", help="archive sizes, comma-separated")
     parser.add_argument("--body-bytes", type=int, default=4096, help="bytes of each article's body")
-    parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary folder")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="default: a temporary folder; an archive already written there is used again")
+    parser.add_argument("--stages", default=",".join(STAGES), help="the stages to measure, comma-separated")
+    parser.add_argument("--write-only", action="store_true", help="write the archives and stop")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     parser.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)  # internal: one stage, in this process
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
@@ -96,10 +99,13 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     for size in (int(s) for s in args.articles.split(",")):
         data, output = root / f"data-{size}", root / f"output-{size}"
-        write_archive(data, size, args.body_bytes)
-        (output / "no-packages").mkdir(parents=True)
+        if not (data / "articles").is_dir():
+            write_archive(data, size, args.body_bytes)
+        if args.write_only:
+            continue
+        (output / "no-packages").mkdir(parents=True, exist_ok=True)
         stages = {}
-        for stage in STAGES:
+        for stage in args.stages.split(","):
             done = subprocess.run([sys.executable, __file__, "--stage", stage, "--data", str(data),
                                    "--output", str(output)], check=True, capture_output=True, text=True)
             stages[stage] = json.loads(done.stdout.strip().splitlines()[-1])
