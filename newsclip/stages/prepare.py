@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -99,8 +98,8 @@ def _query_rows(path: Path, queries: pl.DataFrame, text_mode: str) -> Iterator[p
 
 
 def _write_queries(path: str, index: int, work: str, text_mode: str, target: str) -> int:
-    """One shard's part of prepared/queries: its sampled rows (keys from `work/queries/`) with their texts."""
-    keys = gather(Path(work) / "queries", index, QUERY_KEYS)
+    """One shard's part of prepared/queries: its sampled rows (keys from `work/query-keys/`) with their texts."""
+    keys = gather(Path(work) / "query-keys", index, QUERY_KEYS)
     return write_tables(_query_rows(Path(path), keys, text_mode), Path(target))
 
 
@@ -296,14 +295,14 @@ ID_REJECTS, JOIN_REJECTS = range(3), range(3, 8)
 def _select_part(part: int, work: str, bounds: list[str], text_mode: str, image_ids: pl.Series,
                  broken: pl.DataFrame) -> dict:
     """One hash partition of the articles (by id): its changes since the last run, its rejects (into
-    `work/rejects/<kind>/`) and its usable rows, range-partitioned by id into `work/usable/`."""
+    `work/rejected/<kind>/`) and its usable rows, range-partitioned by id into `work/usable/`."""
     work = Path(work)
     articles = gather(work / "read", part, ARTICLE_ROWS)
     before = gather(work / "before", part, HASH_ROWS) if (work / "before").exists() else None
     diff = _changes(articles, before, "article_id", "article_hash")
     distinct, rejects = _distinct_ids(articles)
     usable, joined = _joined(distinct, image_ids, broken, text_mode)
-    with Spill(work / "rejects", f"{part:05d}") as spill:
+    with Spill(work / "rejected", f"{part:05d}") as spill:
         for kind, frame in enumerate(rejects + joined):
             spill.add(frame, np.full(len(frame), kind))
     with Spill(work / "usable", f"{part:05d}") as spill:
@@ -360,7 +359,7 @@ def _with_file(frame: pl.DataFrame, files: pl.Series) -> pl.DataFrame:
 
 def _run(cfg: JobConfig) -> dict:
     """Read, check and join the inputs; commit prepared/ and rejects/prepare.parquet; return the manifest entry."""
-    work = cfg.layout.staging / f"prepare-work-{uuid.uuid4().hex[:8]}"
+    work = cfg.layout.scratch("prepare")
     try:
         return _prepare(cfg, work)
     finally:
@@ -416,7 +415,7 @@ def _prepare(cfg: JobConfig, work: Path) -> dict:
                 yield image_rejects.to_arrow()
                 continue
             for kind in kinds:
-                rows = gather(work / "rejects", kind, REJECT_ROWS).sort("pos")
+                rows = gather(work / "rejected", kind, REJECT_ROWS).sort("pos")
                 yield _with_file(rows, files).drop("pos").to_arrow()
 
     rejected = write_rejects(out, "prepare", "prepare", rejected_rows())  # before any stop: they say why
@@ -455,11 +454,11 @@ def _prepare(cfg: JobConfig, work: Path) -> dict:
 
 def _write_articles(work: Path, ranges: int, files: pl.Series, target: Path) -> list[int]:
     """prepared/articles.parquet from `work/out/`, one input position range at a time, in input order; the sampled
-    rows' keys go to `work/queries/<shard>/`. The shards with sampled rows."""
+    rows' keys go to `work/query-keys/<shard>/`. The shards with sampled rows."""
     with_queries = set()
 
     def rows() -> Iterator[pa.Table]:
-        with Spill(work / "queries", "keys") as keys:
+        with Spill(work / "query-keys", "keys") as keys:
             for frame in frames(work / "out", range(ranges), {**USABLE_ROWS, "in_eval": pl.Boolean}):
                 frame = _with_file(frame.sort("pos"), files)
                 yield frame.select("article_id", "image_id", "source", "lang", "in_eval", "file").to_arrow()

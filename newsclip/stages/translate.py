@@ -8,7 +8,6 @@ translations stream into one file per part (an id range), each then sorted on it
 from __future__ import annotations
 
 import shutil
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -55,10 +54,10 @@ RANGE_PARTS = 4  # parts of translated/ in such a range, about: the driver holds
 
 
 def _scan_queries(file: str, index: int, work: str, parts: int) -> dict:
-    """One prepared/queries part's rows (QUERY_ROWS) hash-partitioned by content hash into `work/queries/`; its
+    """One prepared/queries part's rows (QUERY_ROWS) hash-partitioned by content hash into `work/by-hash/`; its
     rows, its languages' row counts (lower case) and a sample of its ids."""
     rows, langs, sample = 0, Counter(), []
-    with Spill(Path(work) / "queries", f"{index:06d}") as spill:
+    with Spill(Path(work) / "by-hash", f"{index:06d}") as spill:
         for batch in read_batches(Path(file), columns=["article_id", "image_id", "source", "article_hash", "lang"]):
             frame = pl.from_arrow(batch).with_columns(
                 pos=pl.int_range(rows, rows + batch.num_rows, dtype=pl.Int64) + (index << POS_BITS))
@@ -86,7 +85,7 @@ def _reuse_part(part: int, work: str, reusable: bool) -> dict:
     """One hash partition: its queries whose content hash the last run translated (the first such row of it) go
     to `work/reused/<last part>/` with that row's place; the others to `work/todo/<queries part>/`. Their counts."""
     work = Path(work)
-    queries = gather(work / "queries", part, QUERY_ROWS)
+    queries = gather(work / "by-hash", part, QUERY_ROWS)
     last = gather(work / "last", part, {"article_hash": pl.String, "pos": pl.Int64}) if reusable else None
     if last is not None and len(last):
         known = last.unique("article_hash", keep="first").rename({"pos": "last_pos"})
@@ -171,7 +170,7 @@ def _run(cfg) -> dict | None:
     if not cfg.translate.enabled:
         return None
     out, layout, t = cfg.output, cfg.layout, cfg.translate.resolved()
-    work = layout.staging / f"translate-work-{uuid.uuid4().hex[:8]}"
+    work = layout.scratch("translate")
     try:
         return _translate(cfg, out, layout, t, work)
     finally:
