@@ -103,13 +103,14 @@ def write_tables(tables: Iterable[pa.Table], path: Path) -> int:
     return rows
 
 
-# pq.write_table's row group size: `RowGroupWriter` cuts its groups where writing all the rows at once would
-ROW_GROUP = 1024 * 1024
+# rows of a row group that `RowGroupWriter` writes, at most: what it holds. pq.write_table cuts at 1,048,576 rows,
+# which would hold that many rows (a driver's 100s of MB): a file of up to ROW_GROUP rows has the same bytes either way
+ROW_GROUP = 128 * 1024
 
 
 class RowGroupWriter:
-    """One Parquet file written from tables as they come, in the row groups `pq.write_table` would give all of
-    them at once (so the file's bytes are the same), holding at most one row group."""
+    """One Parquet file written from tables as they come, in row groups of ROW_GROUP rows (the last fewer), holding
+    at most one row group: a file of at most ROW_GROUP rows has the bytes `pq.write_table` gives all at once."""
 
     def __init__(self, path: Path):
         self.path, self.rows = path, 0
@@ -151,8 +152,8 @@ class RowGroupWriter:
 
 
 def write_stream(tables: Iterable[pa.Table], path: Path) -> int:
-    """Write tables of one schema (at least one, maybe empty) as one Parquet file, atomically, with the bytes
-    `pq.write_table` of all of them together would give; the rows written."""
+    """Write tables of one schema (at least one, maybe empty) as one Parquet file, atomically, holding at most one
+    row group (see RowGroupWriter); the rows written."""
     writer = RowGroupWriter(path)
     try:
         for table in tables:
