@@ -139,17 +139,15 @@ class _KeyedTranslator(QueryTranslator):
             KEYS[2], keys.column(KEYS[2]))
 
 
-def _write_units(work: Path, files: list[Path], todo: int, t) -> list[Path]:
-    """The units of work (file, ids) of the texts to translate, one Parquet file per queries part with any, each
-    built from that part's rows alone, in its order."""
-    size, written = unit_size(todo, t), []
-    for index, file in enumerate(files):
-        rows = gather(work / "todo", index, QUERY_ROWS)
-        if len(rows):
-            rows = rows.sort("pos").with_columns(file=pl.lit(str(file)))
-            written.append(write_table(units_of(rows.select("article_id", "file").to_arrow(), "article_id", size),
-                                       work / "units" / f"{index:06d}.parquet"))
-    return written
+def _write_units(file: str, index: int, work: str, size: int) -> str | None:
+    """The units of work (file, ids) of one queries part's texts to translate, in its order, as a Parquet file
+    (None when it has none)."""
+    rows = gather(Path(work) / "todo", index, QUERY_ROWS)
+    if not len(rows):
+        return None
+    rows = rows.sort("pos").with_columns(file=pl.lit(file))
+    target = Path(work) / "units" / f"{index:06d}.parquet"
+    return str(write_table(units_of(rows.select("article_id", "file").to_arrow(), "article_id", size), target))
 
 
 def _parts(ranges: Iterator[pl.DataFrame], part_rows: int) -> Iterator[pl.DataFrame]:
@@ -204,7 +202,9 @@ def _translate(cfg, out: Path, layout: Layout, t, work: Path) -> dict:
               "reused parts")
     if todo:
         log(f"translate: {todo} new texts, {total - todo} reused from the last run")
-        units = _write_units(work, files, todo, t)
+        units = run_parts(cfg, _write_units, [(str(f), i, str(work), unit_size(todo, t)) for i, f in enumerate(files)],
+                          inline, "query parts")
+        units = [Path(u) for u in units if u is not None]
         with Spill(work / "rows", "new") as spill:
             for rows in translate_units(cfg, t, units, todo, translator=_KeyedTranslator):
                 rows = _typed_frame(rows)
