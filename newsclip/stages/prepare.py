@@ -54,6 +54,9 @@ POS_BITS = 32
 # ceil(articles / PART_ROWS) partitions, each a Ray task's work; at most `ray.inline_rows` articles are worked on in
 # this process, the same code over the same partitions. A task holds about 300 B an article of its partition.
 PART_ROWS = 250_000
+# rows of one range of input positions, in which the driver writes prepared/articles.parquet in input order: it
+# holds one range (about 1.2 KB a row with the copies a range goes through)
+OUT_ROWS = 32_768
 SAMPLE_EVERY = 512  # one article id in this many is kept to cut the id ranges that the evaluation sample is drawn in
 
 
@@ -398,7 +401,7 @@ def _prepare(cfg: JobConfig, work: Path) -> dict:
     ranks = [None if positions is None else
              positions[(positions >= start) & (positions < end)] - start for start, end in zip(starts, starts[1:])]
     sampled_images = cfg.eval.candidates == "sample"
-    out_bounds = _position_bounds(shard_rows, PART_ROWS)
+    out_bounds = _position_bounds(shard_rows, OUT_ROWS)
     queries = sum(run_parts(cfg, _sample_part, [(r, str(work), ranks[r], out_bounds, sampled_images)
                                                  for r in range(len(per_range))], inline, "id ranges"))
     if sampled_images:
