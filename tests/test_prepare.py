@@ -291,6 +291,7 @@ def test_the_outputs_do_not_depend_on_the_partitions(tmp_path, monkeypatch):
     for part_rows in (250_000, 4):
         monkeypatch.setattr(prepare, "PART_ROWS", part_rows)
         monkeypatch.setattr(prepare, "SAMPLE_EVERY", 2 if part_rows == 4 else 512)  # ids enough to cut id ranges
+        monkeypatch.setattr(prepare, "OUT_ROWS", 8 if part_rows == 4 else 32_768)  # and input-position ranges
         for night in (False, True):  # a night's change counts against the first run's files
             if night:
                 pq.write_table(pa.Table.from_pylist(rows[::2]), tmp_path / "a" / "part-1.parquet")
