@@ -8,8 +8,9 @@ share, so the image check stays small), then each stage in a process of its own 
 - translate, a full run (the articles are English: the Translator passes them through, so this measures the data
   path, not Argos);
 - encode's text side up to the model: `wanted_rows`, which hashes every query text to find the ones to encode.
-The stages hold ids and hashes of every article and one batch (or one part of translated/) of text, so their peak
-should not grow with the archive.
+Prepare's and translate's drivers hold counts and file lists (their per-article work runs as Ray tasks over
+partitions spilled to disk) and one batch, range or part of rows, so their peak should not grow with the archive;
+encode's still holds the ids and hashes of every article.
 """
 
 from __future__ import annotations

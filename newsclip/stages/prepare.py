@@ -1,4 +1,8 @@
-"""Prepare stage: join articles to images, reject what cannot be matched or decoded, sample the evaluation set."""
+"""Prepare stage: join articles to images, reject what cannot be matched or decoded, sample the evaluation set.
+
+The articles' work runs over partitions spilled to disk (hash partitions by id, then id ranges, then input-position
+ranges), as Ray tasks or, for at most `ray.inline_rows` articles, the same functions in this process: the driver
+holds counts and file lists, and the images' rows."""
 
 from __future__ import annotations
 
