@@ -79,6 +79,14 @@ def gather(folder: Path, part: int, schema: dict) -> pl.DataFrame:
     return pl.concat(frames).rechunk() if frames else pl.DataFrame(schema=schema)
 
 
+def batches(folder: Path, part: int) -> Iterator[pa.Table]:
+    """The rows spilled to partition `part` under `folder` a written batch at a time, file after file in name order."""
+    for file in sorted((folder / f"{part:05d}").glob("*.arrow")):
+        reader = pa.ipc.open_file(file)
+        for index in range(reader.num_record_batches):
+            yield pa.Table.from_batches([reader.get_batch(index)])
+
+
 def run_parts(cfg, fn: Callable, calls: list[tuple], inline: bool, unit: str, **shared) -> list:
     """`fn(*call, **shared)` for each call, in order: in this process when `inline`, else as Ray tasks (one CPU
     each, `ray.max_task_retries` retries) whose `shared` arguments are put in the object store once."""

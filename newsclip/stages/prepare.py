@@ -6,6 +6,7 @@ holds counts and file lists, and the images' rows."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from newsclip.runtime.console import progress
 from newsclip.runtime.layout import Prepared
 from newsclip.runtime.partitions import (
     Spill,
+    batches,
     frames,
     gather,
     hash_partitions,
@@ -443,7 +445,9 @@ def _prepare(cfg: JobConfig, work: Path) -> dict:
                   inline, "query parts")
         write_table(images.to_arrow(), stage.candidates)
         # what the next run compares against (and the image hashes and checks it need not compute again)
-        write_stream((gather(work / "all", i, HASH_ROWS).to_arrow() for i in range(len(paths))), stage.articles_all)
+        empty = pl.DataFrame(schema=HASH_ROWS).to_arrow()  # the schema, when no shard has rows
+        write_stream(itertools.chain([empty], *(batches(work / "all", i) for i in range(len(paths)))),
+                     stage.articles_all)
         checks = image_rows.select(*IMAGE_ROWS).to_arrow()
         write_table(checks.replace_schema_metadata({CHECK_KEY: _check_settings(cfg.encode.max_image_pixels)}),
                     stage.image_hashes)
