@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from newsclip import articles, config
+from newsclip.runtime import partitions
 from newsclip.runtime.embedding_store import content_keys
 from newsclip.stages import prepare
 from newsclip.workers.image_check import check_images
@@ -289,9 +290,9 @@ def test_the_outputs_do_not_depend_on_the_partitions(tmp_path, monkeypatch):
     (tmp_path / "a" / "part-1.parquet").write_bytes((tmp_path / "a" / "part-0.parquet").read_bytes())
     outputs = {}
     for part_rows in (250_000, 4):
-        monkeypatch.setattr(prepare, "PART_ROWS", part_rows)
-        monkeypatch.setattr(prepare, "SAMPLE_EVERY", 2 if part_rows == 4 else 512)  # ids enough to cut id ranges
-        monkeypatch.setattr(prepare, "OUT_ROWS", 8 if part_rows == 4 else 32_768)  # and input-position ranges
+        monkeypatch.setattr(partitions, "PART_ROWS", part_rows)
+        monkeypatch.setattr(partitions, "SAMPLE_EVERY", 2 if part_rows == 4 else 512)  # ids enough to cut id ranges
+        monkeypatch.setattr(partitions, "OUT_ROWS", 8 if part_rows == 4 else 32_768)  # and input-position ranges
         for night in (False, True):  # a night's change counts against the first run's files
             if night:
                 pq.write_table(pa.Table.from_pylist(rows[::2]), tmp_path / "a" / "part-1.parquet")

@@ -317,6 +317,7 @@ def test_stage_writes_id_range_parts_and_a_night_equals_a_fresh_run(packages_dir
     depends on how many hash partitions the work was spread over (Ray tasks in the night, this process afresh)."""
     import polars as pl
 
+    from newsclip.runtime import partitions
     from newsclip.stages import translate
 
     german = [de for de, _ in eval_sentences(9)]
@@ -334,7 +335,7 @@ def test_stage_writes_id_range_parts_and_a_night_equals_a_fresh_run(packages_dir
 
     shutil.copytree(first, night)
     shutil.rmtree(night / "prepared")
-    monkeypatch.setattr(translate, "PART_ROWS", 2)  # 4 partitions
+    monkeypatch.setattr(partitions, "PART_ROWS", 2)  # 4 partitions
     changed = {**article["a4"], "lang": "de"}  # another hash: translated again
     _prepared(night, [[article["a5"], article["a8"], article["a1"]], [article["a0"], changed, article["a2"]],
                       [article["a6"], article["a7"]]])  # a3 is gone

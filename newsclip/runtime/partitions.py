@@ -14,6 +14,15 @@ from newsclip.runtime.console import progress
 from newsclip.runtime.ray_setup import ensure_ray
 
 HASH_SEED = 27  # fixed: every task of a run must send a key to the same partition
+# Rows of one partition of a stage's work at most (a hash or key range holds about this many): a big input is spread
+# over ceil(rows / PART_ROWS) partitions, each a Ray task's work; at most `ray.inline_rows` rows are worked on in the
+# driver, the same functions over the same partitions. A task holds about 300 B a row of its partition.
+PART_ROWS = 250_000
+# one key in this many is kept to cut key ranges of about equal size (`quantile_bounds`)
+SAMPLE_EVERY = 512
+# rows of one range of input positions, in which prepare's driver writes prepared/articles.parquet in input order:
+# it holds one range (about 1.2 KB a row with the copies a range goes through)
+OUT_ROWS = 32_768
 
 
 def hash_partitions(keys: pl.Series, parts: int) -> np.ndarray:

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 from newsclip import articles as contract  # its shard_batches by module: tests stand in for the reader
 from newsclip.articles import IMAGE_SCHEMA, SchemaError, article_hashes, has_text, join_text, sample_positions
 from newsclip.config import JobConfig
+from newsclip.runtime import partitions  # its sizes by module: tests make them small
 from newsclip.runtime.console import progress
 from newsclip.runtime.layout import Prepared
 from newsclip.runtime.partitions import (
@@ -56,16 +57,6 @@ REJECT_ROWS = {"id": pl.String, "kind": pl.String, "reason": pl.String, "pos": p
 # An article's place in the input: its shard's index in the sorted shard list, then its row there. Every partition
 # keeps its rows in this order, and the outputs are written in it.
 POS_BITS = 32
-# Rows of one partition of the work at most (a hash or key range holds about this many): a big input is spread over
-# ceil(articles / PART_ROWS) partitions, each a Ray task's work; at most `ray.inline_rows` articles are worked on in
-# this process, the same code over the same partitions. A task holds about 300 B an article of its partition.
-PART_ROWS = 250_000
-# rows of one range of input positions, in which the driver writes prepared/articles.parquet in input order: it
-# holds one range (about 1.2 KB a row with the copies a range goes through)
-OUT_ROWS = 32_768
-SAMPLE_EVERY = 512  # one article id in this many is kept to cut the id ranges that the evaluation sample is drawn in
-
-
 def _position(index: int) -> pl.Expr:
     return (pl.lit(index, pl.Int64) * (1 << POS_BITS) + pl.col("row")).alias("pos")
 
@@ -86,7 +77,7 @@ def _read_shard(path: str, index: int, work: str, text_mode: str, parts: int) ->
                                        _position(index)).select(*ARTICLE_ROWS)
             spill.add(frame, hash_partitions(frame["article_id"], parts))
             hashes.add(frame.select(*HASH_ROWS), np.full(len(frame), index))
-            sample.append(frame["article_id"].gather_every(SAMPLE_EVERY))
+            sample.append(frame["article_id"].gather_every(partitions.SAMPLE_EVERY))
             rows += len(frame)
     return {"rows": rows, "sample": pl.concat(sample).drop_nulls().to_list() if sample else []}
 
@@ -382,13 +373,13 @@ def _prepare(cfg: JobConfig, work: Path) -> dict:
     files = pl.Series("file", [str(p) for p in paths], pl.String)
     total = sum(_shard_rows(p) for p in paths)
     inline = total <= cfg.ray.inline_rows  # a small night: in this process, the same work on the same partitions
-    parts = max(1, -(-total // PART_ROWS))
+    parts = max(1, -(-total // partitions.PART_ROWS))
     read = run_parts(cfg, _read_shard, [(str(p), i, str(work), cfg.prepare.text, parts) for i, p in enumerate(paths)],
                      inline, "shards")
     shard_rows = [r["rows"] for r in read]
     articles_in = sum(shard_rows)
     sample = pl.Series([i for r in read for i in r["sample"]], dtype=pl.String)
-    ranges = max(1, -(-articles_in // PART_ROWS))
+    ranges = max(1, -(-articles_in // partitions.PART_ROWS))
     bounds = quantile_bounds(sample, ranges).to_list()
     del read, sample
 
@@ -407,7 +398,7 @@ def _prepare(cfg: JobConfig, work: Path) -> dict:
     ranks = [None if positions is None else
              positions[(positions >= start) & (positions < end)] - start for start, end in zip(starts, starts[1:])]
     sampled_images = cfg.eval.candidates == "sample"
-    out_bounds = _position_bounds(shard_rows, OUT_ROWS)
+    out_bounds = _position_bounds(shard_rows, partitions.OUT_ROWS)
     queries = sum(run_parts(cfg, _sample_part, [(r, str(work), ranks[r], out_bounds, sampled_images)
                                                  for r in range(len(per_range))], inline, "id ranges"))
     if sampled_images:

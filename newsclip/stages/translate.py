@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from newsclip.articles import join_text
+from newsclip.runtime import partitions  # its sizes by module: tests make them small
 from newsclip.runtime.console import log
 from newsclip.runtime.layout import Layout
 from newsclip.runtime.partitions import (
@@ -47,9 +48,6 @@ QUERY_ROWS = {"article_id": pl.String, "image_id": pl.String, "source": pl.Strin
               "pos": pl.Int64}
 # A row's place in a list of files: the file's index, then its row there (the order the rows are read in)
 POS_BITS = 32
-# rows of one hash partition of the work at most: a big night is spread over ceil(queries / PART_ROWS) Ray tasks
-PART_ROWS = 250_000
-SAMPLE_EVERY = 512  # one article id in this many is kept to cut the id ranges that translated/'s parts are cut from
 RANGE_PARTS = 4  # parts of translated/ in such a range, about: the driver holds one range's rows (with their texts)
 
 
@@ -64,7 +62,7 @@ def _scan_queries(file: str, index: int, work: str, parts: int) -> dict:
             given = frame.filter(pl.col("lang").is_not_null()).with_columns(pl.col("lang").str.to_lowercase())
             langs.update(dict(given.group_by("lang").len().iter_rows()))
             spill.add(frame.select(*QUERY_ROWS).cast(QUERY_ROWS), hash_partitions(frame["article_hash"], parts))
-            sample.append(frame["article_id"].gather_every(SAMPLE_EVERY))
+            sample.append(frame["article_id"].gather_every(partitions.SAMPLE_EVERY))
             rows += batch.num_rows
     return {"rows": rows, "langs": dict(langs), "sample": pl.concat(sample).to_list() if sample else []}
 
@@ -179,7 +177,7 @@ def _translate(cfg, out: Path, layout: Layout, t, work: Path) -> dict:
     files = parquet_files(layout.prepared.queries, "prepared queries")
     total = sum(pq.read_metadata(f).num_rows for f in files)
     inline = total <= cfg.ray.inline_rows  # the same work in this process
-    parts = max(1, -(-total // PART_ROWS))
+    parts = max(1, -(-total // partitions.PART_ROWS))
     scanned = run_parts(cfg, _scan_queries, [(str(f), i, str(work), parts) for i, f in enumerate(files)], inline,
                         "query parts")
     if t.on_missing_package == "error":  # fail at job start, not in the middle of the stage
