@@ -8,8 +8,9 @@ share, so the image check stays small), then each stage in a process of its own 
 - translate, a full run (the articles are English: the Translator passes them through, so this measures the data
   path, not Argos);
 - encode's text side up to the model: `wanted_rows`, which hashes every query text to find the ones to encode.
-The stages hold ids and hashes of every article and one batch (or one part of translated/) of text, so their peak
-should not grow with the archive.
+Prepare's and translate's drivers hold counts and file lists (their per-article work runs as Ray tasks over
+partitions spilled to disk) and one batch, range or part of rows, so their peak should not grow with the archive;
+encode's still holds the ids and hashes of every article.
 """
 
 from __future__ import annotations
@@ -82,7 +83,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--articles", default="50000,200000", help="archive sizes, comma-separated")
     parser.add_argument("--body-bytes", type=int, default=4096, help="bytes of each article's body")
-    parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary folder")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="default: a temporary folder; an archive already written there is used again")
+    parser.add_argument("--stages", default=",".join(STAGES), help="the stages to measure, comma-separated")
+    parser.add_argument("--write-only", action="store_true", help="write the archives and stop")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     parser.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)  # internal: one stage, in this process
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
@@ -96,10 +100,13 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     for size in (int(s) for s in args.articles.split(",")):
         data, output = root / f"data-{size}", root / f"output-{size}"
-        write_archive(data, size, args.body_bytes)
-        (output / "no-packages").mkdir(parents=True)
+        if not (data / "articles").is_dir():
+            write_archive(data, size, args.body_bytes)
+        if args.write_only:
+            continue
+        (output / "no-packages").mkdir(parents=True, exist_ok=True)
         stages = {}
-        for stage in STAGES:
+        for stage in args.stages.split(","):
             done = subprocess.run([sys.executable, __file__, "--stage", stage, "--data", str(data),
                                    "--output", str(output)], check=True, capture_output=True, text=True)
             stages[stage] = json.loads(done.stdout.strip().splitlines()[-1])

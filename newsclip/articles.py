@@ -113,7 +113,13 @@ def article_hashes(articles: pl.DataFrame) -> pl.Series:
 def sample_pairs(usable: pl.DataFrame, size: int | None, seed: int) -> pl.Series:
     """A seeded sample of article ids; order-independent (sorted first), so the same data gives the same sample."""
     ids = usable["article_id"].sort()
-    if size is None or size >= len(ids):
-        return ids
+    positions = sample_positions(len(ids), size, seed)
+    return ids if positions is None else ids.gather(positions)
+
+
+def sample_positions(count: int, size: int | None, seed: int) -> np.ndarray | None:
+    """Which of `count` ids in sorted order `sample_pairs` takes, sorted; None when it takes them all."""
+    if size is None or size >= count:
+        return None
     rng = np.random.default_rng(seed)
-    return ids.gather(np.sort(rng.choice(len(ids), size=size, replace=False)))
+    return np.sort(rng.choice(count, size=size, replace=False))

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from newsclip import articles, config
+from newsclip.runtime import partitions
 from newsclip.runtime.embedding_store import content_keys
 from newsclip.stages import prepare
 from newsclip.workers.image_check import check_images
@@ -276,3 +277,33 @@ def test_a_shard_that_changes_between_the_two_reads_stops_prepare(tmp_path, ray_
     with pytest.raises(ValueError, match=r"part-0.parquet: the shard changed while prepare read it"):
         prepare.run(cfg)
     assert len(reads) == 2 and not (cfg.output / "prepared").exists()
+
+
+def test_the_outputs_do_not_depend_on_the_partitions(tmp_path, monkeypatch):
+    """prepare's de-duplication, joins, change counts and sample give the same files (byte for byte) and facts
+    whether the work is one partition or spread over many hash partitions and id ranges."""
+    rng = np.random.default_rng(4)
+    rows = [{"article_id": None if k % 17 == 0 else f"a{rng.integers(0, 40)}", "title": f"T{k}" if k % 11 else " ",
+             "text": f"b{k % 3}", "image_id": f"i{rng.integers(0, 14)}", "source": None if k % 5 else "TW"}
+            for k in range(60)]
+    cfg = _inputs(tmp_path, rows, [f"i{i}" for i in range(12)] + ["i3"])
+    (tmp_path / "a" / "part-1.parquet").write_bytes((tmp_path / "a" / "part-0.parquet").read_bytes())
+    outputs = {}
+    for part_rows in (250_000, 4):
+        monkeypatch.setattr(partitions, "PART_ROWS", part_rows)
+        monkeypatch.setattr(partitions, "SAMPLE_EVERY", 2 if part_rows == 4 else 512)  # ids enough to cut id ranges
+        monkeypatch.setattr(partitions, "OUT_ROWS", 8 if part_rows == 4 else 32_768)  # and input-position ranges
+        for night in (False, True):  # a night's change counts against the first run's files
+            if night:
+                pq.write_table(pa.Table.from_pylist(rows[::2]), tmp_path / "a" / "part-1.parquet")
+            else:
+                cfg = config.load(None, [f"input.articles={tmp_path / 'a'}", f"input.images={tmp_path / 'i'}",
+                                         f"output_dir={tmp_path / str(part_rows)}", "eval.sample_size=9",
+                                         "eval.candidates=sample"])
+            entry = prepare.run(cfg)
+            files = sorted(p for p in cfg.output.rglob("*.parquet") if "prepared" in p.parts or "rejects" in p.parts)
+            outputs[part_rows, night] = ({p.relative_to(cfg.output): p.read_bytes() for p in files},
+                                         {k: v for k, v in entry.items() if k not in ("committed_at", "seconds")})
+        (tmp_path / "a" / "part-1.parquet").write_bytes((tmp_path / "a" / "part-0.parquet").read_bytes())
+    assert outputs[4, False] == outputs[250_000, False] and outputs[4, True] == outputs[250_000, True]
+    assert outputs[4, True][1]["changes"]["articles"]["seen"] > 0

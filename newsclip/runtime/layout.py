@@ -166,6 +166,12 @@ class Layout:
         """`.staging/`: what stages write before they commit it; a run starts by clearing it."""
         return self.root / STAGING
 
+    def scratch(self, stage: str) -> Path:
+        """`.staging/<stage>-work-<random>/`: a stage's spill files while it runs (it removes them)."""
+        import uuid
+
+        return self.staging / f"{stage}-work-{uuid.uuid4().hex[:8]}"
+
     @property
     def store(self) -> Path:
         """`store/`: the embedding store when the job sets no `store_dir`."""

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
 from newsclip.runtime.layout import Layout
-from newsclip.runtime.store import parquet_files, write_table
+from newsclip.runtime.store import parquet_files, write_stream
 
 if TYPE_CHECKING:  # polars stays out of the encode stage's imports, which its workers share
     import polars as pl
@@ -16,15 +17,21 @@ if TYPE_CHECKING:  # polars stays out of the encode stage's imports, which its w
 COLUMNS = ("id", "kind", "stage", "reason")
 
 
-def write_rejects(out: Path, name: str, stage: str, rows: pa.Table | pl.DataFrame) -> Path:
-    """Commit `rejects/<name>.parquet`: `rows` (id, kind, reason, and any detail such as the input file), each
-    marked with the stage that rejected it."""
-    rows = rows if isinstance(rows, pa.Table) else rows.to_arrow()
-    missing = [c for c in ("id", "kind", "reason") if c not in rows.column_names]
-    if missing:
-        raise ValueError(f"rejects of {stage}: no {missing} column")
-    return write_table(rows.append_column("stage", pa.array([stage] * len(rows), pa.string())),
-                       Layout(out).rejects_file(name))
+def write_rejects(out: Path, name: str, stage: str, rows: pa.Table | pl.DataFrame | Iterable[pa.Table]) -> Path:
+    """Commit `rejects/<name>.parquet`: `rows` (id, kind, reason, and any detail such as the input file; or tables
+    of them, at least one, written as they come), each marked with the stage that rejected it."""
+    tables = [rows] if isinstance(rows, pa.Table) else [rows.to_arrow()] if hasattr(rows, "to_arrow") else rows
+
+    def staged() -> Iterator[pa.Table]:
+        for table in tables:
+            missing = [c for c in ("id", "kind", "reason") if c not in table.column_names]
+            if missing:
+                raise ValueError(f"rejects of {stage}: no {missing} column")
+            yield table.append_column("stage", pa.array([stage] * len(table), pa.string()))
+
+    path = Layout(out).rejects_file(name)
+    write_stream(staged(), path)
+    return path
 
 
 def read_rejects(out: Path) -> pl.DataFrame:

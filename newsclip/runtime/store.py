@@ -103,6 +103,68 @@ def write_tables(tables: Iterable[pa.Table], path: Path) -> int:
     return rows
 
 
+# rows of a row group that `RowGroupWriter` writes, at most: what it holds. pq.write_table cuts at 1,048,576 rows,
+# which would hold that many rows (a driver's 100s of MB): a file of up to ROW_GROUP rows has the same bytes either way
+ROW_GROUP = 128 * 1024
+
+
+class RowGroupWriter:
+    """One Parquet file written from tables as they come, in row groups of ROW_GROUP rows (the last fewer), holding
+    at most one row group: a file of at most ROW_GROUP rows has the bytes `pq.write_table` gives all at once."""
+
+    def __init__(self, path: Path):
+        self.path, self.rows = path, 0
+        self._stack = contextlib.ExitStack()
+        self._tmp = self._stack.enter_context(atomic_path(path))
+        self._writer = None
+        self._held: list[pa.Table] = []
+        self._held_rows = 0
+
+    def write(self, table: pa.Table) -> None:
+        if self._writer is None:
+            self._writer = self._stack.enter_context(pq.ParquetWriter(self._tmp, table.schema))
+            self._schema = table.schema
+        self._held.append(table)
+        self._held_rows += len(table)
+        self.rows += len(table)
+        if self._held_rows >= ROW_GROUP:
+            self._flush(final=False)
+
+    def _flush(self, final: bool) -> None:
+        held = pa.concat_tables(self._held).combine_chunks() if self._held else self._schema.empty_table()
+        whole = len(held) if final else len(held) // ROW_GROUP * ROW_GROUP
+        if whole or (final and self.rows == 0):
+            self._writer.write_table(held.slice(0, whole))
+        self._held = [held.slice(whole)] if whole < len(held) else []
+        self._held_rows = len(held) - whole
+
+    def close(self) -> Path:
+        """Write what is held and commit the file (at least one table must have come, maybe empty)."""
+        if self._writer is None:
+            self._stack.close()
+            raise ValueError(f"{self.path}: no table to write")
+        self._flush(final=True)
+        self._stack.close()
+        return self.path
+
+    def abort(self) -> None:
+        self._stack.__exit__(RuntimeError, RuntimeError("aborted"), None)
+
+
+def write_stream(tables: Iterable[pa.Table], path: Path) -> int:
+    """Write tables of one schema (at least one, maybe empty) as one Parquet file, atomically, holding at most one
+    row group (see RowGroupWriter); the rows written."""
+    writer = RowGroupWriter(path)
+    try:
+        for table in tables:
+            writer.write(table)
+    except BaseException:
+        writer.abort()
+        raise
+    writer.close()
+    return writer.rows
+
+
 def write_text(path: Path, text: str) -> Path:
     """Write one text file atomically."""
     with atomic_path(path) as tmp:
