@@ -135,7 +135,12 @@ def test_cost_table_from_manifest(real_run, page):
     _, parsed = page
     header, *rows = parsed.tables["Cost against quality"]
     assert header[:3] == ["backbone", "images", "image encode s"] and header[-1] == "MRR"
-    assert [r[0] for r in rows] == LABELS
+    # each backbone's cell: its label, then how the encode stage loaded it (a fusion has no model of its own)
+    assert [r[0].split(" ", 1)[0] for r in rows] == LABELS
+    for row, slug in zip(rows, ["demo-tiny", "random-rn"]):
+        assert row[0].startswith(f"{row[0].split(' ', 1)[0]} clip; ") and "resize to 64x64" in row[0], row[0]
+        assert stages[f"encode:{slug}:images"]["model"] in row[0]
+    assert rows[2][0] == LABELS[2]
     # the runner's clock splits the encode stage between the entries of each backbone (side by side: one thread
     # each): a backbone's two sides take some of the stage's time, never more than all of it
     stage_seconds = json.loads((out / "manifest.json").read_text())["runs"][-1]["stages"]["encode"]["seconds"]
