@@ -100,8 +100,8 @@ def _needs(item: pytest.Item) -> set[str]:
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects: a test that needs a built model is `slow`
 def pytest_collection_modifyitems(config, items):
     """Tests marked `cuda` skip cleanly on a machine without a GPU; a test that needs a built model is marked
-    `slow`; modules whose tests need no built model run first (each module's tests stay together and in order, so
-    module fixtures are set up once)."""
+    `slow`; modules whose tests need no built model run first, then those that need demo-tiny only (each module's
+    tests stay together and in order, so module fixtures are set up once)."""
     import torch
 
     for item in items:
@@ -118,8 +118,13 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "cuda" in item.keywords:
                 item.add_marker(skip)
-    waits = {item.module.__name__ for item in items if _needs(item)}
-    items.sort(key=lambda item: item.module.__name__ in waits)  # stable: the order within each group is kept
+    # modules that need no build, then those that need demo-tiny only (its build ends first), then the translator's
+    waits: dict[str, int] = {}
+    for item in items:
+        needs = _needs(item)
+        rank = 2 if "demo_package" in needs else 1 if needs else 0
+        waits[item.module.__name__] = max(waits.get(item.module.__name__, 0), rank)
+    items.sort(key=lambda item: waits[item.module.__name__])  # stable: the order within each group is kept
 
 
 def pytest_collection_finish(session):
