@@ -1,8 +1,8 @@
 """Concurrent queries gathered into batches, in two stages that overlap: an encoder thread takes every query waiting
-and encodes the texts (or images) of each backbone in one call; a search thread per core (a few at most) takes every
-encoded query waiting and searches each backbone's in one pass over its rows. A query waits for a pass in flight
-only when every search thread is busy, and then goes into the next pass with the others waiting: at 1M x 64 rows a
-pass took 13 ms for one query, 24 for two, 32 for eight (one core), and two passes at once 16 ms (two cores)."""
+and encodes the texts (or images) of each backbone in one call; search threads (SEARCH_THREADS) take every encoded
+query waiting and search each backbone's in one pass over its rows. A query waits for a pass in flight only when
+every search thread is busy, and then goes into the next pass with the others waiting: at 1M x 64 rows a pass took
+13 ms for one query, 24 for two, 32 for eight (one core), and the next queries are encoded meanwhile."""
 
 from __future__ import annotations
 
@@ -19,9 +19,11 @@ from newsclip.serve.index import Snapshot
 from newsclip.serve.query import QueryEncoders, QueryError
 
 MAX_BATCH = 64  # queries taken at once: a larger batch would only add to the wait of its first
-# search threads: one per core, up to a few (more would share the memory bandwidth of a pass, and a Ray Serve
-# replica sees every core of its node)
-SEARCH_THREADS = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+# search threads: one per core but one (the encoder's, the event loop's), up to a few (a Ray Serve replica sees every
+# core of its node). On 2 cores a second one made answers slower (p50 167-181 ms against 46-135 ms with one, the
+# same minutes): two passes at once took both cores from the encoder and the requests
+_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+SEARCH_THREADS = max(1, min(4, _CORES - 1))
 
 
 @dataclass
