@@ -19,11 +19,12 @@ from newsclip.serve.index import Snapshot
 from newsclip.serve.query import QueryEncoders, QueryError
 
 MAX_BATCH = 64  # queries taken at once: a larger batch would only add to the wait of its first
-# search threads: one per core but one (the encoder's, the event loop's), up to a few (a Ray Serve replica sees every
-# core of its node). On 2 cores a second one made answers slower (p50 167-181 ms against 46-135 ms with one, the
-# same minutes): two passes at once took both cores from the encoder and the requests
+# search threads: one per core, up to a few (a Ray Serve replica sees every core of its node). On the quiet 2-core
+# machine at 1M rows, two answered with p50 33-36 ms and p99 79-98 ms; one with p50 50-57 and p99 124-134 ms; one
+# pass split over both cores (10 ms alone against 15) with p50 30-45 and p99 73-113 ms, since a half delayed by the
+# encoder or a request delays the whole pass. While other jobs held a core, one thread did better than two.
 _CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-SEARCH_THREADS = max(1, min(4, _CORES - 1))
+SEARCH_THREADS = min(4, _CORES)
 
 
 @dataclass
