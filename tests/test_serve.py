@@ -25,10 +25,12 @@ ARTICLES = 200
 
 
 @pytest.mark.parametrize("n, k", [(5, 20), (3000, 1), (3000, 20), (3000, 1000)])
-def test_nearest_equals_a_float64_argsort_with_ties_by_row(n, k):
+def test_nearest_equals_a_float64_argsort_with_ties_by_row(n, k, monkeypatch):
     from newsclip.retrieval.exact_scores import exact_scores
+    from newsclip.serve import nearest as module
     from newsclip.serve.nearest import nearest, row_norm_bound
 
+    monkeypatch.setattr(module, "BLOCK_PRODUCTS", 1000)  # the pass in many steps, as at 1M rows
     rng = np.random.default_rng(n + k)
     rows = rng.standard_normal((n, 16)).astype(np.float32)
     rows[n // 2 :: 7] = rows[1]  # exact ties, to be ordered by row
@@ -125,6 +127,42 @@ def test_queries_searched_together_get_the_answers_they_get_alone(served):
         assert batcher.batches < 2 * len(texts)  # the second round went in fewer, larger batches
     finally:
         batcher.close()
+
+
+def test_search_threads_answer_as_one_and_a_failing_batch_fails_only_its_queries(served):
+    from dataclasses import replace
+
+    from newsclip.serve.batcher import Batcher, Query
+    from newsclip.serve.query import QueryEncoders
+
+    root, cfg, _, follower, _ = served
+    snap = follower.current
+    index = snap.backbones["demo-tiny"]
+
+    class Broken:  # a side whose search fails (the encoder only reads its width)
+        vectors = index.images.vectors[:1]
+
+        def nearest(self, q, k):
+            raise RuntimeError("this side cannot be searched")
+
+    broken = replace(snap, backbones={"demo-tiny": replace(index, images=Broken())})
+    texts = [r["query_text"] for r in list(_queries(root).values())[:8]] + [f"a red circle in Oslo {i}" for i in
+                                                                            range(8)]
+    encoders, answers = QueryEncoders(cfg), []
+    for threads in (1, 2):
+        batcher = Batcher(encoders, search_threads=threads)
+        try:
+            futures = [batcher.submit(Query(broken if i % 5 == 0 else snap, "demo-tiny", 5, text=t))
+                       for i, t in enumerate(texts)]
+            for i, future in enumerate(futures):
+                if i % 5 == 0:
+                    with pytest.raises(RuntimeError, match="cannot be searched"):
+                        future.result()
+            answers.append([f.result() for i, f in enumerate(futures) if i % 5])
+            assert batcher.search(Query(snap, "demo-tiny", 5, text=texts[0]))  # the threads went on
+        finally:
+            batcher.close()
+    assert answers[0] == answers[1] and all(len(a) == 5 for a in answers[1])
 
 
 def test_article_endpoint_gives_its_ranked_images_best_first(served):

@@ -1,11 +1,12 @@
 """Concurrent queries gathered into batches, in two stages that overlap: an encoder thread takes every query waiting
-and encodes the texts (or images) of each backbone in one call; a search thread takes every encoded query waiting
-and searches each backbone's with one matrix product. A pass over 1M x 64 float32 rows is ~250 MB of memory traffic
-whatever the batch, so 50 queries a second cost a few passes instead of 50, and the next queries are encoded while
-the last are searched."""
+and encodes the texts (or images) of each backbone in one call; search threads (SEARCH_THREADS) take every encoded
+query waiting and search each backbone's in one pass over its rows. A query waits for a pass in flight only when
+every search thread is busy, and then goes into the next pass with the others waiting: at 1M x 64 rows a pass took
+13 ms for one query, 24 for two, 32 for eight (one core), and the next queries are encoded meanwhile."""
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -18,6 +19,12 @@ from newsclip.serve.index import Snapshot
 from newsclip.serve.query import QueryEncoders, QueryError
 
 MAX_BATCH = 64  # queries taken at once: a larger batch would only add to the wait of its first
+# search threads: one per core, up to a few (a Ray Serve replica sees every core of its node). On the quiet 2-core
+# machine at 1M rows, two answered with p50 33-36 ms and p99 79-98 ms; one with p50 50-57 and p99 124-134 ms; one
+# pass split over both cores (10 ms alone against 15) with p50 30-45 and p99 73-113 ms, since a half delayed by the
+# encoder or a request delays the whole pass. While other jobs held a core, one thread did better than two.
+_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+SEARCH_THREADS = min(4, _CORES)
 
 
 @dataclass
@@ -57,12 +64,13 @@ def _fail(queries: list[Query], error: BaseException) -> None:
 class Batcher:
     """`submit` a Query, get a Future of its [(id, score), ...], best first."""
 
-    def __init__(self, encoders: QueryEncoders, max_batch: int = MAX_BATCH):
-        self.encoders, self.max_batch = encoders, max_batch
+    def __init__(self, encoders: QueryEncoders, max_batch: int = MAX_BATCH, search_threads: int = SEARCH_THREADS):
+        self.encoders, self.max_batch, self.search_threads = encoders, max_batch, search_threads
         self._queries: queue.SimpleQueue[Query | None] = queue.SimpleQueue()
         self._encoded: queue.SimpleQueue[tuple[list[Query], np.ndarray] | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
+        self._counting = threading.Lock()
         self.batches = 0  # matrix products run, and the queries in them: what a benchmark reports
         self.queries = 0
         self.encode_s = 0.0  # seconds the two stages worked (wall)
@@ -71,8 +79,10 @@ class Batcher:
     def submit(self, query: Query) -> Future:
         with self._lock:
             if not self._threads:
-                self._threads = [threading.Thread(target=self._encode_loop, name="newsclip-encode", daemon=True),
-                                 threading.Thread(target=self._search_loop, name="newsclip-search", daemon=True)]
+                _blas_threads.limit()
+                self._threads = [threading.Thread(target=self._encode_loop, name="newsclip-encode", daemon=True)]
+                self._threads += [threading.Thread(target=self._search_loop, name=f"newsclip-search-{i}", daemon=True)
+                                  for i in range(self.search_threads)]
                 for thread in self._threads:
                     thread.start()
         self._queries.put(query)
@@ -85,10 +95,11 @@ class Batcher:
     def close(self) -> None:
         with self._lock:
             if self._threads:
-                self._queries.put(None)  # the encoder passes it on to the search thread
+                self._queries.put(None)  # the encoder passes it on to each search thread
                 for thread in self._threads:
                     thread.join()
                 self._threads = []
+                _blas_threads.release()
 
     def _encode_loop(self) -> None:
         stop = False
@@ -111,7 +122,8 @@ class Batcher:
                     self.encode_s += time.perf_counter() - started
                 if encoded is not None:
                     self._encoded.put(encoded)
-        self._encoded.put(None)
+        for _ in range(self.search_threads):
+            self._encoded.put(None)
 
     def _encode(self, group: list[Query]) -> tuple[list[Query], np.ndarray] | None:
         head = group[0]
@@ -150,10 +162,37 @@ class Batcher:
         head = queries[0]
         index = head.snapshot.backbones[head.backbone]
         side = index.images if head.target == "images" else index.texts
-        self.batches += 1
-        self.queries += len(queries)
         started = time.perf_counter()
         answers = side.nearest(vectors, max(q.k for q in queries))
-        self.search_s += time.perf_counter() - started
+        with self._counting:
+            self.batches += 1
+            self.queries += len(queries)
+            self.search_s += time.perf_counter() - started
         for q, answer in zip(queries, answers):
             q.future.set_result(answer[: q.k])
+
+
+class _BlasThreads:
+    """OpenBLAS at one thread while a Batcher runs (and as it was once the last one closes): each search thread runs
+    its own products, and BLAS's threads (2 on 2 cores) made a product no faster but busy-waited on the cores the
+    encoder and the other search threads needed (the server's CPU per query: 34.5 ms with them, 25.4 without)."""
+
+    def __init__(self):
+        self._lock, self._users, self._limits = threading.Lock(), 0, None
+
+    def limit(self) -> None:
+        from threadpoolctl import threadpool_limits
+
+        with self._lock:
+            if self._users == 0:
+                self._limits = threadpool_limits(1, user_api="blas")
+            self._users += 1
+
+    def release(self) -> None:
+        with self._lock:
+            self._users -= 1
+            if self._users == 0:
+                self._limits.restore_original_limits()
+
+
+_blas_threads = _BlasThreads()

@@ -1,30 +1,22 @@
-"""Exact top-k of a batch of queries against one matrix of rows: one float32 matrix product and topk, then the
-candidates re-scored by the knn stage's own definition of a score, so that search answers equal the rankings."""
+"""Exact top-k of a batch of queries against one matrix of rows: float32 products pick a few hundred candidates in
+one pass over the rows, then the knn stage's own definition of a score re-scores them, so that search answers equal
+the rankings."""
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 
-from newsclip.retrieval.exact_scores import exact_scores
+from newsclip.retrieval.exact_scores import exact_scores, padded_labels
 from newsclip.retrieval.search import PAD_KEY, merge_topk
 
-# queries per matrix product: their (rows, n) float32 products are 4 MB each at 1M rows
-QUERY_BLOCK = 8
-
-_buffers = threading.local()
-
-
-def _products_buffer(n: int) -> np.ndarray:
-    """A (QUERY_BLOCK, n) float32 buffer this thread reuses: a fresh 32 MB array per batch at 1M rows cost its page
-    faults every time (about as long as the product itself, measured)."""
-    held = _buffers.__dict__.setdefault("by_rows", {})  # one per matrix size searched (images, texts)
-    if n not in held:
-        if len(held) >= 4:  # sizes of indexes swapped out since
-            held.pop(next(iter(held)))
-        held[n] = np.empty((QUERY_BLOCK, n), np.float32)
-    return held[n]
+# products per step of the pass (1 MB): a step's are compared with the floor while still in cache, instead of
+# writing 4 MB of products per query at 1M rows and ranking them (torch.topk: ~3 ms a query); few steps per pass,
+# since each one takes the GIL back from the encoder and the event loop
+BLOCK_PRODUCTS = 1 << 18
+# the floor comes from every SAMPLE_STRIDE-th row (a view: 1/32 of the pass at 1M rows); its k-th best product is
+# about the (k * stride)-th of all rows, so ~k * stride candidates pass, fewer for a large k (see _stride)
+SAMPLE_STRIDE = 32
+CANDIDATES = 4096
 
 
 def row_norm_bound(vectors: np.ndarray) -> float:
@@ -39,42 +31,36 @@ def nearest(vectors: np.ndarray, max_norm: float, q: np.ndarray, k: int) -> tupl
     """(rows, scores), each (b, min(k, n)), of the queries `q` (b, d) against `vectors` (n, d), best first, ties by
     row (rows are in id order, so ties go by id, as the knn stage orders them).
 
-    The float32 products (error at most d 2^-24 |q| |x|, as FAISS's) pick every row that could reach a query's k-th
-    after exact re-scoring: the best k + k/8, widened for a query whose last pick is within twice that error of
-    its k-th. Those are re-scored by `exact_scores` and the best k kept."""
-    import torch
-
+    A float32 product is within e = d 2^-24 |q| |x| of the exact score (as FAISS's), so the exact k-th best score
+    is at least the k-th best product of any subset of rows less e, and a row that can reach it has a product at
+    least that less 2e (`tol`). The subset is a strided sample; the rows passing its floor are re-scored by
+    `exact_scores` and the best k kept."""
     q = np.ascontiguousarray(q, dtype=np.float32)
     n, d = vectors.shape
     k = min(k, n)
     if k == 0 or not len(q):
         return np.zeros((len(q), k), np.int64), np.zeros((len(q), k), np.float32)
-    kk = min(n, k + max(8, k // 8))
     qnorm = np.sqrt(np.einsum("ij,ij->i", q, q, dtype=np.float64))
     tol = (2 * d * 2.0**-24 + 2.0**-20) * qnorm * max_norm  # search.Index's tolerance for float32 products
-    rows, scores = [], []
-    for s in range(0, len(q), QUERY_BLOCK):
-        qb = q[s : s + QUERY_BLOCK]
-        if kk == n:  # every row is a candidate
-            labels = np.broadcast_to(np.arange(n, dtype=np.int64), (len(qb), n))
-        else:
-            out = _products_buffer(n)[: len(qb)]
-            products = torch.from_numpy(np.matmul(qb, vectors.T, out=out))  # BLAS: one pass over the rows
-            top, cand = torch.topk(products, kk, dim=1, sorted=True)
-            low = top[:, k - 1].double().numpy() - tol[s : s + QUERY_BLOCK]
-            labels = cand.numpy()
-            wide = np.flatnonzero(top[:, -1].double().numpy() >= low)
-            if len(wide):  # rare: rows beyond the picks may tie the k-th after re-scoring
-                more = [np.flatnonzero(products[r].numpy() >= low[r]) for r in wide]
-                width = max(kk, *map(len, more))
-                padded = np.full((len(qb), width), -1, np.int64)
-                padded[:, :kk] = labels
-                for r, hits in zip(wide, more):
-                    padded[r, :] = -1
-                    padded[r, : len(hits)] = hits
-                labels = padded
-        exact = exact_scores(vectors, qb, labels)
-        top_scores, keys = merge_topk([exact], [np.where(labels >= 0, labels, PAD_KEY)], k)
-        rows.append(np.where(keys == PAD_KEY, -1, keys))
-        scores.append(top_scores)
-    return np.concatenate(rows), np.concatenate(scores)
+    sample = vectors[:: _stride(n, k)] @ q.T  # (m, b); a strided view goes to BLAS as it is
+    floor = np.partition(sample, len(sample) - k, axis=0)[len(sample) - k] - tol
+    floor = np.nextafter(floor.astype(np.float32), np.float32(-np.inf))  # compared in float32: never rounded up
+    # compared flat, against the floor repeated per row: numpy's loop over a (rows, b) >= (b,) broadcast runs b
+    # elements at a time (it took longer than the products for b = 2)
+    step = max(1, BLOCK_PRODUCTS // len(q))
+    floors = np.tile(floor, min(n, step))
+    hits = []
+    for start in range(0, n, step):
+        products = vectors[start : start + step] @ q.T  # (rows, b)
+        hits.append(np.flatnonzero(products.reshape(-1) >= floors[: products.size]) + start * len(q))
+    rows, queries = np.divmod(np.concatenate(hits), len(q))
+    order = np.argsort(queries, kind="stable")  # grouped by query, rows ascending within each
+    labels = padded_labels(queries[order], rows[order], len(q))
+    exact = exact_scores(vectors, q, labels)
+    scores, keys = merge_topk([exact], [np.where(labels >= 0, labels, PAD_KEY)], k)
+    return np.where(keys == PAD_KEY, -1, keys), scores
+
+
+def _stride(n: int, k: int) -> int:
+    """The sample's stride: ~CANDIDATES // k rows per sampled row (at most SAMPLE_STRIDE), and k rows sampled."""
+    return max(1, min(SAMPLE_STRIDE, CANDIDATES // k, n // k))

@@ -15,9 +15,10 @@ from newsclip.config import JobConfig
 from newsclip.runtime.embedding_store import content_key, content_keys
 from newsclip.serve.index import BackboneIndex
 
-# rows per encoder call: a padded batch of 8 takes demo-tiny's text tower ~4 ms on one core, the job's 64 ~45 ms,
-# and a query waits for the whole batch
-QUERY_BATCH = 8
+# rows per encoder call: a padded batch of 1, 2, 4, 8 takes demo-tiny's text tower ~1.2-2, 1.5-2.7, 2.5-3.4, 4.3 ms
+# on one core, and a query waits for the whole batch; at 50 queries a second most batches hold 1 to 3 (at 1M rows:
+# p50 43-108 ms with 2 against 106-207 ms with 8, the same minutes)
+QUERY_BATCH = 2
 
 
 class QueryError(ValueError):
