@@ -22,7 +22,9 @@ JOB = str(Path(__file__).resolve().parents[1] / "jobs" / "demo.yaml")
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory, demo_tiny, ray_local):
+def demo_run(tmp_path_factory, demo_tiny, packages_dir, ray_local):
+    # packages_dir: the test translator installed where `newsclip demo` looks; without it the demo builds the full
+    # one (3 minutes), as it would for a user who has none
     root = tmp_path_factory.mktemp("demo")
     data = root / "data"
     write_demo_data(data, articles=ARTICLES, seed=1)
