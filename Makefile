@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 # Python caches what it compiles (.pyc in .venv and newsclip/) even where PYTHONDONTWRITEBYTECODE=1, as on the
 # CI machine: there every process and Ray worker compiled torch, ray and pyarrow from source again (importing them
-# took 18 s instead of 9.7 s, and a clean-clone CI run 10-12 min instead of ~6, measured). Compiling on first import
+# took 18 s instead of 9.7 s, and a clean-clone CI run 10-12 min instead of 7.5, measured). Compiling on first import
 # costs less than compiling all of .venv at install (uv --compile-bytecode: 47-77 s here).
 CACHED := env -u PYTHONDONTWRITEBYTECODE
 
