@@ -3,6 +3,7 @@ a query equal to an article's text finding that article's true image first, the 
 searches, and the page in a real headless Chromium."""
 
 import base64
+import json
 import shutil
 import threading
 import zlib
@@ -24,8 +25,10 @@ DEMO = Path(__file__).resolve().parents[1] / "jobs" / "demo.yaml"
 ARTICLES = 200
 
 
-@pytest.mark.parametrize("n, k", [(5, 20), (3000, 1), (3000, 20), (3000, 1000)])
-def test_nearest_equals_a_float64_argsort_with_ties_by_row(n, k, monkeypatch):
+@pytest.mark.parametrize("n, k, threads", [(5, 20, 1), (3000, 1, 1), (3000, 20, 2), (3000, 1000, 2)])
+def test_nearest_equals_a_float64_argsort_with_ties_by_row(n, k, threads, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
     from newsclip.retrieval.exact_scores import exact_scores
     from newsclip.serve import nearest as module
     from newsclip.serve.nearest import nearest, row_norm_bound
@@ -35,7 +38,8 @@ def test_nearest_equals_a_float64_argsort_with_ties_by_row(n, k, monkeypatch):
     rows = rng.standard_normal((n, 16)).astype(np.float32)
     rows[n // 2 :: 7] = rows[1]  # exact ties, to be ordered by row
     q = np.concatenate([rows[1:2], rng.standard_normal((12, 16)).astype(np.float32)])
-    got_rows, got_scores = nearest(rows, row_norm_bound(rows), q, k)
+    with ThreadPoolExecutor(threads) as steps:  # the pass's steps shared out, as the server runs them
+        got_rows, got_scores = nearest(rows, row_norm_bound(rows), q, k, steps.map)
     exact = exact_scores(rows, q, np.broadcast_to(np.arange(n), (len(q), n)))
     want = np.lexsort((np.broadcast_to(np.arange(n), exact.shape), -exact.astype(np.float64)), axis=1)[:, :k]
     assert np.array_equal(got_rows, want)
@@ -60,6 +64,16 @@ def served(tmp_path_factory, demo_tiny):
     follower = IndexFollower(cfg, poll_s=0)  # the tests swap by calling refresh(), not by waiting for a poll
     with TestClient(create_app(follower)) as client:
         yield root, cfg, first["run_id"], follower, client
+
+
+def test_without_translation_the_run_names_the_original_texts(served):
+    root = served[0]
+    manifest = json.loads((root / "out" / "manifest.json").read_text())
+    for side in ("texts", "images"):
+        entry = manifest["stages"][f"encode:demo-tiny:{side}"]
+        assert entry["text"] == "original" and entry["model"].endswith("text original")
+    report = (root / "out" / "report.md").read_text() + (root / "out" / "report.html").read_text()
+    assert "text original" in report and "text translated" not in report
 
 
 def _queries(root: Path) -> dict:
@@ -129,7 +143,7 @@ def test_queries_searched_together_get_the_answers_they_get_alone(served):
         batcher.close()
 
 
-def test_search_threads_answer_as_one_and_a_failing_batch_fails_only_its_queries(served):
+def test_step_threads_answer_as_one_and_a_failing_batch_fails_only_its_queries(served):
     from dataclasses import replace
 
     from newsclip.serve.batcher import Batcher, Query
@@ -142,7 +156,7 @@ def test_search_threads_answer_as_one_and_a_failing_batch_fails_only_its_queries
     class Broken:  # a side whose search fails (the encoder only reads its width)
         vectors = index.images.vectors[:1]
 
-        def nearest(self, q, k):
+        def nearest(self, q, k, map_steps):
             raise RuntimeError("this side cannot be searched")
 
     broken = replace(snap, backbones={"demo-tiny": replace(index, images=Broken())})
@@ -150,7 +164,7 @@ def test_search_threads_answer_as_one_and_a_failing_batch_fails_only_its_queries
                                                                             range(8)]
     encoders, answers = QueryEncoders(cfg), []
     for threads in (1, 2):
-        batcher = Batcher(encoders, search_threads=threads)
+        batcher = Batcher(encoders, step_threads=threads)
         try:
             futures = [batcher.submit(Query(broken if i % 5 == 0 else snap, "demo-tiny", 5, text=t))
                        for i, t in enumerate(texts)]

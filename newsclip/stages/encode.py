@@ -4,13 +4,15 @@ embeddings are committed from it to Parquet."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from newsclip.config import JobConfig
 from newsclip.encoding import IMAGES, TEXTS, Side, encode_new, store_label, wanted_rows
 from newsclip.names import encode_entry
-from newsclip.retrieval.backbone_values import TRANSLATED, ResolvedBackbone
+from newsclip.retrieval.backbone_values import ORIGINAL, TRANSLATED, ResolvedBackbone
 from newsclip.retrieval.registry import is_open_clip, missing_files
 from newsclip.runtime.embedding_store import EmbeddingStore, write_refs
 from newsclip.runtime.rejects import write_rejects
@@ -47,6 +49,7 @@ def encode_side(cfg: JobConfig, resolved: ResolvedBackbone, side: Side) -> dict:
     rejects = pa.concat_tables(failures)
     rejects = rejects.append_column("kind", pa.array([side.kind] * len(rejects), pa.string()))
     rejected = write_rejects(out, f"encode-{name}-{side.name}", f"encode:{backbone}", rejects)
+    texts_read = resolved if cfg.translate.enabled else replace(resolved, text=ORIGINAL)
     reused = len(wanted) - int(pc.sum(pc.is_in(wanted.column("hash"), value_set=todo.column("hash"))).as_py() or 0)
     return record_stage(out, encode_entry(backbone, side.name), parquet_files(folder, relative),
                         backbone=backbone, rejects=str(rejected.relative_to(out)),
@@ -54,8 +57,9 @@ def encode_side(cfg: JobConfig, resolved: ResolvedBackbone, side: Side) -> dict:
                         refs=write_refs(out, store, wanted.column("hash")),  # the store rows this run uses
                         batch_size=enc.batch_size, device=enc.device, precision=enc.precision, decode=enc.decode,
                         jpeg_draft=enc.jpeg_draft, num_gpus_per_actor=enc.num_gpus_per_actor,
-                        # what the report names: where the model comes from, its preprocess, tokenizer and texts
-                        model=resolved.describe(), text=resolved.text)
+                        # what the report names: where the model comes from, its preprocess, tokenizer and the texts
+                        # it read (without translation every backbone reads the originals)
+                        model=texts_read.describe(), text=texts_read.text)
 
 
 def _run(cfg: JobConfig) -> list[dict]:
