@@ -1,8 +1,8 @@
 """Concurrent queries gathered into batches, in two stages that overlap: an encoder thread takes every query waiting
-and encodes the texts (or images) of each backbone in one call; search threads (SEARCH_THREADS) take every encoded
-query waiting and search each backbone's in one pass over its rows. A query waits for a pass in flight only when
-every search thread is busy, and then goes into the next pass with the others waiting: at 1M x 64 rows a pass took
-13 ms for one query, 24 for two, 32 for eight (one core), and the next queries are encoded meanwhile."""
+and encodes the texts (or images) of each backbone in one call; a search thread takes every encoded query waiting and
+searches each backbone's in one pass over its rows, whose steps a pool of step threads (STEP_THREADS, one per core)
+shares out. A query that comes during a pass goes into the next one with the others waiting: at 1M x 64 rows a pass
+took 12 ms for one query, 21 for two, 25 for eight (one core), and the next queries are encoded meanwhile."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import os
 import queue
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,12 +19,13 @@ from newsclip.serve.index import Snapshot
 from newsclip.serve.query import QueryEncoders, QueryError
 
 MAX_BATCH = 64  # queries taken at once: a larger batch would only add to the wait of its first
-# search threads: one per core, up to a few (a Ray Serve replica sees every core of its node). On the quiet 2-core
-# machine at 1M rows, two answered with p50 33-36 ms and p99 79-98 ms; one with p50 50-57 and p99 124-134 ms; one
-# pass split over both cores (10 ms alone against 15) with p50 30-45 and p99 73-113 ms, since a half delayed by the
-# encoder or a request delays the whole pass. While other jobs held a core, one thread did better than two.
+# step threads: one per core, up to a few (a Ray Serve replica sees every core of its node). Each takes the pass's
+# next step when it is free, so a core busy with the encoder or a request holds back only the step it is on. On the
+# quiet 2-core machine at 1M rows, paired runs in the same minutes: p50 25-34 ms and p99 79-108 ms, against 34-35 and
+# 109-172 ms for the design before (a search thread per core, each pass on one core; a pass split in two fixed halves
+# was slower still: a half delayed by the encoder delayed the whole pass)
 _CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-SEARCH_THREADS = min(4, _CORES)
+STEP_THREADS = min(4, _CORES)
 
 
 @dataclass
@@ -64,13 +65,13 @@ def _fail(queries: list[Query], error: BaseException) -> None:
 class Batcher:
     """`submit` a Query, get a Future of its [(id, score), ...], best first."""
 
-    def __init__(self, encoders: QueryEncoders, max_batch: int = MAX_BATCH, search_threads: int = SEARCH_THREADS):
-        self.encoders, self.max_batch, self.search_threads = encoders, max_batch, search_threads
+    def __init__(self, encoders: QueryEncoders, max_batch: int = MAX_BATCH, step_threads: int = STEP_THREADS):
+        self.encoders, self.max_batch, self.step_threads = encoders, max_batch, step_threads
         self._queries: queue.SimpleQueue[Query | None] = queue.SimpleQueue()
         self._encoded: queue.SimpleQueue[tuple[list[Query], np.ndarray] | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
+        self._steps: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
-        self._counting = threading.Lock()
         self.batches = 0  # matrix products run, and the queries in them: what a benchmark reports
         self.queries = 0
         self.encode_s = 0.0  # seconds the two stages worked (wall)
@@ -80,9 +81,10 @@ class Batcher:
         with self._lock:
             if not self._threads:
                 _blas_threads.limit()
-                self._threads = [threading.Thread(target=self._encode_loop, name="newsclip-encode", daemon=True)]
-                self._threads += [threading.Thread(target=self._search_loop, name=f"newsclip-search-{i}", daemon=True)
-                                  for i in range(self.search_threads)]
+                if self.step_threads > 1:
+                    self._steps = ThreadPoolExecutor(self.step_threads, thread_name_prefix="newsclip-search-step")
+                self._threads = [threading.Thread(target=self._encode_loop, name="newsclip-encode", daemon=True),
+                                 threading.Thread(target=self._search_loop, name="newsclip-search", daemon=True)]
                 for thread in self._threads:
                     thread.start()
         self._queries.put(query)
@@ -95,10 +97,13 @@ class Batcher:
     def close(self) -> None:
         with self._lock:
             if self._threads:
-                self._queries.put(None)  # the encoder passes it on to each search thread
+                self._queries.put(None)  # the encoder passes it on to the search thread
                 for thread in self._threads:
                     thread.join()
                 self._threads = []
+                if self._steps is not None:
+                    self._steps.shutdown()
+                    self._steps = None
                 _blas_threads.release()
 
     def _encode_loop(self) -> None:
@@ -122,8 +127,7 @@ class Batcher:
                     self.encode_s += time.perf_counter() - started
                 if encoded is not None:
                     self._encoded.put(encoded)
-        for _ in range(self.search_threads):
-            self._encoded.put(None)
+        self._encoded.put(None)
 
     def _encode(self, group: list[Query]) -> tuple[list[Query], np.ndarray] | None:
         head = group[0]
@@ -163,19 +167,18 @@ class Batcher:
         index = head.snapshot.backbones[head.backbone]
         side = index.images if head.target == "images" else index.texts
         started = time.perf_counter()
-        answers = side.nearest(vectors, max(q.k for q in queries))
-        with self._counting:
-            self.batches += 1
-            self.queries += len(queries)
-            self.search_s += time.perf_counter() - started
+        answers = side.nearest(vectors, max(q.k for q in queries), self._steps.map if self._steps else map)
+        self.batches += 1  # only this thread writes them
+        self.queries += len(queries)
+        self.search_s += time.perf_counter() - started
         for q, answer in zip(queries, answers):
             q.future.set_result(answer[: q.k])
 
 
 class _BlasThreads:
-    """OpenBLAS at one thread while a Batcher runs (and as it was once the last one closes): each search thread runs
+    """OpenBLAS at one thread while a Batcher runs (and as it was once the last one closes): each step thread runs
     its own products, and BLAS's threads (2 on 2 cores) made a product no faster but busy-waited on the cores the
-    encoder and the other search threads needed (the server's CPU per query: 34.5 ms with them, 25.4 without)."""
+    encoder and the other step threads needed (the server's CPU per query: 34.5 ms with them, 25.4 without)."""
 
     def __init__(self):
         self._lock, self._users, self._limits = threading.Lock(), 0, None

@@ -68,9 +68,9 @@ class Side:
         ids = table.column(id_column).to_numpy(zero_copy_only=False)
         return cls(SortedIds(ids), vectors, row_norm_bound(vectors), {h: i for i, h in enumerate(hashes)})
 
-    def nearest(self, q: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
-        """Each query's k best (id, score), best first."""
-        rows, scores = nearest(self.vectors, self.max_norm, q, k)
+    def nearest(self, q: np.ndarray, k: int, map_steps=map) -> list[list[tuple[str, float]]]:
+        """Each query's k best (id, score), best first (`map_steps`: see `nearest`)."""
+        rows, scores = nearest(self.vectors, self.max_norm, q, k, map_steps)
         return [[(self.ids.ids[r], float(s)) for r, s in zip(rr, ss) if r >= 0] for rr, ss in zip(rows, scores)]
 
 

@@ -4,15 +4,18 @@ the rankings."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 import numpy as np
 
 from newsclip.retrieval.exact_scores import exact_scores, padded_labels
 from newsclip.retrieval.search import PAD_KEY, merge_topk
 
-# products per step of the pass (1 MB): a step's are compared with the floor while still in cache, instead of
-# writing 4 MB of products per query at 1M rows and ranking them (torch.topk: ~3 ms a query); few steps per pass,
-# since each one takes the GIL back from the encoder and the event loop
-BLOCK_PRODUCTS = 1 << 18
+# products per step of the pass (512 KB): a step's are compared with the floor while still in cache, instead of
+# writing 4 MB of products per query at 1M rows and ranking them (torch.topk: ~3 ms a query). 8 steps at 1M rows for
+# one query: enough to share a pass out among threads (2^16 and 2^18 did no better), few enough that each step's
+# return for the GIL costs little
+BLOCK_PRODUCTS = 1 << 17
 # the floor comes from every SAMPLE_STRIDE-th row (a view: 1/32 of the pass at 1M rows); its k-th best product is
 # about the (k * stride)-th of all rows, so ~k * stride candidates pass, fewer for a large k (see _stride)
 SAMPLE_STRIDE = 32
@@ -27,14 +30,16 @@ def row_norm_bound(vectors: np.ndarray) -> float:
                              for b in np.array_split(vectors, max(1, len(vectors) // 65536)))))
 
 
-def nearest(vectors: np.ndarray, max_norm: float, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def nearest(vectors: np.ndarray, max_norm: float, q: np.ndarray, k: int,
+            map_steps: Callable[[Callable, Iterable], Iterable] = map) -> tuple[np.ndarray, np.ndarray]:
     """(rows, scores), each (b, min(k, n)), of the queries `q` (b, d) against `vectors` (n, d), best first, ties by
     row (rows are in id order, so ties go by id, as the knn stage orders them).
 
     A float32 product is within e = d 2^-24 |q| |x| of the exact score (as FAISS's), so the exact k-th best score
     is at least the k-th best product of any subset of rows less e, and a row that can reach it has a product at
     least that less 2e (`tol`). The subset is a strided sample; the rows passing its floor are re-scored by
-    `exact_scores` and the best k kept."""
+    `exact_scores` and the best k kept. `map_steps` runs the pass's steps (in order of results), e.g. a thread pool's
+    `map`."""
     q = np.ascontiguousarray(q, dtype=np.float32)
     n, d = vectors.shape
     k = min(k, n)
@@ -49,10 +54,12 @@ def nearest(vectors: np.ndarray, max_norm: float, q: np.ndarray, k: int) -> tupl
     # elements at a time (it took longer than the products for b = 2)
     step = max(1, BLOCK_PRODUCTS // len(q))
     floors = np.tile(floor, min(n, step))
-    hits = []
-    for start in range(0, n, step):
+
+    def hits_in(start: int) -> np.ndarray:
         products = vectors[start : start + step] @ q.T  # (rows, b)
-        hits.append(np.flatnonzero(products.reshape(-1) >= floors[: products.size]) + start * len(q))
+        return np.flatnonzero(products.reshape(-1) >= floors[: products.size]) + start * len(q)
+
+    hits = list(map_steps(hits_in, range(0, n, step)))
     rows, queries = np.divmod(np.concatenate(hits), len(q))
     order = np.argsort(queries, kind="stable")  # grouped by query, rows ascending within each
     labels = padded_labels(queries[order], rows[order], len(q))
