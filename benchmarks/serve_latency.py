@@ -48,7 +48,7 @@ def serve_synthetic(size: int, dim: int, port: int, seed: int) -> None:
     from synthetic_embeddings import pairs
 
     from newsclip import config
-    from newsclip.serve.app import create_app
+    from newsclip.serve.app import UVICORN_LOOP, create_app
     from newsclip.serve.follow import StaticIndex
     from newsclip.serve.index import Articles, BackboneIndex, Side, Snapshot
 
@@ -63,7 +63,7 @@ def serve_synthetic(size: int, dim: int, port: int, seed: int) -> None:
     del images
     cfg = config.load(None, [])  # the demo job's encode settings: demo-tiny on CPUs
     app = create_app(StaticIndex(snapshot), cfg=cfg)
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", **UVICORN_LOOP)
 
 
 def _free_port() -> int:
