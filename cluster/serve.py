@@ -1,13 +1,14 @@
 """Ray Serve deployment of `newsclip serve`'s app: replicas of the same ASGI app on a cluster, each following the job's
 runs (its output folder on shared storage) and swapping to a new index when a run finishes.
 
-    serve run cluster/serve.py:app job=jobs/nightly.yaml replicas=2 token=$NEWSCLIP_TOKEN
+    serve run cluster.serve:app job=jobs/nightly.yaml replicas=2 token=$NEWSCLIP_TOKEN   # from the repository's root
     # a Serve config (serve deploy): applications: [{name: newsclip, import_path: cluster.serve:app,
     #                                                args: {job: jobs/nightly.yaml, replicas: 2}}]
 
 Args: `job` (the job file), `set` (KEY=VALUE overrides, `;`-separated), `replicas` (default 2), `num_cpus` per
 replica (default 2: one for the batched search, one for the query encoder), `token` (default $NEWSCLIP_TOKEN).
-Serve's proxy listens beyond loopback, so a token is required. Needs `ray[serve]` on the cluster's image.
+Serve's proxy listens beyond loopback, so a token is required. Needs `ray[serve]` on the cluster's image (the
+`ray-serve` extra; cluster/Dockerfile installs it).
 """
 
 from __future__ import annotations

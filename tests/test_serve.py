@@ -21,7 +21,8 @@ from newsclip.serve.app import MAX_BODY_BYTES, create_app, needs_token
 from newsclip.serve.follow import IndexFollower
 from newsclip.serve.index import IndexNotReady, load_snapshot
 
-DEMO = Path(__file__).resolve().parents[1] / "jobs" / "demo.yaml"
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "jobs" / "demo.yaml"
 ARTICLES = 200
 
 
@@ -323,6 +324,44 @@ def test_page_in_a_real_browser_searches_and_opens_an_article(served):
     finally:
         server.should_exit = True
         thread.join()
+
+
+def test_cluster_serve_runs_the_app_as_ray_serve_replicas(served, ray_local, monkeypatch):
+    """cluster/serve.py as `serve run cluster.serve:app` starts it (from the repository's root): replicas of the same
+    app on the session's Ray behind Serve's proxy, each loading the job's index itself; the token is required and
+    the answers are the app's in process."""
+    import socket
+
+    import httpx
+    from ray import serve
+    from ray._common.utils import import_attr
+
+    root, _, run_id, _, client = served
+    monkeypatch.syspath_prepend(str(REPO))  # `serve run`'s --app-dir, "." by default
+    monkeypatch.delenv("NEWSCLIP_TOKEN", raising=False)
+    app = import_attr("cluster.serve:app")  # the import path the README gives `serve run`
+    with pytest.raises(ValueError, match="token"):
+        app({"job": str(DEMO)})  # Serve's proxy is reachable from the cluster's network
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        # the arguments as `serve run` hands them over: strings
+        serve.run(app({"job": str(DEMO), "set": ";".join(_settings(root)), "replicas": "2", "num_cpus": "0.1",
+                       "token": "s3cret"}), name="newsclip", route_prefix="/")
+        deployment = serve.status().applications["newsclip"].deployments["NewsclipSearch"]
+        assert deployment.replica_states.get("RUNNING") == 2
+        url, auth = f"http://127.0.0.1:{port}", {"Authorization": "Bearer s3cret"}
+        assert httpx.get(f"{url}/healthz", timeout=30).status_code == 401
+        health = httpx.get(f"{url}/healthz", headers=auth, timeout=30).json()
+        assert health["index"] == run_id
+        query = {"text": next(iter(_queries(root).values()))["query_text"], "k": 5, "backbone": "demo-tiny"}
+        for _ in range(4):  # spread over both replicas: each answers as the app in process does
+            got = httpx.post(f"{url}/search", json=query, headers=auth, timeout=30).json()
+            assert got["results"] == client.post("/search", json=query).json()["results"]
+    finally:
+        serve.shutdown()
 
 
 def test_nightly_run_swaps_the_index_while_a_client_searches(served, monkeypatch):
