@@ -231,8 +231,8 @@ class TokenGuard:
         return any(hmac.compare_digest(g, self.token) for g in given)
 
 
-# asyncio's own loop and h11, whatever else is installed: uvicorn would pick uvloop and httptools when present (ray[serve]
-# brings both), and with them p50 at 1M rows was 3-8 ms slower in three paired runs (the server's CPU per query up 1 ms)
+# asyncio's own loop and h11, whatever else is installed: uvicorn would pick uvloop and httptools when present
+# (ray[serve] brings both), and with them p50 at 1M rows was 3-8 ms slower in three paired runs (CPU per query +1 ms)
 UVICORN_LOOP = {"loop": "asyncio", "http": "h11"}
 
 
