@@ -13,8 +13,8 @@ from newsclip.retrieval.search import PAD_KEY, merge_topk
 
 # products per step of the pass (512 KB): a step's are compared with the floor while still in cache, instead of
 # writing 4 MB of products per query at 1M rows and ranking them (torch.topk: ~3 ms a query). 8 steps at 1M rows for
-# one query: enough to share a pass out among threads (2^16 and 2^18 did no better), few enough that each step's
-# return for the GIL costs little
+# one query: enough to share a pass out among threads (2^15 was slower, 2^16 no better), few enough that taking the
+# GIL back after each step costs little
 BLOCK_PRODUCTS = 1 << 17
 # the floor comes from every SAMPLE_STRIDE-th row (a view: 1/32 of the pass at 1M rows); its k-th best product is
 # about the (k * stride)-th of all rows, so ~k * stride candidates pass, fewer for a large k (see _stride)
