@@ -25,8 +25,10 @@ from newsclip.workers.encoders import (
     TASK_ROWS,
     ImageEncoder,
     TextEncoder,
+    decode_images,
     read_and_decode_images,
     read_and_tokenize_texts,
+    tokenize_texts,
 )
 from newsclip.workers.shard_rows import units_of
 
@@ -111,16 +113,25 @@ def prepared_rows(side: Side, todo: pa.Table, backbone: ResolvedBackbone, enc: E
         fn, fn_kwargs=kwargs, batch_format="pyarrow", num_cpus=1, max_retries=max_retries)
 
 
-def _preparation(side: Side, backbone: ResolvedBackbone, enc: EncodeConfig) -> tuple:
+def _preparation(side: Side, backbone: ResolvedBackbone, enc: EncodeConfig, in_memory: bool = False) -> tuple:
     """The CPU tasks' function and its arguments: tokenise texts, or read and decode images, as the resolved backbone
-    says (clip's tokenizer and preprocess, or the open_clip model's own)."""
+    says (clip's tokenizer and preprocess, or the open_clip model's own). `in_memory`: the same function for rows
+    already in memory (a search query's text or image bytes), which decodes every image on the CPU."""
     open_clip = backbone.kind == "open_clip"
     if side is TEXTS:
-        return read_and_tokenize_texts, {"context_length": backbone.context_length,
-                                         "tokenizer": backbone.tokenizer if open_clip else None}
-    return read_and_decode_images, {"resolution": backbone.image_size[0], "max_pixels": enc.max_image_pixels,
-                                    "draft": enc.jpeg_draft, "jpeg_to_actor": enc.decode == "gpu", "alpha": enc.alpha,
-                                    "preprocess": backbone.preprocess if open_clip else None}
+        return (tokenize_texts if in_memory else read_and_tokenize_texts), {
+            "context_length": backbone.context_length, "tokenizer": backbone.tokenizer if open_clip else None}
+    return (decode_images if in_memory else read_and_decode_images), {
+        "resolution": backbone.image_size[0], "max_pixels": enc.max_image_pixels, "draft": enc.jpeg_draft,
+        "jpeg_to_actor": enc.decode == "gpu" and not in_memory, "alpha": enc.alpha,
+        "preprocess": backbone.preprocess if open_clip else None}
+
+
+def prepare_in_memory(side: Side, backbone: ResolvedBackbone, enc: EncodeConfig, rows: pa.Table) -> pa.Table:
+    """`rows` (texts: hash, query_text; images: image) made ready for `side.encoder` as the CPU tasks make the rows
+    they read from shards: a search query goes through the encode stage's own preparation."""
+    fn, kwargs = _preparation(side, backbone, enc, in_memory=True)
+    return fn(rows, **kwargs)
 
 
 def encode_here(enc: EncodeConfig, backbone: ResolvedBackbone | str, side: Side, todo: pa.Table) -> pa.Table:

@@ -11,11 +11,14 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from newsclip import config
 from newsclip.config import EncodeConfig
 from newsclip.encoding import IMAGES, TEXTS, encode_here
 from newsclip.retrieval.backbone_values import BackboneEntry
 from newsclip.retrieval.registry import entry_name, resolve_backbone
 from newsclip.runtime.embedding_store import content_keys
+from newsclip.serve.index import BackboneIndex, Side
+from newsclip.serve.query import QueryEncoders
 from newsclip.workers.encoders import ImageEncoder, TextEncoder, decode_images, tokenize_texts
 from newsclip.yaml_config import check_value
 
@@ -88,6 +91,14 @@ def test_stored_embeddings_equal_open_clips_own(tiny, shards, family):
     image_rows, text_rows = shards
     assert np.array_equal(_vectors(encode_here(enc, resolved, IMAGES, image_rows)), images)
     assert np.array_equal(_vectors(encode_here(enc, resolved, TEXTS, text_rows)), texts)
+    # a search query: the job's entry resolved by the job, the model's own tokenizer and resize (in batches of
+    # QUERY_BATCH, not 3: equal up to float rounding)
+    cfg = config.from_dict({"backbones": [fam.entry], "encode": {"batch_size": 3}})
+    index = BackboneIndex(entry_name(entry), Side.from_arrays(np.array(["i0"], object), images[:1]), None, None)
+    queries = QueryEncoders(cfg)
+    query_images, errors = queries.images(index, [_png(i) for i in _images()])
+    assert errors == [None] * len(images) and _cosines(query_images, images).min() >= 0.99999
+    assert _cosines(queries.texts(index, TEXTS_), texts).min() >= 0.99999
 
 
 def test_device_resize_follows_each_resize_mode():
@@ -189,6 +200,12 @@ def test_a_job_with_demo_tiny_and_an_open_clip_file_runs_end_to_end(tmp_path, ti
     assert "- demo-tiny: clip; shortest resize to 64x64 (bicubic)" in report and "text original" in report
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())["stages"]
     assert manifest[encode_entry(name, "texts")]["text"] == "original"
+    # `newsclip search` with the open_clip backbone: the query is a new text, encoded by the entry's model
+    capsys.readouterr()
+    assert main(["search", str(tmp_path / "job.yaml"), "Ein Hund spielt im Schnee", "--backbone", name, "--k", "3",
+                 "--json"]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert answer["backbone"] == name and len(answer["results"]) == 3
     # a missing weights file stops the job before anything starts: exit status 2, naming the file
     job["backbones"] = ["demo-tiny", {**entry, "pretrained": str(tmp_path / "gone.safetensors")}]
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))

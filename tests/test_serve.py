@@ -282,6 +282,24 @@ def test_search_command_prints_ranked_images_and_their_articles(served, capsys):
     assert [r["image_id"] for r in answer["results"]] == _rankings(root)[article]["image_ids"][:5]
 
 
+def test_no_query_is_encoded_by_other_weights_than_the_index_was(served, tmp_path, monkeypatch, capsys):
+    """Another demo-tiny here than the run encoded with (another $NEWSCLIP_CACHE, a model trained again): search
+    refuses with exit status 2, naming both weights, and a server does not serve that run (here its first: none)."""
+    from newsclip.retrieval.backbones import cache_dir
+
+    root = served[0]
+    other = tmp_path / "cache"
+    other.mkdir()
+    (other / "demo-tiny.pt").write_bytes((cache_dir() / "demo-tiny.pt").read_bytes() + b"\0")  # another checksum
+    monkeypatch.setenv("NEWSCLIP_CACHE", str(other))
+    assert main(["search", str(DEMO), "snow in Oslo", *(a for s in _settings(root) for a in ("--set", s))]) == 2
+    err = capsys.readouterr().err
+    assert "embeddings were made with weights" in err and str(other / "demo-tiny.pt") in err
+    follower = IndexFollower(config.load(DEMO, _settings(root)), poll_s=0)
+    assert not follower.refresh()
+    assert follower.current is None and "embeddings were made with weights" in follower.waiting
+
+
 @pytest.mark.skipif(shutil.which("chromium") is None,
                     reason="headless Chromium is not installed (Debian: apt-get install chromium; .ci/run does)")
 def test_page_in_a_real_browser_searches_and_opens_an_article(served):

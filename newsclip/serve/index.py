@@ -207,9 +207,28 @@ def load_snapshot(cfg: JobConfig) -> Snapshot:
         snapshot = _read(cfg, run_id, before)
     except (OSError, ValueError, KeyError, pa.ArrowException) as e:  # a file replaced under us by a new run
         raise IndexNotReady(f"reading the index of run {run_id} failed ({type(e).__name__}: {e})") from None
+    _check_weights(cfg, snapshot)
     if _signature(read_manifest(out)) != snapshot.signature:
         raise IndexNotReady(f"a run committed while the index of run {run_id} was read")
     return snapshot
+
+
+def _check_weights(cfg: JobConfig, snapshot: Snapshot) -> None:
+    """IndexNotReady unless this process would encode queries with the weights each backbone's embeddings were made
+    with (their store folder names them): a query encoded by other weights would get scores that mean nothing."""
+    for name, backbone in snapshot.backbones.items():
+        if not backbone.checkpoint:  # a run from before the store: nothing to compare
+            continue
+        made_with = backbone.checkpoint.split("-")[0]  # <checkpoint id>-<precision>: the id has no dash
+        try:
+            here = cfg.resolved(name)
+        except FileNotFoundError as e:
+            raise IndexNotReady(f"{name}: no weights here to encode queries with: {e}") from None
+        if here.checkpoint_id != made_with:
+            raise IndexNotReady(
+                f"run {snapshot.run_id}'s {name} embeddings were made with weights {made_with}, and queries here "
+                f"would be encoded with {here.checkpoint_id} ({here.weights}): point encode.download_root (or "
+                f"$NEWSCLIP_CACHE) at the weights the run used, or run the job again with these")
 
 
 def _read(cfg: JobConfig, run_id: str, manifest: dict) -> Snapshot:

@@ -1,7 +1,8 @@
-"""Queries encoded in this process by the encode stage's own code: clip's tokeniser and bounded image decoding as
-its CPU tasks run them, then the model actor's class. A text already in the index (its content hash is a stored
-row's) gets that row's stored embedding, bit for bit; any other text or image is encoded in batches of a fixed
-shape (QUERY_BATCH rows, padded), so a query's embedding depends on its content alone."""
+"""Queries encoded in this process by the encode stage's own code: the backbone's tokeniser and bounded image
+decoding (clip's, or the open_clip model's own) as its CPU tasks run them, then the model actor's class. A text
+already in the index (its content hash is a stored row's) gets that row's stored embedding, bit for bit; any other
+text or image is encoded in batches of a fixed shape (QUERY_BATCH rows, padded), so a query's embedding depends on its
+content alone."""
 
 from __future__ import annotations
 
@@ -26,27 +27,25 @@ class QueryError(ValueError):
 
 
 class QueryEncoders:
-    """The job's text and image encoders, loaded once per backbone and side, on first use."""
+    """The job's text and image encoders, each backbone resolved as the job resolves it (its mapping entry, its local
+    weights), loaded once per backbone and side, on first use."""
 
     def __init__(self, cfg: JobConfig):
         self.cfg = cfg
         self._models: dict[tuple[str, str], object] = {}
         self._lock = threading.Lock()
 
-    def _model(self, backbone: str, side: str):
-        from newsclip.workers.encoders import ImageEncoder, TextEncoder
-
+    def _model(self, backbone: str, side):
         with self._lock:
-            key = (backbone, side)
+            key = (backbone, side.name)
             if key not in self._models:
                 enc = replace(self.cfg.encode.for_backbone(backbone), batch_size=QUERY_BATCH)
-                self._models[key] = (TextEncoder if side == "texts" else ImageEncoder)(backbone, enc)
+                self._models[key] = side.encoder(self.cfg.resolved(backbone), enc)
             return self._models[key]
 
     def texts(self, index: BackboneIndex, texts: list[str]) -> np.ndarray:
         """(len(texts), d) embeddings: a stored text's own row, the others encoded."""
-        from newsclip.retrieval.backbones import input_sizes
-        from newsclip.workers.encoders import tokenize_texts
+        from newsclip.encoding import TEXTS, prepare_in_memory
 
         stored = index.texts.hash_rows if index.texts is not None else {}
         rows = [stored.get(content_key(t)) for t in texts]
@@ -56,24 +55,18 @@ class QueryEncoders:
             if r is not None:
                 out[i] = index.texts.vectors[r]
         if new:
-            _, context = input_sizes(index.name, self.cfg.encode.download_root)
-            batch = tokenize_texts(pa.table({"hash": content_keys([texts[i] for i in new]),
-                                             "query_text": pa.array([texts[i] for i in new], pa.string())}), context)
-            encoded = self._model(index.name, "texts")(batch)
-            out[new] = _vectors(encoded)
+            model, fresh = self._model(index.name, TEXTS), [texts[i] for i in new]
+            batch = pa.table({"hash": content_keys(fresh), "query_text": pa.array(fresh, pa.string())})
+            out[new] = _vectors(model(prepare_in_memory(TEXTS, model.backbone, model.cfg, batch)))
         return out
 
     def images(self, index: BackboneIndex, images: list[bytes]) -> tuple[np.ndarray, list[str | None]]:
-        """(len(images), d) embeddings and each image's decode error (None: fine; its row is then zeros)."""
-        from newsclip.retrieval.backbones import input_sizes
-        from newsclip.workers.encoders import decode_images
+        """(len(images), d) embeddings and each image's decode error (None: fine; its row is then zeros). Decoded
+        on the CPU and bounded exactly as in encode (the decompression-bomb bound, the same preprocess)."""
+        from newsclip.encoding import IMAGES, prepare_in_memory
 
-        enc = self.cfg.encode.for_backbone(index.name)
-        resolution, _ = input_sizes(index.name, enc.download_root)
-        # bounded exactly as in encode: the decompression-bomb bound, the same preprocess options
-        ready = decode_images(pa.table({"image": pa.array(images, pa.binary())}), resolution,
-                              enc.max_image_pixels, enc.jpeg_draft, jpeg_to_actor=False, alpha=enc.alpha)
-        encoded = self._model(index.name, "images")(ready)
+        model, batch = self._model(index.name, IMAGES), pa.table({"image": pa.array(images, pa.binary())})
+        encoded = model(prepare_in_memory(IMAGES, model.backbone, model.cfg, batch))
         return _vectors(encoded), encoded.column("error").to_pylist()
 
 
