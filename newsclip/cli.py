@@ -264,7 +264,15 @@ def _translate(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse gives search's optional QUERY nothing when options come between it and the job (`search JOB --set
+    # K=V "text"`) and leaves the text over: it is the query
+    if getattr(args, "command", None) == "search" and args.query is None and len(extra) == 1 \
+            and not extra[0].startswith("-"):
+        args.query, extra = extra[0], []
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     console.configure(verbose=getattr(args, "verbose", False))
     from newsclip.runtime.preflight import PreflightError
     from newsclip.runtime.ray_setup import ResourcesUnavailableError

@@ -273,8 +273,9 @@ def test_search_command_prints_ranked_images_and_their_articles(served, capsys):
     root, _, run_id, _, _ = served
     queries = _queries(root)
     article = next(iter(queries))
-    args = ["search", str(DEMO), queries[article]["query_text"], "--k", "5", "--json"]
-    assert main([*args, *(a for s in _settings(root) for a in ("--set", s))]) == 0
+    # the job's settings between the job and the query, as a user adds them to a command
+    settings = [a for s in _settings(root) for a in ("--set", s)]
+    assert main(["search", str(DEMO), *settings, queries[article]["query_text"], "--k", "5", "--json"]) == 0
     import json
 
     answer = json.loads(capsys.readouterr().out)
