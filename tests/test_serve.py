@@ -47,6 +47,22 @@ def test_nearest_equals_a_float64_argsort_with_ties_by_row(n, k, threads, monkey
     assert np.array_equal(got_scores, np.take_along_axis(exact, want, axis=1))
 
 
+def test_a_checkpoint_is_found_by_the_name_reports_give_it():
+    """`--backbone demo/model.pt` (and `"backbone": "demo/model.pt"`) as the report and metrics name the fine-tuned
+    `out/finetune/demo/model.pt`; nothing else but the job's own names."""
+    from newsclip.serve.index import Articles, BackboneIndex, Side, Snapshot
+
+    side = Side.from_arrays(np.array(["i0"], object), np.ones((1, 4), np.float32))
+    names = ["ViT-B/32", "out/finetune/demo/model.pt", "ckpt/rn50-news.pt"]
+    snap = Snapshot("run", {n: BackboneIndex(n, side, None, None) for n in names}, Articles.empty(), None)
+    for name in names:
+        assert snap.backbone_named(name) == name
+    assert snap.backbone_named("demo/model.pt") == "out/finetune/demo/model.pt"
+    assert snap.backbone_named("rn50-news.pt") == "ckpt/rn50-news.pt"
+    for other in ("32", "model.pt", "demo", "../model.pt", ""):
+        assert snap.backbone_named(other) is None
+
+
 def _settings(root: Path) -> list[str]:
     # translate off: the demo's English and German texts are searched as they are (no translator build needed)
     return [f"input.articles={root / 'data' / 'articles'}", f"input.images={root / 'data' / 'images'}",

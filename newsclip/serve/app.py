@@ -64,9 +64,10 @@ def create_app(index, cfg=None, token: str | None = None, batcher: Batcher | Non
     def backbone_of(snap, name) -> str:
         if name is None:
             return snap.default_backbone
-        if not isinstance(name, str) or name not in snap.backbones:
+        backbone = snap.backbone_named(name) if isinstance(name, str) else None
+        if backbone is None:
             raise HTTPError(404, f"unknown backbone {str(name)[:100]!r}; this index has {sorted(snap.backbones)}")
-        return name
+        return backbone
 
     async def search(request: Request):
         body = await _read_body(request)

@@ -20,7 +20,8 @@ def add_parsers(subparsers) -> None:
     _job(p)
     p.add_argument("query", nargs="?", default=None, help="the text to search for (a headline, an article)")
     p.add_argument("--image", type=Path, default=None, metavar="FILE", help="search with an image file instead")
-    p.add_argument("--backbone", default=None, metavar="B", help="a backbone of the job (default: its first)")
+    p.add_argument("--backbone", default=None, metavar="B",
+                   help="a backbone of the job, as the job or its report names it (default: its first)")
     p.add_argument("--k", type=int, default=DEFAULT_K, help=f"results (default {DEFAULT_K}, at most {MAX_K})")
     p.add_argument("--json", action="store_true", help="print the answer as /search's JSON")
 
@@ -71,9 +72,9 @@ def _search(cfg, args: argparse.Namespace) -> int:
     if not 1 <= args.k <= MAX_K:
         raise ValueError(f"search: --k must be from 1 to {MAX_K}")
     snap = load_snapshot(cfg)
-    backbone = args.backbone or snap.default_backbone
-    if backbone not in snap.backbones:
-        raise ValueError(f"search: --backbone {backbone} is not in this index; it has {sorted(snap.backbones)}")
+    backbone = snap.backbone_named(args.backbone) if args.backbone else snap.default_backbone
+    if backbone is None:
+        raise ValueError(f"search: --backbone {args.backbone} is not in this index; it has {sorted(snap.backbones)}")
     image = args.image.read_bytes() if args.image is not None else None
     batcher = Batcher(QueryEncoders(cfg))
     try:

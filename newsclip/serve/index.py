@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from newsclip.config import JobConfig
-from newsclip.names import is_fusion, rankings_stem, slug
+from newsclip.names import checkpoint_label, is_fusion, looks_like_path, rankings_stem, slug
 from newsclip.runtime.store import parquet_files, read_manifest, vectors_of
 from newsclip.serve.nearest import nearest, row_norm_bound
 
@@ -155,6 +155,14 @@ class Snapshot:
     @property
     def default_backbone(self) -> str:
         return next(iter(self.backbones))
+
+    def backbone_named(self, name: str) -> str | None:
+        """The backbone the job calls `name`, or the checkpoint that reports and tables call so (`demo/model.pt`
+        for `out/finetune/demo/model.pt`: a job's labels are unique); None for neither."""
+        if name in self.backbones:
+            return name
+        labelled = [b for b in self.backbones if looks_like_path(b) and checkpoint_label(b) == name]
+        return labelled[0] if len(labelled) == 1 else None
 
     def sizes(self) -> dict:
         return {"articles": len(self.articles.ids),
