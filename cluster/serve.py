@@ -6,7 +6,9 @@ runs (its output folder on shared storage) and swapping to a new index when a ru
     #                                                args: {job: jobs/nightly.yaml, replicas: 2}}]
 
 Args: `job` (the job file), `set` (KEY=VALUE overrides, `;`-separated), `replicas` (default 2), `num_cpus` per
-replica (default 2: one for the batched search, one for the query encoder), `token` (default $NEWSCLIP_TOKEN).
+replica (default 2: one for the batched search, one for the query encoder), `num_gpus` per replica (default 0: a job
+that encodes on GPUs has its queries encoded on the replica's CPUs; 1, or a share such as 0.25, to encode them on a
+GPU as the nights did), `token` (default $NEWSCLIP_TOKEN).
 Serve's proxy listens beyond loopback, so a token is required. Needs `ray[serve]` on the cluster's image (the
 `ray-serve` extra; cluster/Dockerfile installs it).
 """
@@ -36,7 +38,8 @@ def app(args: dict[str, str]):
         return create_app(IndexFollower(config.load(job, overrides)), token=token)
 
     @serve.deployment(num_replicas=int(args.get("replicas", 2)),
-                      ray_actor_options={"num_cpus": float(args.get("num_cpus", 2))})
+                      ray_actor_options={"num_cpus": float(args.get("num_cpus", 2)),
+                                         "num_gpus": float(args.get("num_gpus", 0))})
     @serve.ingress(build)
     class NewsclipSearch:
         """The app's routes; nothing of its own."""

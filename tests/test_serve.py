@@ -299,6 +299,22 @@ def test_search_command_prints_ranked_images_and_their_articles(served, capsys):
     assert [r["image_id"] for r in answer["results"]] == _rankings(root)[article]["image_ids"][:5]
 
 
+def test_a_job_that_encodes_on_gpus_is_searched_from_a_machine_without_one(served, capsys):
+    """encode.num_gpus_per_actor: 1 (the job's nights ran on GPUs) and no GPU here: queries are encoded on the CPU in
+    fp32, as the same job on CPUs encodes them (before, every search failed: the encoder refused a missing GPU)."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: its fp16 queries would be encoded there")
+    settings = [a for s in _settings(served[0]) for a in ("--set", s)]
+    args = ["search", str(DEMO), *settings, "a red square by the river, at night", "--k", "5", "--json"]
+    assert main(args) == 0
+    on_cpus = json.loads(capsys.readouterr().out)
+    assert main([*args, "--set", "encode.num_gpus_per_actor=1"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out) == on_cpus and "encoded on the CPU in fp32" in err
+
+
 def test_no_query_is_encoded_by_other_weights_than_the_index_was(served, tmp_path, monkeypatch, capsys):
     """Another demo-tiny here than the run encoded with (another $NEWSCLIP_CACHE, a model trained again): search
     refuses with exit status 2, naming both weights, and a server does not serve that run (here its first: none)."""
@@ -384,7 +400,7 @@ def test_cluster_serve_runs_the_app_as_ray_serve_replicas(served, ray_local, mon
     try:
         # the arguments as `serve run` hands them over: strings
         serve.run(app({"job": str(DEMO), "set": ";".join(_settings(root)), "replicas": "2", "num_cpus": "0.1",
-                       "token": "s3cret"}), name="newsclip", route_prefix="/")
+                       "num_gpus": "0", "token": "s3cret"}), name="newsclip", route_prefix="/")
         deployment = serve.status().applications["newsclip"].deployments["NewsclipSearch"]
         assert deployment.replica_states.get("RUNNING") == 2
         url, auth = f"http://127.0.0.1:{port}", {"Authorization": "Bearer s3cret"}

@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 
 from newsclip.config import JobConfig
+from newsclip.runtime.console import warn
 from newsclip.runtime.embedding_store import content_key, content_keys
 from newsclip.serve.index import BackboneIndex
 
@@ -39,9 +40,21 @@ class QueryEncoders:
         with self._lock:
             key = (backbone, side.name)
             if key not in self._models:
-                enc = replace(self.cfg.encode.for_backbone(backbone), batch_size=QUERY_BATCH)
-                self._models[key] = side.encoder(self.cfg.resolved(backbone), enc)
+                self._models[key] = side.encoder(self.cfg.resolved(backbone), self._settings(backbone))
             return self._models[key]
+
+    def _settings(self, backbone: str):
+        """The encode stage's settings for `backbone`, in batches of QUERY_BATCH. A job that encodes on GPUs is
+        searched from a process without one (a laptop, a CPU replica) with the same weights on the CPU, in fp32, as
+        the stage encodes on CPUs: a query is stored nowhere, so no embedding gets another precision's label."""
+        import torch
+
+        enc = replace(self.cfg.encode.for_backbone(backbone), batch_size=QUERY_BATCH)
+        if enc.device == "cuda" and not torch.cuda.is_available():
+            warn(f"search: {backbone}'s queries are encoded on the CPU in fp32 (the job encodes on GPUs; this process "
+                 f"has none)")
+            enc = replace(enc, device="cpu", precision="fp32", decode="cpu", num_gpus_per_actor=0)
+        return enc
 
     def texts(self, index: BackboneIndex, texts: list[str]) -> np.ndarray:
         """(len(texts), d) embeddings: a stored text's own row, the others encoded."""
