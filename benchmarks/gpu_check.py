@@ -1,7 +1,7 @@
 """The GPU check: CUDA-marked tests, fp16/fp32/bf16 correctness of both towers (also of open_clip's SigLIP2
 ViT-B/16), the encode throughput table for ViT-B/32, SigLIP2 ViT-B/16 and ViT-L/14 (random weights), the
-fine-tuning step's speed and memory (ViT-B/32, batch 256, bf16) and the torch kNN engine (exact top-100 at 1M x 512
-and 1M x 768, a 1M x 1M search), in one JSON. Run it through
+fine-tuning step's speed and memory (ViT-B/32, batch 256, bf16), the torch kNN engine (exact top-100 at 1M x 512
+and 1M x 768, a 1M x 1M search) and `newsclip serve`'s search on the GPU (1M x 768, k = 20), in one JSON. Run it through
 benchmarks/gpu_check.sh.
 
     benchmarks/gpu_check.sh                      # on a GPU machine: the full check (under 6 minutes on one H200)
@@ -16,6 +16,7 @@ status is 1 when any step recorded an error (each is named on stderr), so a brok
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -39,12 +40,15 @@ DRY_RUN = ["--images", "32", "--texts", "32", "--batch-size", "16", "--photo-siz
 # on two CPU cores its three model loads alone take minutes
 TINY = "demo-tiny"  # --tiny: newsclip's own small CLIP (random weights) in place of every backbone above
 OPEN_CLIP_TINY = "ViT-S-32"  # --tiny: open_clip's smallest ViT (its own tokenizer: no Hub files) for the open_clip row
-STEPS = ("cuda_tests", "correctness", "throughput", "finetune", "knn", "bars")
+STEPS = ("cuda_tests", "correctness", "throughput", "finetune", "knn", "serve", "bars")
 # the knn step (issue 27): database rows, timed queries and widths on a GPU, and in a dry run; the bars it is held to
 KNN_FULL = {"rows": 1_000_000, "queries": 200_000, "dims": (512, 768), "all_against_all": 768}
 KNN_DRY = {"rows": 4000, "queries": 1000, "dims": (64,), "all_against_all": 64}
 KNN_BARS = {"queries_per_s_at_768": 100_000, "all_against_all_s": 60}
 KNN_CHECKED = 100  # queries whose rankings are checked against a float64 reference on the CPU
+# the serve step: `newsclip serve`'s search of one side on the GPU against the CPU's pass, k = 20
+SERVE_FULL = {"rows": 1_000_000, "dim": 768, "queries": 200, "cpu_queries": 8}
+SERVE_DRY = {"rows": 4000, "dim": 64, "queries": 20, "cpu_queries": 8}
 FAIL = "NEWSCLIP_GPU_CHECK_FAIL"  # a step's name: that step raises at once (to test that a failure is reported)
 
 
@@ -259,6 +263,53 @@ def knn(device: str, tiny: bool = False) -> dict:
     return out
 
 
+def serve(device: str, tiny: bool = False) -> dict:
+    """`newsclip serve`'s search where the replica has a GPU: a side's rows searched there by the knn stage's torch
+    engine (`Side.on_gpu`), one query at a time (what a request waits for) and 64 together, against the CPU's pass
+    over the same rows, whose answers (ids, scores, order) must be the same. A dry run runs the GPU's recipe on the
+    CPU."""
+    import numpy as np
+    import synthetic_embeddings
+
+    from newsclip.retrieval import search, torch_search
+    from newsclip.serve.index import Side
+
+    size, k = SERVE_FULL if device == "cuda" and not tiny else SERVE_DRY, 20
+    texts, images, _ = synthetic_embeddings.pairs(0, size["rows"], size["dim"], device=device)
+    queries, images = texts.cpu().numpy()[: size["queries"]], images.cpu().numpy()
+    cpu = Side.from_arrays(np.array([f"img-{i:09d}" for i in range(len(images))], object), images)
+    del texts, images
+    if device == "cuda":
+        gpu = cpu.on_gpu()
+    else:
+        torch_search.GPU_RECIPE_ON_CPU = True
+        gpu = dataclasses.replace(cpu, gpu=search._Shard(cpu.vectors, 0, search.KnnConfig(engine="torch")))
+    out = {"rows": len(cpu.ids), "dim": size["dim"], "k": k, "device": gpu.device,
+           "products": gpu.gpu.rows.info["products"] if gpu.gpu is not None else None}
+    if gpu.gpu is None:
+        return {**out, "error": "the side stayed on the CPU (no GPU, or no room on it)"}
+    gpu.nearest(queries[:64], k)  # warm-up: kernels, the allocator
+    alone = []
+    for q in queries:
+        started = time.perf_counter()
+        gpu.nearest(q[None], k)
+        alone.append(time.perf_counter() - started)
+    started = time.perf_counter()
+    for s in range(0, len(queries), 64):
+        gpu.nearest(queries[s : s + 64], k)
+    together = (time.perf_counter() - started) / len(range(0, len(queries), 64))
+    checked = queries[: size["cpu_queries"]]
+    started = time.perf_counter()
+    want = [cpu.nearest(q[None], k)[0] for q in checked]
+    cpu_ms = (time.perf_counter() - started) / len(checked) * 1e3
+    out.update(gpu_ms_p50=round(float(np.median(alone)) * 1e3, 3), gpu_ms_p99=round(
+        float(np.quantile(alone, 0.99)) * 1e3, 3), gpu_ms_per_64=round(together * 1e3, 3), cpu_ms=round(cpu_ms, 1),
+        answers_equal=gpu.nearest(checked, k) == want)
+    if not out["answers_equal"]:
+        out["error"] = f"the GPU's answers to {len(checked)} queries differ from the CPU pass's"
+    return out
+
+
 def _reference_equal(db, queries, keys, k: int) -> bool:
     """Whether `keys` (rows, as ids are row numbers) of `queries` are their top-k by float64 products rounded to
     float32, ordered by score desc then row asc."""
@@ -352,7 +403,8 @@ def main() -> None:
                     "tiny": args.tiny, "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     run = {"cuda_tests": cuda_tests, "correctness": lambda: correctness(device, TINY if args.tiny else "ViT-B/32"),
            "throughput": lambda: throughput(device, args.tiny), "finetune": lambda: finetune(device, args.tiny),
-           "knn": lambda: knn(device, args.tiny), "bars": lambda: bars(result)}
+           "knn": lambda: knn(device, args.tiny), "serve": lambda: serve(device, args.tiny),
+           "bars": lambda: bars(result)}
     for name in (s for s in STEPS if s in steps):
         started = time.time()
         try:

@@ -190,6 +190,8 @@ def test_gpu_check_dry_run_fills_every_row_without_polars_or_faiss(tmp_path):
     knn = result["knn"]  # the torch kNN engine with the GPU's recipe (fp16 products), at toy sizes
     assert knn["dim_64"]["queries_per_s"] > 0 and knn["dim_64"]["rankings_equal_reference"] is True, knn
     assert knn["dim_64"]["products"] == "fp16" and knn["all_against_all"]["seconds"] > 0, knn
+    served = result["serve"]  # serve's search with the GPU's recipe against the CPU's pass
+    assert served["answers_equal"] is True and served["products"] == "fp16" and served["gpu_ms_p50"] > 0, served
 
 
 def test_gpu_check_exits_1_naming_the_step_that_failed(tmp_path):

@@ -7,6 +7,7 @@ import json
 import shutil
 import threading
 import zlib
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,27 @@ def test_a_checkpoint_is_found_by_the_name_reports_give_it():
     assert snap.backbone_named("rn50-news.pt") == "ckpt/rn50-news.pt"
     for other in ("32", "model.pt", "demo", "../model.pt", ""):
         assert snap.backbone_named(other) is None
+
+
+@pytest.mark.parametrize("k", [1, 20, 1000])
+def test_a_side_on_a_gpu_answers_as_the_cpu_pass(k, monkeypatch):
+    """A GPU process searches a side with the knn stage's torch engine (fp16 products, exact re-scores): the same ids
+    and scores, ties by id, as the CPU's pass. Here the engine's GPU recipe runs on the CPU."""
+    import torch
+
+    from newsclip.retrieval import search, torch_search
+    from newsclip.serve.index import Side
+
+    rng = np.random.default_rng(k)
+    rows = rng.standard_normal((3000, 16)).astype(np.float32)
+    rows[1500::7] = rows[1]  # exact ties, ordered by id
+    side = Side.from_arrays(np.array([f"img-{i:05d}" for i in rng.permutation(3000)], object), rows)
+    assert side.on_gpu().device == ("cuda:0" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setattr(torch_search, "GPU_RECIPE_ON_CPU", True)
+    recipe = search._Shard(side.vectors, 0, search.KnnConfig(engine="torch"))
+    assert recipe.rows.info["products"] == "fp16"
+    q = np.concatenate([rows[1:2], rng.standard_normal((5, 16)).astype(np.float32)])
+    assert replace(side, gpu=recipe).nearest(q, k) == side.nearest(q, k)
 
 
 def _settings(root: Path) -> list[str]:

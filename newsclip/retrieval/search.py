@@ -406,6 +406,16 @@ class _Shard:
         return (2 * self.rows.unit_err + 2.0 ** -20) * qnorm * self._max_norm
 
 
+def gpu_shard(vectors: np.ndarray) -> _Shard | None:
+    """`vectors` as one exact shard on this process's GPU, run by the torch engine as the knn stage runs it there, or
+    None where torch sees no GPU: `search(q, k)` gives each query every row scoring at least its k-th, re-scored
+    exactly (the same scores as every engine and the CPU's `exact_scores`)."""
+    torch = _module("torch")
+    if torch is None or not torch.cuda.is_available():
+        return None
+    return _Shard(vectors, 0, KnnConfig(engine="torch"), use_gpu=True)
+
+
 def process_memory() -> dict[str, float]:
     """This process's memory in MiB: peak and current RSS, and current RSS split into anonymous (private heap, e.g.
     a FAISS index) and shared-memory pages (Ray object-store objects this process wrote or read zero-copy)."""

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import bisect
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -17,8 +18,9 @@ import pyarrow.parquet as pq
 
 from newsclip.config import JobConfig
 from newsclip.names import checkpoint_label, is_fusion, looks_like_path, rankings_stem, slug
+from newsclip.runtime.console import warn
 from newsclip.runtime.store import parquet_files, read_manifest, vectors_of
-from newsclip.serve.nearest import nearest, row_norm_bound
+from newsclip.serve.nearest import best_k, nearest, row_norm_bound
 
 
 class IndexNotReady(RuntimeError):
@@ -51,6 +53,24 @@ class Side:
     vectors: np.ndarray  # (n, d) float32, C-contiguous
     max_norm: float
     hash_rows: dict[str, int] = field(default_factory=dict)  # content hash -> row (texts: a query found as is)
+    gpu: Any = None  # the rows on this process's GPU too (`on_gpu`), searched there
+
+    @property
+    def device(self) -> str:
+        """Where a search of this side runs: cpu, or the GPU's torch device (cuda:0)."""
+        return self.gpu.rows.info["device"] if self.gpu is not None else "cpu"
+
+    def on_gpu(self) -> Side:
+        """This side with its rows on the process's GPU as well, where the knn stage's torch engine searches them
+        (fp16 products, exact re-scores: the same answers as the CPU's pass); as it is without a GPU or room on it."""
+        from newsclip.retrieval.search import gpu_shard
+
+        try:
+            shard = gpu_shard(self.vectors)
+        except RuntimeError as e:  # torch.cuda.OutOfMemoryError among them: the CPU's pass still answers
+            warn(f"serve: {len(self.ids)} rows stay on the CPU: {' '.join(str(e).split())[:300]}")
+            return self
+        return self if shard is None else replace(self, gpu=shard)
 
     @classmethod
     def from_arrays(cls, ids, vectors: np.ndarray, hashes=None) -> Side:
@@ -70,7 +90,10 @@ class Side:
 
     def nearest(self, q: np.ndarray, k: int, map_steps=map) -> list[list[tuple[str, float]]]:
         """Each query's k best (id, score), best first (`map_steps`: see `nearest`)."""
-        rows, scores = nearest(self.vectors, self.max_norm, q, k, map_steps)
+        if self.gpu is not None:
+            rows, scores = best_k(*self.gpu.search(np.ascontiguousarray(q, np.float32), k), min(k, len(self.ids)))
+        else:
+            rows, scores = nearest(self.vectors, self.max_norm, q, k, map_steps)
         return [[(self.ids.ids[r], float(s)) for r, s in zip(rr, ss) if r >= 0] for rr, ss in zip(rows, scores)]
 
 
@@ -167,7 +190,7 @@ class Snapshot:
     def sizes(self) -> dict:
         return {"articles": len(self.articles.ids),
                 "backbones": {name: {"images": len(b.images.ids), "texts": len(b.texts.ids) if b.texts else 0,
-                                     "dim": int(b.images.vectors.shape[1]),
+                                     "dim": int(b.images.vectors.shape[1]), "search": b.images.device,
                                      "embeddings_mb": round((b.images.vectors.nbytes + (b.texts.vectors.nbytes
                                                              if b.texts else 0)) / 2**20, 1)}
                               for name, b in self.backbones.items()}}
@@ -248,9 +271,10 @@ def _read(cfg: JobConfig, run_id: str, manifest: dict) -> Snapshot:
         name = slug(backbone)
         texts_dir = layout.embeddings_of(name, "texts")
         store = manifest.get("stages", {}).get(f"encode:{name}:images", {}).get("store")
+        # on a GPU where this process has one (a GPU replica): the pass over a million 768-d rows reads 3 GB a query
         backbones[backbone] = BackboneIndex(
-            backbone, Side.read(layout.embeddings_of(name, "images"), "image_id"),
-            Side.read(texts_dir, "article_id") if texts_dir.is_dir() else None,
+            backbone, Side.read(layout.embeddings_of(name, "images"), "image_id").on_gpu(),
+            Side.read(texts_dir, "article_id").on_gpu() if texts_dir.is_dir() else None,
             Rankings.read(layout.rankings_parquet(rankings_stem(backbone, "text_to_image"))),
             Path(store).parent.name if store else None)
     if not backbones:

@@ -63,8 +63,12 @@ def nearest(vectors: np.ndarray, max_norm: float, q: np.ndarray, k: int,
     rows, queries = np.divmod(np.concatenate(hits), len(q))
     order = np.argsort(queries, kind="stable")  # grouped by query, rows ascending within each
     labels = padded_labels(queries[order], rows[order], len(q))
-    exact = exact_scores(vectors, q, labels)
-    scores, keys = merge_topk([exact], [np.where(labels >= 0, labels, PAD_KEY)], k)
+    return best_k(exact_scores(vectors, q, labels), labels, k)
+
+
+def best_k(scores: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, scores) (b, k) of candidates (b, w) with their exact scores, padded with -1: best first, ties by row."""
+    scores, keys = merge_topk([scores], [np.where(labels >= 0, labels, PAD_KEY)], k)
     return np.where(keys == PAD_KEY, -1, keys), scores
 
 
