@@ -293,6 +293,17 @@ def test_an_oversized_image_is_refused_by_encodes_pixel_bound(served):
     assert answer.status_code == 422 and "exceeds the bound" in answer.json()["error"]
 
 
+def test_serve_on_a_port_in_use_says_so_before_loading_the_index(tmp_path, capsys):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", str(DEMO), "--port", str(port), "--set", f"output_dir={tmp_path / 'none'}"]) == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+
+
 def test_a_token_is_required_off_loopback_and_checked(served):
     from starlette.testclient import TestClient
 

@@ -247,5 +247,21 @@ def serve(cfg, host: str = "127.0.0.1", port: int = 8000, token: str | None = No
     if needs_token(host) and not token:
         raise ValueError(f"serve: binding to {host} exposes the archive beyond this machine; give --token T "
                          "(or bind to 127.0.0.1)")
+    _check_free(host, port)  # before the index loads: uvicorn binds only after the app has started
     app = create_app(IndexFollower(cfg, POLL_S if poll_s is None else poll_s), token=token)
     uvicorn.run(app, host=host, port=port, log_level="warning", **UVICORN_LOOP)
+
+
+def _check_free(host: str, port: int) -> None:
+    """ValueError naming the address when nothing can listen on it (another server there, a host not of this
+    machine)."""
+    import socket
+
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            probe.bind(address)
+    except OSError as e:
+        raise ValueError(f"serve: cannot listen on {host}:{port} ({e.strerror or e}); is another server there? "
+                         "Give another --port") from None
