@@ -368,16 +368,25 @@ def test_no_query_is_encoded_by_other_weights_than_the_index_was(served, tmp_pat
 
 @pytest.mark.skipif(shutil.which("chromium") is None,
                     reason="headless Chromium is not installed (Debian: apt-get install chromium; .ci/run does)")
-def test_page_in_a_real_browser_searches_and_opens_an_article(served):
+def test_page_in_a_real_browser_searches_and_opens_an_article(served, tmp_path):
+    """Type a query, see the images, open an article with the keyboard and go back; with two backbones, choose the
+    other one and the same query is searched with it."""
     import uvicorn
+
+    from newsclip.retrieval.backbones import cache_dir
+    from newsclip.serve.follow import StaticIndex
 
     sync_playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (the test "
                                           "extra pins it)").sync_playwright
 
-    root, _, _, follower, _ = served
+    root, cfg, _, follower, _ = served
     queries = _queries(root)
-    server = uvicorn.Server(uvicorn.Config(create_app(follower), host="127.0.0.1", port=0, log_level="warning",
-                                           lifespan="off"))
+    other = tmp_path / "demo-copy.pt"  # a second backbone: demo-tiny's weights as a checkpoint file, its index
+    shutil.copyfile(cache_dir() / "demo-tiny.pt", other)
+    snap = follower.current
+    two = replace(snap, backbones={**snap.backbones, str(other): replace(snap.backbones["demo-tiny"], name=str(other))})
+    server = uvicorn.Server(uvicorn.Config(create_app(StaticIndex(two), cfg=cfg), host="127.0.0.1", port=0,
+                                           log_level="warning", lifespan="off"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
@@ -403,6 +412,10 @@ def test_page_in_a_real_browser_searches_and_opens_an_article(served):
             assert page.locator("#grid li").count() > 0
             page.keyboard.press("Escape")
             page.wait_for_selector("#article.hidden", state="attached")
+            page.wait_for_function("document.getElementById('message').textContent.includes('(demo-tiny)')")
+            page.select_option("#backbone", str(other))  # shown with two backbones; the query runs again
+            page.wait_for_function(f"document.getElementById('message').textContent.includes({str(other)!r})")
+            assert page.locator("#grid li").count() == 20
             browser.close()
         assert outside == []  # self-contained: nothing fetched from anywhere else
     finally:
