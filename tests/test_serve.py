@@ -416,6 +416,17 @@ def test_page_in_a_real_browser_searches_and_opens_an_article(served, tmp_path):
             page.select_option("#backbone", str(other))  # shown with two backbones; the query runs again
             page.wait_for_function(f"document.getElementById('message').textContent.includes({str(other)!r})")
             assert page.locator("#grid li").count() == 20
+            # an answer that comes after a newer search's is dropped: the first search's is held back
+            held = []
+            page.route("**/search", lambda route: held.append(route) if not held else route.continue_())
+            for text in ("storm over the harbour", "a quiet market square"):
+                page.fill("#q", text)
+                page.keyboard.press("Enter")
+            page.wait_for_function("document.getElementById('message').textContent.includes('quiet market')")
+            with page.expect_response("**/search"):
+                held[0].continue_()
+            page.wait_for_timeout(300)  # the page has the old answer: it must leave the newer one shown
+            assert "quiet market" in page.locator("#message").inner_text()
             browser.close()
         assert outside == []  # self-contained: nothing fetched from anywhere else
     finally:
