@@ -325,8 +325,6 @@ def test_search_command_prints_ranked_images_and_their_articles(served, capsys):
     # the job's settings between the job and the query, as a user adds them to a command
     settings = [a for s in _settings(root) for a in ("--set", s)]
     assert main(["search", str(DEMO), *settings, queries[article]["query_text"], "--k", "5", "--json"]) == 0
-    import json
-
     answer = json.loads(capsys.readouterr().out)
     assert answer["index"] == run_id and len(answer["results"]) == 5
     assert [r["image_id"] for r in answer["results"]] == _rankings(root)[article]["image_ids"][:5]
