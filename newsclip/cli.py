@@ -83,9 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     _verbose_arg(p)
 
-    p = sub.add_parser("backbones", help="list the backbones newsclip knows and whether their weights are on disk")
+    p = sub.add_parser("backbones", help="list the backbones newsclip knows and whether their weights are on disk; "
+                       "with a job, its own backbones (open_clip's included) and each file they need")
+    p.add_argument("job", type=Path, nargs="?", default=None,
+                   help="a job file: list its backbones as it resolves them; exit status 2 when a file is missing")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key of the job, e.g. --set encode.hf_cache=/models/hf-hub (repeatable)")
     p.add_argument("--download-root", type=Path, default=None,
-                   help="where OpenAI weights are cached (default: clip's ~/.cache/clip)")
+                   help="where OpenAI weights are cached (default: clip's ~/.cache/clip; with a job, its "
+                        "encode.download_root, which this replaces)")
 
     p = sub.add_parser("demo-data", help="write synthetic news articles and images as Parquet shards")
     p.add_argument("dir", type=Path, help="output folder: DIR/articles/ and DIR/images/ (empty, unless --append)")
@@ -184,9 +190,11 @@ def _demo_data(args: argparse.Namespace) -> None:
           f"to {args.dir / 'images'}")
 
 
-def _backbones(args: argparse.Namespace) -> None:
+def _backbones(args: argparse.Namespace) -> int:
     from newsclip.retrieval.backbones import BACKBONES, resolve_weights
 
+    if args.job is not None:
+        return _job_backbones(args)
     print(f"{'backbone':16} {'family':7} {'input':>5} {'embed':>5}  weights")
     for name, spec in BACKBONES.items():
         try:
@@ -194,6 +202,28 @@ def _backbones(args: argparse.Namespace) -> None:
         except FileNotFoundError:
             weights = "missing (`newsclip demo-model`)" if name == "demo-tiny" else "missing"
         print(f"{name:16} {spec.family:7} {spec.input_resolution:5} {spec.embed_dim:5}  {weights}")
+    return 0
+
+
+def _job_backbones(args: argparse.Namespace) -> int:
+    """A job's backbones as a run resolves them (its mapping entries, download_root, hf_cache), each with its weights
+    file, or every file it lacks with where it was looked for and how to fetch it: a check before a run."""
+    from newsclip import config
+    from newsclip.names import is_fusion
+
+    root = [f"encode.download_root={args.download_root}"] if args.download_root else []
+    cfg = config.load(args.job, [*args.overrides, *root])
+    missing = 0
+    for name in (n for n in cfg.backbones if not is_fusion(n)):  # a fusion has no weights of its own
+        try:
+            b = cfg.resolved(name)
+        except FileNotFoundError as e:
+            missing += 1
+            print(f"{name}: missing\n  " + str(e).replace("\n", "\n  "))
+            continue
+        model = "clip" if b.kind == "clip" else f"open_clip {b.arch}"
+        print(f"{name}: {model}, {b.image_size[0]} px, {b.embed_dim}-d, texts {b.text}; weights {b.weights}")
+    return 2 if missing else 0
 
 
 def _run_job(args: argparse.Namespace, stages: tuple[str, ...]) -> None:
@@ -287,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "demo-data":
             _demo_data(args)
         elif args.command == "backbones":
-            _backbones(args)
+            return _backbones(args)
         elif args.command == "ingest":
             from newsclip.ingest.cli import main as ingest_main
 

@@ -200,6 +200,12 @@ def test_a_job_with_demo_tiny_and_an_open_clip_file_runs_end_to_end(tmp_path, ti
     assert "- demo-tiny: clip; shortest resize to 64x64 (bicubic)" in report and "text original" in report
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())["stages"]
     assert manifest[encode_entry(name, "texts")]["text"] == "original"
+    # `newsclip backbones JOB`: each of the job's backbones as the run resolved it, with its weights file
+    capsys.readouterr()
+    assert main(["backbones", str(tmp_path / "job.yaml")]) == 0
+    listed = capsys.readouterr().out
+    assert f"{name}: open_clip {tiny['clip-vit'].arch}, 32 px" in listed and str(tiny["clip-vit"].weights) in listed
+    assert "demo-tiny: clip, 64 px, 64-d, texts translated" in listed
     # `newsclip search` with the open_clip backbone: the query is a new text, encoded by the entry's model
     capsys.readouterr()
     assert main(["search", str(tmp_path / "job.yaml"), "Ein Hund spielt im Schnee", "--backbone", name, "--k", "3",
@@ -212,6 +218,9 @@ def test_a_job_with_demo_tiny_and_an_open_clip_file_runs_end_to_end(tmp_path, ti
     capsys.readouterr()
     assert main(["run", str(tmp_path / "job.yaml")]) == 2
     assert str(tmp_path / "gone.safetensors") in capsys.readouterr().err
+    assert main(["backbones", str(tmp_path / "job.yaml")]) == 2  # the check before a run says the same
+    listed = capsys.readouterr().out
+    assert "demo-tiny: clip" in listed and ": missing\n  " in listed and str(tmp_path / "gone.safetensors") in listed
 
 
 def test_sigmoid_loss_is_open_clips_siglip_loss():
