@@ -364,6 +364,23 @@ def test_no_query_is_encoded_by_other_weights_than_the_index_was(served, tmp_pat
     assert follower.current is None and "embeddings were made with weights" in follower.waiting
 
 
+def test_serve_latency_answers_every_query_and_reports_the_bar_s_numbers(tmp_path, demo_tiny):
+    """benchmarks/serve_latency.py (issue 26's bar) at its smallest, 2,000 images for 2 s at 50 QPS: a server process,
+    every query answered with no error, and the numbers the bar is read from (latency percentiles, QPS, batches, the
+    server's memory)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "latency.json"
+    done = subprocess.run([sys.executable, "benchmarks/serve_latency.py", "--sizes", "2000", "--seconds", "2",
+                           "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["images"] == 2000 and row["sent"] > 20 and row["answered"] == row["sent"] and row["errors"] == 0, row
+    assert 0 < row["p50_ms"] <= row["p99_ms"] <= row["max_ms"] and row["qps_answered"] > 0, row
+    assert row["batches"] > 0 and row["server_rss_mb"] > 0, row
+
+
 @pytest.mark.skipif(shutil.which("chromium") is None,
                     reason="headless Chromium is not installed (Debian: apt-get install chromium; .ci/run does)")
 def test_page_in_a_real_browser_searches_and_opens_an_article(served, tmp_path):
