@@ -385,7 +385,7 @@ def test_serve_latency_answers_every_query_and_reports_the_bar_s_numbers(tmp_pat
                     reason="headless Chromium is not installed (Debian: apt-get install chromium; .ci/run does)")
 def test_page_in_a_real_browser_searches_and_opens_an_article(served, tmp_path):
     """Type a query, see the images, open an article with the keyboard and go back; with two backbones, choose the
-    other one and the same query is searched with it."""
+    other one and the same query is searched with it; a late answer is dropped; search with a photo."""
     import uvicorn
 
     from newsclip.retrieval.backbones import cache_dir
@@ -396,6 +396,10 @@ def test_page_in_a_real_browser_searches_and_opens_an_article(served, tmp_path):
 
     root, cfg, _, follower, _ = served
     queries = _queries(root)
+    photo_id = next(iter(_rankings(root).values()))["image_ids"][0]
+    shards = pq.read_table(root / "data" / "images")
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(shards.column("image")[shards.column("image_id").to_pylist().index(photo_id)].as_py())
     other = tmp_path / "demo-copy.pt"  # a second backbone: demo-tiny's weights as a checkpoint file, its index
     shutil.copyfile(cache_dir() / "demo-tiny.pt", other)
     snap = follower.current
@@ -442,6 +446,17 @@ def test_page_in_a_real_browser_searches_and_opens_an_article(served, tmp_path):
                 held[0].continue_()
             page.wait_for_timeout(300)  # the page has the old answer: it must leave the newer one shown
             assert "quiet market" in page.locator("#message").inner_text()
+            page.unroute("**/search")
+            # search by image: an indexed photo finds itself first; Back from an article returns to its results
+            page.select_option("#backbone", "demo-tiny")
+            page.set_input_files("#file", photo)
+            page.wait_for_function("document.getElementById('message').textContent.includes('photo.jpg (demo-tiny)')")
+            assert page.locator("#grid .score").first.inner_text().split() == ["1.000", photo_id]
+            page.locator("#grid .meta a").first.click()
+            page.wait_for_selector("#article:not(.hidden)")
+            page.keyboard.press("Escape")
+            page.wait_for_function("document.getElementById('message').textContent.includes('photo.jpg')")
+            assert page.locator("#grid .score").first.inner_text().split() == ["1.000", photo_id]
             browser.close()
         assert outside == []  # self-contained: nothing fetched from anywhere else
     finally:
