@@ -28,6 +28,11 @@ def content_keys(values: Iterable[str | bytes | None]) -> pa.Array:
     return pa.array([None if v is None else content_key(v) for v in values], pa.string())
 
 
+def checkpoint_of(version: str) -> str:
+    """The checkpoint id in a store folder's `<checkpoint>-<precision>` part (16 hex digits: no dash in it)."""
+    return version.partition("-")[0]
+
+
 class EmbeddingStore:
     """`<root>/<backbone slug>/<checkpoint>-<precision>/<side>/part-*.parquet` with columns hash, embedding, error.
 

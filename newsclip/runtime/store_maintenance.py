@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from newsclip.config import JobConfig
-from newsclip.runtime.embedding_store import store_refs
+from newsclip.runtime.embedding_store import checkpoint_of, store_refs
 from newsclip.runtime.layout import Layout
 from newsclip.runtime.runner import _exclusive
 from newsclip.runtime.store import read_manifest
@@ -43,7 +43,7 @@ class Folder:
 
     @property
     def checkpoint(self) -> str:
-        return self.name.split("/")[1].split("-")[0]  # 16 hex digits (checkpoint_id): no dash in it
+        return checkpoint_of(self.name.split("/")[1])
 
     @property
     def precision(self) -> str:  # with the preprocess variants, e.g. fp16-nvjpeg (encoding.store_label)

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 from newsclip.config import JobConfig
 from newsclip.names import checkpoint_label, is_fusion, looks_like_path, rankings_stem, slug
 from newsclip.runtime.console import warn
+from newsclip.runtime.embedding_store import checkpoint_of
 from newsclip.runtime.store import parquet_files, read_manifest, vectors_of
 from newsclip.serve.nearest import best_k, nearest, row_norm_bound
 
@@ -128,7 +129,7 @@ class BackboneIndex:
     images: Side
     texts: Side | None
     rankings: Rankings | None
-    checkpoint: str | None = None  # the store folder its embeddings came from (weights and precision)
+    checkpoint: str | None = None  # the checkpoint id of the weights its embeddings were made with
 
 
 @dataclass(frozen=True)
@@ -250,15 +251,14 @@ def _check_weights(cfg: JobConfig, snapshot: Snapshot) -> None:
     for name, backbone in snapshot.backbones.items():
         if not backbone.checkpoint:  # a run from before the store: nothing to compare
             continue
-        made_with = backbone.checkpoint.split("-")[0]  # <checkpoint id>-<precision>: the id has no dash
         try:
             here = cfg.resolved(name)
         except FileNotFoundError as e:
             raise IndexNotReady(f"{name}: no weights here to encode queries with: {e}") from None
-        if here.checkpoint_id != made_with:
+        if here.checkpoint_id != backbone.checkpoint:
             raise IndexNotReady(
-                f"run {snapshot.run_id}'s {name} embeddings were made with weights {made_with}, and queries here "
-                f"would be encoded with {here.checkpoint_id} ({here.weights}): point encode.download_root (or "
+                f"run {snapshot.run_id}'s {name} embeddings were made with weights {backbone.checkpoint}, and queries "
+                f"here would be encoded with {here.checkpoint_id} ({here.weights}): point encode.download_root (or "
                 f"$NEWSCLIP_CACHE) at the weights the run used, or run the job again with these")
 
 
@@ -276,7 +276,7 @@ def _read(cfg: JobConfig, run_id: str, manifest: dict) -> Snapshot:
             backbone, Side.read(layout.embeddings_of(name, "images"), "image_id").on_gpu(),
             Side.read(texts_dir, "article_id").on_gpu() if texts_dir.is_dir() else None,
             Rankings.read(layout.rankings_parquet(rankings_stem(backbone, "text_to_image"))),
-            Path(store).parent.name if store else None)
+            checkpoint_of(Path(store).parent.name) if store else None)
     if not backbones:
         raise IndexNotReady("the job has no backbone with embeddings to search")
     return Snapshot(run_id, backbones, _articles(cfg), _image_files(cfg), _signature(manifest))
