@@ -436,11 +436,16 @@ def test_page_in_a_real_browser_searches_and_opens_an_article(served, tmp_path):
             page.wait_for_function(f"document.getElementById('message').textContent.includes({str(other)!r})")
             assert page.locator("#grid li").count() == 20
             # an answer that comes after a newer search's is dropped: the first search's is held back
-            held = []
-            page.route("**/search", lambda route: held.append(route) if not held else route.continue_())
+            held = []  # the storm search's request, by its body
+            page.route("**/search", lambda route: held.append(route) if "storm" in (route.request.post_data or "")
+                       else route.continue_())
             for text in ("storm over the harbour", "a quiet market square"):
                 page.fill("#q", text)
                 page.keyboard.press("Enter")
+                for _ in range(600):  # the storm's request held before the second search starts (30 s at most)
+                    if held:
+                        break
+                    page.wait_for_timeout(50)
             page.wait_for_function("document.getElementById('message').textContent.includes('quiet market')")
             with page.expect_response("**/search"):
                 held[0].continue_()
