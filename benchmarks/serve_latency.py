@@ -58,8 +58,9 @@ def serve_synthetic(size: int, dim: int, port: int, seed: int) -> None:
     images = np.concatenate(parts) if len(parts) > 1 else parts[0]
     del parts
     ids = np.array([f"img-{i:09d}" for i in range(size)], dtype=object)
-    snapshot = Snapshot(f"synthetic-{size}", {"demo-tiny": BackboneIndex("demo-tiny", Side.from_arrays(ids, images),
-                                                                         None, None)}, Articles.empty(), None)
+    side = Side.from_arrays(ids, images).for_serving()  # as `newsclip serve` holds it: the int8 copy from 64k rows
+    snapshot = Snapshot(f"synthetic-{size}", {"demo-tiny": BackboneIndex("demo-tiny", side, None, None)},
+                        Articles.empty(), None)
     del images
     cfg = config.load(None, [])  # the demo job's encode settings: demo-tiny on CPUs
     app = create_app(StaticIndex(snapshot), cfg=cfg)

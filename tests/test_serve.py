@@ -28,24 +28,60 @@ ARTICLES = 200
 
 
 @pytest.mark.parametrize("n, k, threads", [(5, 20, 1), (3000, 1, 1), (3000, 20, 2), (3000, 1000, 2)])
-def test_nearest_equals_a_float64_argsort_with_ties_by_row(n, k, threads, monkeypatch):
+@pytest.mark.parametrize("int8", [False, True], ids=["float32", "int8"])
+def test_nearest_equals_a_float64_argsort_with_ties_by_row(n, k, threads, int8, monkeypatch):
     from concurrent.futures import ThreadPoolExecutor
 
     from newsclip.retrieval.exact_scores import exact_scores
+    from newsclip.serve import int8_rows
     from newsclip.serve import nearest as module
     from newsclip.serve.nearest import nearest, row_norm_bound
 
     monkeypatch.setattr(module, "BLOCK_PRODUCTS", 1000)  # the pass in many steps, as at 1M rows
+    monkeypatch.setattr(int8_rows, "ROWS_PER_STEP", 1000)
+    monkeypatch.setattr(int8_rows.Int8Rows, "MAX_QUERIES", 64)  # all 13 queries in one int8 pass
     rng = np.random.default_rng(n + k)
     rows = rng.standard_normal((n, 16)).astype(np.float32)
+    rows[:, 3] *= 40  # dimensions of other scales (each has its own int8 scale), one all zeros
+    rows[:, 5] = 0
     rows[n // 2 :: 7] = rows[1]  # exact ties, to be ordered by row
     q = np.concatenate([rows[1:2], rng.standard_normal((12, 16)).astype(np.float32)])
     with ThreadPoolExecutor(threads) as steps:  # the pass's steps shared out, as the server runs them
-        got_rows, got_scores = nearest(rows, row_norm_bound(rows), q, k, steps.map)
+        got_rows, got_scores = nearest(rows, row_norm_bound(rows), q, k, steps.map,
+                                       int8_rows.Int8Rows.of(rows) if int8 else None)
     exact = exact_scores(rows, q, np.broadcast_to(np.arange(n), (len(q), n)))
     want = np.lexsort((np.broadcast_to(np.arange(n), exact.shape), -exact.astype(np.float64)), axis=1)[:, :k]
     assert np.array_equal(got_rows, want)
     assert np.array_equal(got_scores, np.take_along_axis(exact, want, axis=1))
+
+
+def test_the_int8_pass_keeps_every_row_that_can_reach_the_floor_and_few_others(monkeypatch):
+    """Every row whose exact score reaches a query's floor is a candidate (the bound holds, whatever the floor), and
+    only rows within twice the bound below it are: the bound is each dimension's rounding to 255 levels. The rows
+    that test the bound most: one per query whose every dimension rounds by almost half a level against it."""
+    from newsclip.retrieval.exact_scores import exact_scores
+    from newsclip.serve import int8_rows
+
+    monkeypatch.setattr(int8_rows, "ROWS_PER_STEP", 5000)
+    rng = np.random.default_rng(3)
+    rows = rng.standard_normal((20_000, 64)).astype(np.float32) * np.geomspace(1, 0.05, 64, dtype=np.float32)
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)  # CLIP-like: unit rows, a few directions carry the spread
+    q = rng.standard_normal((3, 64)).astype(np.float32)
+    level = np.abs(rows).max(axis=0).astype(np.float64) / 127
+    against = level * (rng.integers(0, 100, (3, 64)) + 0.499) * np.sign(q)  # each |x| rounds down: all under-count
+    rows = np.concatenate([rows, against.astype(np.float32)])
+    int8 = int8_rows.Int8Rows.of(rows)
+    exact = exact_scores(rows, q, np.broadcast_to(np.arange(len(rows)), (3, len(rows)))).astype(np.float64)
+    bound = int8.bound(q)
+    assert np.all(bound <= 1.01 * np.abs(q) @ level / 2), bound
+    own = exact[np.arange(3), len(rows) - 3 + np.arange(3)]  # each query's score with its row against it
+    for floors in [np.quantile(exact, p, axis=1) for p in (0.5, 0.99, 0.9995)] + [own]:
+        floors = floors.astype(np.float32)
+        rows_of, queries = np.divmod(int8.hits(q, floors), 3)
+        for c in range(3):
+            got = set(rows_of[queries == c])
+            assert set(np.flatnonzero(exact[c] >= floors[c])) <= got
+            assert exact[c, sorted(got)].min() >= floors[c] - 2.001 * bound[c]
 
 
 def test_a_checkpoint_is_found_by_the_name_reports_give_it():
@@ -83,6 +119,31 @@ def test_a_side_on_a_gpu_answers_as_the_cpu_pass(k, monkeypatch):
     assert recipe.rows.info["products"] == "fp16"
     q = np.concatenate([rows[1:2], rng.standard_normal((5, 16)).astype(np.float32)])
     assert replace(side, gpu=recipe).nearest(q, k) == side.nearest(q, k)
+
+
+def test_a_side_for_serving_reads_an_int8_copy_and_answers_as_the_float32_pass(monkeypatch):
+    """A server's side keeps an int8 copy of its rows for the CPU's pass (from MIN_ROWS rows on), and its answers are
+    the float32 pass's, for every batch size that reads it."""
+    import torch
+
+    from newsclip.serve import int8_rows
+    from newsclip.serve.index import Side
+
+    rng = np.random.default_rng(8)
+    side = Side.from_arrays(np.array([f"img-{i:05d}" for i in range(3000)], object),
+                            rng.standard_normal((3000, 32)).astype(np.float32))
+    assert side.for_serving().int8 is None  # few rows: the float32 product is as fast
+    monkeypatch.setattr(int8_rows, "MIN_ROWS", 1000)
+    if torch.cuda.is_available():
+        assert side.for_serving().device == "cuda:0"
+        return
+    served = side.for_serving()
+    assert served.int8 is not None and served.search == "cpu int8"
+    assert served.nbytes == side.vectors.nbytes + served.int8.blocks.nbytes
+    for b in range(1, int8_rows.Int8Rows.MAX_QUERIES + 2):  # the last one: the float32 pass's
+        q = rng.standard_normal((b, 32)).astype(np.float32)
+        for k in (1, 20, 1000):
+            assert served.nearest(q, k) == side.nearest(q, k)
 
 
 def _settings(root: Path) -> list[str]:

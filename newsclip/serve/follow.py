@@ -34,7 +34,7 @@ class IndexFollower:
                 self.waiting = None
                 return False
             try:
-                snapshot = load_snapshot(self.cfg)
+                snapshot = load_snapshot(self.cfg, serving=True)
             except IndexNotReady as e:
                 if str(e) != self.waiting:
                     (warn if self.current is None else log)(f"serve: {e}; still serving "

@@ -31,7 +31,7 @@ def row_norm_bound(vectors: np.ndarray) -> float:
 
 
 def nearest(vectors: np.ndarray, max_norm: float, q: np.ndarray, k: int,
-            map_steps: Callable[[Callable, Iterable], Iterable] = map) -> tuple[np.ndarray, np.ndarray]:
+            map_steps: Callable[[Callable, Iterable], Iterable] = map, int8=None) -> tuple[np.ndarray, np.ndarray]:
     """(rows, scores), each (b, min(k, n)), of the queries `q` (b, d) against `vectors` (n, d), best first, ties by
     row (rows are in id order, so ties go by id, as the knn stage orders them).
 
@@ -39,7 +39,7 @@ def nearest(vectors: np.ndarray, max_norm: float, q: np.ndarray, k: int,
     is at least the k-th best product of any subset of rows less e, and a row that can reach it has a product at
     least that less 2e (`tol`). The subset is a strided sample; the rows passing its floor are re-scored by
     `exact_scores` and the best k kept. `map_steps` runs the pass's steps (in order of results), e.g. a thread pool's
-    `map`."""
+    `map`. With `int8` (the rows' Int8Rows) a pass of up to its MAX_QUERIES queries reads those instead."""
     q = np.ascontiguousarray(q, dtype=np.float32)
     n, d = vectors.shape
     k = min(k, n)
@@ -50,6 +50,8 @@ def nearest(vectors: np.ndarray, max_norm: float, q: np.ndarray, k: int,
     sample = vectors[:: _stride(n, k)] @ q.T  # (m, b); a strided view goes to BLAS as it is
     floor = np.partition(sample, len(sample) - k, axis=0)[len(sample) - k] - tol
     floor = np.nextafter(floor.astype(np.float32), np.float32(-np.inf))  # compared in float32: never rounded up
+    if int8 is not None and len(q) <= int8.MAX_QUERIES:
+        return _rescored(vectors, q, k, int8.hits(q, floor, map_steps))
     # compared flat, against the floor repeated per row: numpy's loop over a (rows, b) >= (b,) broadcast runs b
     # elements at a time (it took longer than the products for b = 2)
     step = max(1, BLOCK_PRODUCTS // len(q))
@@ -59,8 +61,12 @@ def nearest(vectors: np.ndarray, max_norm: float, q: np.ndarray, k: int,
         products = vectors[start : start + step] @ q.T  # (rows, b)
         return np.flatnonzero(products.reshape(-1) >= floors[: products.size]) + start * len(q)
 
-    hits = list(map_steps(hits_in, range(0, n, step)))
-    rows, queries = np.divmod(np.concatenate(hits), len(q))
+    return _rescored(vectors, q, k, np.concatenate(list(map_steps(hits_in, range(0, n, step)))))
+
+
+def _rescored(vectors: np.ndarray, q: np.ndarray, k: int, hits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The best k of the candidates `hits` (row * b + query, ascending by row), by their exact scores."""
+    rows, queries = np.divmod(hits, len(q))
     order = np.argsort(queries, kind="stable")  # grouped by query, rows ascending within each
     labels = padded_labels(queries[order], rows[order], len(q))
     return best_k(exact_scores(vectors, q, labels), labels, k)
