@@ -58,7 +58,7 @@ def serve_synthetic(size: int, dim: int, port: int, seed: int) -> None:
     images = np.concatenate(parts) if len(parts) > 1 else parts[0]
     del parts
     ids = np.array([f"img-{i:09d}" for i in range(size)], dtype=object)
-    side = Side.from_arrays(ids, images).for_serving()  # as `newsclip serve` holds it: the int8 copy from 64k rows
+    side = Side.from_arrays(ids, images).for_serving()  # as `newsclip serve` holds it: the int8 copy from 2M values
     snapshot = Snapshot(f"synthetic-{size}", {"demo-tiny": BackboneIndex("demo-tiny", side, None, None)},
                         Articles.empty(), None)
     del images

@@ -122,7 +122,7 @@ def test_a_side_on_a_gpu_answers_as_the_cpu_pass(k, monkeypatch):
 
 
 def test_a_side_for_serving_reads_an_int8_copy_and_answers_as_the_float32_pass(monkeypatch):
-    """A server's side keeps an int8 copy of its rows for the CPU's pass (from MIN_ROWS rows on), and its answers are
+    """A server's side keeps an int8 copy of its rows for the CPU's pass (from MIN_VALUES on), and its answers are
     the float32 pass's, for every batch size that reads it."""
     import torch
 
@@ -133,7 +133,7 @@ def test_a_side_for_serving_reads_an_int8_copy_and_answers_as_the_float32_pass(m
     side = Side.from_arrays(np.array([f"img-{i:05d}" for i in range(3000)], object),
                             rng.standard_normal((3000, 32)).astype(np.float32))
     assert side.for_serving().int8 is None  # few rows: the float32 product is as fast
-    monkeypatch.setattr(int8_rows, "MIN_ROWS", 1000)
+    monkeypatch.setattr(int8_rows, "MIN_VALUES", 3000 * 32)
     if torch.cuda.is_available():
         assert side.for_serving().device == "cuda:0"
         return

@@ -1,9 +1,10 @@
 """An int8 copy of a side's rows for serve's pass: a quarter of float32's bytes, and a kernel (numba, compiled for this
 CPU) that reads it with no matrix product. The pass only picks candidates: each query's products with the int8 rows
 are within a bound of the exact scores, candidates are the rows within that bound of the floor, and `nearest`
-re-scores them exactly, so the answers are the float32 pass's. At 1M x 64 rows on one core: ~6 ms a query, against
-~13 ms for the float32 product (memory-bound: 256 MB read per pass); 2 queries 12 against 22, 4 queries 21 against
-25. From 4 queries on the product reads its rows once for all of them and is the faster one (`MAX_QUERIES`).
+re-scores them exactly, so the answers are the float32 pass's. At 1M x 64 rows, a pass on 2 threads (best of 5, in one
+run): 1 query 5.2 ms against 11.6 for the float32 product (memory-bound: it reads 256 MB), 2 queries 9 against 17, 4
+18 against 22, 6 22 against 28; from 8 on the product, which reads its rows once for all queries, is as fast or
+faster (`MAX_QUERIES`).
 
 Layout: blocks of BLOCK_ROWS rows, each stored dimension by dimension ((blocks, d, BLOCK_ROWS)), so the kernel's inner
 loop runs down BLOCK_ROWS rows of one dimension (vector instructions across rows) instead of summing across each
@@ -20,7 +21,9 @@ from numba import njit
 
 BLOCK_ROWS = 256  # rows per block (64, 128, 256, 512 measured: 256 and 512 fastest)
 ROWS_PER_STEP = 1 << 17  # a pass's rows per step (for one query): 8 steps at 1M rows, as the float32 pass
-MIN_ROWS = 1 << 16  # below it (26 MB at d = 64: in cache) the float32 product is as fast, and no copy is kept
+# rows x dimensions from which a side keeps the copy: at 30k x 64 (7 MB of float32) both passes took 0.8 ms, at
+# 65k x 64 1.2 against 1.9, at 65k x 512 4.7 against 11.4, at 200k x 768 12 against 31 (one query, 2 threads)
+MIN_VALUES = 1 << 21
 _CHUNK = 1 << 16  # rows quantised at once (a multiple of BLOCK_ROWS): no temporaries the size of the matrix
 
 
@@ -54,7 +57,7 @@ class Int8Rows:
     scales: np.ndarray  # (d,) float32
     errors: np.ndarray  # (d,) float64: max_i |x[i, j] - scales[j] * int8[i, j]|
     n: int
-    MAX_QUERIES: ClassVar[int] = 3  # queries per pass up to which this kernel is faster than the float32 product
+    MAX_QUERIES: ClassVar[int] = 6  # queries per pass up to which this kernel is faster than the float32 product
 
     @classmethod
     def of(cls, vectors: np.ndarray) -> Int8Rows:
