@@ -39,6 +39,7 @@ def test_nearest_equals_a_float64_argsort_with_ties_by_row(n, k, threads, int8, 
 
     monkeypatch.setattr(module, "BLOCK_PRODUCTS", 1000)  # the pass in many steps, as at 1M rows
     monkeypatch.setattr(int8_rows, "ROWS_PER_STEP", 1000)
+    monkeypatch.setattr(int8_rows, "_CHUNK_VALUES", 16 * 512)  # the copy made 512 rows at a time, the last in part
     monkeypatch.setattr(int8_rows.Int8Rows, "MAX_QUERIES", 64)  # all 13 queries in one int8 pass
     rng = np.random.default_rng(n + k)
     rows = rng.standard_normal((n, 16)).astype(np.float32)

@@ -24,7 +24,7 @@ ROWS_PER_STEP = 1 << 17  # a pass's rows per step (for one query): 8 steps at 1M
 # rows x dimensions from which a side keeps the copy: at 30k x 64 (7 MB of float32) both passes took 0.8 ms, at
 # 65k x 64 1.2 against 1.9, at 65k x 512 4.7 against 11.4, at 200k x 768 12 against 31 (one query, 2 threads)
 MIN_VALUES = 1 << 21
-_CHUNK = 1 << 16  # rows quantised at once (a multiple of BLOCK_ROWS): no temporaries the size of the matrix
+_CHUNK_VALUES = 1 << 22  # values quantised at once: float64 temporaries of 32 MB, not the size of the matrix
 
 
 @njit(nogil=True, fastmath=True)
@@ -62,18 +62,19 @@ class Int8Rows:
     @classmethod
     def of(cls, vectors: np.ndarray) -> Int8Rows:
         n, d = vectors.shape
+        chunk_rows = max(1, _CHUNK_VALUES // (d * BLOCK_ROWS)) * BLOCK_ROWS
         peak = np.zeros(d, np.float32)
-        for start in range(0, n, _CHUNK):
-            np.maximum(peak, np.abs(vectors[start : start + _CHUNK]).max(axis=0), out=peak)
+        for start in range(0, n, chunk_rows):
+            np.maximum(peak, np.abs(vectors[start : start + chunk_rows]).max(axis=0), out=peak)
         scales = np.where(peak > 0, peak / np.float32(127), np.float32(1)).astype(np.float32)
         blocks = np.zeros((-(-n // BLOCK_ROWS), d, BLOCK_ROWS), np.int8)
         errors = np.zeros(d, np.float64)
-        for start in range(0, n, _CHUNK):
-            chunk = vectors[start : start + _CHUNK]
-            q = np.clip(np.rint(chunk / scales), -127, 127)
-            np.maximum(errors, np.abs(chunk - q * scales.astype(np.float64)).max(axis=0), out=errors)
+        for start in range(0, n, chunk_rows):
+            chunk = vectors[start : start + chunk_rows]
+            levels = np.clip(np.rint(chunk / scales), -127, 127)
+            np.maximum(errors, np.abs(chunk - levels * scales.astype(np.float64)).max(axis=0), out=errors)
             padded = np.zeros((-(-len(chunk) // BLOCK_ROWS) * BLOCK_ROWS, d), np.int8)
-            padded[: len(chunk)] = q
+            padded[: len(chunk)] = levels
             first = start // BLOCK_ROWS
             blocks[first : first + len(padded) // BLOCK_ROWS] = padded.reshape(-1, BLOCK_ROWS, d).transpose(0, 2, 1)
         _hits(blocks, np.zeros((1, d), np.float32), np.zeros(1, np.float32), 0, 0, np.empty(0, np.int64))  # compiled
@@ -88,8 +89,8 @@ class Int8Rows:
 
     def hits(self, q: np.ndarray, floors: np.ndarray,
              map_steps: Callable[[Callable, Iterable], Iterable] = map) -> np.ndarray:
-        """Row * b + query of every row whose exact score with a query (b, d) could reach its floor (b,), ascending
-        by row; `map_steps` runs the pass's steps (e.g. a thread pool's `map`)."""
+        """Row * b + query of every row whose exact score with a query (b, d) could reach its floor (b,), each query's
+        rows ascending; `map_steps` runs the pass's steps (e.g. a thread pool's `map`)."""
         b = len(q)
         thresholds = np.nextafter((floors - self.bound(q)).astype(np.float32), np.float32(-np.inf))
         qs = np.ascontiguousarray(q * self.scales, np.float32)

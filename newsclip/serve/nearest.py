@@ -65,7 +65,7 @@ def nearest(vectors: np.ndarray, max_norm: float, q: np.ndarray, k: int,
 
 
 def _rescored(vectors: np.ndarray, q: np.ndarray, k: int, hits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The best k of the candidates `hits` (row * b + query, ascending by row), by their exact scores."""
+    """The best k of the candidates `hits` (row * b + query, each query's rows ascending), by their exact scores."""
     rows, queries = np.divmod(hits, len(q))
     order = np.argsort(queries, kind="stable")  # grouped by query, rows ascending within each
     labels = padded_labels(queries[order], rows[order], len(q))
