@@ -111,6 +111,21 @@ def test_finetune_ends_with_a_paired_comparison_with_its_start_and_a_report_with
 
 
 @pytest.mark.slow  # a Ray Train run of demo-tiny
+def test_the_fine_tune_job_file_is_searched_with_both_models(finetuned, capsys):
+    """`newsclip search` and `newsclip backbones` read a fine-tune's job file as the comparison its command ran: the
+    fine-tuned model is searched by the name the report gives it."""
+    cfg, _, folder, job, _ = finetuned
+    capsys.readouterr()
+    assert main(["backbones", job]) == 0
+    assert str(folder / "model.pt") in capsys.readouterr().out
+    assert main(["search", job, "a red car in Oslo", "--backbone", "default/model.pt", "--k", "3", "--json"]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert answer["backbone"] == str(folder / "model.pt") and len(answer["results"]) == 3
+    runs = sorted((cfg.output / "runs").glob("*.json"))
+    assert answer["index"] == runs[-1].stem  # the comparison's run
+
+
+@pytest.mark.slow  # a Ray Train run of demo-tiny
 def test_the_saved_model_loads_as_a_backbone_and_gives_the_trainers_embeddings(finetuned):
     import torch
     from clip.clip import _transform

@@ -49,9 +49,9 @@ def _job(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from newsclip import config
+    from newsclip.finetune.config import searched_job
 
-    cfg = config.load(args.job, args.overrides)
+    cfg = searched_job(args.job, args.overrides)
     if args.command == "serve":
         import os
 
