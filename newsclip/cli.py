@@ -208,7 +208,7 @@ def _backbones(args: argparse.Namespace) -> int:
 def _job_backbones(args: argparse.Namespace) -> int:
     """A job's backbones as a run resolves them (its mapping entries, download_root, hf_cache), each with its weights
     file, or every file it lacks with where it was looked for and how to fetch it: a check before a run."""
-    from newsclip.finetune.config import searched_job
+    from newsclip.finetune.run import searched_job
     from newsclip.names import is_fusion
 
     root = [f"encode.download_root={args.download_root}"] if args.download_root else []

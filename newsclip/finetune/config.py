@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Literal
 
 from newsclip.config import JobConfig, from_dict, require_input
-from newsclip.config import load as load_job
 from newsclip.yaml_config import ConfigError, build, read_yaml
 
 SECTION = "finetune"
@@ -90,19 +89,3 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> tuple[JobConfig,
     except ConfigError as e:
         raise ConfigError(f"{path or 'config'}: {e}") from None
 
-
-def searched_job(path: str | Path, overrides: list[str] = ()) -> JobConfig:
-    """The job whose index `newsclip search`, `serve` and `backbones` read from a job file: the job as `newsclip run`
-    reads it; for a fine-tune's file (with `finetune:`), the comparison its command ran last in the output folder,
-    [the start, the fine-tuned model], once the model exists (before it does, the job without the section)."""
-    try:
-        fine_tune = SECTION in read_yaml(path, overrides)
-    except ConfigError:
-        fine_tune = False  # load_job says what is wrong, and where
-    if not fine_tune:
-        return load_job(path, overrides)
-    from newsclip.finetune.run import MODEL, comparison_job, run_dir
-
-    job, finetune = load(path, overrides)
-    model = run_dir(job, finetune) / MODEL
-    return comparison_job(job, finetune, model) if model.is_file() else job

@@ -16,14 +16,15 @@ from pathlib import Path
 import yaml
 
 from newsclip.config import BackboneEncode, JobConfig
-from newsclip.finetune.config import FinetuneConfig, load
+from newsclip.config import load as load_job
+from newsclip.finetune.config import SECTION, FinetuneConfig, load
 from newsclip.finetune.loop import KILL_ENV, MODEL, PROBE, SHORT_ENV, train_loop
 from newsclip.finetune.split import Split, compute_split
 from newsclip.names import slug
 from newsclip.runtime.console import log, print_metrics
 from newsclip.runtime.layout import Layout
 from newsclip.runtime.store import atomic_path, write_text
-from newsclip.yaml_config import to_dict
+from newsclip.yaml_config import ConfigError, read_yaml, to_dict
 
 # fine-tune settings that leave what is trained as it is: a run resumed with other values of these is the same run
 NOT_TRAINING = ("evaluate", "max_failures", "keep_checkpoints")
@@ -251,3 +252,18 @@ def main(args) -> int:
     cfg, ft = load(args.job, args.overrides)
     finetune_and_compare(cfg, ft, getattr(args, "restart", False))
     return 0
+
+
+def searched_job(path: str | Path, overrides: list[str] = ()) -> JobConfig:
+    """The job whose index `newsclip search`, `serve` and `backbones` read from a job file: the job as `newsclip run`
+    reads it; for a fine-tune's file (with `finetune:`), the comparison its command ran last in the output folder,
+    [the start, the fine-tuned model], once the model exists (before it does, the job without the section)."""
+    try:
+        fine_tune = SECTION in read_yaml(path, overrides)
+    except ConfigError:
+        fine_tune = False  # load_job says what is wrong, and where
+    if not fine_tune:
+        return load_job(path, overrides)
+    job, ft = load(path, overrides)
+    model = run_dir(job, ft) / MODEL
+    return comparison_job(job, ft, model) if model.is_file() else job

@@ -49,7 +49,7 @@ def _job(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from newsclip.finetune.config import searched_job
+    from newsclip.finetune.run import searched_job
 
     cfg = searched_job(args.job, args.overrides)
     if args.command == "serve":
