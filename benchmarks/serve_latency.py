@@ -191,6 +191,7 @@ def measure(size: int, args: argparse.Namespace) -> dict:
         ready = time.perf_counter() - started
         result = asyncio.run(_load(port, args.qps, args.seconds, args.clients, args.k, args.seed, args.warmup))
         return {"images": size, "dim": args.dim, "k": args.k, "clients": args.clients, "startup_s": round(ready, 1),
+                "search": health["backbones"]["demo-tiny"]["search"],  # cpu int8 from 2M values (rows x dims) on
                 "embeddings_mb": health["backbones"]["demo-tiny"]["embeddings_mb"], **result,
                 **_memory_mb(server.pid)}
     finally:

@@ -426,6 +426,24 @@ def test_no_query_is_encoded_by_other_weights_than_the_index_was(served, tmp_pat
     assert follower.current is None and "embeddings were made with weights" in follower.waiting
 
 
+def test_a_server_holds_the_int8_copy_and_a_single_search_does_not(served, monkeypatch):
+    """The follower loads the run `for_serving` (the int8 copy, from MIN_VALUES on; here from any size), and a single
+    `newsclip search` reads the float32 rows; both answer alike."""
+    from newsclip.serve import int8_rows
+    from newsclip.serve.follow import IndexFollower
+    from newsclip.serve.index import load_snapshot
+
+    _, cfg, _, _, _ = served
+    monkeypatch.setattr(int8_rows, "MIN_VALUES", 0)
+    follower = IndexFollower(cfg, poll_s=0)
+    assert follower.refresh()
+    served_side = follower.current.backbones["demo-tiny"].images
+    single = load_snapshot(cfg).backbones["demo-tiny"].images
+    assert served_side.search == "cpu int8" and single.search == "cpu" and single.int8 is None
+    q = np.random.default_rng(0).standard_normal((3, single.vectors.shape[1])).astype(np.float32)
+    assert served_side.nearest(q, 20) == single.nearest(q, 20)
+
+
 def test_serve_latency_answers_every_query_and_reports_the_bar_s_numbers(tmp_path, demo_tiny):
     """benchmarks/serve_latency.py (issue 26's bar) at its smallest, 2,000 images for 2 s at 50 QPS: a server process,
     every query answered with no error, and the numbers the bar is read from (latency percentiles, QPS, batches, the
@@ -438,7 +456,8 @@ def test_serve_latency_answers_every_query_and_reports_the_bar_s_numbers(tmp_pat
                            "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     (row,) = json.loads(out.read_text())["results"]
-    assert row["images"] == 2000 and row["sent"] > 20 and row["answered"] == row["sent"] and row["errors"] == 0, row
+    assert row["images"] == 2000 and row["search"] == "cpu", row  # too few for the int8 copy
+    assert row["sent"] > 20 and row["answered"] == row["sent"] and row["errors"] == 0, row
     assert 0 < row["p50_ms"] <= row["p99_ms"] <= row["max_ms"] and row["qps_answered"] > 0, row
     assert row["batches"] > 0 and row["server_rss_mb"] > 0, row
 
