@@ -56,7 +56,7 @@ def test_nearest_equals_a_float64_argsort_with_ties_by_row(n, k, threads, int8, 
     assert np.array_equal(got_scores, np.take_along_axis(exact, want, axis=1))
 
 
-def test_the_int8_pass_keeps_every_row_that_can_reach_the_floor_and_few_others(monkeypatch):
+def test_the_int8_pass_keeps_every_row_that_can_reach_the_floor_and_only_rows_near_it(monkeypatch):
     """Every row whose exact score reaches a query's floor is a candidate (the bound holds, whatever the floor), and
     only rows within twice the bound below it are: the bound is each dimension's rounding to 255 levels. The rows
     that test the bound most: one per query whose every dimension rounds by almost half a level against it."""
@@ -427,14 +427,15 @@ def test_no_query_is_encoded_by_other_weights_than_the_index_was(served, tmp_pat
 
 
 def test_a_server_holds_the_int8_copy_and_a_single_search_does_not(served, monkeypatch):
-    """The follower loads the run `for_serving` (the int8 copy, from MIN_VALUES on; here from any size), and a single
-    `newsclip search` reads the float32 rows; both answer alike."""
+    """The follower loads the run `for_serving` (on a CPU replica the int8 copy, from MIN_VALUES on; here from any
+    size), and a single `newsclip search` reads the float32 rows; both answer alike."""
     from newsclip.serve import int8_rows
     from newsclip.serve.follow import IndexFollower
-    from newsclip.serve.index import load_snapshot
+    from newsclip.serve.index import Side, load_snapshot
 
     _, cfg, _, _, _ = served
     monkeypatch.setattr(int8_rows, "MIN_VALUES", 0)
+    monkeypatch.setattr(Side, "on_gpu", lambda side: side)  # a CPU replica, also where a GPU is
     follower = IndexFollower(cfg, poll_s=0)
     assert follower.refresh()
     served_side = follower.current.backbones["demo-tiny"].images

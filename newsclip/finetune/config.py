@@ -88,4 +88,3 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> tuple[JobConfig,
         return job, finetune
     except ConfigError as e:
         raise ConfigError(f"{path or 'config'}: {e}") from None
-
