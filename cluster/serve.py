@@ -31,11 +31,11 @@ def app(args: dict[str, str]):
 
     def build():
         # evaluated on each replica: its own index follower, batcher and encoders
-        from newsclip import config
+        from newsclip.finetune.run import searched_job
         from newsclip.serve.app import create_app
         from newsclip.serve.follow import IndexFollower
 
-        return create_app(IndexFollower(config.load(job, overrides)), token=token)
+        return create_app(IndexFollower(searched_job(job, overrides)), token=token)
 
     @serve.deployment(num_replicas=int(args.get("replicas", 2)),
                       ray_actor_options={"num_cpus": float(args.get("num_cpus", 2)),
